@@ -1,0 +1,203 @@
+"""The deformable transformer: encoder and decoder layers, reference points, two-stage proposals.
+
+Shapes: B batch, S = sum_l H_l * W_l encoder positions, Q queries, C = d_model, L levels.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .ms_deform_attn import MultiScaleDeformableAttention
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class MLP(nn.Module):
+    """A stack of linear layers with ReLU between them (the box head: 3 layers, C -> C -> C -> 4)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+
+class FeedForward(nn.Module):
+    """linear1 -> activation -> dropout -> linear2 -> dropout."""
+
+    def __init__(self, d_model, ffn_dim, activation, dropout, activation_dropout):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.activation = ACT2FN[activation]
+        self.dropout = nn.Dropout(dropout)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+
+    def forward(self, x):
+        return self.dropout(self.linear2(self.activation_dropout(self.activation(self.linear1(x)))))
+
+
+def _feed_forward(config, ffn_dim):
+    return FeedForward(config.d_model, ffn_dim, config.activation_function, config.dropout, config.activation_dropout)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Deformable self-attention over all levels -> add & norm -> FFN -> add & norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.d_model
+        self.self_attn = MultiScaleDeformableAttention(C, config.num_feature_levels, config.encoder_attention_heads, config.encoder_n_points)
+        self.self_attn_norm = nn.LayerNorm(C)
+        self.dropout = nn.Dropout(config.dropout)
+        self.ffn = _feed_forward(config, config.encoder_ffn_dim)
+        self.ffn_norm = nn.LayerNorm(C)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, padding_mask):
+        """src, pos (B, S, C); reference_points (B, S, L, 2); padding_mask (B, S) True on padding."""
+        attended, weights = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
+        src = self.self_attn_norm(src + self.dropout(attended))
+        return self.ffn_norm(src + self.ffn(src)), weights
+
+
+class DeformableEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(DeformableEncoderLayer(config) for _ in range(config.encoder_layers))
+
+    @staticmethod
+    def reference_points(spatial_shapes_list, valid_ratios):
+        """Pixel centres of every level, (B, S, L, 2) as (x, y) in [0, 1] of each level's padded map.
+
+        A centre is first normalised by the valid (unpadded) extent of its own level, then scaled into the
+        padded frame of every level; valid_ratios (B, L, 2) as (w, h) fractions of real pixels.
+        """
+        points = []
+        for level, (height, width) in enumerate(spatial_shapes_list):
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(0.5, height - 0.5, height, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                torch.linspace(0.5, width - 0.5, width, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                indexing="ij",
+            )
+            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
+            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
+            points.append(torch.stack((ref_x, ref_y), -1))
+        return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, src, pos, spatial_shapes, spatial_shapes_list, valid_ratios, padding_mask):
+        """src, pos (B, S, C) -> memory (B, S, C), the hidden states after each layer."""
+        reference_points = self.reference_points(spatial_shapes_list, valid_ratios)
+        hidden_states = []
+        for layer in self.layers:
+            src, _ = layer(src, pos, reference_points, spatial_shapes, padding_mask)
+            hidden_states.append(src)
+        return src, tuple(hidden_states)
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Self-attention among queries -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.d_model
+        self.self_attn = nn.MultiheadAttention(C, config.decoder_attention_heads, dropout=config.attention_dropout, batch_first=True)
+        self.self_attn_norm = nn.LayerNorm(C)
+        self.cross_attn = MultiScaleDeformableAttention(C, config.num_feature_levels, config.decoder_attention_heads, config.decoder_n_points)
+        self.cross_attn_norm = nn.LayerNorm(C)
+        self.dropout = nn.Dropout(config.dropout)
+        self.ffn = _feed_forward(config, config.decoder_ffn_dim)
+        self.ffn_norm = nn.LayerNorm(C)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, padding_mask):
+        """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2 or 4); memory (B, S, C)."""
+        q = k = tgt + query_pos
+        attended = self.self_attn(q, k, tgt, need_weights=False)[0]
+        tgt = self.self_attn_norm(tgt + self.dropout(attended))
+        attended, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask)
+        tgt = self.cross_attn_norm(tgt + self.dropout(attended))
+        return self.ffn_norm(tgt + self.ffn(tgt)), weights
+
+
+class DeformableDecoder(nn.Module):
+    """The decoder; with `bbox_embed` (one box head per layer) each layer refines the reference boxes."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(DeformableDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.bbox_embed = None
+        if config.with_box_refine:
+            self.bbox_embed = nn.ModuleList(MLP(config.d_model, config.d_model, 4, 3) for _ in range(config.decoder_layers))
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, valid_ratios, padding_mask):
+        """
+        Args:
+            tgt, query_pos: (B, Q, C) content and position of the queries.
+            reference_points: (B, Q, 2) points or (B, Q, 4) boxes, in [0, 1] of the real (unpadded) image.
+        Returns:
+            hidden states (B, n_layers, Q, C) and the reference points after each layer (B, n_layers, Q, 2 or 4).
+        """
+        hidden_states, references = [], []
+        for index, layer in enumerate(self.layers):
+            scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
+            tgt, _ = layer(tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory, spatial_shapes, padding_mask)
+            if self.bbox_embed is not None:
+                delta = self.bbox_embed[index](tgt)
+                if reference_points.shape[-1] == 4:
+                    refined = delta + inverse_sigmoid(reference_points)
+                else:
+                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+                reference_points = refined.sigmoid().detach()
+            hidden_states.append(tgt)
+            references.append(reference_points)
+        return torch.stack(hidden_states, 1), torch.stack(references, 1)
+
+
+def encoder_proposals(memory, padding_mask, spatial_shapes_list):
+    """Two-stage: one proposal per encoder position, a box of side 0.05 * 2^l centred on its pixel.
+
+    Returns proposals (B, S, 4) as inverse_sigmoid(cx, cy, w, h), +inf where invalid (padding or too close to
+    the border), and the memory (B, S, C) zeroed at those positions.
+    """
+    B = memory.shape[0]
+    proposals, start = [], 0
+    for level, (height, width) in enumerate(spatial_shapes_list):
+        mask = padding_mask[:, start:start + height * width].view(B, height, width)
+        valid_h = (~mask[:, :, 0]).sum(1)
+        valid_w = (~mask[:, 0, :]).sum(1)
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, height - 1, height, dtype=memory.dtype, device=memory.device),
+            torch.linspace(0, width - 1, width, dtype=memory.dtype, device=memory.device),
+            indexing="ij",
+        )
+        grid = torch.stack([grid_x, grid_y], -1)
+        scale = torch.stack([valid_w, valid_h], 1).view(B, 1, 1, 2)
+        centre = (grid[None].expand(B, -1, -1, -1) + 0.5) / scale
+        size = torch.full_like(centre, 0.05 * 2.0**level)
+        proposals.append(torch.cat((centre, size), -1).view(B, -1, 4))
+        start += height * width
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals))
+    invalid = padding_mask[..., None] | ~valid
+    proposals = proposals.masked_fill(invalid, float("inf"))
+    return proposals, memory.masked_fill(invalid, 0.0)
+
+
+def proposal_position_embedding(proposals, d_model, temperature=10000.0):
+    """Sine embedding of boxes: (B, Q, 4) logits -> (B, Q, 2C), each coordinate on C/2 features (in fp32)."""
+    num_pos_feats = d_model // 2
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos = proposals.sigmoid().float()[..., None] * (2 * math.pi) / dim_t
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+    return pos.to(proposals.dtype)

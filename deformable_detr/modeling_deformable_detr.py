@@ -1,0 +1,327 @@
+"""Deformable DETR as transformers models: the encoder-decoder (`DeformableDetrModel`) and the detector with
+its class and box heads (`DeformableDetrForObjectDetection`).
+
+Shapes: B batch, C = d_model, L levels, S = sum_l H_l * W_l encoder positions, Q queries, N classes.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .backbone import Backbone, FrozenBatchNorm2d, ResNet, downsample_mask
+from .configuration_deformable_detr import DeformableDetrConfig
+from .deformable_transformer import (
+    MLP,
+    DeformableDecoder,
+    DeformableEncoder,
+    encoder_proposals,
+    inverse_sigmoid,
+    proposal_position_embedding,
+)
+from .ms_deform_attn import MultiScaleDeformableAttention
+from .position_encoding import PositionEmbeddingLearned, build_position_encoding
+
+PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class (focal-loss init)
+
+
+@dataclass
+class DeformableDetrModelOutput(ModelOutput):
+    """
+    last_hidden_state: (B, Q, C) output of the last decoder layer.
+    intermediate_hidden_states: (B, decoder_layers, Q, C) output of every decoder layer.
+    intermediate_reference_points: (B, decoder_layers, Q, 2 or 4) reference points after every layer.
+    init_reference_points: (B, Q, 2 or 4) reference points the decoder starts from, in [0, 1].
+    encoder_last_hidden_state: (B, S, C); encoder_hidden_states: per layer (B, S, C), when asked for.
+    enc_outputs_class: (B, S, N) two-stage proposal logits; enc_outputs_coord_logits: (B, S, 4) their boxes
+        before the sigmoid.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    intermediate_hidden_states: torch.Tensor | None = None
+    intermediate_reference_points: torch.Tensor | None = None
+    init_reference_points: torch.Tensor | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    enc_outputs_class: torch.Tensor | None = None
+    enc_outputs_coord_logits: torch.Tensor | None = None
+
+
+@dataclass
+class DeformableDetrObjectDetectionOutput(ModelOutput):
+    """
+    logits: (B, Q, N) class logits (sigmoid, no background class).
+    pred_boxes: (B, Q, 4) boxes as (cx, cy, w, h) in [0, 1] of each image's real (unpadded) extent.
+    auxiliary_outputs: per decoder layer but the last, {"logits", "pred_boxes"}.
+    loss, loss_dict: the training loss and its terms, when labels are given.
+    The rest as in `DeformableDetrModelOutput`.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_dict: dict | None = None
+    logits: torch.Tensor | None = None
+    pred_boxes: torch.Tensor | None = None
+    auxiliary_outputs: list[dict] | None = None
+    last_hidden_state: torch.Tensor | None = None
+    intermediate_hidden_states: torch.Tensor | None = None
+    intermediate_reference_points: torch.Tensor | None = None
+    init_reference_points: torch.Tensor | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    enc_outputs_class: torch.Tensor | None = None
+    enc_outputs_coord_logits: torch.Tensor | None = None
+
+
+def _class_bias(linear: nn.Linear) -> torch.Tensor:
+    return torch.full_like(linear.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+
+
+def _init_box_head(head: MLP, size_bias: float):
+    """The last layer starts at zero, so boxes start at the reference points; size logits at `size_bias`."""
+    init.zeros_(head.layers[-1].weight)
+    init.copy_(head.layers[-1].bias, torch.tensor([0.0, 0.0, size_bias, size_bias]))
+
+
+def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool mask of real pixels -> (B, 2): the fractions (w, h) of real columns and rows."""
+    _, height, width = mask.shape
+    return torch.stack([mask[:, 0, :].sum(1) / width, mask[:, :, 0].sum(1) / height], -1)
+
+
+class DeformableDetrPreTrainedModel(PreTrainedModel):
+    config_class = DeformableDetrConfig
+    config: DeformableDetrConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """The paper's initialisation (children are visited before their parents)."""
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, FrozenBatchNorm2d):
+            for buffer, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+                init.constant_(getattr(module, buffer), value)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight)
+        elif isinstance(module, nn.MultiheadAttention):
+            module._reset_parameters()
+        elif isinstance(module, ResNet):
+            for conv in module.modules():
+                if isinstance(conv, nn.Conv2d):
+                    init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, PositionEmbeddingLearned):
+            init.uniform_(module.row_embed.weight)
+            init.uniform_(module.col_embed.weight)
+        elif isinstance(module, MultiScaleDeformableAttention):
+            init.zeros_(module.sampling_offsets.weight)
+            init.copy_(module.sampling_offsets.bias, module.initial_sampling_offsets())
+            init.zeros_(module.attention_weights.weight)
+            init.zeros_(module.attention_weights.bias)
+        elif isinstance(module, DeformableDetrModel):
+            init.normal_(module.level_embed)
+            if module.config.two_stage:
+                init.copy_(module.enc_class_embed.bias, _class_bias(module.enc_class_embed))
+                _init_box_head(module.enc_bbox_embed, 0.0)
+        elif isinstance(module, DeformableDetrForObjectDetection):
+            for index in range(module.config.decoder_layers):
+                class_head, box_head = module.class_head(index), module.box_head(index)
+                init.copy_(class_head.bias, _class_bias(class_head))
+                # the paper: size logits of the first (or the shared) box head start at -2, 0 in two-stage
+                _init_box_head(box_head, -2.0 if index == 0 and not module.config.two_stage else 0.0)
+
+
+class DeformableDetrModel(DeformableDetrPreTrainedModel):
+    """Backbone, input projections, position and level embeddings, the deformable encoder and decoder."""
+
+    def __init__(self, config: DeformableDetrConfig):
+        super().__init__(config)
+        C, L = config.d_model, config.num_feature_levels
+        self.backbone = Backbone(config)
+        self.position_embedding = build_position_encoding(config)
+        projections = [nn.Sequential(nn.Conv2d(c, C, kernel_size=1), nn.GroupNorm(32, C)) for c in self.backbone.channels]
+        in_channels = self.backbone.channels[-1]
+        for _ in range(L - len(self.backbone.channels)):
+            projections.append(nn.Sequential(nn.Conv2d(in_channels, C, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, C)))
+            in_channels = C
+        self.input_proj = nn.ModuleList(projections)
+        self.level_embed = nn.Parameter(torch.empty(L, C))
+        self.encoder = DeformableEncoder(config)
+        self.decoder = DeformableDecoder(config)
+        if config.two_stage:
+            self.enc_output = nn.Linear(C, C)
+            self.enc_output_norm = nn.LayerNorm(C)
+            self.enc_class_embed = nn.Linear(C, config.num_labels)
+            self.enc_bbox_embed = MLP(C, C, 4, 3)
+            self.pos_trans = nn.Linear(2 * C, 2 * C)
+            self.pos_trans_norm = nn.LayerNorm(2 * C)
+        else:
+            self.query_embed = nn.Embedding(config.num_queries, 2 * C)  # (query position, query content)
+            self.reference_points = nn.Linear(C, 2)
+        self.post_init()
+
+    @property
+    def min_image_size(self) -> int | None:
+        """Side in pixels below which the coarsest level would have less than one pixel of real content."""
+        stride = self.backbone.strides[-1]
+        return None if stride is None else stride * 2 ** (self.config.num_feature_levels - len(self.backbone.channels))
+
+    def _check_inputs(self, pixel_values, pixel_mask):
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
+        B, channels, H, W = pixel_values.shape
+        if channels != self.config.num_channels:
+            raise ValueError(f"pixel_values has {channels} channels, the model expects {self.config.num_channels} (config.num_channels)")
+        if self.min_image_size is not None and min(H, W) < self.min_image_size:
+            raise ValueError(
+                f"pixel_values of {H}x{W} pixels is smaller than the coarsest feature stride {self.min_image_size} "
+                f"(num_feature_levels={self.config.num_feature_levels}); give images of at least that many pixels a side"
+            )
+        if pixel_mask is not None:
+            if tuple(pixel_mask.shape) != (B, H, W):
+                raise ValueError(f"pixel_mask must have shape {(B, H, W)} (batch, height, width), got {tuple(pixel_mask.shape)}")
+            empty = (pixel_mask.flatten(1) == 0).all(1).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"pixel_mask marks no real pixel in image(s) {empty} of the batch")
+
+    def forward(self, pixel_values, pixel_mask=None, output_hidden_states=None, return_dict=None):
+        """
+        Args:
+            pixel_values: (B, num_channels, H, W), normalised images padded bottom-right to a common size.
+            pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; all ones when omitted.
+        """
+        self._check_inputs(pixel_values, pixel_mask)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        B, _, H, W = pixel_values.shape
+        if pixel_mask is None:
+            pixel_mask = torch.ones((B, H, W), dtype=torch.bool, device=pixel_values.device)
+        pixel_mask = pixel_mask.bool()
+
+        # multi-scale maps, each projected to C channels, with their masks and position encodings
+        features = self.backbone(pixel_values, pixel_mask)
+        sources = [proj(feature) for proj, (feature, _) in zip(self.input_proj, features)]
+        masks = [mask for _, mask in features]
+        for level in range(len(features), self.config.num_feature_levels):
+            previous = features[-1][0] if level == len(features) else sources[-1]
+            sources.append(self.input_proj[level](previous))
+            masks.append(downsample_mask(pixel_mask, sources[-1].shape[-2:]))
+        positions = [self.position_embedding(mask, pixel_values.dtype).to(src.dtype) for src, mask in zip(sources, masks)]
+
+        # flatten the levels: (B, C, H_l, W_l) -> (B, S, C)
+        spatial_shapes_list = [tuple(src.shape[-2:]) for src in sources]
+        spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=pixel_values.device)
+        src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1)
+        pos_flatten = torch.cat(
+            [pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, pos in enumerate(positions)], 1
+        )
+        padding_mask = ~torch.cat([mask.flatten(1) for mask in masks], 1)
+        # (B, L, 2): fraction of real columns and rows in each level
+        valid_ratios = torch.stack([valid_ratio(mask).to(src_flatten.dtype) for mask in masks], 1)
+
+        memory, encoder_states = self.encoder(src_flatten, pos_flatten, spatial_shapes, spatial_shapes_list, valid_ratios, padding_mask)
+
+        C = self.config.d_model
+        enc_outputs_class = enc_outputs_coord_logits = None
+        if self.config.two_stage:
+            proposals, object_query = encoder_proposals(memory, padding_mask, spatial_shapes_list)
+            object_query = self.enc_output_norm(self.enc_output(object_query))
+            enc_outputs_class = self.enc_class_embed(object_query)
+            enc_outputs_coord_logits = self.enc_bbox_embed(object_query) + proposals
+            k = self.config.two_stage_num_proposals
+            if k > memory.shape[1]:
+                raise ValueError(
+                    f"two_stage_num_proposals={k} exceeds the {memory.shape[1]} encoder positions of {H}x{W} images; "
+                    "give larger images or fewer proposals"
+                )
+            topk = torch.topk(enc_outputs_class[..., 0], k, dim=1)[1]
+            topk_coords = torch.gather(enc_outputs_coord_logits, 1, topk[..., None].expand(-1, -1, 4)).detach()
+            reference_points = topk_coords.sigmoid()
+            query_pos, tgt = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(topk_coords, C))).split(C, dim=2)
+        else:
+            query_pos, tgt = self.query_embed.weight[None].expand(B, -1, -1).split(C, dim=2)
+            reference_points = self.reference_points(query_pos).sigmoid()
+
+        hidden_states, references = self.decoder(tgt, query_pos, reference_points, memory, spatial_shapes, valid_ratios, padding_mask)
+        output = DeformableDetrModelOutput(
+            last_hidden_state=hidden_states[:, -1],
+            intermediate_hidden_states=hidden_states,
+            intermediate_reference_points=references,
+            init_reference_points=reference_points,
+            encoder_last_hidden_state=memory,
+            encoder_hidden_states=encoder_states if output_hidden_states else None,
+            enc_outputs_class=enc_outputs_class,
+            enc_outputs_coord_logits=enc_outputs_coord_logits,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
+    """Deformable DETR with a class head (sigmoid logits) and a box head on every decoder layer.
+
+    Without box refinement all layers share one class head and one box head; with it, every layer has its
+    own, and the box heads are the decoder's (`model.decoder.bbox_embed`), which refine the reference boxes.
+    """
+
+    def __init__(self, config: DeformableDetrConfig):
+        super().__init__(config)
+        self.model = DeformableDetrModel(config)
+        C = config.d_model
+        if config.with_box_refine:
+            self.class_embed = nn.ModuleList(nn.Linear(C, config.num_labels) for _ in range(config.decoder_layers))
+        else:
+            self.class_embed = nn.Linear(C, config.num_labels)
+            self.bbox_embed = MLP(C, C, 4, 3)
+        self.post_init()
+
+    def class_head(self, layer: int) -> nn.Linear:
+        return self.class_embed[layer] if self.config.with_box_refine else self.class_embed
+
+    def box_head(self, layer: int) -> MLP:
+        return self.model.decoder.bbox_embed[layer] if self.config.with_box_refine else self.bbox_embed
+
+    def forward(self, pixel_values, pixel_mask=None, output_hidden_states=None, return_dict=None):
+        """
+        Args:
+            pixel_values: (B, num_channels, H, W), normalised images padded bottom-right to a common size.
+            pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; all ones when omitted.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(pixel_values, pixel_mask, output_hidden_states=output_hidden_states, return_dict=True)
+        hidden_states = outputs.intermediate_hidden_states
+        # each layer's boxes are relative to the reference it received: (B, Q, 2) points first, then boxes
+        references = [outputs.init_reference_points] + list(outputs.intermediate_reference_points[:, :-1].unbind(1))
+        logits, boxes = [], []
+        for layer in range(hidden_states.shape[1]):
+            reference = inverse_sigmoid(references[layer])
+            delta = self.box_head(layer)(hidden_states[:, layer])
+            if reference.shape[-1] == 4:
+                box_logits = delta + reference
+            else:
+                box_logits = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            logits.append(self.class_head(layer)(hidden_states[:, layer]))
+            boxes.append(box_logits.sigmoid())
+        auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
+        output = DeformableDetrObjectDetectionOutput(
+            logits=logits[-1],
+            pred_boxes=boxes[-1],
+            auxiliary_outputs=auxiliary if self.config.auxiliary_loss else None,
+            last_hidden_state=outputs.last_hidden_state,
+            intermediate_hidden_states=hidden_states,
+            intermediate_reference_points=outputs.intermediate_reference_points,
+            init_reference_points=outputs.init_reference_points,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            enc_outputs_class=outputs.enc_outputs_class,
+            enc_outputs_coord_logits=outputs.enc_outputs_coord_logits,
+        )
+        return output if return_dict else output.to_tuple()

@@ -1,0 +1,124 @@
+"""Multi-scale deformable attention (MSDeformAttn): the op and the attention module.
+
+    MSDeformAttn(z_q, p_q, {x_l}) = sum_m W_m [ sum_l sum_k A_mlqk * W'_m x_l(phi_l(p_q) + p_mlqk) ]
+
+Notation, used in every shape below:
+    B batch, Q queries, S = sum_l H_l * W_l flattened value positions, M heads, D = C / M channels per
+    head, L feature levels, K sampling points per head and level.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _shapes_as_list(spatial_shapes) -> list[tuple[int, int]]:
+    if isinstance(spatial_shapes, torch.Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_locations, attention_weights):
+    """The grid_sample reference: per level, bilinear samples (zeros outside, align_corners=False).
+
+    Args:
+        value: (B, S, M, D), the L flattened maps one after the other, row-major.
+        spatial_shapes: (L, 2) int64 tensor or list of (H_l, W_l).
+        sampling_locations: (B, Q, M, L, K, 2) as (x, y); (0, 0) is the top-left corner of the map and
+            (1, 1) the bottom-right one, so pixel centres lie at ((j + 0.5) / W, (i + 0.5) / H).
+        attention_weights: (B, Q, M, L, K).
+    Returns:
+        (B, Q, M * D)
+    """
+    shapes = _shapes_as_list(spatial_shapes)
+    B, S, M, D = value.shape
+    _, Q, _, L, K, _ = sampling_locations.shape
+    if sum(h * w for h, w in shapes) != S:
+        raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, value has {S}")
+    value_per_level = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    sampled = []
+    for level, (h, w) in enumerate(shapes):
+        # (B, H*W, M, D) -> (B*M, D, H, W)
+        value_l = value_per_level[level].permute(0, 2, 3, 1).reshape(B * M, D, h, w)
+        # (B, Q, M, K, 2) -> (B*M, Q, K, 2)
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        # (B*M, D, Q, K)
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # (B, Q, M, L, K) -> (B*M, 1, Q, L*K)
+    weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Q, L * K)
+    # (B*M, D, Q, L*K) -> (B*M, D, Q) -> (B, M*D, Q)
+    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(B, M * D, Q)
+    return output.transpose(1, 2).contiguous()
+
+
+BACKENDS = {"reference": multi_scale_deformable_attention_reference}
+
+
+def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights, backend="auto"):
+    """Multi-scale deformable attention; shapes as in `multi_scale_deformable_attention_reference`.
+
+    `backend` is "auto" (the fastest available for the inputs' device) or a name in `BACKENDS`.
+    """
+    if backend == "auto":
+        backend = "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown multi-scale deformable attention backend {backend!r}; available: {sorted(BACKENDS)}")
+    return BACKENDS[backend](value, spatial_shapes, sampling_locations, attention_weights)
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """MSDeformAttn with its projections: offsets and weights from the query, values from the input maps."""
+
+    def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int):
+        super().__init__()
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+
+    def initial_sampling_offsets(self) -> torch.Tensor:
+        """The paper's init of `sampling_offsets.bias`, (M * L * K * 2,): head m's K points start on a ray
+        at angle 2*pi*m/M, at distances 1..K (in pixels of each level)."""
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
+        return (grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)).flatten()
+
+    def forward(self, query, reference_points, input_flatten, spatial_shapes, input_padding_mask=None):
+        """
+        Args:
+            query: (B, Q, C), position embedding already added.
+            reference_points: (B, Q, L, 2) points (x, y) or (B, Q, L, 4) boxes (cx, cy, w, h), in [0, 1] of each
+                level's map, top-left (0, 0).
+            input_flatten: (B, S, C), the L maps flattened and concatenated.
+            spatial_shapes: (L, 2) int64, (H_l, W_l).
+            input_padding_mask: (B, S) bool, True on padding; padded positions contribute zeros.
+        Returns:
+            output (B, Q, C) and attention_weights (B, Q, M, L, K).
+        """
+        B, Q, _ = query.shape
+        S = input_flatten.shape[1]
+        M, L, K = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(B, S, M, self.d_model // M)
+        offsets = self.sampling_offsets(query).view(B, Q, M, L, K, 2)
+        weights = F.softmax(self.attention_weights(query).view(B, Q, M, L * K), -1).view(B, Q, M, L, K)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalise by (W_l, H_l)
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            # offsets are relative to the box: K points spread over half its width and height
+            centre, size = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
+            locations = centre + offsets / K * size * 0.5
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape {tuple(reference_points.shape)}")
+        output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
+        return self.output_proj(output), weights

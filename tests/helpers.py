@@ -1,0 +1,111 @@
+"""Small transformers models and inputs shared by the tests."""
+
+import re
+
+import torch
+from transformers import DeformableDetrConfig as HFConfig
+from transformers import DeformableDetrForObjectDetection as HFModel
+from transformers import ResNetConfig
+
+VARIANTS = {
+    "multi-scale": {},
+    "single-scale": {"num_feature_levels": 1},
+    "box-refine": {"with_box_refine": True},
+    "two-stage": {"with_box_refine": True, "two_stage": True},
+}
+
+
+def small_hf_config(num_feature_levels=4, **overrides):
+    out_features = ["stage2", "stage3", "stage4"] if num_feature_levels > 1 else ["stage4"]
+    backbone = ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], layer_type="basic", out_features=out_features
+    )
+    fields = dict(
+        use_timm_backbone=False, backbone_config=backbone, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_ffn_dim=96, decoder_ffn_dim=96, encoder_attention_heads=4, decoder_attention_heads=8,
+        num_queries=12, two_stage_num_proposals=12, num_labels=5, num_feature_levels=num_feature_levels,
+        encoder_n_points=3, decoder_n_points=2,
+    )
+    fields.update(overrides)
+    return HFConfig(**fields)
+
+
+@torch.no_grad()
+def perturb_(model, seed=0, scale=0.1):
+    """Adds noise to every parameter and buffer, so no zero or identity initialisation hides a mistake."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not tensor.is_floating_point():
+            continue
+        noise = torch.randn(tensor.shape, generator=generator) * scale
+        if "running_var" in name:
+            tensor.copy_(1.0 + noise.abs())
+        else:
+            tensor.add_(noise)
+    return model
+
+
+def untie_class_heads_(model):
+    """transformers ties every class_embed.i to class_embed.0, also with box refinement, where the paper's
+    layers have a head each: give each layer its own weights, so that the per-layer mapping is tested."""
+    if model.config.with_box_refine:
+        for head in model.class_embed:
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+            head.bias = torch.nn.Parameter(head.bias.detach().clone())
+    return model
+
+
+def small_hf_model(variant="multi-scale", seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = untie_class_heads_(HFModel(small_hf_config(**VARIANTS[variant], **overrides)))
+    return perturb_(model, seed).eval()
+
+
+RESNET50_LIKE = dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3], layer_type="bottleneck")
+
+
+def resnet50_hf_model(variant="multi-scale", seed=0):
+    """A small transformer on transformers' ResNet-50 (the architecture of timm's and torchvision's)."""
+    levels = VARIANTS[variant].get("num_feature_levels", 4)
+    out_features = ["stage2", "stage3", "stage4"] if levels > 1 else ["stage4"]
+    backbone = ResNetConfig(**RESNET50_LIKE, out_features=out_features)
+    return small_hf_model(variant, seed, backbone_config=backbone)
+
+
+def torchvision_name(hf_resnet_key: str) -> str:
+    """transformers' ResNet parameter name -> torchvision's (as in timm and the paper's checkpoints)."""
+    key = hf_resnet_key.replace("embedder.embedder.convolution", "conv1").replace("embedder.embedder.normalization", "bn1")
+    match = re.match(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.*)$", key)
+    if match:
+        stage, block, rest = match.groups()
+        rest = re.sub(r"^shortcut\.convolution", "downsample.0", rest)
+        rest = re.sub(r"^shortcut\.normalization", "downsample.1", rest)
+        rest = re.sub(r"^layer\.(\d+)\.convolution", lambda m: f"conv{int(m.group(1)) + 1}", rest)
+        rest = re.sub(r"^layer\.(\d+)\.normalization", lambda m: f"bn{int(m.group(1)) + 1}", rest)
+        key = f"layer{int(stage) + 1}.{block}.{rest}"
+    return key
+
+
+def hub_v4_state_dict(hf_model):
+    """The state dict of a transformers v5 model on a ResNet-50, laid out as the SenseTime/deformable-detr*
+    checkpoints are: timm (torchvision) names under model.backbone.conv_encoder.model., fc1/fc2, out_proj."""
+    out = {}
+    for key, value in hf_model.state_dict().items():
+        if key.startswith("model.backbone.model."):
+            key = "model.backbone.conv_encoder.model." + torchvision_name(key[len("model.backbone.model."):])
+        key = re.sub(r"\.mlp\.fc([12])\.", r".fc\1.", key).replace("self_attn.o_proj", "self_attn.out_proj")
+        key = key.replace("model.position_embedding.", "model.backbone.position_embedding.")
+        out[key] = value.clone()
+    return out
+
+
+def padded_batch(seed=0):
+    """Two images of different sizes, padded bottom-right to 96x128, with their pixel mask."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.zeros(2, 3, 96, 128)
+    pixel_mask = torch.zeros(2, 96, 128, dtype=torch.long)
+    pixel_values[0] = torch.randn(3, 96, 128, generator=generator)
+    pixel_mask[0] = 1
+    pixel_values[1, :, :70, :100] = torch.randn(3, 70, 100, generator=generator)
+    pixel_mask[1, :70, :100] = 1
+    return pixel_values, pixel_mask
