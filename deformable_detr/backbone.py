@@ -170,3 +170,57 @@ class Backbone(nn.Module):
 def downsample_mask(mask, size):
     """(B, H, W) bool -> (B, h, w) bool, nearest neighbour."""
     return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
+def _read_state_dict(source: str) -> dict:
+    """A local .safetensors/.pth/.bin file, or a Hub id holding model.safetensors or pytorch_model.bin."""
+    import os
+
+    if not os.path.isfile(source):
+        from huggingface_hub import hf_hub_download
+
+        errors = []
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            try:
+                source = hf_hub_download(source, filename)
+                break
+            except Exception as error:  # offline, unknown repo, missing file: all reported together below
+                errors.append(f"{filename}: {type(error).__name__}: {error}")
+        else:
+            raise OSError(
+                f"backbone weights {source!r} are neither a local file nor downloadable from the Hub "
+                f"({'; '.join(errors)})"
+            )
+    if source.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(source)
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+BACKBONE_PREFIXES = ("module.", "model.backbone.conv_encoder.model.", "model.backbone.body.", "backbone.0.body.", "_backbone.")
+
+
+def load_backbone_weights(body: ResNet, source: str):
+    """Loads ImageNet (or other) weights with torchvision names into a built-in ResNet; the classifier (fc.*)
+    is ignored, any other key left over or missing is an error."""
+    state = {}
+    for key, value in _read_state_dict(source).items():
+        for prefix in BACKBONE_PREFIXES:
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
+            state[key] = value
+    expected = body.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"backbone weights {source!r} do not fit this ResNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [k for k in state if state[k].shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"backbone weights {source!r}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+                         f"this ResNet wants {tuple(expected[wrong[0]].shape)} (another depth?)")
+    body.load_state_dict(state)

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .backbone import Backbone, FrozenBatchNorm2d, ResNet, downsample_mask
+from .backbone import Backbone, FrozenBatchNorm2d, ResNet, downsample_mask, load_backbone_weights
 from .configuration_deformable_detr import DeformableDetrConfig
 from .deformable_transformer import (
     MLP,
@@ -170,6 +170,14 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             self.reference_points = nn.Linear(C, 2)
         self.post_init()
 
+    def load_backbone_weights(self, source: str):
+        """Loads pretrained weights into the built-in ResNet: a local file (.safetensors, .pth, .bin with
+        torchvision names, e.g. torchvision's or timm's ResNet-50) or a Hub id; only this ever downloads."""
+        if not isinstance(self.backbone.body, ResNet):
+            raise ValueError("load_backbone_weights is for the built-in ResNets; give a transformers backbone its weights "
+                             "with its own from_pretrained and copy them into model.backbone.body")
+        load_backbone_weights(self.backbone.body, source)
+
     @property
     def min_image_size(self) -> int | None:
         """Side in pixels below which the coarsest level would have less than one pixel of real content."""
@@ -282,6 +290,21 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
             self.class_embed = nn.Linear(C, config.num_labels)
             self.bbox_embed = MLP(C, C, 4, 3)
         self.post_init()
+
+    @classmethod
+    def from_transformers(cls, source) -> "DeformableDetrForObjectDetection":
+        """transformers' DeformableDetrForObjectDetection (in memory, or a saved folder / Hub id of one, v4 or v5
+        layout) -> ours, with the same outputs."""
+        from .convert_deformable_detr import from_transformers
+
+        return from_transformers(source)
+
+    @classmethod
+    def from_original_checkpoint(cls, path, **config_overrides) -> "DeformableDetrForObjectDetection":
+        """A fundamentalvision/Deformable-DETR `.pth` -> ours; its stored args set the architecture."""
+        from .convert_deformable_detr import from_original_checkpoint
+
+        return from_original_checkpoint(path, **config_overrides)
 
     def class_head(self, layer: int) -> nn.Linear:
         return self.class_embed[layer] if self.config.with_box_refine else self.class_embed

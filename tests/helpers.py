@@ -49,9 +49,12 @@ def untie_class_heads_(model):
     """transformers ties every class_embed.i to class_embed.0, also with box refinement, where the paper's
     layers have a head each: give each layer its own weights, so that the per-layer mapping is tested."""
     if model.config.with_box_refine:
-        for head in model.class_embed:
+        copies = model.model.decoder.class_embed if model.config.two_stage else [None] * len(model.class_embed)
+        for head, copy in zip(model.class_embed, copies):
             head.weight = torch.nn.Parameter(head.weight.detach().clone())
             head.bias = torch.nn.Parameter(head.bias.detach().clone())
+            if copy is not None:  # two-stage: the decoder holds the same heads
+                copy.weight, copy.bias = head.weight, head.bias
     return model
 
 
