@@ -99,6 +99,11 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips, in custom code, modules without parameters of their own (such as the detector,
+        # which initialises its heads); our inits all respect loaded weights, so no module needs skipping
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module):
         """The paper's initialisation (children are visited before their parents)."""
@@ -138,7 +143,8 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
                 class_head, box_head = module.class_head(index), module.box_head(index)
                 init.copy_(class_head.bias, _class_bias(class_head))
                 # the paper: size logits of the first (or the shared) box head start at -2, 0 in two-stage
-                _init_box_head(box_head, -2.0 if index == 0 and not module.config.two_stage else 0.0)
+                first = box_head is module.box_head(0)
+                _init_box_head(box_head, -2.0 if first and not module.config.two_stage else 0.0)
 
 
 class DeformableDetrModel(DeformableDetrPreTrainedModel):
