@@ -99,6 +99,19 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As transformers', then every tensor left at an unaligned address (safetensors stores them 8-byte
+        aligned) is copied to fresh memory: CPU BLAS kernels round differently on unaligned weights, and a
+        reloaded model must give bit-identical outputs."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        with torch.no_grad():
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                    tensor.data = tensor.data.clone()
+        return loaded
+
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips, in custom code, modules without parameters of their own (such as the detector,
         # which initialises its heads); our inits all respect loaded weights, so no module needs skipping

@@ -24,7 +24,8 @@ def outputs(model, seed=0):
     return out.logits, out.pred_boxes
 
 
-@pytest.mark.parametrize("variant", [{}, dict(with_box_refine=True), dict(with_box_refine=True, two_stage=True)])
+@pytest.mark.parametrize("variant", [{}, dict(with_box_refine=True), dict(with_box_refine=True, two_stage=True),
+                                     dict(d_model=256, encoder_ffn_dim=1024, encoder_layers=6, decoder_layers=6)])
 def test_save_and_load_give_identical_outputs(tmp_path, variant):
     model = tiny_model(**variant)
     model.save_pretrained(tmp_path)
