@@ -4,6 +4,7 @@ backbone, with frozen batch norm; it returns up to three feature maps (strides 8
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoBackbone
 
 from .configuration_deformable_detr import RESNET_SPECS
 
@@ -141,8 +142,6 @@ class Backbone(nn.Module):
             self.strides = [self.body.strides[i] for i in self.out_indices]
             self.frozen_prefixes = ("conv1.", "bn1.", "layer1.")
         else:
-            from transformers import AutoBackbone
-
             self.body = freeze_batch_norm(AutoBackbone.from_config(config.backbone_config))
             self.out_indices = None
             self.channels = list(self.body.channels)

@@ -12,6 +12,7 @@ VARIANTS = {
     "single-scale": {"num_feature_levels": 1},
     "box-refine": {"with_box_refine": True},
     "two-stage": {"with_box_refine": True, "two_stage": True},
+    "learned-positions": {"position_embedding_type": "learned"},
 }
 
 
