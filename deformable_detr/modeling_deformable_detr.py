@@ -23,6 +23,7 @@ from .deformable_transformer import (
     inverse_sigmoid,
     proposal_position_embedding,
 )
+from .loss_deformable_detr import DeformableDetrLoss
 from .ms_deform_attn import MultiScaleDeformableAttention
 from .position_encoding import PositionEmbeddingLearned, build_position_encoding
 
@@ -331,11 +332,12 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
     def box_head(self, layer: int) -> MLP:
         return self.model.decoder.bbox_embed[layer] if self.config.with_box_refine else self.bbox_embed
 
-    def forward(self, pixel_values, pixel_mask=None, output_hidden_states=None, return_dict=None):
+    def forward(self, pixel_values, pixel_mask=None, labels=None, output_hidden_states=None, return_dict=None):
         """
         Args:
             pixel_values: (B, num_channels, H, W), normalised images padded bottom-right to a common size.
             pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; all ones when omitted.
+            labels: for the loss, per image {"class_labels": (T,) int64, "boxes": (T, 4) cx, cy, w, h in [0, 1]}.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(pixel_values, pixel_mask, output_hidden_states=output_hidden_states, return_dict=True)
@@ -353,7 +355,15 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
             logits.append(self.class_head(layer)(hidden_states[:, layer]))
             boxes.append(box_logits.sigmoid())
         auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
+        loss = loss_dict = None
+        if labels is not None:
+            enc_boxes = None if outputs.enc_outputs_coord_logits is None else outputs.enc_outputs_coord_logits.sigmoid()
+            loss, loss_dict = DeformableDetrLoss(self.config)(
+                logits[-1], boxes[-1], labels, auxiliary if self.config.auxiliary_loss else (), outputs.enc_outputs_class, enc_boxes
+            )
         output = DeformableDetrObjectDetectionOutput(
+            loss=loss,
+            loss_dict=loss_dict,
             logits=logits[-1],
             pred_boxes=boxes[-1],
             auxiliary_outputs=auxiliary if self.config.auxiliary_loss else None,

@@ -1,0 +1,147 @@
+"""The training loss: Hungarian matching of queries to objects, then sigmoid focal loss on the classes and
+L1 + GIoU on the boxes, for the last decoder layer, every earlier layer (auxiliary) and, in two-stage, the
+encoder proposals (class-agnostic).
+
+Shapes: B batch, Q queries, N classes, T objects in one image. Boxes are (cx, cy, w, h) in [0, 1].
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise GIoU of xyxy boxes: (P, 4), (T, 4) -> (P, T), in [-1, 1]."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    top_left = torch.max(a[:, None, :2], b[None, :, :2])
+    bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    union = area_a[:, None] + area_b[None] - inter
+    iou = inter / union
+    hull = (torch.max(a[:, None, 2:], b[None, :, 2:]) - torch.min(a[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull
+
+
+def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Elementwise focal loss (Lin et al.): logits and 0/1 targets of the same shape."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    return (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of queries to objects minimising class_cost * focal class cost +
+    bbox_cost * L1 + giou_cost * (-GIoU), per image (scipy's linear_sum_assignment)."""
+
+    def __init__(self, class_cost=1.0, bbox_cost=5.0, giou_cost=2.0, alpha=0.25, gamma=2.0):
+        super().__init__()
+        self.class_cost, self.bbox_cost, self.giou_cost, self.alpha, self.gamma = class_cost, bbox_cost, giou_cost, alpha, gamma
+
+    @torch.no_grad()
+    def forward(self, logits, pred_boxes, targets):
+        """logits (B, Q, N), pred_boxes (B, Q, 4), targets: per image {"class_labels" (T,), "boxes" (T, 4)}
+        -> per image (query indices, object indices), each (min(Q, T),) int64."""
+        from scipy.optimize import linear_sum_assignment
+
+        B, Q = logits.shape[:2]
+        prob = logits.flatten(0, 1).float().sigmoid()
+        boxes = pred_boxes.flatten(0, 1).float()
+        labels = torch.cat([t["class_labels"] for t in targets]).long()
+        target_boxes = torch.cat([t["boxes"] for t in targets]).float()
+        negative = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()
+        positive = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
+        class_cost = positive[:, labels] - negative[:, labels]
+        bbox_cost = torch.cdist(boxes, target_boxes, p=1)
+        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes))
+        cost = self.bbox_cost * bbox_cost + self.class_cost * class_cost + self.giou_cost * giou_cost
+        # a non-finite cost (a diverging prediction) must not break the assignment
+        big = torch.finfo(cost.dtype).max
+        cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big).view(B, Q, -1).cpu()
+        sizes = [len(t["boxes"]) for t in targets]
+        matches = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
+        return [(torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)) for q, t in matches]
+
+
+def _num_boxes(targets, device) -> float:
+    """Objects in the batch, averaged over processes (at least 1), so every process divides alike."""
+    count = torch.tensor([float(sum(len(t["class_labels"]) for t in targets))], device=device)
+    world = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)
+        world = torch.distributed.get_world_size()
+    return max(count.item() / world, 1.0)
+
+
+class DeformableDetrLoss(nn.Module):
+    """loss_ce (focal), loss_bbox (L1), loss_giou and cardinality_error (logged only), per prediction set:
+    no suffix for the last layer, `_{i}` for decoder layer i, `_enc` for two-stage proposals."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost, config.focal_alpha)
+        self.focal_alpha = config.focal_alpha
+        self.weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
+
+    def single(self, logits, pred_boxes, targets, num_boxes):
+        matches = self.matcher(logits, pred_boxes, targets)
+        batch_index = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)])
+        query_index = torch.cat([q for q, _ in matches])
+        onehot = torch.zeros_like(logits)
+        matched_labels = torch.cat([t["class_labels"][o] for t, (_, o) in zip(targets, matches)]).long()
+        onehot[batch_index, query_index, matched_labels] = 1.0
+        loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha).sum() / num_boxes
+        predicted = pred_boxes[batch_index, query_index]
+        wanted = torch.cat([t["boxes"][o] for t, (_, o) in zip(targets, matches)]).to(predicted.dtype)
+        loss_bbox = F.l1_loss(predicted, wanted, reduction="sum") / num_boxes
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(wanted)))
+        loss_giou = (1 - giou).sum() / num_boxes
+        with torch.no_grad():
+            predicted_count = (logits.sigmoid().max(-1).values > 0.5).sum(1).float()
+            true_count = torch.tensor([float(len(t["class_labels"])) for t in targets], device=logits.device)
+            cardinality = F.l1_loss(predicted_count, true_count)
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou, "cardinality_error": cardinality}
+
+    def forward(self, logits, pred_boxes, targets, auxiliary_outputs=(), enc_logits=None, enc_boxes=None):
+        """
+        Args:
+            logits (B, Q, N), pred_boxes (B, Q, 4): the last decoder layer.
+            targets: per image {"class_labels" (T,) int64, "boxes" (T, 4)}.
+            auxiliary_outputs: the earlier layers, each {"logits", "pred_boxes"}.
+            enc_logits (B, S, N), enc_boxes (B, S, 4): two-stage proposals, matched class-agnostically.
+        Returns:
+            the weighted total loss (scalar) and every term in a dict.
+        """
+        self.check_targets(targets, logits.shape[-1])
+        num_boxes = _num_boxes(targets, logits.device)
+        terms = self.single(logits, pred_boxes, targets, num_boxes)
+        for i, aux in enumerate(auxiliary_outputs or ()):
+            terms.update({f"{k}_{i}": v for k, v in self.single(aux["logits"], aux["pred_boxes"], targets, num_boxes).items()})
+        if enc_logits is not None:
+            foreground = [{**t, "class_labels": torch.zeros_like(t["class_labels"])} for t in targets]
+            terms.update({f"{k}_enc": v for k, v in self.single(enc_logits, enc_boxes, foreground, num_boxes).items()})
+        total = sum(value * self.weights[self.base_name(name)] for name, value in terms.items() if not name.startswith("cardinality"))
+        return total, terms
+
+    @staticmethod
+    def check_targets(targets, num_labels):
+        for i, target in enumerate(targets):
+            labels, boxes = target.get("class_labels"), target.get("boxes")
+            if labels is None or boxes is None:
+                raise ValueError(f"labels[{i}] needs 'class_labels' and 'boxes', got keys {sorted(target)}")
+            if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(boxes) != len(labels):
+                raise ValueError(f"labels[{i}]: boxes must be ({len(labels)}, 4), got {tuple(boxes.shape)}")
+            bad = labels[(labels < 0) | (labels >= num_labels)]
+            if len(bad):
+                raise ValueError(f"labels[{i}] has class id {bad[0].item()}, outside the model's {num_labels} classes (config.num_labels)")
+
+    def base_name(self, name: str) -> str:
+        """loss_ce_3 / loss_ce_enc -> loss_ce"""
+        return name if name in self.weights else name.rsplit("_", 1)[0]

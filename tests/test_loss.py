@@ -1,0 +1,80 @@
+"""The loss: hand-made cases, and the same total and terms as transformers' loss."""
+
+import pytest
+import torch
+
+from deformable_detr import DeformableDetrForObjectDetection
+from deformable_detr.loss_deformable_detr import HungarianMatcher, generalized_box_iou
+from helpers import padded_batch, small_hf_model
+from test_model import tiny_model
+
+
+def labels():
+    return [
+        {"class_labels": torch.tensor([1, 3, 0]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2], [0.5, 0.5, 0.9, 0.9]])},
+        {"class_labels": torch.tensor([4]), "boxes": torch.tensor([[0.2, 0.2, 0.1, 0.1]])},
+    ]
+
+
+@pytest.mark.parametrize("variant", ["multi-scale", "single-scale", "box-refine"])
+def test_same_loss_as_transformers(variant):
+    hf = small_hf_model(variant, auxiliary_loss=True)
+    ours = DeformableDetrForObjectDetection.from_transformers(hf)
+    pixel_values, pixel_mask = padded_batch()
+    with torch.no_grad():
+        theirs = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels())
+        mine = ours(pixel_values, pixel_mask, labels=labels())
+    assert abs(theirs.loss.item() - mine.loss.item()) <= 1e-5 * abs(theirs.loss.item())
+    assert set(theirs.loss_dict) == set(mine.loss_dict)
+    for name, value in theirs.loss_dict.items():
+        assert abs(value.item() - mine.loss_dict[name].item()) <= 1e-5 * max(abs(value.item()), 1e-6), name
+
+
+def test_perfect_predictions_have_no_box_loss_and_match_one_to_one():
+    matcher = HungarianMatcher()
+    boxes = torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])
+    logits = torch.full((1, 4, 2), -10.0)
+    logits[0, 2, 1] = logits[0, 0, 0] = 10.0
+    pred = torch.tensor([[[0.7, 0.6, 0.3, 0.2], [0.1, 0.1, 0.1, 0.1], [0.3, 0.4, 0.2, 0.3], [0.9, 0.9, 0.1, 0.1]]])
+    queries, objects = matcher(logits, pred, [{"class_labels": torch.tensor([1, 0]), "boxes": boxes}])[0]
+    assert dict(zip(queries.tolist(), objects.tolist())) == {0: 1, 2: 0}
+    from deformable_detr.loss_deformable_detr import DeformableDetrLoss
+    model = tiny_model()
+    loss, terms = DeformableDetrLoss(model.config)(logits, pred, [{"class_labels": torch.tensor([1, 0]), "boxes": boxes}])
+    assert terms["loss_bbox"].item() == 0 and abs(terms["loss_giou"].item()) < 1e-6 and terms["loss_ce"].item() < 1e-3
+
+
+def test_images_without_objects_and_non_finite_predictions():
+    model = tiny_model(with_box_refine=True, two_stage=True).train()
+    empty = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    out = model(torch.randn(2, 3, 96, 128), labels=empty)
+    assert torch.isfinite(out.loss) and out.loss.item() > 0 and "loss_ce_enc" in out.loss_dict
+    logits = torch.tensor([[[float("nan")], [0.0]]])
+    boxes = torch.tensor([[[0.5, 0.5, float("inf"), 0.1], [0.5, 0.5, 0.2, 0.2]]])
+    queries, _ = HungarianMatcher()(logits, boxes, [{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}])[0]
+    assert queries.tolist() == [1]
+
+
+def test_two_stage_has_the_encoder_proposal_loss_that_transformers_lacks():
+    model = tiny_model(with_box_refine=True, two_stage=True)
+    target = {"class_labels": torch.tensor([2]), "boxes": torch.tensor([[0.2, 0.2, 0.1, 0.1]])}
+    out = model(torch.randn(2, 3, 96, 128), labels=[target, target])
+    enc = {k for k in out.loss_dict if k.endswith("_enc")}
+    assert enc == {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc", "cardinality_error_enc"}
+    out.loss.backward()
+    assert model.model.enc_class_embed.weight.grad.abs().sum() > 0
+
+
+def test_generalized_box_iou_on_known_boxes():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [4.0, 4.0, 5.0, 5.0]])
+    giou = generalized_box_iou(a, b)[0]
+    assert torch.allclose(giou, torch.tensor([1 / 7 - 2 / 9, 1.0, 0 - (25 - 5) / 25]))
+
+
+def test_bad_labels_are_named():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"labels\[0\] has class id 3, outside the model's 3 classes"):
+        model(torch.randn(2, 3, 64, 64), labels=labels())
+    with pytest.raises(ValueError, match=r"labels\[0\]: boxes must be"):
+        model(torch.randn(1, 3, 64, 64), labels=[{"class_labels": torch.tensor([0]), "boxes": torch.zeros(1, 2)}])
