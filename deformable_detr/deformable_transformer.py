@@ -65,9 +65,9 @@ class DeformableEncoderLayer(nn.Module):
 
     def forward(self, src, pos, reference_points, spatial_shapes, padding_mask):
         """src, pos (B, S, C); reference_points (B, S, L, 2); padding_mask (B, S) True on padding."""
-        attended, weights = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
         src = self.self_attn_norm(src + self.dropout(attended))
-        return self.ffn_norm(src + self.ffn(src)), weights
+        return self.ffn_norm(src + self.ffn(src))
 
 
 class DeformableEncoder(nn.Module):
@@ -99,7 +99,7 @@ class DeformableEncoder(nn.Module):
         reference_points = self.reference_points(spatial_shapes_list, valid_ratios)
         hidden_states = []
         for layer in self.layers:
-            src, _ = layer(src, pos, reference_points, spatial_shapes, padding_mask)
+            src = layer(src, pos, reference_points, spatial_shapes, padding_mask)
             hidden_states.append(src)
         return src, tuple(hidden_states)
 
@@ -123,9 +123,9 @@ class DeformableDecoderLayer(nn.Module):
         q = k = tgt + query_pos
         attended = self.self_attn(q, k, tgt, need_weights=False)[0]
         tgt = self.self_attn_norm(tgt + self.dropout(attended))
-        attended, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask)
+        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask)
         tgt = self.cross_attn_norm(tgt + self.dropout(attended))
-        return self.ffn_norm(tgt + self.ffn(tgt)), weights
+        return self.ffn_norm(tgt + self.ffn(tgt))
 
 
 class DeformableDecoder(nn.Module):
@@ -149,7 +149,7 @@ class DeformableDecoder(nn.Module):
         hidden_states, references = [], []
         for index, layer in enumerate(self.layers):
             scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
-            tgt, _ = layer(tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory, spatial_shapes, padding_mask)
+            tgt = layer(tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory, spatial_shapes, padding_mask)
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[index](tgt)
                 if reference_points.shape[-1] == 4:

@@ -99,7 +99,7 @@ class MultiScaleDeformableAttention(nn.Module):
             spatial_shapes: (L, 2) int64, (H_l, W_l).
             input_padding_mask: (B, S) bool, True on padding; padded positions contribute zeros.
         Returns:
-            output (B, Q, C) and attention_weights (B, Q, M, L, K).
+            (B, Q, C)
         """
         B, Q, _ = query.shape
         S = input_flatten.shape[1]
@@ -121,4 +121,4 @@ class MultiScaleDeformableAttention(nn.Module):
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape {tuple(reference_points.shape)}")
         output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
-        return self.output_proj(output), weights
+        return self.output_proj(output)
