@@ -1,8 +1,9 @@
 """Deformable DETR as a first-class Hugging Face model."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForObjectDetection
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
 
 from .configuration_deformable_detr import DeformableDetrConfig
+from .image_processing_deformable_detr import DeformableDetrImageProcessor
 from .ms_deform_attn import multi_scale_deformable_attention
 from .modeling_deformable_detr import (
     DeformableDetrForObjectDetection,
@@ -13,6 +14,7 @@ from .modeling_deformable_detr import (
 __all__ = [
     "DeformableDetrConfig",
     "DeformableDetrForObjectDetection",
+    "DeformableDetrImageProcessor",
     "DeformableDetrModel",
     "DeformableDetrPreTrainedModel",
     "multi_scale_deformable_attention",
@@ -23,6 +25,8 @@ __all__ = [
 AutoConfig.register(DeformableDetrConfig.model_type, DeformableDetrConfig, exist_ok=True)
 AutoModel.register(DeformableDetrConfig, DeformableDetrModel, exist_ok=True)
 AutoModelForObjectDetection.register(DeformableDetrConfig, DeformableDetrForObjectDetection, exist_ok=True)
+AutoImageProcessor.register(DeformableDetrConfig, image_processor_classes={"pil": DeformableDetrImageProcessor}, exist_ok=True)
 DeformableDetrConfig.register_for_auto_class()
+DeformableDetrImageProcessor.register_for_auto_class("AutoImageProcessor")
 DeformableDetrModel.register_for_auto_class("AutoModel")
 DeformableDetrForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")

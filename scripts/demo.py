@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection
+from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+from deformable_detr.detect import draw_detections
 
 BCCD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "bccd", "JPEGImages")
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
 def load_image(path):
@@ -32,13 +32,6 @@ def load_image(path):
     return canvas, "generated"
 
 
-def to_pixel_values(image, shortest=512):
-    scale = shortest / min(image.size)
-    resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-    array = (np.asarray(resized, dtype=np.float32) / 255.0 - MEAN) / STD
-    return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1)[None]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--image", help="an image file (default: the first BCCD image, or a generated one)")
@@ -52,33 +45,29 @@ def main():
     print(f"built Deformable DETR (ResNet-50, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
 
     image, source = load_image(args.image)
-    pixel_values = to_pixel_values(image)
+    processor = DeformableDetrImageProcessor(size={"shortest_edge": 512, "longest_edge": 853})
+    inputs = processor(image, return_tensors="pt")
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(pixel_values)
-    print(f"ran it on {source} ({tuple(pixel_values.shape[-2:])} pixels) in {time.perf_counter() - start:.1f} s")
+        out = model(**inputs)
+    print(f"ran it on {source} ({tuple(inputs['pixel_values'].shape[-2:])} pixels) in {time.perf_counter() - start:.1f} s")
 
     model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
     loaded = DeformableDetrForObjectDetection.from_pretrained(args.output_dir).eval()
     with torch.no_grad():
-        again = loaded(pixel_values)
+        again = loaded(**DeformableDetrImageProcessor.from_pretrained(args.output_dir)(image, return_tensors="pt"))
     same = torch.equal(out.logits, again.logits) and torch.equal(out.pred_boxes, again.pred_boxes)
     print(f"saved to {args.output_dir} ({', '.join(sorted(os.listdir(args.output_dir)))}); reloaded outputs identical: {same}")
 
-    scores = out.logits[0].sigmoid()
-    top = scores.flatten().topk(args.top_k)
-    draw = ImageDraw.Draw(image)
+    found = processor.post_process_object_detection(out, threshold=0.0, target_sizes=[(image.height, image.width)], top_k=args.top_k)[0]
+    detections = [{"label": config.id2label[l], "label_id": l, "score": s, "box": b}
+                  for s, l, b in zip(found["scores"].tolist(), found["labels"].tolist(), found["boxes"].tolist())]
     print("what it found (untrained, so random):")
-    for score, index in zip(top.values.tolist(), top.indices.tolist()):
-        query, label = divmod(index, scores.shape[1])
-        cx, cy, w, h = out.pred_boxes[0, query].tolist()
-        box = [(cx - w / 2) * image.width, (cy - h / 2) * image.height, (cx + w / 2) * image.width, (cy + h / 2) * image.height]
-        name = config.id2label[label]
-        print(f"  {name:9s} {score:.3f} at [{', '.join(f'{v:.0f}' for v in box)}]")
-        draw.rectangle(box, outline=(255, 0, 0), width=3)
-        draw.text((box[0] + 3, box[1] + 3), f"{name} {score:.2f}", fill=(255, 0, 0))
+    for det in detections:
+        print(f"  {det['label']:9s} {det['score']:.3f} at [{', '.join(f'{v:.0f}' for v in det['box'])}]")
     picture = os.path.join(args.output_dir, "detections.png")
-    image.save(picture)
+    draw_detections(image, detections).save(picture)
     print(f"drawn: {picture}")
     if not same:
         raise SystemExit("the reloaded model disagrees with the saved one")

@@ -1,6 +1,7 @@
 """Small transformers models and inputs shared by the tests."""
 
 import re
+from pathlib import Path
 
 import torch
 from transformers import DeformableDetrConfig as HFConfig
@@ -113,3 +114,22 @@ def padded_batch(seed=0):
     pixel_values[1, :, :70, :100] = torch.randn(3, 70, 100, generator=generator)
     pixel_mask[1, :70, :100] = 1
     return pixel_values, pixel_mask
+
+
+BCCD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bccd"
+BCCD_CLASSES = ["RBC", "WBC", "Platelets"]
+
+
+def bccd_example(name: str, image_id: int = 0):
+    """A BCCD image and its Pascal VOC boxes as a COCO detection annotation."""
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    objects = []
+    for obj in ET.parse(BCCD / "Annotations" / f"{name}.xml").findall("object"):
+        box = obj.find("bndbox")
+        x0, y0, x1, y1 = (float(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+        objects.append({"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": BCCD_CLASSES.index(obj.find("name").text.strip()),
+                        "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    return Image.open(BCCD / "JPEGImages" / f"{name}.jpg"), {"image_id": image_id, "annotations": objects}

@@ -1,0 +1,226 @@
+"""The image processor: images (+ COCO annotations) -> pixel_values, pixel_mask (+ labels); model outputs ->
+detections in pixels of the original images.
+
+Shapes: B images, H x W the padded canvas, T objects in one image, Q queries, N classes.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_transforms import get_size_with_aspect_ratio
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, get_image_size_for_max_height_width
+
+SIZE_KINDS = ({"shortest_edge", "longest_edge"}, {"max_height", "max_width"}, {"height", "width"})
+
+
+def to_rgb_array(image, index: int = 0) -> np.ndarray:
+    """A PIL image, numpy array or torch tensor (channels first or last; gray, RGB or RGBA) -> (h, w, 3) array
+    (uint8 stays uint8). JPEG EXIF orientation is applied, so the array is the picture as people see it."""
+    if isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            # transparency goes onto white, as transformers does
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image {index} is a {type(image).__name__}; give PIL images, numpy arrays or torch tensors")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise ValueError(f"image {index} has shape {image.shape}; expected (h, w), (h, w, c) or (c, h, w)")
+    if image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+        image = image.transpose(1, 2, 0)
+    channels = image.shape[-1]
+    if channels not in (1, 3, 4):
+        raise ValueError(f"image {index} has {channels} channels (shape {image.shape}); expected 1, 3 or 4")
+    if channels == 4:  # transparency onto white
+        white = 255.0 if image.dtype == np.uint8 else 1.0
+        alpha = image[..., 3:].astype(np.float32) / white
+        rgb = image[..., :3] * alpha + white * (1 - alpha)
+        image = rgb.round().astype(np.uint8) if image.dtype == np.uint8 else rgb
+    if channels == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return image
+
+
+def resize_array(image: np.ndarray, height: int, width: int, resample) -> np.ndarray:
+    """PIL resampling, on uint8 directly or on each float channel in mode F."""
+    if image.dtype == np.uint8:
+        return np.asarray(Image.fromarray(image).resize((width, height), resample=resample))
+    channels = [Image.fromarray(image[..., c].astype(np.float32), mode="F").resize((width, height), resample=resample) for c in range(3)]
+    return np.stack([np.asarray(c) for c in channels], -1)
+
+
+def corners_to_centers(boxes: np.ndarray) -> np.ndarray:
+    x0, y0, x1, y1 = boxes.T
+    return np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+
+
+def centers_to_corners(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
+
+
+class DeformableDetrImageProcessor(BaseImageProcessor):
+    r"""Resize (shortest edge 800, longest 1333 by default), rescale, normalise (ImageNet mean and std), pad
+    bottom-right to the batch's largest image (or `pad_size`), and a `pixel_mask` with 1 on real pixels.
+
+    Args:
+        size: `{"shortest_edge", "longest_edge"}`, `{"max_height", "max_width"}` (keep aspect ratio) or
+            `{"height", "width"}` (exact).
+        pad_size: `{"height", "width"}` of a fixed canvas; None pads to the largest image of each batch.
+        do_convert_annotations: give label boxes as (cx, cy, w, h) relative to the padded canvas.
+    """
+
+    model_input_names = ["pixel_values", "pixel_mask"]
+
+    def __init__(self, do_resize=True, size=None, resample=Image.BILINEAR, do_rescale=True, rescale_factor=1 / 255,
+                 do_normalize=True, image_mean=None, image_std=None, do_pad=True, pad_size=None,
+                 do_convert_annotations=True, **kwargs):
+        super().__init__(**kwargs)
+        self.do_resize, self.resample, self.do_rescale, self.rescale_factor = do_resize, int(resample), do_rescale, rescale_factor
+        self.size = self._check_size(size if size is not None else {"shortest_edge": 800, "longest_edge": 1333}, "size")
+        self.pad_size = None if pad_size is None else self._check_size(pad_size, "pad_size", ({"height", "width"},))
+        self.do_normalize, self.do_pad, self.do_convert_annotations = do_normalize, do_pad, do_convert_annotations
+        self.image_mean = list(image_mean if image_mean is not None else IMAGENET_DEFAULT_MEAN)
+        self.image_std = list(image_std if image_std is not None else IMAGENET_DEFAULT_STD)
+
+    @staticmethod
+    def _check_size(size, name, kinds=SIZE_KINDS) -> dict:
+        size = {k: v for k, v in dict(size).items() if v is not None}
+        if set(size) not in kinds:
+            raise ValueError(f"{name} must have the keys {' or '.join(str(sorted(k)) for k in kinds)}, got {sorted(size)}")
+        if any(not isinstance(v, int) or v < 1 for v in size.values()):
+            raise ValueError(f"{name} values must be positive integers, got {size}")
+        return size
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of an image after resizing."""
+        size = self.size
+        if "shortest_edge" in size:
+            return get_size_with_aspect_ratio((height, width), size["shortest_edge"], size["longest_edge"])
+        if "max_height" in size:
+            return get_image_size_for_max_height_width((height, width), size["max_height"], size["max_width"])
+        return size["height"], size["width"]
+
+    def preprocess(self, images, annotations=None, return_tensors=None, **kwargs) -> BatchFeature:
+        """
+        Args:
+            images: one image or a list (PIL, numpy or torch; channels first or last; gray, RGB or RGBA).
+            annotations: one COCO detection dict per image, `{"image_id", "annotations": [{"bbox": [x, y, w, h],
+                "category_id", "area", "iscrowd"}]}`.
+        Returns:
+            `pixel_values` (B, 3, H, W) float32, `pixel_mask` (B, H, W) int64, and with annotations `labels`:
+            per image `class_labels` (T,), `boxes` (T, 4), `area` (T,), `iscrowd` (T,), `image_id` (1,),
+            `orig_size` and `size` (2,) as (h, w).
+        """
+        if kwargs:
+            raise TypeError(f"unknown argument(s) {sorted(kwargs)}; set processor options when creating it")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+            annotations = [annotations] if isinstance(annotations, dict) else annotations
+        if annotations is not None and len(annotations) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(annotations)} annotations")
+        arrays, targets = [], []
+        for index, image in enumerate(images):
+            array = to_rgb_array(image, index)
+            target = None if annotations is None else self.prepare_annotation(annotations[index], *array.shape[:2], index)
+            if self.do_resize:
+                height, width = self.output_size(*array.shape[:2])
+                if target is not None:
+                    ratio_h, ratio_w = height / array.shape[0], width / array.shape[1]
+                    target["boxes"] = target["boxes"] * np.asarray([ratio_w, ratio_h, ratio_w, ratio_h], dtype=np.float32)
+                    target["area"] = target["area"] * (ratio_w * ratio_h)
+                array = resize_array(array, height, width, self.resample)
+            array = array.astype(np.float32)
+            if self.do_rescale:
+                array = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
+            if self.do_normalize:
+                array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
+            if target is not None:
+                target["size"] = np.asarray(array.shape[:2], dtype=np.int64)
+                if self.do_convert_annotations:
+                    target["boxes"] = corners_to_centers(target["boxes"]) / np.asarray(
+                        [array.shape[1], array.shape[0]] * 2, dtype=np.float32)
+            arrays.append(array.transpose(2, 0, 1))
+            targets.append(target)
+
+        data = {}
+        if self.do_pad:
+            canvas = (self.pad_size["height"], self.pad_size["width"]) if self.pad_size else tuple(np.max([a.shape[1:] for a in arrays], 0))
+            padded, masks = [], []
+            for index, (array, target) in enumerate(zip(arrays, targets)):
+                height, width = array.shape[1:]
+                if height > canvas[0] or width > canvas[1]:
+                    raise ValueError(f"image {index} is {height}x{width} after resizing, larger than pad_size {canvas[0]}x{canvas[1]}")
+                out = np.zeros((3, *canvas), dtype=np.float32)
+                out[:, :height, :width] = array
+                mask = np.zeros(canvas, dtype=np.int64)
+                mask[:height, :width] = 1
+                padded.append(out)
+                masks.append(mask)
+                if target is not None:
+                    target["size"] = np.asarray(canvas, dtype=np.int64)
+                    if self.do_convert_annotations:  # boxes become relative to the padded canvas, as in transformers
+                        target["boxes"] = target["boxes"] * np.asarray([width / canvas[1], height / canvas[0]] * 2, dtype=np.float32)
+            arrays, data["pixel_mask"] = padded, masks
+        data["pixel_values"] = arrays
+        encoded = BatchFeature(data, tensor_type=return_tensors)
+        if annotations is not None:
+            encoded["labels"] = [BatchFeature(t, tensor_type=return_tensors) for t in targets]
+        return encoded
+
+    def prepare_annotation(self, annotation: dict, height: int, width: int, index: int) -> dict:
+        """A COCO detection dict -> arrays with xyxy boxes in pixels, clipped to the image. Crowd regions are left
+        out (as in DETR); boxes of no area after clipping are dropped with one warning that counts them."""
+        if not isinstance(annotation, dict) or "annotations" not in annotation:
+            raise ValueError(f"annotation {index} must be a dict with 'image_id' and 'annotations', got {type(annotation).__name__}")
+        image_id = annotation.get("image_id", index)
+        objects = [o for o in annotation["annotations"] if not o.get("iscrowd", 0)]
+        for j, o in enumerate(objects):
+            if "category_id" not in o or len(o.get("bbox", ())) != 4:
+                raise ValueError(f"image_id {image_id}, object {j}: needs 'category_id' and a 4-number 'bbox' [x, y, w, h], got {o}")
+        boxes = np.asarray([o["bbox"] for o in objects], dtype=np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not keep.all():
+            warnings.warn(f"image_id {image_id}: dropped {int((~keep).sum())} box(es) with no area inside the image")
+        area = np.asarray([o.get("area", o["bbox"][2] * o["bbox"][3]) for o in objects], dtype=np.float32)
+        return {
+            "image_id": np.asarray([image_id], dtype=np.int64),
+            "class_labels": np.asarray([o["category_id"] for o in objects], dtype=np.int64)[keep],
+            "boxes": boxes[keep],
+            "area": area[keep],
+            "iscrowd": np.zeros(int(keep.sum()), dtype=np.int64),
+            "orig_size": np.asarray([height, width], dtype=np.int64),
+        }
+
+    def post_process_object_detection(self, outputs, threshold: float = 0.5, target_sizes=None, top_k: int = 100):
+        """The top_k (query, class) pairs by sigmoid score, above `threshold`, as absolute xyxy boxes.
+
+        Args:
+            outputs: the model's output (`logits` (B, Q, N), `pred_boxes` (B, Q, 4)).
+            target_sizes: (B, 2) tensor or list of (h, w) of the original images; None keeps boxes in [0, 1].
+        Returns:
+            per image {"scores" (k,), "labels" (k,), "boxes" (k, 4) x0, y0, x1, y1}.
+        """
+        logits, boxes = outputs.logits, outputs.pred_boxes
+        B, Q, N = logits.shape
+        if target_sizes is not None and len(target_sizes) != B:
+            raise ValueError(f"got {len(target_sizes)} target_sizes for a batch of {B}")
+        scores, indices = logits.sigmoid().view(B, -1).topk(min(top_k, Q * N), dim=1)
+        labels = indices % N
+        boxes = torch.gather(centers_to_corners(boxes), 1, (indices // N)[..., None].expand(-1, -1, 4))
+        if target_sizes is not None:
+            sizes = torch.as_tensor(target_sizes, dtype=boxes.dtype, device=boxes.device).view(B, 2)
+            boxes = boxes * torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], 1)[:, None]
+        keep = scores > threshold
+        return [{"scores": s[k], "labels": l[k], "boxes": b[k]} for s, l, b, k in zip(scores, labels, boxes, keep)]

@@ -1,0 +1,135 @@
+"""Our image processor against transformers' DeformableDetrImageProcessorPil, and its own behaviour."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.deformable_detr.image_processing_pil_deformable_detr import DeformableDetrImageProcessorPil
+
+from deformable_detr import DeformableDetrImageProcessor
+from helpers import bccd_example
+
+BCCD_NAMES = ["BloodImage_00000", "BloodImage_00338", "BloodImage_00343", "BloodImage_00100"]
+
+
+def compare(theirs, ours):
+    assert (theirs["pixel_values"] - ours["pixel_values"]).abs().max() <= 1e-3
+    assert torch.equal(theirs["pixel_mask"], ours["pixel_mask"])
+    for a, b in zip(theirs.get("labels", []), ours.get("labels", [])):
+        assert set(a) == set(b)
+        for key in a:
+            assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+            assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+def test_same_as_transformers_on_bccd_with_annotations():
+    images, annotations = zip(*(bccd_example(name, i) for i, name in enumerate(BCCD_NAMES)))
+    theirs = DeformableDetrImageProcessorPil()(list(images), annotations=list(annotations), return_tensors="pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = DeformableDetrImageProcessor()(list(images), annotations=list(annotations), return_tensors="pt")
+    compare(theirs, ours)
+    # BCCD's two zero-area boxes are dropped, each with a warning that names the image and counts them
+    dropped = [str(w.message) for w in caught if "no area" in str(w.message)]
+    assert dropped == ["image_id 1: dropped 1 box(es) with no area inside the image",
+                       "image_id 2: dropped 1 box(es) with no area inside the image"]
+
+
+def odd_images():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, rng.integers(0, 256, (61, 83, 1), dtype=np.uint8)], -1)
+    return {
+        "grayscale": [Image.fromarray(rgb[..., 0], "L")],
+        "rgba": [Image.fromarray(rgba, "RGBA")],
+        "elongated": [Image.fromarray(rng.integers(0, 256, (20, 900, 3), dtype=np.uint8))],
+        "batch of sizes": [Image.fromarray(rgb), Image.fromarray(rng.integers(0, 256, (120, 40, 3), dtype=np.uint8))],
+        "numpy channels last": [rgb],
+        "numpy channels first": [rgb.transpose(2, 0, 1).copy()],
+        "torch": [torch.from_numpy(rgb.transpose(2, 0, 1).copy())],
+    }
+
+
+@pytest.mark.parametrize("kind", odd_images())
+def test_same_as_transformers_on_odd_images(kind):
+    images = odd_images()[kind]
+    # transformers needs do_convert_rgb for grayscale and RGBA; we convert always
+    theirs = DeformableDetrImageProcessorPil(do_convert_rgb=kind in ("grayscale", "rgba"))(images, return_tensors="pt")
+    compare(theirs, DeformableDetrImageProcessor()(images, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("options", [{"size": {"max_height": 300, "max_width": 200}}, {"size": {"height": 128, "width": 96}},
+                                     {"size": {"shortest_edge": 64, "longest_edge": 100}, "pad_size": {"height": 128, "width": 128}}])
+def test_same_as_transformers_with_other_sizes(options):
+    image, annotation = bccd_example("BloodImage_00000")
+    theirs = DeformableDetrImageProcessorPil(**options)(image, annotations=annotation, return_tensors="pt")
+    compare(theirs, DeformableDetrImageProcessor(**options)(image, annotations=annotation, return_tensors="pt"))
+
+
+def test_exif_orientation_is_honoured_unlike_transformers(tmp_path):
+    """Deliberate difference: a JPEG whose EXIF says 'rotate 90' is processed as people see it."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    loaded = Image.open(tmp_path / "rotated.jpg")
+    processor = DeformableDetrImageProcessor(size={"height": 100, "width": 60}, do_pad=False)
+    assert DeformableDetrImageProcessor(do_pad=False)(loaded)["pixel_values"][0].shape[1:] == (1333, 800)
+    assert DeformableDetrImageProcessorPil(do_pad=False)(loaded)["pixel_values"][0].shape[1:] == (800, 1333)
+    assert processor(loaded)["pixel_values"][0].shape == (3, 100, 60)
+
+
+def test_an_image_without_objects_is_valid():
+    image, _ = bccd_example("BloodImage_00000")
+    out = DeformableDetrImageProcessor()(image, annotations={"image_id": 7, "annotations": []}, return_tensors="pt")
+    labels = out["labels"][0]
+    assert labels["boxes"].shape == (0, 4) and labels["class_labels"].shape == (0,) and labels["image_id"].item() == 7
+
+
+def test_bad_annotations_and_options_are_named():
+    image, _ = bccd_example("BloodImage_00000")
+    processor = DeformableDetrImageProcessor()
+    with pytest.raises(ValueError, match="image_id 3, object 0: needs 'category_id' and a 4-number 'bbox'"):
+        processor(image, annotations={"image_id": 3, "annotations": [{"bbox": [1, 2, 3], "category_id": 0}]})
+    with pytest.raises(ValueError, match="got 1 images but 2 annotations"):
+        processor([image], annotations=[{"annotations": []}] * 2)
+    with pytest.raises(ValueError, match="size must have the keys"):
+        DeformableDetrImageProcessor(size={"shortest_edge": 800})
+    with pytest.raises(ValueError, match="image 0 has 5 channels"):
+        processor(np.zeros((10, 10, 5), dtype=np.uint8))
+    with pytest.raises(TypeError, match="image 0 is a str"):
+        processor("not-an-image.jpg")
+
+
+def test_post_processing_same_as_transformers():
+    from deformable_detr.modeling_deformable_detr import DeformableDetrObjectDetectionOutput
+
+    g = torch.Generator().manual_seed(0)
+    outputs = DeformableDetrObjectDetectionOutput(logits=torch.randn(2, 30, 4, generator=g) * 3,
+                                                  pred_boxes=torch.rand(2, 30, 4, generator=g) * 0.5 + 0.1)
+    sizes = [(480, 640), (300, 200)]
+    theirs = DeformableDetrImageProcessorPil().post_process_object_detection(outputs, threshold=0.3, target_sizes=sizes, top_k=50)
+    ours = DeformableDetrImageProcessor().post_process_object_detection(outputs, threshold=0.3, target_sizes=sizes, top_k=50)
+    for a, b in zip(theirs, ours):
+        assert len(b["scores"]) > 5
+        assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"])
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
+
+
+def test_save_and_load(tmp_path):
+    processor = DeformableDetrImageProcessor(size={"shortest_edge": 480, "longest_edge": 640}, image_mean=[0.5, 0.5, 0.5])
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"shortest_edge": 480, "longest_edge": 640}
+    assert saved["auto_map"]["AutoImageProcessor"] == "image_processing_deformable_detr.DeformableDetrImageProcessor"
+    assert (tmp_path / "image_processing_deformable_detr.py").exists()
+    loaded = DeformableDetrImageProcessor.from_pretrained(tmp_path)
+    image, _ = bccd_example("BloodImage_00000")
+    assert torch.equal(processor(image, return_tensors="pt")["pixel_values"], loaded(image, return_tensors="pt")["pixel_values"])
