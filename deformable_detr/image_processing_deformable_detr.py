@@ -127,10 +127,12 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
             annotations = [annotations] if isinstance(annotations, dict) else annotations
         if annotations is not None and len(annotations) != len(images):
             raise ValueError(f"got {len(images)} images but {len(annotations)} annotations")
-        arrays, targets = [], []
+        arrays, targets, dropped = [], [], {}
         for index, image in enumerate(images):
             array = to_rgb_array(image, index)
-            target = None if annotations is None else self.prepare_annotation(annotations[index], *array.shape[:2], index)
+            target = None
+            if annotations is not None:
+                target, dropped[index] = self.prepare_annotation(annotations[index], *array.shape[:2], index)
             if self.do_resize:
                 height, width = self.output_size(*array.shape[:2])
                 if target is not None:
@@ -151,6 +153,9 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
             arrays.append(array.transpose(2, 0, 1))
             targets.append(target)
 
+        if sum(dropped.values()):
+            where = ", ".join(f"image_id {targets[i]['image_id'][0]}: {n}" for i, n in dropped.items() if n)
+            warnings.warn(f"dropped {sum(dropped.values())} box(es) with no area inside their image ({where})")
         data = {}
         if self.do_pad:
             canvas = (self.pad_size["height"], self.pad_size["width"]) if self.pad_size else tuple(np.max([a.shape[1:] for a in arrays], 0))
@@ -176,9 +181,9 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
             encoded["labels"] = [BatchFeature(t, tensor_type=return_tensors) for t in targets]
         return encoded
 
-    def prepare_annotation(self, annotation: dict, height: int, width: int, index: int) -> dict:
-        """A COCO detection dict -> arrays with xyxy boxes in pixels, clipped to the image. Crowd regions are left
-        out (as in DETR); boxes of no area after clipping are dropped with one warning that counts them."""
+    def prepare_annotation(self, annotation: dict, height: int, width: int, index: int) -> tuple[dict, int]:
+        """A COCO detection dict -> arrays with xyxy boxes in pixels, clipped to the image, and how many boxes
+        were dropped for having no area inside it. Crowd regions are left out, as in DETR."""
         if not isinstance(annotation, dict) or "annotations" not in annotation:
             raise ValueError(f"annotation {index} must be a dict with 'image_id' and 'annotations', got {type(annotation).__name__}")
         image_id = annotation.get("image_id", index)
@@ -191,10 +196,8 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if not keep.all():
-            warnings.warn(f"image_id {image_id}: dropped {int((~keep).sum())} box(es) with no area inside the image")
         area = np.asarray([o.get("area", o["bbox"][2] * o["bbox"][3]) for o in objects], dtype=np.float32)
-        return {
+        target = {
             "image_id": np.asarray([image_id], dtype=np.int64),
             "class_labels": np.asarray([o["category_id"] for o in objects], dtype=np.int64)[keep],
             "boxes": boxes[keep],
@@ -202,6 +205,7 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
             "iscrowd": np.zeros(int(keep.sum()), dtype=np.int64),
             "orig_size": np.asarray([height, width], dtype=np.int64),
         }
+        return target, int((~keep).sum())
 
     def post_process_object_detection(self, outputs, threshold: float = 0.5, target_sizes=None, top_k: int = 100):
         """The top_k (query, class) pairs by sigmoid score, above `threshold`, as absolute xyxy boxes.
