@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ms_deform_attn_cpu
+
 
 def _shapes_as_list(spatial_shapes) -> list[tuple[int, int]]:
     if isinstance(spatial_shapes, torch.Tensor):
@@ -54,18 +56,81 @@ def multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_l
     return output.transpose(1, 2).contiguous()
 
 
-BACKENDS = {"reference": multi_scale_deformable_attention_reference}
+@torch.library.custom_op("deformable_detr::ms_deform_attn_cpu", mutates_args=())
+def _fused_cpu(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+               sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    return ms_deform_attn_cpu.load().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@_fused_cpu.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    B, _, M, D = value.shape
+    return value.new_empty(B, sampling_locations.shape[1], M, D)
+
+
+@torch.library.custom_op("deformable_detr::ms_deform_attn_cpu_backward", mutates_args=())
+def _fused_cpu_backward(grad_output: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
+                        level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                        attention_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = ms_deform_attn_cpu.load().backward(grad_output.contiguous(), value, spatial_shapes, level_start_index,
+                                               sampling_locations, attention_weights)
+    return tuple(grads)
+
+
+@_fused_cpu_backward.register_fake
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _fused_cpu_autograd(ctx, grad_output):
+    value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = _fused_cpu_backward(grad_output, value, spatial_shapes, level_start_index, locations, weights)
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+_fused_cpu.register_autograd(_fused_cpu_autograd, setup_context=_save_inputs)
+
+
+def multi_scale_deformable_attention_cpu(value, spatial_shapes, sampling_locations, attention_weights):
+    """The fused C++ kernel (see ms_deform_attn_cpu.py); fp32 and fp64, other float types computed in fp32."""
+    shapes = torch.as_tensor(_shapes_as_list(spatial_shapes), dtype=torch.int64)
+    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    if int(shapes.prod(1).sum()) != value.shape[1]:
+        raise ValueError(f"spatial_shapes {shapes.tolist()} cover {int(shapes.prod(1).sum())} positions, value has {value.shape[1]}")
+    dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
+    B, Q, M = sampling_locations.shape[:3]
+    output = _fused_cpu(value.to(dtype).contiguous(), shapes, starts, sampling_locations.to(dtype).contiguous(),
+                        attention_weights.to(dtype).contiguous())
+    return output.view(B, Q, M * value.shape[-1]).to(value.dtype)
+
+
+BACKENDS = {"reference": multi_scale_deformable_attention_reference, "cpu": multi_scale_deformable_attention_cpu}
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on `device` here, fastest first."""
+    device = torch.device(device)
+    found = []
+    if device.type == "cpu" and ms_deform_attn_cpu.load() is not None:
+        found.append("cpu")
+    return found + ["reference"]
 
 
 def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights, backend="auto"):
     """Multi-scale deformable attention; shapes as in `multi_scale_deformable_attention_reference`.
 
-    `backend` is "auto" (the fastest available for the inputs' device) or a name in `BACKENDS`.
+    `backend` is "auto" (the fastest available for the inputs' device) or a name in `BACKENDS`; a backend that
+    cannot run here falls back to the reference.
     """
-    if backend == "auto":
-        backend = "reference"
-    if backend not in BACKENDS:
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown multi-scale deformable attention backend {backend!r}; available: {sorted(BACKENDS)}")
+    usable = available_backends(value.device)
+    if backend not in usable:
+        backend = usable[0]
     return BACKENDS[backend](value, spatial_shapes, sampling_locations, attention_weights)
 
 
