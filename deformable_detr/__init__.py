@@ -1,6 +1,7 @@
 """Deformable DETR as a first-class Hugging Face model."""
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
+from transformers.utils import logging as hf_logging
 
 from .configuration_deformable_detr import DeformableDetrConfig
 from .image_processing_deformable_detr import DeformableDetrImageProcessor
@@ -25,7 +26,14 @@ __all__ = [
 AutoConfig.register(DeformableDetrConfig.model_type, DeformableDetrConfig, exist_ok=True)
 AutoModel.register(DeformableDetrConfig, DeformableDetrModel, exist_ok=True)
 AutoModelForObjectDetection.register(DeformableDetrConfig, DeformableDetrForObjectDetection, exist_ok=True)
-AutoImageProcessor.register(DeformableDetrConfig, image_processor_classes={"pil": DeformableDetrImageProcessor}, exist_ok=True)
+# registering makes transformers load its own image processors, and its DeformableDetrImageProcessor then warns
+# that torchvision is missing, which is no concern of ours: keep that quiet
+_verbosity = hf_logging.get_verbosity()
+hf_logging.set_verbosity_error()
+try:
+    AutoImageProcessor.register(DeformableDetrConfig, image_processor_classes={"pil": DeformableDetrImageProcessor}, exist_ok=True)
+finally:
+    hf_logging.set_verbosity(_verbosity)
 DeformableDetrConfig.register_for_auto_class()
 DeformableDetrImageProcessor.register_for_auto_class("AutoImageProcessor")
 DeformableDetrModel.register_for_auto_class("AutoModel")

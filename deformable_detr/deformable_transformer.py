@@ -76,14 +76,14 @@ class DeformableEncoder(nn.Module):
         self.layers = nn.ModuleList(DeformableEncoderLayer(config) for _ in range(config.encoder_layers))
 
     @staticmethod
-    def reference_points(spatial_shapes_list, valid_ratios):
+    def reference_points(spatial_shapes, valid_ratios):
         """Pixel centres of every level, (B, S, L, 2) as (x, y) in [0, 1] of each level's padded map.
 
         A centre is first normalised by the valid (unpadded) extent of its own level, then scaled into the
         padded frame of every level; valid_ratios (B, L, 2) as (w, h) fractions of real pixels.
         """
         points = []
-        for level, (height, width) in enumerate(spatial_shapes_list):
+        for level, (height, width) in enumerate(spatial_shapes):
             ref_y, ref_x = torch.meshgrid(
                 torch.linspace(0.5, height - 0.5, height, dtype=valid_ratios.dtype, device=valid_ratios.device),
                 torch.linspace(0.5, width - 0.5, width, dtype=valid_ratios.dtype, device=valid_ratios.device),
@@ -94,9 +94,9 @@ class DeformableEncoder(nn.Module):
             points.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, spatial_shapes, spatial_shapes_list, valid_ratios, padding_mask):
-        """src, pos (B, S, C) -> memory (B, S, C), the hidden states after each layer."""
-        reference_points = self.reference_points(spatial_shapes_list, valid_ratios)
+    def forward(self, src, pos, spatial_shapes, valid_ratios, padding_mask):
+        """src, pos (B, S, C); spatial_shapes [(H_l, W_l)] -> memory (B, S, C), the hidden states after each layer."""
+        reference_points = self.reference_points(spatial_shapes, valid_ratios)
         hidden_states = []
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, padding_mask)
@@ -162,7 +162,7 @@ class DeformableDecoder(nn.Module):
         return torch.stack(hidden_states, 1), torch.stack(references, 1)
 
 
-def encoder_proposals(memory, padding_mask, spatial_shapes_list):
+def encoder_proposals(memory, padding_mask, spatial_shapes):
     """Two-stage: one proposal per encoder position, a box of side 0.05 * 2^l centred on its pixel.
 
     Returns proposals (B, S, 4) as inverse_sigmoid(cx, cy, w, h), +inf where invalid (padding or too close to
@@ -170,7 +170,7 @@ def encoder_proposals(memory, padding_mask, spatial_shapes_list):
     """
     B = memory.shape[0]
     proposals, start = [], 0
-    for level, (height, width) in enumerate(spatial_shapes_list):
+    for level, (height, width) in enumerate(spatial_shapes):
         mask = padding_mask[:, start:start + height * width].view(B, height, width)
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)

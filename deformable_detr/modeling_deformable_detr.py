@@ -218,6 +218,8 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         if pixel_mask is not None:
             if tuple(pixel_mask.shape) != (B, H, W):
                 raise ValueError(f"pixel_mask must have shape {(B, H, W)} (batch, height, width), got {tuple(pixel_mask.shape)}")
+            if torch.compiler.is_compiling():  # a data-dependent check: eager only
+                return
             empty = (pixel_mask.flatten(1) == 0).all(1).nonzero().flatten().tolist()
             if empty:
                 raise ValueError(f"pixel_mask marks no real pixel in image(s) {empty} of the batch")
@@ -246,8 +248,7 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         positions = [self.position_embedding(mask, pixel_values.dtype).to(src.dtype) for src, mask in zip(sources, masks)]
 
         # flatten the levels: (B, C, H_l, W_l) -> (B, S, C)
-        spatial_shapes_list = [tuple(src.shape[-2:]) for src in sources]
-        spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=pixel_values.device)
+        spatial_shapes = [tuple(src.shape[-2:]) for src in sources]  # (H_l, W_l), plain ints
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1)
         pos_flatten = torch.cat(
             [pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, pos in enumerate(positions)], 1
@@ -256,12 +257,12 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         # (B, L, 2): fraction of real columns and rows in each level
         valid_ratios = torch.stack([valid_ratio(mask).to(src_flatten.dtype) for mask in masks], 1)
 
-        memory, encoder_states = self.encoder(src_flatten, pos_flatten, spatial_shapes, spatial_shapes_list, valid_ratios, padding_mask)
+        memory, encoder_states = self.encoder(src_flatten, pos_flatten, spatial_shapes, valid_ratios, padding_mask)
 
         C = self.config.d_model
         enc_outputs_class = enc_outputs_coord_logits = None
         if self.config.two_stage:
-            proposals, object_query = encoder_proposals(memory, padding_mask, spatial_shapes_list)
+            proposals, object_query = encoder_proposals(memory, padding_mask, spatial_shapes)
             object_query = self.enc_output_norm(self.enc_output(object_query))
             enc_outputs_class = self.enc_class_embed(object_query)
             enc_outputs_coord_logits = self.enc_bbox_embed(object_query) + proposals

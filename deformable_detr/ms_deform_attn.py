@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ms_deform_attn_cpu
+from .ms_deform_attn_cpu import load as load_cpu_kernel
 
 
 def _shapes_as_list(spatial_shapes) -> list[tuple[int, int]]:
@@ -56,10 +56,15 @@ def multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_l
     return output.transpose(1, 2).contiguous()
 
 
-@torch.library.custom_op("deformable_detr::ms_deform_attn_cpu", mutates_args=())
+# The op namespace follows this module's import name, so that our package and a copy of this file loaded from
+# the Hub with trust_remote_code can live in one process.
+_NAMESPACE = __name__.replace(".", "_")
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::ms_deform_attn_cpu", mutates_args=())
 def _fused_cpu(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    return ms_deform_attn_cpu.load().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return load_cpu_kernel().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 @_fused_cpu.register_fake
@@ -68,11 +73,11 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
     return value.new_empty(B, sampling_locations.shape[1], M, D)
 
 
-@torch.library.custom_op("deformable_detr::ms_deform_attn_cpu_backward", mutates_args=())
+@torch.library.custom_op(f"{_NAMESPACE}::ms_deform_attn_cpu_backward", mutates_args=())
 def _fused_cpu_backward(grad_output: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
                         level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
                         attention_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = ms_deform_attn_cpu.load().backward(grad_output.contiguous(), value, spatial_shapes, level_start_index,
+    grads = load_cpu_kernel().backward(grad_output.contiguous(), value, spatial_shapes, level_start_index,
                                                sampling_locations, attention_weights)
     return tuple(grads)
 
@@ -97,10 +102,12 @@ _fused_cpu.register_autograd(_fused_cpu_autograd, setup_context=_save_inputs)
 
 def multi_scale_deformable_attention_cpu(value, spatial_shapes, sampling_locations, attention_weights):
     """The fused C++ kernel (see ms_deform_attn_cpu.py); fp32 and fp64, other float types computed in fp32."""
-    shapes = torch.as_tensor(_shapes_as_list(spatial_shapes), dtype=torch.int64)
-    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
-    if int(shapes.prod(1).sum()) != value.shape[1]:
-        raise ValueError(f"spatial_shapes {shapes.tolist()} cover {int(shapes.prod(1).sum())} positions, value has {value.shape[1]}")
+    shapes = _shapes_as_list(spatial_shapes)
+    sizes = [h * w for h, w in shapes]
+    if sum(sizes) != value.shape[1]:
+        raise ValueError(f"spatial_shapes {shapes} cover {sum(sizes)} positions, value has {value.shape[1]}")
+    starts = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))], dtype=torch.int64)
+    shapes = torch.tensor(shapes, dtype=torch.int64)
     dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
     B, Q, M = sampling_locations.shape[:3]
     output = _fused_cpu(value.to(dtype).contiguous(), shapes, starts, sampling_locations.to(dtype).contiguous(),
@@ -115,7 +122,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on `device` here, fastest first."""
     device = torch.device(device)
     found = []
-    if device.type == "cpu" and ms_deform_attn_cpu.load() is not None:
+    if device.type == "cpu" and load_cpu_kernel() is not None:
         found.append("cpu")
     return found + ["reference"]
 
@@ -161,7 +168,7 @@ class MultiScaleDeformableAttention(nn.Module):
             reference_points: (B, Q, L, 2) points (x, y) or (B, Q, L, 4) boxes (cx, cy, w, h), in [0, 1] of each
                 level's map, top-left (0, 0).
             input_flatten: (B, S, C), the L maps flattened and concatenated.
-            spatial_shapes: (L, 2) int64, (H_l, W_l).
+            spatial_shapes: [(H_l, W_l)] as ints (or an (L, 2) int64 tensor).
             input_padding_mask: (B, S) bool, True on padding; padded positions contribute zeros.
         Returns:
             (B, Q, C)
@@ -177,7 +184,7 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = F.softmax(self.attention_weights(query).view(B, Q, M, L * K), -1).view(B, Q, M, L, K)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W_l, H_l)
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
+            normalizer = torch.tensor([(w, h) for h, w in _shapes_as_list(spatial_shapes)], dtype=offsets.dtype, device=offsets.device)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             # offsets are relative to the box: K points spread over half its width and height

@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForObjectDetection
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection
 
-from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection
+from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
 from test_model import tiny_model
 
 CODE_FILES = {"configuration_deformable_detr.py", "modeling_deformable_detr.py", "backbone.py", "position_encoding.py",
@@ -57,6 +57,8 @@ def test_auto_classes_resolve_to_ours(tmp_path):
     assert type(config) is DeformableDetrConfig and config.model_type != "deformable_detr"
     loaded = AutoModelForObjectDetection.from_pretrained(tmp_path)
     assert type(loaded) is DeformableDetrForObjectDetection
+    DeformableDetrImageProcessor().save_pretrained(tmp_path)
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is DeformableDetrImageProcessor
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForObjectDetection"] == "modeling_deformable_detr.DeformableDetrForObjectDetection"
 
