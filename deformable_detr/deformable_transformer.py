@@ -40,8 +40,9 @@ class FeedForward(nn.Module):
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
         self.activation = ACT2FN[activation]
-        self.dropout = nn.Dropout(dropout)
-        self.activation_dropout = nn.Dropout(activation_dropout)
+        # a dropout of p=0 still copies its input in training: leave it out
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.activation_dropout = nn.Dropout(activation_dropout) if activation_dropout > 0 else nn.Identity()
 
     def forward(self, x):
         return self.dropout(self.linear2(self.activation_dropout(self.activation(self.linear1(x)))))

@@ -7,8 +7,9 @@ code to the Hub.
 
 Per (batch, query, head) the forward sums, over L levels x K points, attention weight x bilinear sample of
 the D channels of the value map, reading each corner's D channels contiguously; nothing per level is
-materialised. The backward runs one (batch, head) pair per task, so the value gradient of that pair is
-owned by one thread and needs no atomics.
+materialised. With many queries (the encoder) both directions read the value maps one head at a time,
+(B, M, S, D), so that a head's maps stay in cache. The backward runs one (batch, head) pair per task, so the value gradient of that pair is owned
+by one thread and needs no atomics.
 """
 
 import logging
@@ -57,11 +58,23 @@ struct Corners {
   }
 };
 
+// Element strides of the value maps: (B, S, M, D) as given, or (B, M, S, D), one head after the other, where a
+// head's maps stay in cache; the copy into the latter pays off when queries are many (the encoder).
+struct Layout {
+  int64_t batch, head, pixel;
+};
+
+std::pair<torch::Tensor, Layout> choose_layout(const torch::Tensor& value, int64_t Q) {
+  const int64_t S = value.size(1), M = value.size(2), D = value.size(3);
+  if (4 * Q >= S) return {value.permute({0, 2, 1, 3}).contiguous(), Layout{M * S * D, S * D, D}};
+  return {value, Layout{S * M * D, D, M * D}};
+}
+
 // Forward for one head dimension D (a compile-time DC lets the accumulator live in registers; DC = 0: any D).
 // Out-of-map corners get weight 0 and read a valid pixel instead, so each point is one pass over D.
 template <typename T, int DC>
-void forward_impl(const T* v, const int64_t* shape, const int64_t* start, const T* lp, const T* ap, T* o,
-                  int64_t B, int64_t S, int64_t M, int64_t D_, int64_t Q, int64_t L, int64_t K) {
+void forward_impl(const T* v, const Layout& lay, const int64_t* shape, const int64_t* start, const T* lp, const T* ap, T* o,
+                  int64_t B, int64_t M, int64_t D_, int64_t Q, int64_t L, int64_t K) {
   const int64_t D = DC > 0 ? DC : D_;
   // one head after the other (its maps, (S, D), stay in cache), queries in order within a head
   at::parallel_for(0, B * M * Q, 256, [&](int64_t begin, int64_t end) {
@@ -74,7 +87,7 @@ void forward_impl(const T* v, const int64_t* shape, const int64_t* start, const 
       for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
       for (int64_t l = 0; l < L; ++l) {
         const int64_t H = shape[2 * l], W = shape[2 * l + 1];
-        const T* level = v + ((b * M + m) * S + start[l]) * D;
+        const T* level = v + b * lay.batch + m * lay.head + start[l] * lay.pixel;
         for (int64_t k = 0; k < K; ++k) {
           const int64_t p = (bqm * L + l) * K + k;
           const T gx = lp[2 * p] * T(2) - T(1), gy = lp[2 * p + 1] * T(2) - T(1);
@@ -90,10 +103,10 @@ void forward_impl(const T* v, const int64_t* shape, const int64_t* start, const 
           const T w01 = (top && right) ? a * fx * (T(1) - fy) : T(0);
           const T w10 = (bottom && left) ? a * (T(1) - fx) * fy : T(0);
           const T w11 = (bottom && right) ? a * fx * fy : T(0);
-          const T* r00 = level + (yt * W + xl) * D;
-          const T* r01 = level + (yt * W + xr) * D;
-          const T* r10 = level + (yb * W + xl) * D;
-          const T* r11 = level + (yb * W + xr) * D;
+          const T* r00 = level + (yt * W + xl) * lay.pixel;
+          const T* r01 = level + (yt * W + xr) * lay.pixel;
+          const T* r10 = level + (yb * W + xl) * lay.pixel;
+          const T* r11 = level + (yb * W + xr) * lay.pixel;
           #pragma omp simd
           for (int64_t d = 0; d < D; ++d) acc[d] += w00 * r00[d] + w01 * r01[d] + w10 * r10[d] + w11 * r11[d];
         }
@@ -105,8 +118,8 @@ void forward_impl(const T* v, const int64_t* shape, const int64_t* start, const 
 }
 
 template <typename T>
-void backward_impl(const T* go, const T* v, const int64_t* shape, const int64_t* start, const T* lp, const T* ap,
-                   T* gv, T* gl, T* ga, int64_t B, int64_t S, int64_t M, int64_t D, int64_t Q, int64_t L, int64_t K) {
+void backward_impl(const T* go, const T* v, const Layout& lay, const int64_t* shape, const int64_t* start, const T* lp,
+                   const T* ap, T* gv, T* gl, T* ga, int64_t B, int64_t M, int64_t D, int64_t Q, int64_t L, int64_t K) {
   at::parallel_for(0, B * M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bm = begin; bm < end; ++bm) {
       const int64_t b = bm / M, m = bm % M;
@@ -115,7 +128,7 @@ void backward_impl(const T* go, const T* v, const int64_t* shape, const int64_t*
         const T* g = go + bqm * D;
         for (int64_t l = 0; l < L; ++l) {
           const int64_t H = shape[2 * l], W = shape[2 * l + 1];
-          const int64_t base = ((b * M + m) * S + start[l]) * D;
+          const int64_t base = b * lay.batch + m * lay.head + start[l] * lay.pixel;
           for (int64_t k = 0; k < K; ++k) {
             const int64_t p = (bqm * L + l) * K + k;
             const Corners<T> c(lp[2 * p], lp[2 * p + 1], H, W);
@@ -124,8 +137,8 @@ void backward_impl(const T* go, const T* v, const int64_t* shape, const int64_t*
             T grad_a = 0, grad_x = 0, grad_y = 0;
             for (int i = 0; i < 4; ++i) {
               if (c.offset[i] < 0) continue;
-              const T* src = v + base + c.offset[i] * D;
-              T* dst = gv + base + c.offset[i] * D;
+              const T* src = v + base + c.offset[i] * lay.pixel;
+              T* dst = gv + base + c.offset[i] * lay.pixel;
               const T w = a * c.weight[i];
               T dot = 0;
               #pragma omp simd reduction(+:dot)
@@ -149,14 +162,14 @@ void backward_impl(const T* go, const T* v, const int64_t* shape, const int64_t*
 
 // value (B, S, M, D), shapes (L, 2), starts (L), loc (B, Q, M, L, K, 2), attn (B, Q, M, L, K) -> (B, Q, M, D)
 torch::Tensor forward(torch::Tensor value, torch::Tensor shapes, torch::Tensor starts, torch::Tensor loc, torch::Tensor attn) {
-  const int64_t B = value.size(0), S = value.size(1), M = value.size(2), D = value.size(3);
+  const int64_t B = value.size(0), M = value.size(2), D = value.size(3);
   const int64_t Q = loc.size(1), L = loc.size(3), K = loc.size(4);
-  auto out = torch::zeros({B, Q, M, D}, value.options());
-  auto per_head = value.permute({0, 2, 1, 3}).contiguous();  // (B, M, S, D)
+  auto out = torch::empty({B, Q, M, D}, value.options());
+  auto [maps, layout] = choose_layout(value, Q);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward", [&] {
     auto run = [&](auto kernel) {
-      kernel(per_head.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-             loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, S, M, D, Q, L, K);
+      kernel(maps.data_ptr<scalar_t>(), layout, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+             loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, M, D, Q, L, K);
     };
     if (D == 32) run(forward_impl<scalar_t, 32>);
     else if (D == 64) run(forward_impl<scalar_t, 64>);
@@ -169,19 +182,20 @@ torch::Tensor forward(torch::Tensor value, torch::Tensor shapes, torch::Tensor s
 // -> grad_value (B, S, M, D), grad_loc (B, Q, M, L, K, 2), grad_attn (B, Q, M, L, K)
 std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor value, torch::Tensor shapes, torch::Tensor starts,
                                     torch::Tensor loc, torch::Tensor attn) {
-  const int64_t B = value.size(0), S = value.size(1), M = value.size(2), D = value.size(3);
+  const int64_t B = value.size(0), M = value.size(2), D = value.size(3);
   const int64_t Q = loc.size(1), L = loc.size(3), K = loc.size(4);
-  auto per_head = value.permute({0, 2, 1, 3}).contiguous();  // (B, M, S, D)
-  auto grad_per_head = torch::zeros_like(per_head);
+  auto [maps, layout] = choose_layout(value, Q);
+  auto grad_maps = torch::zeros_like(maps);
   auto grad_loc = torch::zeros_like(loc);
   auto grad_attn = torch::zeros_like(attn);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward", [&] {
-    backward_impl<scalar_t>(grad_out.data_ptr<scalar_t>(), per_head.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+    backward_impl<scalar_t>(grad_out.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), layout, shapes.data_ptr<int64_t>(),
                             starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
-                            grad_per_head.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(),
-                            B, S, M, D, Q, L, K);
+                            grad_maps.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(),
+                            B, M, D, Q, L, K);
   });
-  return {grad_per_head.permute({0, 2, 1, 3}).contiguous(), grad_loc, grad_attn};
+  auto grad_value = maps.data_ptr() == value.data_ptr() ? grad_maps : grad_maps.permute({0, 2, 1, 3}).contiguous();
+  return {grad_value, grad_loc, grad_attn};
 }
 """
 

@@ -1,0 +1,190 @@
+"""Speed and memory of ours against the baselines, measured in one process, alternating, medians reported:
+
+  (a) the multi-scale deformable attention op, forward and forward+backward, at the encoder shapes of one
+      800x1066 image and at decoder shapes (300 queries, batch 2): our fastest backend vs the grid_sample reference;
+  (b) full-size inference (ResNet-50, 6+6 layers, 300 queries, one 800x1066 image): ours vs transformers'
+      DeformableDetrForObjectDetection with the same weights (their outputs must agree to 1e-4);
+  (c) one training step (forward + backward + AdamW) at batch 2: ours vs transformers.
+
+Peak memory is the growth of the process's peak resident memory during one call (Linux: VmHWM after
+resetting it); on a GPU, torch.cuda.max_memory_allocated.
+"""
+
+import argparse
+import ctypes
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from deformable_detr.ms_deform_attn import available_backends, multi_scale_deformable_attention  # noqa: E402
+
+ENCODER_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_of(fn, device) -> float:
+    """MiB that one call of fn adds to the peak memory."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        return float("nan")
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
+def compare(name, ours, theirs, device, repeats, labels=("ours", "baseline")):
+    """Alternates the two, `repeats` times each after one warm-up; prints medians, the ratio and peak memory."""
+    ours(), theirs()
+    times = {labels[0]: [], labels[1]: []}
+    for _ in range(repeats):
+        for label, fn in zip(labels, (ours, theirs)):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    memory = {label: peak_memory_of(fn, device) for label, fn in zip(labels, (ours, theirs))}
+    a, b = (statistics.median(times[label]) for label in labels)
+    print(f"{name:44s} {labels[0]} {a * 1e3:9.1f} ms  {labels[1]} {b * 1e3:9.1f} ms  speed-up {b / a:5.1f}x  "
+          f"peak extra memory {memory[labels[0]]:7.0f} / {memory[labels[1]]:7.0f} MiB ({memory[labels[0]] / max(memory[labels[1]], 1e-9):.2f})",
+          flush=True)
+    return b / a
+
+
+def op_inputs(shapes, queries, batch, device, requires_grad, heads=8, dim=32, points=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S, L = sum(h * w for h, w in shapes), len(shapes)
+    value = torch.randn(batch, S, heads, dim, generator=g)
+    locations = torch.rand(batch, queries, heads, L, points, 2, generator=g)
+    weights = torch.rand(batch, queries, heads, L, points, generator=g).softmax(-1)
+    return [t.to(device).requires_grad_(requires_grad) for t in (value, locations, weights)]
+
+
+def bench_op(device, repeats):
+    fastest = available_backends(device)[0]
+    print(f"\n(a) multi-scale deformable attention: {fastest} vs reference")
+    cases = {"encoder, 1 image 800x1066": (ENCODER_SHAPES, sum(h * w for h, w in ENCODER_SHAPES), 1),
+             "decoder, 300 queries, batch 2": (ENCODER_SHAPES, 300, 2)}
+    for case, (shapes, queries, batch) in cases.items():
+        value, locations, weights = op_inputs(shapes, queries, batch, device, False)
+        shapes_tensor = torch.tensor(shapes)
+
+        def forward(backend):
+            with torch.no_grad():
+                return multi_scale_deformable_attention(value, shapes_tensor, locations, weights, backend=backend)
+
+        diff = (forward(fastest) - forward("reference")).abs().max().item()
+        compare(f"{case}: forward (max diff {diff:.1e})", lambda: forward(fastest), lambda: forward("reference"), device, repeats,
+                (fastest, "reference"))
+        grad_inputs = [t.detach().clone().requires_grad_(True) for t in (value, locations, weights)]
+        grad_output = torch.randn(batch, queries, value.shape[2] * value.shape[3], device=device)
+
+        def forward_backward(backend):
+            for t in grad_inputs:
+                t.grad = None
+            out = multi_scale_deformable_attention(grad_inputs[0], shapes_tensor, grad_inputs[1], grad_inputs[2], backend=backend)
+            out.backward(grad_output)
+
+        compare(f"{case}: forward+backward", lambda: forward_backward(fastest), lambda: forward_backward("reference"), device,
+                repeats, (fastest, "reference"))
+
+
+def full_size_pair(device):
+    """transformers' full-size Deformable DETR (ResNet-50 backbone) and ours converted from it."""
+    from helpers import RESNET50_LIKE, perturb_
+    from transformers import DeformableDetrConfig as HFConfig
+    from transformers import DeformableDetrForObjectDetection as HFModel
+    from transformers import ResNetConfig
+
+    from deformable_detr import DeformableDetrForObjectDetection
+
+    torch.manual_seed(0)
+    backbone = ResNetConfig(**RESNET50_LIKE, out_features=["stage2", "stage3", "stage4"])
+    hf = perturb_(HFModel(HFConfig(use_timm_backbone=False, backbone_config=backbone, num_labels=91, auxiliary_loss=True)), scale=0.01)
+    ours = DeformableDetrForObjectDetection.from_transformers(hf)
+    return hf.to(device), ours.to(device)
+
+
+def bench_model(device, repeats, train_repeats):
+    hf, ours = full_size_pair(device)
+    hf.eval(), ours.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 800, 1066, generator=g).to(device)
+    print("\n(b) full model inference, ResNet-50, 6+6 layers, 300 queries, one 800x1066 image: ours vs transformers")
+    with torch.no_grad():
+        a, b = ours(x), hf(pixel_values=x)
+    diff = max((a.logits - b.logits).abs().max().item(), (a.pred_boxes - b.pred_boxes).abs().max().item())
+    print(f"outputs agree: max abs diff {diff:.2e} ({'within' if diff <= 1e-4 else 'OUTSIDE'} 1e-4)")
+
+    def infer(model, **kwargs):
+        with torch.no_grad():
+            return model(**kwargs)
+
+    compare("inference", lambda: infer(ours, pixel_values=x), lambda: infer(hf, pixel_values=x), device, repeats,
+            ("ours", "transformers"))
+
+    print("\n(c) one training step (forward + backward + AdamW), batch 2 of 800x1066: ours vs transformers")
+    batch = torch.randn(2, 3, 800, 1066, generator=g).to(device)
+    labels = [{"class_labels": torch.tensor([1, 5, 17], device=device),
+               "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4], [0.8, 0.2, 0.1, 0.1]], device=device)},
+              {"class_labels": torch.tensor([3], device=device), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.6]], device=device)}]
+    for model in (hf, ours):
+        model.train()
+        model.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(model, **kwargs):
+        model.optimizer.zero_grad()
+        out = model(**kwargs, labels=labels)
+        out.loss.backward()
+        model.optimizer.step()
+
+    compare("training step", lambda: step(ours, pixel_values=batch), lambda: step(hf, pixel_values=batch), device,
+            train_repeats, ("ours", "transformers"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side for (a) and (b) (default 5)")
+    parser.add_argument("--train_repeats", type=int, default=2, help="timed runs of each side for (c) (default 2)")
+    parser.add_argument("--only", choices=["op", "model"], help="run only part (a), or only (b) and (c)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"machine: {platform.node()} ({card}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {device}")
+    start = time.perf_counter()
+    if args.only in (None, "op"):
+        bench_op(device, args.repeats)
+    if args.only in (None, "model"):
+        bench_model(device, args.repeats, args.train_repeats)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
