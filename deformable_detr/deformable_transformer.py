@@ -39,7 +39,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
-        self.activation = ACT2FN[activation]
+        self.activation = nn.ReLU(inplace=True) if activation == "relu" else ACT2FN[activation]
         # a dropout of p=0 still copies its input in training: leave it out
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.activation_dropout = nn.Dropout(activation_dropout) if activation_dropout > 0 else nn.Identity()
@@ -67,8 +67,9 @@ class DeformableEncoderLayer(nn.Module):
     def forward(self, src, pos, reference_points, spatial_shapes, padding_mask):
         """src, pos (B, S, C); reference_points (B, S, L, 2); padding_mask (B, S) True on padding."""
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
-        src = self.self_attn_norm(src + self.dropout(attended))
-        return self.ffn_norm(src + self.ffn(src))
+        # residuals added in place into fresh outputs: no extra (B, S, C) allocations
+        src = self.self_attn_norm(self.dropout(attended).add_(src))
+        return self.ffn_norm(self.ffn(src).add_(src))
 
 
 class DeformableEncoder(nn.Module):

@@ -177,7 +177,8 @@ class MultiScaleDeformableAttention(nn.Module):
         S = input_flatten.shape[1]
         M, L, K = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
+        # padded positions contribute zeros (skipped, in eager mode, when nothing is padded)
+        if input_padding_mask is not None and (torch.compiler.is_compiling() or input_padding_mask.any()):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(B, S, M, self.d_model // M)
         offsets = self.sampling_offsets(query).view(B, Q, M, L, K, 2)

@@ -117,10 +117,14 @@ void forward_impl(const T* v, const Layout& lay, const int64_t* shape, const int
   });
 }
 
-template <typename T>
+// Backward for one head dimension D (compile-time DC as in the forward; DC = 0: any D).
+template <typename T, int DC>
 void backward_impl(const T* go, const T* v, const Layout& lay, const int64_t* shape, const int64_t* start, const T* lp,
-                   const T* ap, T* gv, T* gl, T* ga, int64_t B, int64_t M, int64_t D, int64_t Q, int64_t L, int64_t K) {
+                   const T* ap, T* gv, T* gl, T* ga, int64_t B, int64_t M, int64_t D_, int64_t Q, int64_t L, int64_t K) {
+  const int64_t D = DC > 0 ? DC : D_;
   at::parallel_for(0, B * M, 1, [&](int64_t begin, int64_t end) {
+    // corners outside the map read zeros from, and write into, this scratch row instead
+    std::vector<T> zeros(D, T(0)), sink(D);
     for (int64_t bm = begin; bm < end; ++bm) {
       const int64_t b = bm / M, m = bm % M;
       for (int64_t q = 0; q < Q; ++q) {
@@ -134,21 +138,34 @@ void backward_impl(const T* go, const T* v, const Layout& lay, const int64_t* sh
             const Corners<T> c(lp[2 * p], lp[2 * p + 1], H, W);
             if (!c.any) continue;
             const T a = ap[p];
+            const T* src[4];
+            T* dst[4];
+            for (int i = 0; i < 4; ++i) {
+              src[i] = c.offset[i] < 0 ? zeros.data() : v + base + c.offset[i] * lay.pixel;
+              dst[i] = c.offset[i] < 0 ? sink.data() : gv + base + c.offset[i] * lay.pixel;
+            }
+            const T w0 = a * c.weight[0], w1 = a * c.weight[1], w2 = a * c.weight[2], w3 = a * c.weight[3];
+            const T *s0 = src[0], *s1 = src[1], *s2 = src[2], *s3 = src[3];
+            T *d0 = dst[0], *d1 = dst[1], *d2 = dst[2], *d3 = dst[3];
+            T dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;  // <grad_out, corner value>
+            #pragma omp simd reduction(+:dot0, dot1, dot2, dot3)
+            for (int64_t d = 0; d < D; ++d) {
+              const T gd = g[d];
+              dot0 += gd * s0[d];
+              dot1 += gd * s1[d];
+              dot2 += gd * s2[d];
+              dot3 += gd * s3[d];
+              d0[d] += w0 * gd;
+              d1[d] += w1 * gd;
+              d2[d] += w2 * gd;
+              d3[d] += w3 * gd;
+            }
+            const T dot[4] = {dot0, dot1, dot2, dot3};
             T grad_a = 0, grad_x = 0, grad_y = 0;
             for (int i = 0; i < 4; ++i) {
-              if (c.offset[i] < 0) continue;
-              const T* src = v + base + c.offset[i] * lay.pixel;
-              T* dst = gv + base + c.offset[i] * lay.pixel;
-              const T w = a * c.weight[i];
-              T dot = 0;
-              #pragma omp simd reduction(+:dot)
-              for (int64_t d = 0; d < D; ++d) {
-                dot += g[d] * src[d];
-                dst[d] += w * g[d];
-              }
-              grad_a += c.weight[i] * dot;
-              grad_x += c.dweight_dx[i] * dot;
-              grad_y += c.dweight_dy[i] * dot;
+              grad_a += c.weight[i] * dot[i];
+              grad_x += c.dweight_dx[i] * dot[i];
+              grad_y += c.dweight_dy[i] * dot[i];
             }
             ga[p] = grad_a;
             gl[2 * p] = a * grad_x * W;
@@ -189,10 +206,15 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor value,
   auto grad_loc = torch::zeros_like(loc);
   auto grad_attn = torch::zeros_like(attn);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward", [&] {
-    backward_impl<scalar_t>(grad_out.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), layout, shapes.data_ptr<int64_t>(),
-                            starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
-                            grad_maps.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(),
-                            B, M, D, Q, L, K);
+    auto run = [&](auto kernel) {
+      kernel(grad_out.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), layout, shapes.data_ptr<int64_t>(),
+             starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), grad_maps.data_ptr<scalar_t>(),
+             grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), B, M, D, Q, L, K);
+    };
+    if (D == 32) run(backward_impl<scalar_t, 32>);
+    else if (D == 64) run(backward_impl<scalar_t, 64>);
+    else if (D == 16) run(backward_impl<scalar_t, 16>);
+    else run(backward_impl<scalar_t, 0>);
   });
   auto grad_value = maps.data_ptr() == value.data_ptr() ? grad_maps : grad_maps.permute({0, 2, 1, 3}).contiguous();
   return {grad_value, grad_loc, grad_attn};

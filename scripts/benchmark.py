@@ -115,8 +115,13 @@ def bench_op(device, repeats):
 
 
 def full_size_pair(device):
-    """transformers' full-size Deformable DETR (ResNet-50 backbone) and ours converted from it."""
-    from helpers import RESNET50_LIKE, perturb_
+    """transformers' full-size Deformable DETR on a ResNet-50 and ours converted from it, as the SenseTime Hub
+    checkpoints convert: through their layout (timm names), onto our built-in ResNet-50."""
+    import json
+    import tempfile
+
+    from helpers import RESNET50_LIKE, hub_v4_state_dict, perturb_
+    from safetensors.torch import save_file
     from transformers import DeformableDetrConfig as HFConfig
     from transformers import DeformableDetrForObjectDetection as HFModel
     from transformers import ResNetConfig
@@ -126,7 +131,14 @@ def full_size_pair(device):
     torch.manual_seed(0)
     backbone = ResNetConfig(**RESNET50_LIKE, out_features=["stage2", "stage3", "stage4"])
     hf = perturb_(HFModel(HFConfig(use_timm_backbone=False, backbone_config=backbone, num_labels=91, auxiliary_loss=True)), scale=0.01)
-    ours = DeformableDetrForObjectDetection.from_transformers(hf)
+    with tempfile.TemporaryDirectory() as folder:
+        config = hf.config.to_dict()
+        config.pop("backbone_config")
+        config.update(use_timm_backbone=True, backbone="resnet50")
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+        save_file({k: v.contiguous() for k, v in hub_v4_state_dict(hf).items()}, os.path.join(folder, "model.safetensors"))
+        ours = DeformableDetrForObjectDetection.from_transformers(folder)
     return hf.to(device), ours.to(device)
 
 
