@@ -39,7 +39,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
-        self.activation = nn.ReLU(inplace=True) if activation == "relu" else ACT2FN[activation]
+        self.activation = ACT2FN[activation]
         # a dropout of p=0 still copies its input in training: leave it out
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.activation_dropout = nn.Dropout(activation_dropout) if activation_dropout > 0 else nn.Identity()

@@ -136,7 +136,10 @@ void backward_impl(const T* go, const T* v, const Layout& lay, const int64_t* sh
           for (int64_t k = 0; k < K; ++k) {
             const int64_t p = (bqm * L + l) * K + k;
             const Corners<T> c(lp[2 * p], lp[2 * p + 1], H, W);
-            if (!c.any) continue;
+            if (!c.any) {  // outside the map: no gradient
+              ga[p] = gl[2 * p] = gl[2 * p + 1] = T(0);
+              continue;
+            }
             const T a = ap[p];
             const T* src[4];
             T* dst[4];
@@ -203,8 +206,8 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor value,
   const int64_t Q = loc.size(1), L = loc.size(3), K = loc.size(4);
   auto [maps, layout] = choose_layout(value, Q);
   auto grad_maps = torch::zeros_like(maps);
-  auto grad_loc = torch::zeros_like(loc);
-  auto grad_attn = torch::zeros_like(attn);
+  auto grad_loc = torch::empty_like(loc);  // every entry is written
+  auto grad_attn = torch::empty_like(attn);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward", [&] {
     auto run = [&](auto kernel) {
       kernel(grad_out.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), layout, shapes.data_ptr<int64_t>(),
