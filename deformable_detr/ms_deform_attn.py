@@ -22,6 +22,14 @@ def _shapes_as_list(spatial_shapes) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
+def _checked_shapes(spatial_shapes, value) -> list[tuple[int, int]]:
+    """spatial_shapes as [(H_l, W_l)], after checking that they cover value's S positions."""
+    shapes = _shapes_as_list(spatial_shapes)
+    if sum(h * w for h, w in shapes) != value.shape[1]:
+        raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, value has {value.shape[1]}")
+    return shapes
+
+
 def multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_locations, attention_weights):
     """The grid_sample reference: per level, bilinear samples (zeros outside, align_corners=False).
 
@@ -34,11 +42,9 @@ def multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_l
     Returns:
         (B, Q, M * D)
     """
-    shapes = _shapes_as_list(spatial_shapes)
+    shapes = _checked_shapes(spatial_shapes, value)
     B, S, M, D = value.shape
     _, Q, _, L, K, _ = sampling_locations.shape
-    if sum(h * w for h, w in shapes) != S:
-        raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, value has {S}")
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     sampled = []
@@ -102,10 +108,8 @@ _fused_cpu.register_autograd(_fused_cpu_autograd, setup_context=_save_inputs)
 
 def multi_scale_deformable_attention_cpu(value, spatial_shapes, sampling_locations, attention_weights):
     """The fused C++ kernel (see ms_deform_attn_cpu.py); fp32 and fp64, other float types computed in fp32."""
-    shapes = _shapes_as_list(spatial_shapes)
+    shapes = _checked_shapes(spatial_shapes, value)
     sizes = [h * w for h, w in shapes]
-    if sum(sizes) != value.shape[1]:
-        raise ValueError(f"spatial_shapes {shapes} cover {sum(sizes)} positions, value has {value.shape[1]}")
     starts = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))], dtype=torch.int64)
     shapes = torch.tensor(shapes, dtype=torch.int64)
     dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
