@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ms_deform_attn_triton import available as triton_available
+from .ms_deform_attn_triton import backward as triton_backward
+from .ms_deform_attn_triton import forward as triton_forward
 from .ms_deform_attn_cpu import load as load_cpu_kernel
 
 
@@ -67,65 +70,89 @@ def multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_l
 _NAMESPACE = __name__.replace(".", "_")
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::ms_deform_attn_cpu", mutates_args=())
-def _fused_cpu(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-               sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    return load_cpu_kernel().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+def _fused_op(name, kernel_forward, kernel_backward):
+    """A torch.library custom op (with a fake for torch.compile / torch.export, and autograd) around a kernel pair:
+    kernel_forward(value, shapes, starts, locations, weights) -> (B, Q, M, D);
+    kernel_backward(grad_output, value, shapes, starts, locations, weights) -> grads of value, locations, weights."""
+    Tensor = torch.Tensor
+
+    def forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                attention_weights: Tensor) -> Tensor:
+        return kernel_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    def backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                 sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(kernel_backward(grad_output.contiguous(), value, spatial_shapes, level_start_index,
+                                     sampling_locations, attention_weights))
+
+    op = torch.library.custom_op(f"{_NAMESPACE}::{name}", forward, mutates_args=())
+    op_backward = torch.library.custom_op(f"{_NAMESPACE}::{name}_backward", backward, mutates_args=())
+
+    @op.register_fake
+    def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        B, _, M, D = value.shape
+        return value.new_empty(B, sampling_locations.shape[1], M, D)
+
+    @op_backward.register_fake
+    def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+    def save_inputs(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def differentiate(ctx, grad_output):
+        value, shapes, starts, locations, weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = op_backward(grad_output, value, shapes, starts, locations, weights)
+        return grad_value, None, None, grad_locations, grad_weights
+
+    op.register_autograd(differentiate, setup_context=save_inputs)
+    return op
 
 
-@_fused_cpu.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    B, _, M, D = value.shape
-    return value.new_empty(B, sampling_locations.shape[1], M, D)
+_FUSED = {
+    "cpu": _fused_op("ms_deform_attn_cpu", lambda *a: load_cpu_kernel().forward(*a), lambda *a: load_cpu_kernel().backward(*a)),
+    "triton": _fused_op("ms_deform_attn_triton", triton_forward, triton_backward),
+}
+# the C++ kernel computes in fp32 or fp64; Triton also takes bf16 and fp16 (and sums in fp32)
+_DTYPES = {"cpu": (torch.float32, torch.float64), "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::ms_deform_attn_cpu_backward", mutates_args=())
-def _fused_cpu_backward(grad_output: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
-                        level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
-                        attention_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = load_cpu_kernel().backward(grad_output.contiguous(), value, spatial_shapes, level_start_index,
-                                               sampling_locations, attention_weights)
-    return tuple(grads)
-
-
-@_fused_cpu_backward.register_fake
-def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
-
-
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _fused_cpu_autograd(ctx, grad_output):
-    value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = _fused_cpu_backward(grad_output, value, spatial_shapes, level_start_index, locations, weights)
-    return grad_value, None, None, grad_locations, grad_weights
-
-
-_fused_cpu.register_autograd(_fused_cpu_autograd, setup_context=_save_inputs)
-
-
-def multi_scale_deformable_attention_cpu(value, spatial_shapes, sampling_locations, attention_weights):
-    """The fused C++ kernel (see ms_deform_attn_cpu.py); fp32 and fp64, other float types computed in fp32."""
+def _fused(backend, value, spatial_shapes, sampling_locations, attention_weights):
+    """A fused kernel behind the op's signature; shapes as in `multi_scale_deformable_attention_reference`."""
     shapes = _checked_shapes(spatial_shapes, value)
     sizes = [h * w for h, w in shapes]
-    starts = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))], dtype=torch.int64)
-    shapes = torch.tensor(shapes, dtype=torch.int64)
-    dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
+    starts = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))], dtype=torch.int64, device=value.device)
+    shapes = torch.tensor(shapes, dtype=torch.int64, device=value.device)
+    dtype = value.dtype if value.dtype in _DTYPES[backend] else torch.float32
     B, Q, M = sampling_locations.shape[:3]
-    output = _fused_cpu(value.to(dtype).contiguous(), shapes, starts, sampling_locations.to(dtype).contiguous(),
-                        attention_weights.to(dtype).contiguous())
+    output = _FUSED[backend](value.to(dtype).contiguous(), shapes, starts, sampling_locations.to(dtype).contiguous(),
+                             attention_weights.to(dtype).contiguous())
     return output.view(B, Q, M * value.shape[-1]).to(value.dtype)
 
 
-BACKENDS = {"reference": multi_scale_deformable_attention_reference, "cpu": multi_scale_deformable_attention_cpu}
+def multi_scale_deformable_attention_cpu(value, spatial_shapes, sampling_locations, attention_weights):
+    """The fused C++ kernel (ms_deform_attn_cpu.py); fp32 and fp64, other float types computed in fp32."""
+    return _fused("cpu", value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def multi_scale_deformable_attention_triton(value, spatial_shapes, sampling_locations, attention_weights):
+    """The Triton kernels (ms_deform_attn_triton.py): fp32, bf16, fp16 with fp32 sums (fp64 for fp64)."""
+    return _fused("triton", value, spatial_shapes, sampling_locations, attention_weights)
+
+
+BACKENDS = {
+    "reference": multi_scale_deformable_attention_reference,
+    "cpu": multi_scale_deformable_attention_cpu,
+    "triton": multi_scale_deformable_attention_triton,
+}
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on `device` here, fastest first."""
     device = torch.device(device)
     found = []
+    if triton_available(device):
+        found.append("triton")
     if device.type == "cpu" and load_cpu_kernel() is not None:
         found.append("cpu")
     return found + ["reference"]

@@ -1,0 +1,163 @@
+"""The GPU kernels of multi-scale deformable attention in Triton (which ships with CUDA builds of torch).
+
+One program handles BLOCK_Q queries of one (batch, head) pair and all D channels: each sampling location and
+attention weight is read once per query and head (not once per channel, as in the original CUDA kernel), the
+four corners of every point are gathered as (BLOCK_Q, D) tiles, and sums run in fp32 (fp64 for fp64 inputs)
+whatever the input type (fp32, bf16, fp16). The backward scatters the value gradient with atomic adds into an
+fp32 buffer. With TRITON_INTERPRET=1 the same kernels run on the CPU, which is how the tests check them.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the GPU backend is simply not offered
+    triton = None
+
+
+def available(device: torch.device) -> bool:
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _corner(x0, y0, dx: tl.constexpr, dy: tl.constexpr, W, H, fx, fy):
+        """Pixel index and bilinear weight of one corner; valid is False outside the map."""
+        xx = x0 + dx
+        yy = y0 + dy
+        valid = (xx >= 0) & (xx < W) & (yy >= 0) & (yy < H)
+        wx = fx if dx == 1 else 1.0 - fx
+        wy = fy if dy == 1 else 1.0 - fy
+        return yy * W + xx, wx * wy, valid
+
+    @triton.jit
+    def _forward_kernel(value, shapes, starts, loc, attn, out, Q, S,
+                        M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+                        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+        bm = tl.program_id(1)
+        b = bm // M
+        m = bm % M
+        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        d = tl.arange(0, BLOCK_D)
+        q_ok = q < Q
+        d_ok = d < D
+        acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
+        point_base = ((b * Q + q) * M + m) * (L * K)
+        for l in tl.static_range(L):
+            H = tl.load(shapes + 2 * l)
+            W = tl.load(shapes + 2 * l + 1)
+            start = tl.load(starts + l)
+            for k in tl.static_range(K):
+                p = point_base + l * K + k
+                lx = tl.load(loc + 2 * p, mask=q_ok, other=-2.0).to(ACC)
+                ly = tl.load(loc + 2 * p + 1, mask=q_ok, other=-2.0).to(ACC)
+                a = tl.load(attn + p, mask=q_ok, other=0.0).to(ACC)
+                # grid_sample's arithmetic (align_corners=False): grid = 2 * loc - 1, x = ((grid + 1) * W - 1) / 2
+                x = ((lx * 2.0 - 1.0 + 1.0) * W - 1.0) / 2.0
+                y = ((ly * 2.0 - 1.0 + 1.0) * H - 1.0) / 2.0
+                fx0 = tl.floor(x)
+                fy0 = tl.floor(y)
+                x0 = fx0.to(tl.int32)
+                y0 = fy0.to(tl.int32)
+                fx = x - fx0
+                fy = y - fy0
+                for c in tl.static_range(4):
+                    idx, w, valid = _corner(x0, y0, c % 2, c // 2, W, H, fx, fy)
+                    valid = valid & q_ok
+                    rows = ((b * S + start + idx) * M + m) * D
+                    v = tl.load(value + rows[:, None] + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+                    acc += (a * w)[:, None] * v.to(ACC)
+        rows = ((b * Q + q) * M + m) * D
+        tl.store(out + rows[:, None] + d[None, :], acc.to(out.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _backward_kernel(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn, Q, S,
+                         M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+        bm = tl.program_id(1)
+        b = bm // M
+        m = bm % M
+        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        d = tl.arange(0, BLOCK_D)
+        q_ok = q < Q
+        d_ok = d < D
+        rows = ((b * Q + q) * M + m) * D
+        g = tl.load(grad_out + rows[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
+        point_base = ((b * Q + q) * M + m) * (L * K)
+        for l in tl.static_range(L):
+            H = tl.load(shapes + 2 * l)
+            W = tl.load(shapes + 2 * l + 1)
+            start = tl.load(starts + l)
+            for k in tl.static_range(K):
+                p = point_base + l * K + k
+                lx = tl.load(loc + 2 * p, mask=q_ok, other=-2.0).to(ACC)
+                ly = tl.load(loc + 2 * p + 1, mask=q_ok, other=-2.0).to(ACC)
+                a = tl.load(attn + p, mask=q_ok, other=0.0).to(ACC)
+                x = ((lx * 2.0 - 1.0 + 1.0) * W - 1.0) / 2.0
+                y = ((ly * 2.0 - 1.0 + 1.0) * H - 1.0) / 2.0
+                fx0 = tl.floor(x)
+                fy0 = tl.floor(y)
+                x0 = fx0.to(tl.int32)
+                y0 = fy0.to(tl.int32)
+                fx = x - fx0
+                fy = y - fy0
+                grad_a = tl.zeros((BLOCK_Q,), dtype=ACC)
+                grad_x = tl.zeros((BLOCK_Q,), dtype=ACC)
+                grad_y = tl.zeros((BLOCK_Q,), dtype=ACC)
+                for c in tl.static_range(4):
+                    dx: tl.constexpr = c % 2
+                    dy: tl.constexpr = c // 2
+                    idx, w, valid = _corner(x0, y0, dx, dy, W, H, fx, fy)
+                    valid = valid & q_ok
+                    corner_rows = ((b * S + start + idx) * M + m) * D
+                    tile = valid[:, None] & d_ok[None, :]
+                    v = tl.load(value + corner_rows[:, None] + d[None, :], mask=tile, other=0.0).to(ACC)
+                    dot = tl.sum(g * v, axis=1)
+                    # d w / d x and d w / d y of this corner
+                    wx = fx if dx == 1 else 1.0 - fx
+                    wy = fy if dy == 1 else 1.0 - fy
+                    sign_x = 1.0 if dx == 1 else -1.0
+                    sign_y = 1.0 if dy == 1 else -1.0
+                    grad_a += w * dot
+                    grad_x += sign_x * wy * dot
+                    grad_y += sign_y * wx * dot
+                    tl.atomic_add(grad_value + corner_rows[:, None] + d[None, :], (a * w)[:, None] * g, mask=tile)
+                tl.store(grad_attn + p, grad_a, mask=q_ok)
+                tl.store(grad_loc + 2 * p, a * grad_x * W, mask=q_ok)
+                tl.store(grad_loc + 2 * p + 1, a * grad_y * H, mask=q_ok)
+
+
+def _launch_config(value, Q):
+    B, S, M, D = value.shape
+    accumulate = tl.float64 if value.dtype == torch.float64 else tl.float32
+    block_d = triton.next_power_of_2(D)
+    block_q = max(16, min(64, 4096 // block_d))
+    return (triton.cdiv(Q, block_q), B * M), dict(M=M, D=D, BLOCK_Q=block_q, BLOCK_D=block_d, ACC=accumulate)
+
+
+def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """value (B, S, M, D), spatial_shapes (L, 2), level_start_index (L,), sampling_locations (B, Q, M, L, K, 2),
+    attention_weights (B, Q, M, L, K) -> (B, Q, M, D), in value's dtype."""
+    B, Q, M, L, K, _ = sampling_locations.shape
+    out = value.new_empty(B, Q, M, value.shape[-1])
+    grid, meta = _launch_config(value, Q)
+    _forward_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out, Q,
+                          value.shape[1], L=L, K=K, **meta)
+    return out
+
+
+def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """-> gradients of value, sampling_locations and attention_weights, each in its input's dtype."""
+    B, Q, M, L, K, _ = sampling_locations.shape
+    accumulate = torch.float64 if value.dtype == torch.float64 else torch.float32
+    grad_value = torch.zeros(value.shape, dtype=accumulate, device=value.device)
+    grad_loc = torch.empty(sampling_locations.shape, dtype=accumulate, device=value.device)
+    grad_attn = torch.empty(attention_weights.shape, dtype=accumulate, device=value.device)
+    grid, meta = _launch_config(value, Q)
+    _backward_kernel[grid](grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                           grad_value, grad_loc, grad_attn, Q, value.shape[1], L=L, K=K, **meta)
+    return grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype), grad_attn.to(attention_weights.dtype)
