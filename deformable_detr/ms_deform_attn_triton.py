@@ -35,16 +35,31 @@ if triton is not None:
         return yy * W + xx, wx * wy, valid
 
     @triton.jit
+    def _tile(Q, M: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's batch b, head m, BLOCK_Q queries and BLOCK_D channels, with their in-range masks."""
+        bm = tl.program_id(1)
+        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        d = tl.arange(0, BLOCK_D)
+        return bm // M, bm % M, q, d, q < Q, d < D
+
+    @triton.jit
+    def _point(loc, attn, p, q_ok, W, H, ACC: tl.constexpr):
+        """Attention weight, top-left corner and fractions of BLOCK_Q sampling points (p: their indices)."""
+        lx = tl.load(loc + 2 * p, mask=q_ok, other=-2.0).to(ACC)
+        ly = tl.load(loc + 2 * p + 1, mask=q_ok, other=-2.0).to(ACC)
+        a = tl.load(attn + p, mask=q_ok, other=0.0).to(ACC)
+        # grid_sample's arithmetic (align_corners=False): grid = 2 * loc - 1, x = ((grid + 1) * W - 1) / 2
+        x = ((lx * 2.0 - 1.0 + 1.0) * W - 1.0) / 2.0
+        y = ((ly * 2.0 - 1.0 + 1.0) * H - 1.0) / 2.0
+        fx0 = tl.floor(x)
+        fy0 = tl.floor(y)
+        return a, fx0.to(tl.int32), fy0.to(tl.int32), x - fx0, y - fy0
+
+    @triton.jit
     def _forward_kernel(value, shapes, starts, loc, attn, out, Q, S,
                         M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-        bm = tl.program_id(1)
-        b = bm // M
-        m = bm % M
-        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        d = tl.arange(0, BLOCK_D)
-        q_ok = q < Q
-        d_ok = d < D
+        b, m, q, d, q_ok, d_ok = _tile(Q, M, D, BLOCK_Q, BLOCK_D)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
         point_base = ((b * Q + q) * M + m) * (L * K)
         for l in tl.static_range(L):
@@ -53,18 +68,7 @@ if triton is not None:
             start = tl.load(starts + l)
             for k in tl.static_range(K):
                 p = point_base + l * K + k
-                lx = tl.load(loc + 2 * p, mask=q_ok, other=-2.0).to(ACC)
-                ly = tl.load(loc + 2 * p + 1, mask=q_ok, other=-2.0).to(ACC)
-                a = tl.load(attn + p, mask=q_ok, other=0.0).to(ACC)
-                # grid_sample's arithmetic (align_corners=False): grid = 2 * loc - 1, x = ((grid + 1) * W - 1) / 2
-                x = ((lx * 2.0 - 1.0 + 1.0) * W - 1.0) / 2.0
-                y = ((ly * 2.0 - 1.0 + 1.0) * H - 1.0) / 2.0
-                fx0 = tl.floor(x)
-                fy0 = tl.floor(y)
-                x0 = fx0.to(tl.int32)
-                y0 = fy0.to(tl.int32)
-                fx = x - fx0
-                fy = y - fy0
+                a, x0, y0, fx, fy = _point(loc, attn, p, q_ok, W, H, ACC)
                 for c in tl.static_range(4):
                     idx, w, valid = _corner(x0, y0, c % 2, c // 2, W, H, fx, fy)
                     valid = valid & q_ok
@@ -78,13 +82,7 @@ if triton is not None:
     def _backward_kernel(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn, Q, S,
                          M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-        bm = tl.program_id(1)
-        b = bm // M
-        m = bm % M
-        q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        d = tl.arange(0, BLOCK_D)
-        q_ok = q < Q
-        d_ok = d < D
+        b, m, q, d, q_ok, d_ok = _tile(Q, M, D, BLOCK_Q, BLOCK_D)
         rows = ((b * Q + q) * M + m) * D
         g = tl.load(grad_out + rows[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
         point_base = ((b * Q + q) * M + m) * (L * K)
@@ -94,17 +92,7 @@ if triton is not None:
             start = tl.load(starts + l)
             for k in tl.static_range(K):
                 p = point_base + l * K + k
-                lx = tl.load(loc + 2 * p, mask=q_ok, other=-2.0).to(ACC)
-                ly = tl.load(loc + 2 * p + 1, mask=q_ok, other=-2.0).to(ACC)
-                a = tl.load(attn + p, mask=q_ok, other=0.0).to(ACC)
-                x = ((lx * 2.0 - 1.0 + 1.0) * W - 1.0) / 2.0
-                y = ((ly * 2.0 - 1.0 + 1.0) * H - 1.0) / 2.0
-                fx0 = tl.floor(x)
-                fy0 = tl.floor(y)
-                x0 = fx0.to(tl.int32)
-                y0 = fy0.to(tl.int32)
-                fx = x - fx0
-                fy = y - fy0
+                a, x0, y0, fx, fy = _point(loc, attn, p, q_ok, W, H, ACC)
                 grad_a = tl.zeros((BLOCK_Q,), dtype=ACC)
                 grad_x = tl.zeros((BLOCK_Q,), dtype=ACC)
                 grad_y = tl.zeros((BLOCK_Q,), dtype=ACC)
