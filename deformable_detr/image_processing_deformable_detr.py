@@ -13,6 +13,8 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, get_image_size_for_max_height_width
 
+from .box_ops import box_cxcywh_to_xyxy
+
 SIZE_KINDS = ({"shortest_edge", "longest_edge"}, {"max_height", "max_width"}, {"height", "width"})
 
 
@@ -60,11 +62,6 @@ def resize_array(image: np.ndarray, height: int, width: int, resample) -> np.nda
 def corners_to_centers(boxes: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = boxes.T
     return np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
-
-
-def centers_to_corners(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
 
 
 class DeformableDetrImageProcessor(BaseImageProcessor):
@@ -222,7 +219,7 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
             raise ValueError(f"got {len(target_sizes)} target_sizes for a batch of {B}")
         scores, indices = logits.sigmoid().view(B, -1).topk(min(top_k, Q * N), dim=1)
         labels = indices % N
-        boxes = torch.gather(centers_to_corners(boxes), 1, (indices // N)[..., None].expand(-1, -1, 4))
+        boxes = torch.gather(box_cxcywh_to_xyxy(boxes), 1, (indices // N)[..., None].expand(-1, -1, 4))
         if target_sizes is not None:
             sizes = torch.as_tensor(target_sizes, dtype=boxes.dtype, device=boxes.device).view(B, 2)
             boxes = boxes * torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], 1)[:, None]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from deformable_detr import DeformableDetrForObjectDetection
-from deformable_detr.loss_deformable_detr import HungarianMatcher, generalized_box_iou
+from deformable_detr.box_ops import generalized_box_iou
+from deformable_detr.loss_deformable_detr import HungarianMatcher
 from helpers import padded_batch, small_hf_model
 from test_model import tiny_model
 
