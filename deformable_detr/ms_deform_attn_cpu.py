@@ -71,14 +71,14 @@ std::pair<torch::Tensor, Layout> choose_layout(const torch::Tensor& value, int64
 }
 
 // Forward for one head dimension D (a compile-time DC lets the accumulator live in registers; DC = 0: any D).
-// Out-of-map corners get weight 0 and read a valid pixel instead, so each point is one pass over D.
+// Each point is one pass over D, its four corners together.
 template <typename T, int DC>
 void forward_impl(const T* v, const Layout& lay, const int64_t* shape, const int64_t* start, const T* lp, const T* ap, T* o,
                   int64_t B, int64_t M, int64_t D_, int64_t Q, int64_t L, int64_t K) {
   const int64_t D = DC > 0 ? DC : D_;
   // one head after the other (its maps, (S, D), stay in cache), queries in order within a head
   at::parallel_for(0, B * M * Q, 256, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(DC > 0 ? 0 : D);
+    std::vector<T> scratch(DC > 0 ? 0 : D), zeros(D, T(0));  // corners outside the map read zeros
     for (int64_t bmq = begin; bmq < end; ++bmq) {
       const int64_t b = bmq / (M * Q), m = (bmq / Q) % M, q = bmq % Q;
       const int64_t bqm = (b * Q + q) * M + m;
@@ -90,23 +90,14 @@ void forward_impl(const T* v, const Layout& lay, const int64_t* shape, const int
         const T* level = v + b * lay.batch + m * lay.head + start[l] * lay.pixel;
         for (int64_t k = 0; k < K; ++k) {
           const int64_t p = (bqm * L + l) * K + k;
-          const T gx = lp[2 * p] * T(2) - T(1), gy = lp[2 * p + 1] * T(2) - T(1);
-          const T x = ((gx + T(1)) * W - T(1)) / T(2), y = ((gy + T(1)) * H - T(1)) / T(2);
-          if (!(x > T(-1) && y > T(-1) && x < T(W) && y < T(H))) continue;
-          const T fx0 = std::floor(x), fy0 = std::floor(y);
-          const int64_t x0 = (int64_t)fx0, y0 = (int64_t)fy0;
-          const T fx = x - fx0, fy = y - fy0, a = ap[p];
-          const bool left = x0 >= 0, right = x0 + 1 < W, top = y0 >= 0, bottom = y0 + 1 < H;
-          const int64_t xl = left ? x0 : x0 + 1, xr = right ? x0 + 1 : x0;
-          const int64_t yt = top ? y0 : y0 + 1, yb = bottom ? y0 + 1 : y0;
-          const T w00 = (top && left) ? a * (T(1) - fx) * (T(1) - fy) : T(0);
-          const T w01 = (top && right) ? a * fx * (T(1) - fy) : T(0);
-          const T w10 = (bottom && left) ? a * (T(1) - fx) * fy : T(0);
-          const T w11 = (bottom && right) ? a * fx * fy : T(0);
-          const T* r00 = level + (yt * W + xl) * lay.pixel;
-          const T* r01 = level + (yt * W + xr) * lay.pixel;
-          const T* r10 = level + (yb * W + xl) * lay.pixel;
-          const T* r11 = level + (yb * W + xr) * lay.pixel;
+          const Corners<T> c(lp[2 * p], lp[2 * p + 1], H, W);
+          if (!c.any) continue;
+          const T a = ap[p];
+          const T w00 = a * c.weight[0], w01 = a * c.weight[1], w10 = a * c.weight[2], w11 = a * c.weight[3];
+          const T* r00 = c.offset[0] < 0 ? zeros.data() : level + c.offset[0] * lay.pixel;
+          const T* r01 = c.offset[1] < 0 ? zeros.data() : level + c.offset[1] * lay.pixel;
+          const T* r10 = c.offset[2] < 0 ? zeros.data() : level + c.offset[2] * lay.pixel;
+          const T* r11 = c.offset[3] < 0 ? zeros.data() : level + c.offset[3] * lay.pixel;
           #pragma omp simd
           for (int64_t d = 0; d < D; ++d) acc[d] += w00 * r00[d] + w01 * r01[d] + w10 * r10[d] + w11 * r11[d];
         }
