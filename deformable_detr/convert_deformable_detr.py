@@ -221,3 +221,17 @@ def from_original_checkpoint(path, **config_overrides):
     config = config_from_original_args(checkpoint.get("args"), num_labels, **config_overrides)
     renamed = {_rename(k, ORIGINAL_RENAMES): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     return _load_converted(config, _place_heads(renamed, config, str(path)), str(path))
+
+
+def load_model(source: str):
+    """A saved model folder or Hub id, ours or transformers' Deformable DETR (converted) -> our detector."""
+    from transformers import PretrainedConfig
+
+    from .modeling_deformable_detr import DeformableDetrForObjectDetection
+
+    model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
+    if model_type == "deformable_detr":  # transformers' own checkpoint
+        return DeformableDetrForObjectDetection.from_transformers(source)
+    if model_type != DeformableDetrConfig.model_type:
+        raise ValueError(f"{source} holds a {model_type!r} model, not a Deformable DETR")
+    return DeformableDetrForObjectDetection.from_pretrained(source)

@@ -56,15 +56,11 @@ def draw_detections(image: Image.Image, detections: list[dict]) -> Image.Image:
 
 
 def load_detector(model_path: str, device: str):
-    from transformers import AutoConfig
+    """Our detector (converted when the folder or Hub id holds transformers' model) and its processor."""
+    from . import DeformableDetrImageProcessor
+    from .convert_deformable_detr import load_model
 
-    from . import DeformableDetrForObjectDetection, DeformableDetrImageProcessor
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
-    if config.model_type == "deformable_detr":  # transformers' own checkpoint
-        model = DeformableDetrForObjectDetection.from_transformers(model_path)
-    else:
-        model = DeformableDetrForObjectDetection.from_pretrained(model_path)
+    model = load_model(model_path)
     try:
         processor = DeformableDetrImageProcessor.from_pretrained(model_path)
     except OSError:

@@ -327,6 +327,29 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
 
         return from_original_checkpoint(path, **config_overrides)
 
+    def set_labels(self, class_names: list[str]):
+        """A new label set: `config.id2label`/`label2id` follow `class_names`, and every class head (also the
+        two-stage encoder's) is replaced by a freshly initialised one with `len(class_names)` outputs.
+        Nothing changes when the names are already the model's."""
+        if [self.config.id2label[i] for i in range(self.config.num_labels)] == list(class_names):
+            return
+        self.config.id2label = dict(enumerate(class_names))
+        self.config.label2id = {name: i for i, name in self.config.id2label.items()}
+        device = self.class_head(0).weight.device
+
+        def new_head() -> nn.Linear:
+            head = nn.Linear(self.config.d_model, len(class_names), device=device)
+            self._init_weights(head)
+            init.copy_(head.bias, _class_bias(head))
+            return head
+
+        if self.config.with_box_refine:
+            self.class_embed = nn.ModuleList(new_head() for _ in range(self.config.decoder_layers))
+        else:
+            self.class_embed = new_head()
+        if self.config.two_stage:
+            self.model.enc_class_embed = new_head()
+
     def class_head(self, layer: int) -> nn.Linear:
         return self.class_embed[layer] if self.config.with_box_refine else self.class_embed
 

@@ -1,0 +1,305 @@
+"""Detection datasets in one schema, whatever their source.
+
+Every source becomes a `datasets.DatasetDict` in the schema of the Hub's cppe-5 set: `image`, `image_id`,
+`width`, `height` and `objects{id, area, bbox, category}`, with COCO boxes (x, y, w, h in pixels) and the
+class names in the `category` ClassLabel. Sources:
+
+- a Hub dataset id, or a local folder that `datasets.load_dataset` reads (e.g. an imagefolder with a
+  `metadata.jsonl` holding `objects`);
+- a `save_to_disk` folder;
+- a COCO folder: Roboflow's `{split}/_annotations.coco.json` beside the images, or
+  `annotations/instances_{split}.json` with the images in `{split}/`;
+- a Pascal VOC folder: `Annotations/*.xml`, `JPEGImages/`, `ImageSets/Main/{split}.txt`.
+"""
+
+import json
+import logging
+import os
+import random
+import warnings
+import xml.etree.ElementTree as ElementTree
+
+import datasets
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+from PIL import ImageOps
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation", "test": "test"}
+
+
+def detection_features(class_names: list[str]) -> Features:
+    return Features({
+        "image": datasets.Image(),
+        "image_id": Value("int64"),
+        "width": Value("int32"),
+        "height": Value("int32"),
+        "objects": {
+            "id": List(Value("int64")),
+            "area": List(Value("float32")),
+            "bbox": List(List(Value("float32"), length=4)),
+            "category": List(ClassLabel(names=class_names)),
+        },
+    })
+
+
+def dataset_format(source: str) -> str:
+    """'save_to_disk', 'coco', 'voc', or 'load_dataset' (Hub ids and folders that datasets reads itself)."""
+    if not os.path.isdir(source):
+        return "load_dataset"
+    entries = set(os.listdir(source))
+    if entries & {"dataset_dict.json", "state.json"}:
+        return "save_to_disk"
+    if {"Annotations", "JPEGImages"} <= entries:
+        return "voc"
+    if any(os.path.isfile(os.path.join(source, e, "_annotations.coco.json")) for e in entries) or (
+        os.path.isdir(os.path.join(source, "annotations"))
+        and any(f.startswith("instances_") for f in os.listdir(os.path.join(source, "annotations")))
+    ):
+        return "coco"
+    return "load_dataset"
+
+
+def _records_to_dataset(records: list[dict], class_names: list[str]) -> Dataset:
+    columns = {key: [r[key] for r in records] for key in ("image", "image_id", "width", "height", "objects")}
+    return Dataset.from_dict(columns, features=detection_features(class_names))
+
+
+def _objects(boxes, categories, first_id=0) -> dict:
+    return {
+        "id": list(range(first_id, first_id + len(boxes))),
+        "area": [w * h for _, _, w, h in boxes],
+        "bbox": boxes,
+        "category": categories,
+    }
+
+
+def _keep_box(box, where: str) -> bool:
+    if box[2] > 0 and box[3] > 0:
+        return True
+    warnings.warn(f"{where}: box {box} has no area; it is left out")
+    return False
+
+
+def load_voc(folder: str) -> tuple[dict[str, Dataset], list[str]]:
+    """Pascal VOC: one split per `ImageSets/Main/{train,val,test}.txt`; classes sorted by name."""
+    split_files = {}
+    main = os.path.join(folder, "ImageSets", "Main")
+    for name in sorted(os.listdir(main)) if os.path.isdir(main) else []:
+        stem = name.removesuffix(".txt")
+        if name.endswith(".txt") and stem in SPLIT_NAMES:
+            split_files[SPLIT_NAMES[stem]] = os.path.join(main, name)
+    if not split_files:
+        raise FileNotFoundError(f"{main} holds no train.txt, val.txt or test.txt listing the images of each split")
+    parsed = {}
+    for split, path in split_files.items():
+        with open(path) as f:
+            stems = [line.split()[0] for line in f if line.strip()]
+        parsed[split] = [_parse_voc_xml(folder, stem) for stem in stems]
+    class_names = sorted({name for items in parsed.values() for item in items for name, _ in item["objects"]})
+    index = {name: i for i, name in enumerate(class_names)}
+    splits, image_id = {}, 0
+    for split, items in parsed.items():
+        records = []
+        for item in items:
+            kept = [(name, box) for name, box in item["objects"] if _keep_box(box, item["xml"])]
+            boxes, names = [box for _, box in kept], [index[name] for name, _ in kept]
+            records.append({"image": item["image"], "image_id": image_id, "width": item["width"],
+                            "height": item["height"], "objects": _objects(boxes, names)})
+            image_id += 1
+        splits[split] = _records_to_dataset(records, class_names)
+    return splits, class_names
+
+
+def _parse_voc_xml(folder: str, stem: str) -> dict:
+    path = os.path.join(folder, "Annotations", f"{stem}.xml")
+    try:
+        root = ElementTree.parse(path).getroot()
+        size = root.find("size")
+        width, height = int(size.findtext("width")), int(size.findtext("height"))
+        objects = []
+        for obj in root.iter("object"):
+            box = obj.find("bndbox")
+            x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            objects.append((obj.findtext("name").strip(), [x0, y0, x1 - x0, y1 - y0]))
+    except (OSError, ElementTree.ParseError, AttributeError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable Pascal VOC annotation (needs size/width, size/height and "
+                         f"object/name, object/bndbox/xmin..ymax): {error}") from error
+    filename = root.findtext("filename") or f"{stem}.jpg"
+    image = os.path.join(folder, "JPEGImages", os.path.basename(filename))
+    if not os.path.exists(image):
+        raise FileNotFoundError(f"{path} names the image {image}, which does not exist")
+    return {"xml": path, "image": image, "width": width, "height": height, "objects": objects}
+
+
+def load_coco(folder: str) -> tuple[dict[str, Dataset], list[str]]:
+    """A COCO folder in Roboflow's layout or the standard one; contiguous class ids in order of COCO id."""
+    files = {}
+    for entry in sorted(os.listdir(folder)):
+        if os.path.isfile(os.path.join(folder, entry, "_annotations.coco.json")):
+            files[SPLIT_NAMES.get(entry, entry)] = (os.path.join(folder, entry, "_annotations.coco.json"), os.path.join(folder, entry))
+    annotations = os.path.join(folder, "annotations")
+    for name in sorted(os.listdir(annotations)) if os.path.isdir(annotations) else []:
+        if name.startswith("instances_") and name.endswith(".json"):
+            split = name.removeprefix("instances_").removesuffix(".json")
+            files[SPLIT_NAMES.get(split, split)] = (os.path.join(annotations, name), os.path.join(folder, split))
+    loaded = {}
+    for split, (path, image_folder) in files.items():
+        try:
+            with open(path) as f:
+                loaded[split] = json.load(f)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: not readable as JSON ({error})") from error
+        missing = {"images", "annotations", "categories"} - set(loaded[split])
+        if missing:
+            raise ValueError(f"{path}: a COCO detection file needs 'images', 'annotations' and 'categories'; {sorted(missing)} missing")
+    categories = _used_categories(loaded.values())
+    class_names = [name for _, name in categories]
+    index = {coco_id: i for i, (coco_id, _) in enumerate(categories)}
+    splits = {split: _coco_split(coco, files[split][1], files[split][0], index, class_names) for split, coco in loaded.items()}
+    return splits, class_names
+
+
+def _used_categories(cocos) -> list[tuple[int, str]]:
+    """(COCO id, name) sorted by id. Roboflow adds the supercategory itself as a category without boxes; such
+    a category is left out."""
+    categories, supercategories, used = {}, set(), set()
+    for coco in cocos:
+        for c in coco["categories"]:
+            categories[c["id"]] = c["name"]
+            if c.get("supercategory") not in (None, "", "none", c["name"]):
+                supercategories.add(c["supercategory"])
+        used |= {a["category_id"] for a in coco["annotations"]}
+    return [(i, name) for i, name in sorted(categories.items()) if i in used or name not in supercategories]
+
+
+def _coco_split(coco: dict, image_folder: str, path: str, index: dict, class_names: list[str]) -> Dataset:
+    by_image = {image["id"]: [] for image in coco["images"]}
+    for j, a in enumerate(coco["annotations"]):
+        where = f"{path}, annotations[{j}] (id {a.get('id')})"
+        if a.get("image_id") not in by_image:
+            raise ValueError(f"{where}: image_id {a.get('image_id')!r} is not in 'images'")
+        if a.get("category_id") not in index:
+            raise ValueError(f"{where}: category_id {a.get('category_id')!r} is not in 'categories'")
+        if len(a.get("bbox", ())) != 4:
+            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {a.get('bbox')!r}")
+        if not a.get("iscrowd", 0) and _keep_box(a["bbox"], where):
+            by_image[a["image_id"]].append(a)
+    records = []
+    for image in coco["images"]:
+        file = os.path.join(image_folder, image["file_name"])
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{path}: image {image['id']} is {file}, which does not exist")
+        objects = by_image[image["id"]]
+        records.append({
+            "image": file, "image_id": image["id"], "width": image["width"], "height": image["height"],
+            "objects": {"id": [a.get("id", j) for j, a in enumerate(objects)],
+                        "area": [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in objects],
+                        "bbox": [a["bbox"] for a in objects],
+                        "category": [index[a["category_id"]] for a in objects]},
+        })
+    return _records_to_dataset(records, class_names)
+
+
+def category_names(dataset: Dataset, source: str) -> list[str]:
+    """Class names from the `objects.category` ClassLabel; plain integer ids give '0', '1', ..."""
+    objects = dataset.features.get("objects")
+    if objects is None or "image" not in dataset.features:
+        raise ValueError(f"{source}: a detection dataset needs the columns 'image' and 'objects', got {sorted(dataset.features)}")
+    if isinstance(objects, List):  # a list of per-object dicts
+        objects = objects.feature
+    if not isinstance(objects, dict) or not {"bbox", "category"} <= set(objects):
+        raise ValueError(f"{source}: 'objects' needs the fields 'bbox' and 'category', got {objects}")
+    category = objects["category"]
+    category = category.feature if isinstance(category, List) else category
+    if isinstance(category, ClassLabel):
+        return list(category.names)
+    largest = max((max(objects_of(row)["category"], default=-1) for row in dataset.select_columns("objects")), default=-1)
+    warnings.warn(f"{source}: 'objects.category' is not a ClassLabel, so the classes are named '0'..'{largest}'")
+    return [str(i) for i in range(largest + 1)]
+
+
+def objects_of(example: dict) -> dict:
+    """The `objects` of one example as a dict of lists, whether it is stored that way or as a list of dicts."""
+    objects = example["objects"]
+    if isinstance(objects, list):
+        return {key: [o[key] for o in objects] for key in ("bbox", "category")} | {
+            "area": [o.get("area", o["bbox"][2] * o["bbox"][3]) for o in objects]}
+    return objects
+
+
+def load_detection_dataset(source: str, validation_fraction: float = 0.15, seed: int = 0) -> tuple[DatasetDict, list[str]]:
+    """Any supported source -> (DatasetDict with 'train' and 'validation', and maybe 'test'; class names).
+    Without a validation split, `validation_fraction` of 'train' becomes one (by `seed`)."""
+    kind = dataset_format(source)
+    if kind == "voc":
+        splits, class_names = load_voc(source)
+    elif kind == "coco":
+        splits, class_names = load_coco(source)
+    else:
+        loaded = datasets.load_from_disk(source) if kind == "save_to_disk" else datasets.load_dataset(source)
+        if isinstance(loaded, Dataset):
+            loaded = DatasetDict(train=loaded)
+        splits = {SPLIT_NAMES.get(name, name): split for name, split in loaded.items()}
+        if "train" not in splits:
+            raise ValueError(f"{source} has no 'train' split; its splits are {sorted(loaded)}")
+        class_names = category_names(splits["train"], source)
+    if "train" not in splits:
+        raise ValueError(f"{source} has no train split; it has {sorted(splits)}")
+    if "validation" not in splits:
+        if not 0 < validation_fraction < 1:
+            raise ValueError(f"{source} has no validation split and validation_fraction={validation_fraction} cannot make one")
+        parts = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
+        splits["train"], splits["validation"] = parts["train"], parts["test"]
+        logger.info("%s has no validation split: %d of its %d training images became one",
+                    source, len(parts["test"]), len(parts["train"]) + len(parts["test"]))
+    return DatasetDict(splits), class_names
+
+
+class DetectionSamples(torch.utils.data.Dataset):
+    """Examples of a detection dataset as (image, COCO annotation) pairs for the image processor, the image id
+    being the row index. With an `augmentation`, each sample is augmented by a generator seeded with
+    (seed, epoch, index): the same epoch gives the same images in any process, worker or resumed run."""
+
+    def __init__(self, dataset: Dataset, augmentation=None, seed: int = 0):
+        self.dataset, self.augmentation, self.seed, self.epoch = dataset, augmentation, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.dataset[index]
+        image = ImageOps.exif_transpose(example["image"]).convert("RGB")
+        objects = objects_of(example)
+        boxes = np.asarray(objects["bbox"], dtype=np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        categories, areas = np.asarray(objects["category"], dtype=np.int64), np.asarray(objects["area"], dtype=np.float32)
+        if self.augmentation is not None:
+            rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+            image, boxes, keep = self.augmentation(image, boxes, rng)
+            categories, areas = categories[keep], (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        boxes[:, 2:] -= boxes[:, :2]
+        annotation = {"image_id": index, "annotations": [
+            {"bbox": box.tolist(), "category_id": int(c), "area": float(a), "iscrowd": 0}
+            for box, c, a in zip(boxes, categories, areas)]}
+        return {"image": image, "annotation": annotation}
+
+
+class DetectionCollator:
+    """Samples -> the model's batch: `pixel_values`, `pixel_mask`, `labels` (per image `class_labels`,
+    normalised `boxes` and the rest of the processor's labels), and `orig_sizes` (B, 2) as (h, w)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, samples: list[dict]) -> dict:
+        images = [s["image"] for s in samples]
+        batch = self.processor(images, annotations=[s["annotation"] for s in samples], return_tensors="pt")
+        return {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"],
+                "labels": [dict(label) for label in batch["labels"]],
+                "orig_sizes": torch.tensor([(im.height, im.width) for im in images])}

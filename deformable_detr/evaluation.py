@@ -1,0 +1,164 @@
+"""COCO evaluation with pycocotools: mAP@[.5:.95], mAP50, mAP75, small/medium/large, recall, and AP per
+class; predictions are gathered from every process before scoring. Also the `deformable-detr-evaluate`
+command."""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from .data import objects_of
+
+SUMMARY_NAMES = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+                 "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
+SUMMARY_LABELS = ["mAP@[.5:.95]", "mAP@.50", "mAP@.75", "mAP small", "mAP medium", "mAP large",
+                  "mAR@1", "mAR@10", "mAR@100", "mAR small", "mAR medium", "mAR large"]
+
+
+def coco_ground_truth(dataset, class_names: list[str]) -> dict:
+    """A dataset in our schema -> a COCO ground-truth dict; image ids are row indices, category ids class ids."""
+    images, annotations = [], []
+    for index, example in enumerate(dataset.select_columns(["objects"])):
+        images.append({"id": index})
+        objects = objects_of(example)
+        for box, category, area in zip(objects["bbox"], objects["category"], objects["area"]):
+            annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": int(category),
+                                "bbox": [float(v) for v in box], "area": float(area), "iscrowd": 0})
+    categories = [{"id": i, "name": name} for i, name in enumerate(class_names)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def coco_metrics(ground_truth: dict, detections: list[dict]) -> dict:
+    """COCOeval on bbox detections `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`.
+
+    Returns the twelve summary numbers (`map`, `map_50`, ...; -1 where the data has no such objects) and
+    per class `{"name": {"ap", "ap_50", "objects"}}` under `per_class` (ap is None for a class without objects).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:
+        summary = dict.fromkeys(SUMMARY_NAMES, 0.0)
+        per_class = {c["name"]: {"ap": 0.0, "ap_50": 0.0} for c in ground_truth["categories"]}
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            gt = COCO()
+            gt.dataset = ground_truth
+            gt.createIndex()
+            evaluator = COCOeval(gt, gt.loadRes(detections), iouType="bbox")
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        summary = {name: float(v) for name, v in zip(SUMMARY_NAMES, evaluator.stats)}
+        precision = evaluator.eval["precision"]  # (IoU thresholds, recall points, classes, areas, max dets)
+        per_class = {}
+        for k, category_id in enumerate(evaluator.params.catIds):
+            name = gt.cats[category_id]["name"]
+            values = precision[:, :, k, 0, -1]
+            per_class[name] = {"ap": _mean_valid(values), "ap_50": _mean_valid(values[0])}
+    counts = np.bincount([a["category_id"] for a in ground_truth["annotations"]], minlength=len(ground_truth["categories"]))
+    for category in ground_truth["categories"]:
+        per_class[category["name"]]["objects"] = int(counts[category["id"]])
+        if not counts[category["id"]]:
+            per_class[category["name"]].update(ap=None, ap_50=None)
+    return summary | {"per_class": per_class}
+
+
+def _mean_valid(values: np.ndarray) -> float | None:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else None
+
+
+def format_metrics(metrics: dict) -> str:
+    """A readable table of `coco_metrics`' output."""
+    lines = [f"{'metric':<14}{'value':>8}"]
+    for name, label in zip(SUMMARY_NAMES, SUMMARY_LABELS):
+        value = metrics[name]
+        lines.append(f"{label:<14}{'n/a' if value < 0 else f'{value:.3f}':>8}")
+    width = max([5] + [len(name) for name in metrics["per_class"]]) + 2
+    lines += ["", f"{'class':<{width}}{'AP':>8}{'AP50':>8}{'objects':>9}"]
+    for name, values in metrics["per_class"].items():
+        ap, ap_50 = ("n/a" if v is None else f"{v:.3f}" for v in (values["ap"], values["ap_50"]))
+        lines.append(f"{name:<{width}}{ap:>8}{ap_50:>8}{values['objects']:>9}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate(model, processor, dataloader, accelerator, ground_truth: dict, progress: bool = True) -> dict:
+    """Runs `model` over a prepared `dataloader` of `DetectionCollator` batches (image ids = row indices) in
+    every process, gathers the top-100 detections per image, and scores them with `coco_metrics`."""
+    model.eval()
+    detections = {}
+    for batch in tqdm(dataloader, desc="evaluating", disable=not (progress and accelerator.is_local_main_process), leave=False):
+        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+        results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=batch["orig_sizes"], top_k=100)
+        for label, result in zip(batch["labels"], results):
+            image_id = int(label["image_id"][0])
+            boxes = result["boxes"].float().cpu()
+            boxes[:, 2:] -= boxes[:, :2]
+            detections[image_id] = [
+                {"image_id": image_id, "category_id": int(c), "bbox": [round(float(v), 3) for v in box], "score": float(s)}
+                for c, box, s in zip(result["labels"], boxes, result["scores"].float())
+            ]
+    # every process holds some images (repeated ones pad the last batch); each image is counted once
+    merged = {}
+    for part in gather_object([detections]):
+        merged.update(part)
+    model.train()
+    return coco_metrics(ground_truth, [d for image_id in sorted(merged) for d in merged[image_id]])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deformable-detr-evaluate",
+        description="COCO mAP of a saved Deformable DETR on a detection dataset (any format the training "
+                    "script reads). Prints the table and writes it as JSON.",
+    )
+    parser.add_argument("--model", required=True, help="a saved model folder or Hub id (ours or transformers')")
+    parser.add_argument("--dataset", required=True, help="Hub id, save_to_disk folder, COCO folder or Pascal VOC folder")
+    parser.add_argument("--split", default="validation", help="which split to score (default: validation)")
+    parser.add_argument("--batch_size", type=int, default=2, help="images per batch and process")
+    parser.add_argument("--num_workers", type=int, default=0, help="data loading processes")
+    parser.add_argument("--output", default=None, help="where to write the metrics JSON (default: print only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split made when the data has none")
+    return parser
+
+
+def main(argv=None):
+    evaluate_command(argv)
+
+
+def evaluate_command(argv=None) -> dict:
+    """Runs the command; returns the metrics."""
+    from accelerate import Accelerator
+
+    from .data import DetectionCollator, DetectionSamples, load_detection_dataset
+    from .detect import load_detector
+
+    args = build_parser().parse_args(argv)
+    accelerator = Accelerator()
+    splits, class_names = load_detection_dataset(args.dataset, seed=args.seed)
+    if args.split not in splits:
+        raise SystemExit(f"{args.dataset} has no split {args.split!r}; it has {sorted(splits)}")
+    model, processor = load_detector(args.model, accelerator.device)
+    if model.config.num_labels != len(class_names):
+        raise SystemExit(f"the model has {model.config.num_labels} classes but {args.dataset} has {len(class_names)}: {class_names}")
+    dataset = splits[args.split]
+    loader = torch.utils.data.DataLoader(DetectionSamples(dataset), batch_size=args.batch_size,
+                                         collate_fn=DetectionCollator(processor), num_workers=args.num_workers)
+    metrics = evaluate(model, processor, accelerator.prepare(loader), accelerator, coco_ground_truth(dataset, class_names))
+    if accelerator.is_main_process:
+        print(f"{args.model} on {args.dataset} [{args.split}], {len(dataset)} images\n{format_metrics(metrics)}")
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                json.dump(metrics, f, indent=2)
+            print(f"metrics written to {args.output}")
+    accelerator.end_training()
+    return metrics

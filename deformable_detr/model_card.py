@@ -1,0 +1,57 @@
+"""The README.md (model card) written beside a trained model: what it is, the data, its COCO metrics, how it
+was made and how to load it."""
+
+import os
+
+from .evaluation import format_metrics
+
+
+def write_model_card(folder: str, config, metrics: dict | None, *, dataset: str, command: str, steps: int,
+                     skipped_steps: int, minutes: float, processes: int) -> str:
+    """Writes `folder`/README.md and returns its path."""
+    classes = ", ".join(config.id2label[i] for i in range(config.num_labels))
+    variant = ("two-stage " if config.two_stage else "") + ("with box refinement" if config.with_box_refine else "")
+    results = "Not evaluated." if metrics is None else (
+        f"COCO metrics (pycocotools) on the validation split:\n\n```\n{format_metrics(metrics)}\n```")
+    hub_dataset = "" if os.path.exists(dataset) else f"datasets:\n- {dataset}\n"
+    text = f"""---
+library_name: transformers
+pipeline_tag: object-detection
+tags:
+- object-detection
+- deformable-detr
+{hub_dataset}---
+
+# Deformable DETR {variant}
+
+Deformable DETR (Zhu et al., ICLR 2021) trained on `{dataset if hub_dataset else os.path.basename(os.path.normpath(dataset))}` to detect {config.num_labels} classes: {classes}.
+Backbone {config.backbone if config.backbone_config is None else config.backbone_config.model_type}, \
+d_model {config.d_model}, {config.encoder_layers} encoder and {config.decoder_layers} decoder layers, \
+{config.num_queries} queries, {config.num_feature_levels} feature levels.
+
+## Results
+
+{results}
+
+## Training
+
+{steps} optimiser steps in {minutes:.1f} minutes on {processes} process(es)\
+{f", {skipped_steps} step(s) skipped for a non-finite loss" if skipped_steps else ""}. Command:
+
+```
+{command}
+```
+
+## Use
+
+```python
+from transformers import pipeline
+
+detector = pipeline("object-detection", model="path/or/repo-id", trust_remote_code=True)
+detector("image.jpg", threshold=0.5)
+```
+"""
+    path = os.path.join(folder, "README.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path

@@ -1,0 +1,400 @@
+"""Train or fine-tune Deformable DETR on a detection dataset with accelerate: the `deformable-detr-train`
+command (also `scripts/train.py`). Run it with `python`, or with `accelerate launch` for several devices.
+
+The defaults are the paper's recipe: AdamW, lr 2e-4, backbone lr 2e-5, 0.1x lr for the sampling offsets and
+reference points, weight decay 1e-4, gradient norm clipped at 0.1, lr x0.1 after 80% of the steps, and DETR's
+augmentation. Checkpoints hold everything needed to continue exactly; SIGTERM or Ctrl-C writes one first.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from . import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+from .data import DetectionCollator, DetectionSamples, load_detection_dataset
+from .evaluation import coco_ground_truth, evaluate, format_metrics
+from .model_card import write_model_card
+from .transforms import DetrAugmentation
+
+logger = logging.getLogger("deformable_detr.train")
+
+# --config_name presets; "paper" is the paper's Deformable DETR (ResNet-50, 6+6 layers, 300 queries)
+CONFIG_PRESETS = {
+    "paper": {},
+    "tiny": dict(backbone="resnet18", d_model=128, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=512,
+                 decoder_ffn_dim=512, num_queries=100, two_stage_num_proposals=100, num_feature_levels=3),
+}
+SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --sampling_lr_factor x the lr
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deformable-detr-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True,
+                      help="a Hub dataset id (cppe-5 schema), a save_to_disk folder, a COCO folder (Roboflow's "
+                           "{split}/_annotations.coco.json or annotations/instances_{split}.json) or a Pascal VOC folder")
+    data.add_argument("--validation_fraction", type=float, default=0.15,
+                      help="share of the training images held out when the data has no validation split")
+    data.add_argument("--image_size", type=int, default=800,
+                      help="shortest image side for evaluation; training scales 0.6x..1x of it (DETR: 480..800)")
+    data.add_argument("--max_image_size", type=int, default=1333, help="longest image side")
+    data.add_argument("--no_augmentation", action="store_true", help="train on plain resized images")
+    data.add_argument("--num_workers", type=int, default=2, help="data loading processes per device")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_name_or_path", help="a saved model folder or Hub id: ours, or transformers' "
+                       "Deformable DETR (converted on the fly). A new label set gets fresh class heads.")
+    model.add_argument("--config_name", help=f"a fresh model: a config.json, or a preset: {', '.join(CONFIG_PRESETS)}")
+    model.add_argument("--config_overrides", default="", help='with --config_name, e.g. "d_model=64,encoder_layers=1"')
+    model.add_argument("--backbone_weights", help="with --config_name: ResNet weights for the built-in backbone "
+                       "(a .safetensors/.pth file with torchvision names, or a Hub id)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--learning_rate", type=float, default=2e-4)
+    optim.add_argument("--backbone_learning_rate", type=float, default=2e-5)
+    optim.add_argument("--sampling_lr_factor", type=float, default=0.1,
+                       help="lr multiplier of the sampling offsets and reference points")
+    optim.add_argument("--weight_decay", type=float, default=1e-4)
+    optim.add_argument("--max_grad_norm", type=float, default=0.1, help="gradient norm clip (0: none)")
+    optim.add_argument("--lr_drop", type=float, default=0.8, help="share of the steps after which the lr is x0.1 (paper: 40 of 50 epochs)")
+    optim.add_argument("--per_device_train_batch_size", type=int, default=2)
+    optim.add_argument("--per_device_eval_batch_size", type=int, default=2)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--num_train_epochs", type=int, default=50)
+    optim.add_argument("--max_steps", type=int, default=None, help="optimiser steps; overrides --num_train_epochs")
+    optim.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
+                       help="default: what `accelerate config` chose, else no")
+    optim.add_argument("--seed", type=int, default=42)
+
+    run = parser.add_argument_group("outputs and checkpoints")
+    run.add_argument("--output_dir", default="outputs/deformable-detr")
+    run.add_argument("--checkpointing_steps", default="epoch", help='"epoch", a number of steps, or "no"')
+    run.add_argument("--checkpoints_total_limit", type=int, default=2, help="older checkpoints are deleted")
+    run.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest" (in --output_dir)')
+    run.add_argument("--eval_every_epochs", type=int, default=1, help="COCO evaluation every N epochs (0: only at the end)")
+    run.add_argument("--logging_steps", type=int, default=10)
+    run.add_argument("--with_tracking", action="store_true", help="log to TensorBoard in --output_dir/runs")
+    return parser
+
+
+def check_args(args):
+    if bool(args.model_name_or_path) == bool(args.config_name):
+        raise SystemExit("give exactly one of --model_name_or_path (start from a saved model) and --config_name (a fresh one)")
+    if args.config_overrides and not args.config_name:
+        raise SystemExit("--config_overrides changes a fresh model's config; it needs --config_name")
+    if args.backbone_weights and not args.config_name:
+        raise SystemExit("--backbone_weights is for a fresh model (--config_name); a saved model has its own")
+    for name in ("image_size", "max_image_size", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "num_train_epochs", "logging_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SystemExit(f"--max_steps must be at least 1, got {args.max_steps}")
+    if args.checkpointing_steps not in ("epoch", "no") and not args.checkpointing_steps.isdigit():
+        raise SystemExit(f'--checkpointing_steps must be "epoch", "no" or a number of steps, got {args.checkpointing_steps!r}')
+
+
+def build_config(name: str, overrides: str) -> DeformableDetrConfig:
+    if name in CONFIG_PRESETS:
+        config = DeformableDetrConfig(**CONFIG_PRESETS[name])
+    elif os.path.isfile(name) or os.path.isdir(name):
+        config = DeformableDetrConfig.from_pretrained(name)
+    else:
+        raise SystemExit(f"--config_name {name!r} is neither a config file/folder nor a preset ({', '.join(CONFIG_PRESETS)})")
+    if overrides:
+        try:
+            config.update_from_string(overrides)
+        except (ValueError, TypeError) as error:
+            raise SystemExit(f"--config_overrides {overrides!r}: {error}") from error
+        config.validate()
+    return config
+
+
+def build_model(args, class_names: list[str]) -> DeformableDetrForObjectDetection:
+    if args.model_name_or_path:
+        from .convert_deformable_detr import load_model
+
+        model = load_model(args.model_name_or_path)
+    else:
+        config = build_config(args.config_name, args.config_overrides)
+        config.id2label = dict(enumerate(class_names))
+        config.label2id = {name: i for i, name in enumerate(class_names)}
+        model = DeformableDetrForObjectDetection(config)
+        if args.backbone_weights:
+            model.model.load_backbone_weights(args.backbone_weights)
+    model.set_labels(class_names)
+    return model
+
+
+def parameter_groups(model, args) -> list[dict]:
+    """The paper's three learning rates: backbone, sampling offsets and reference points, everything else."""
+    groups = {"backbone": [], "sampling": [], "rest": []}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if ".backbone." in f".{name}":
+            groups["backbone"].append(parameter)
+        elif any(key in name for key in SAMPLING_PARAMETERS):
+            groups["sampling"].append(parameter)
+        else:
+            groups["rest"].append(parameter)
+    lrs = {"backbone": args.backbone_learning_rate, "sampling": args.learning_rate * args.sampling_lr_factor,
+           "rest": args.learning_rate}
+    return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
+
+
+class StopRequest:
+    """SIGTERM and the first Ctrl-C ask the loop to checkpoint and stop at the end of the step; a second Ctrl-C
+    stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("received %s: writing a checkpoint after this step, then stopping", signal.Signals(signum).name)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def find_checkpoint(args) -> str | None:
+    if args.resume_from_checkpoint != "latest":
+        if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "trainer_state.json")):
+            raise SystemExit(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint (no trainer_state.json)")
+        return args.resume_from_checkpoint
+    found = list_checkpoints(args.output_dir)
+    if not found:
+        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting afresh", args.output_dir)
+        return None
+    return found[-1]
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints (with trainer_state.json, written last), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.split("-")[-1].isdigit()]
+    paths = [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[-1]))]
+    return [p for p in paths if os.path.isfile(os.path.join(p, "trainer_state.json"))]
+
+
+def save_checkpoint(accelerator, args, state: dict):
+    folder = os.path.join(args.output_dir, f"checkpoint-{state['global_step']}")
+    accelerator.save_state(folder)
+    if accelerator.is_main_process:
+        with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+        for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint written to %s", folder)
+    accelerator.wait_for_everyone()
+
+
+def main(argv=None):
+    train(argv)
+
+
+def train(argv=None) -> dict | None:
+    """Runs the command; returns the final validation metrics (None when stopped early)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    command = shlex.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="tensorboard" if args.with_tracking else None, project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    setup_logging(accelerator, args.output_dir)
+    set_seed(args.seed)
+
+    splits, class_names = load_detection_dataset(args.dataset, args.validation_fraction, args.seed)
+    logger.info("data %s: %d training and %d validation images, classes %s",
+                args.dataset, len(splits["train"]), len(splits["validation"]), class_names)
+    model = build_model(args, class_names)
+    processor = DeformableDetrImageProcessor(size={"shortest_edge": args.image_size, "longest_edge": args.max_image_size})
+    augmentation = None if args.no_augmentation else DetrAugmentation(args.image_size, args.max_image_size)
+    train_samples = DetectionSamples(splits["train"], augmentation, args.seed)
+    # augmented images come resized already; the processor normalises and pads them
+    train_processor = DeformableDetrImageProcessor(**{**processor.to_dict(), "do_resize": augmentation is None})
+    train_loader = torch.utils.data.DataLoader(
+        train_samples, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=False,
+        collate_fn=DetectionCollator(train_processor), num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(args.seed), worker_init_fn=ignore_interrupts,
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        DetectionSamples(splits["validation"]), batch_size=args.per_device_eval_batch_size,
+        collate_fn=DetectionCollator(processor), num_workers=args.num_workers, worker_init_fn=ignore_interrupts,
+    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    max_steps = args.max_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    drop_step = int(args.lr_drop * max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 if step >= drop_step else 1.0)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimiser step
+    ground_truth = coco_ground_truth(splits["validation"], class_names)
+
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped_steps": 0, "history": []}
+    if args.resume_from_checkpoint and (checkpoint := find_checkpoint(args)):
+        accelerator.load_state(checkpoint)
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            state = json.load(f)
+        logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["global_step"], state["epoch"])
+    elif list_checkpoints(args.output_dir):
+        logger.warning("%s holds checkpoints of an earlier run; --resume_from_checkpoint latest would continue it", args.output_dir)
+    if args.with_tracking:
+        accelerator.init_trackers("deformable-detr", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    logger.info("training %d steps (%d epochs of %d), %d images per step, on %d process(es), mixed precision %s",
+                max_steps, num_epochs, steps_per_epoch,
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+                accelerator.num_processes, accelerator.mixed_precision)
+    stop = StopRequest()
+    progress = tqdm(total=max_steps, initial=state["global_step"], desc="training", disable=not accelerator.is_local_main_process)
+    metrics, window_bad, running, stopping = None, False, [], False
+    started = time.time()
+    try:
+        for epoch in range(state["epoch"], num_epochs):
+            model.train()
+            train_samples.set_epoch(epoch)
+            train_loader.set_epoch(epoch)
+            batches = train_loader
+            if state["batches_in_epoch"]:
+                batches = accelerator.skip_first_batches(train_loader, state["batches_in_epoch"])
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+                    # all processes skip a step together: non-finite losses and stop requests are summed over them
+                    flags = accelerator.reduce(torch.tensor(
+                        [float(not torch.isfinite(outputs.loss)), float(stop.requested)], device=accelerator.device), "sum")
+                    window_bad |= bool(flags[0])
+                    if not window_bad:
+                        accelerator.backward(outputs.loss)
+                    if accelerator.sync_gradients:
+                        if window_bad:
+                            state["skipped_steps"] += 1
+                            logger.warning("step %d: non-finite loss (%s); the step is skipped, %d so far",
+                                           state["global_step"] + 1, outputs.loss.item(), state["skipped_steps"])
+                        else:
+                            if args.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                            optimizer.step()
+                        optimizer.zero_grad()
+                        scheduler.step()
+                state["batches_in_epoch"] += 1
+                if not flags[0]:
+                    running.append({"loss": outputs.loss.item()} | main_terms(outputs.loss_dict))
+                if not accelerator.sync_gradients:
+                    continue
+                window_bad = False
+                state["global_step"] += 1
+                progress.update(1)
+                lr = scheduler.get_last_lr()[-1]
+                if running:
+                    progress.set_postfix(loss=f"{running[-1]['loss']:.3f}", lr=f"{lr:.1e}")
+                if state["global_step"] % args.logging_steps == 0 or state["global_step"] == max_steps:
+                    log_training(accelerator, state, running, lr, epoch)
+                    running = []
+                finished, stopping = state["global_step"] >= max_steps, bool(flags[1])
+                if args.checkpointing_steps.isdigit() and state["global_step"] % int(args.checkpointing_steps) == 0 and not finished:
+                    save_checkpoint(accelerator, args, state | {"epoch": epoch})
+                if stopping or finished:
+                    break
+            else:
+                state.update(epoch=epoch + 1, batches_in_epoch=0)
+            if stopping:
+                save_checkpoint(accelerator, args, state | {"epoch": epoch})
+                logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state["global_step"])
+                return None
+            finished = state["global_step"] >= max_steps
+            if finished or (args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0):
+                metrics = evaluate(model, processor, eval_loader, accelerator, ground_truth)
+                state["history"].append({"step": state["global_step"], "epoch": epoch + 1, "eval": metrics})
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state["global_step"])
+                logger.info("epoch %d, step %d, validation:\n%s", epoch + 1, state["global_step"], format_metrics(metrics))
+            if finished:
+                break
+            if args.checkpointing_steps == "epoch":
+                save_checkpoint(accelerator, args, state)
+    finally:
+        stop.restore()
+        progress.close()
+    minutes = (time.time() - started) / 60
+    finish(accelerator, model, processor, args, state, metrics, class_names, command, minutes)
+    accelerator.end_training()
+    return metrics
+
+
+def setup_logging(accelerator, output_dir: str):
+    handlers = [logging.StreamHandler()]
+    if accelerator.is_main_process:
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.handlers = handlers
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logger.propagate = False
+    for name in ("deformable_detr.data",):
+        logging.getLogger(name).handlers, logging.getLogger(name).level = handlers, logger.level
+
+
+def main_terms(loss_dict: dict) -> dict:
+    """The last layer's loss terms (loss_ce, loss_bbox, loss_giou), without the auxiliary and encoder ones."""
+    return {k: v.item() for k, v in loss_dict.items() if k.count("_") == 1}
+
+
+def ignore_interrupts(worker_id: int):
+    """Data loading workers leave Ctrl-C to the main process, which checkpoints before stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def log_training(accelerator, state: dict, running: list[dict], lr: float, epoch: int):
+    if not running:
+        return
+    means = {k: sum(r[k] for r in running) / len(running) for k in running[0]}
+    state["history"].append({"step": state["global_step"], "epoch": epoch + 1, "lr": lr} | means)
+    accelerator.log({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr}, step=state["global_step"])
+    logger.info("step %d, epoch %d: %s, lr %.2e%s", state["global_step"], epoch + 1,
+                ", ".join(f"{k} {v:.4f}" for k, v in means.items()), lr,
+                f", {state['skipped_steps']} skipped step(s)" if state["skipped_steps"] else "")
+
+
+def finish(accelerator, model, processor, args, state, metrics, class_names, command, minutes):
+    """The trained model, processor, history, metrics and model card in --output_dir."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(model)
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    with open(os.path.join(args.output_dir, "history.json"), "w") as f:
+        json.dump(state["history"], f, indent=1)
+    if metrics is not None:
+        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    write_model_card(args.output_dir, model.config, metrics, dataset=args.dataset, command=command,
+                     steps=state["global_step"], skipped_steps=state["skipped_steps"], minutes=minutes,
+                     processes=accelerator.num_processes)
+    logger.info("model, processor and model card saved to %s", args.output_dir)

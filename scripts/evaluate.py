@@ -1,0 +1,6 @@
+"""COCO mAP of a saved model on a dataset; the same as the `deformable-detr-evaluate` command. See --help."""
+
+from deformable_detr.evaluation import main
+
+if __name__ == "__main__":
+    main()
