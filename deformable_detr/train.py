@@ -398,3 +398,5 @@ def finish(accelerator, model, processor, args, state, metrics, class_names, com
                      steps=state["global_step"], skipped_steps=state["skipped_steps"], minutes=minutes,
                      processes=accelerator.num_processes)
     logger.info("model, processor and model card saved to %s", args.output_dir)
+if __name__ == "__main__":
+    main()

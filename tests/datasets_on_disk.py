@@ -1,0 +1,68 @@
+"""Writes a detection dataset (our schema) to disk in the layouts that `load_detection_dataset` reads."""
+
+import json
+import os
+
+
+def _rows(dataset):
+    for index, example in enumerate(dataset):
+        yield index, example, list(zip(example["objects"]["bbox"], example["objects"]["category"]))
+
+
+def write_coco(splits: dict, class_names: list[str], root: str, layout: str = "roboflow", first_category_id: int = 1) -> str:
+    """splits: {split name: dataset}. layout "roboflow": {split}/_annotations.coco.json beside the images, with
+    Roboflow's extra supercategory category; "instances": annotations/instances_{split}.json + {split}/."""
+    categories = [{"id": first_category_id + i, "name": n, "supercategory": "shapes"} for i, n in enumerate(class_names)]
+    if layout == "roboflow":
+        categories.insert(0, {"id": first_category_id - 1, "name": "shapes", "supercategory": "none"})
+    for split, dataset in splits.items():
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        images, annotations = [], []
+        for index, example, objects in _rows(dataset):
+            name = f"{split}_{index:03d}.jpg"
+            example["image"].save(os.path.join(root, split, name), quality=95)
+            images.append({"id": 100 + index, "file_name": name, "width": example["width"], "height": example["height"]})
+            for box, category in objects:
+                annotations.append({"id": len(annotations), "image_id": 100 + index, "category_id": first_category_id + category,
+                                    "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        if layout == "roboflow":
+            path = os.path.join(root, split, "_annotations.coco.json")
+        else:
+            os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+            path = os.path.join(root, "annotations", f"instances_{split}.json")
+        with open(path, "w") as f:
+            json.dump(coco, f)
+    return root
+
+
+def write_voc(splits: dict, class_names: list[str], root: str) -> str:
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for split, dataset in splits.items():
+        stems = []
+        for index, example, objects in _rows(dataset):
+            stem = f"{split}_{index:03d}"
+            stems.append(stem)
+            example["image"].save(os.path.join(root, "JPEGImages", f"{stem}.jpg"), quality=95)
+            xml_objects = "".join(
+                f"<object><name>{class_names[c]}</name><difficult>0</difficult><bndbox><xmin>{x:g}</xmin><ymin>{y:g}</ymin>"
+                f"<xmax>{x + w:g}</xmax><ymax>{y + h:g}</ymax></bndbox></object>" for (x, y, w, h), c in objects)
+            with open(os.path.join(root, "Annotations", f"{stem}.xml"), "w") as f:
+                f.write(f"<annotation><filename>{stem}.jpg</filename><size><width>{example['width']}</width>"
+                        f"<height>{example['height']}</height><depth>3</depth></size>{xml_objects}</annotation>")
+        with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w") as f:
+            f.write("\n".join(stems) + "\n")
+    return root
+
+
+def write_imagefolder(dataset, class_names: list[str], root: str) -> str:
+    """An imagefolder with metadata.jsonl, as `datasets.load_dataset(folder)` reads it (category as ints)."""
+    os.makedirs(os.path.join(root, "train"), exist_ok=True)
+    with open(os.path.join(root, "train", "metadata.jsonl"), "w") as f:
+        for index, example, objects in _rows(dataset):
+            name = f"{index:03d}.png"
+            example["image"].save(os.path.join(root, "train", name))
+            f.write(json.dumps({"file_name": name, "objects": {"bbox": [b for b, _ in objects], "category": [c for _, c in objects],
+                                                                "area": [b[2] * b[3] for b, _ in objects]}}) + "\n")
+    return root

@@ -1,0 +1,124 @@
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+from datasets import DatasetDict
+
+from deformable_detr.data import DetectionCollator, DetectionSamples, dataset_format, load_detection_dataset
+from deformable_detr.image_processing_deformable_detr import DeformableDetrImageProcessor
+from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.transforms import DetrAugmentation
+
+from datasets_on_disk import write_coco, write_imagefolder, write_voc
+from helpers import BCCD
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return {"train": shapes_dataset(5, 64, seed=1), "validation": shapes_dataset(3, 64, seed=2)}
+
+
+def same_objects(loaded, original):
+    assert len(loaded) == len(original)
+    for a, b in zip(loaded, original):
+        assert a["objects"]["category"] == b["objects"]["category"]
+        np.testing.assert_allclose(a["objects"]["bbox"], b["objects"]["bbox"], atol=1e-6)
+        assert a["image"].size == b["image"].size
+
+
+@pytest.mark.parametrize("layout", ["roboflow", "instances"])
+def test_coco_folder(shapes, tmp_path, layout):
+    root = write_coco({"train": shapes["train"], "valid" if layout == "roboflow" else "val": shapes["validation"]},
+                      CLASS_NAMES, str(tmp_path), layout)
+    assert dataset_format(root) == "coco"
+    splits, names = load_detection_dataset(root)
+    assert names == CLASS_NAMES  # Roboflow's supercategory-only category is left out
+    same_objects(splits["train"], shapes["train"])
+    same_objects(splits["validation"], shapes["validation"])
+    assert splits["train"].features["objects"]["category"].feature.names == CLASS_NAMES
+
+
+def test_voc_folder(shapes, tmp_path):
+    root = write_voc({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path))
+    assert dataset_format(root) == "voc"
+    splits, names = load_detection_dataset(root)
+    assert names == sorted(CLASS_NAMES)
+    remap = [sorted(CLASS_NAMES).index(n) for n in CLASS_NAMES]
+    for a, b in zip(splits["train"], shapes["train"]):
+        assert a["objects"]["category"] == [remap[c] for c in b["objects"]["category"]]
+        np.testing.assert_allclose(a["objects"]["bbox"], b["objects"]["bbox"])
+
+
+def test_save_to_disk_folder_and_validation_split(shapes, tmp_path):
+    DatasetDict(train=shapes_dataset(20, 32, seed=3)).save_to_disk(str(tmp_path))
+    assert dataset_format(str(tmp_path)) == "save_to_disk"
+    splits, names = load_detection_dataset(str(tmp_path), validation_fraction=0.25, seed=0)
+    assert names == CLASS_NAMES
+    assert (len(splits["train"]), len(splits["validation"])) == (15, 5)
+    again, _ = load_detection_dataset(str(tmp_path), validation_fraction=0.25, seed=0)
+    assert again["validation"]["image_id"] == splits["validation"]["image_id"]
+
+
+def test_folder_that_datasets_reads(shapes, tmp_path):
+    """Like a Hub id: load_dataset reads it; plain integer categories get numbered names, with a warning."""
+    root = write_imagefolder(shapes["train"], CLASS_NAMES, str(tmp_path))
+    assert dataset_format(root) == "load_dataset"
+    with pytest.warns(UserWarning, match="not a ClassLabel"):
+        splits, names = load_detection_dataset(root, validation_fraction=0.4)
+    assert names == ["0", "1", "2"]
+    assert len(splits["train"]) + len(splits["validation"]) == 5
+
+
+def test_bccd():
+    with pytest.warns(UserWarning, match="BloodImage_00338.xml: box .* has no area"):
+        splits, names = load_detection_dataset(BCCD)
+    assert names == ["Platelets", "RBC", "WBC"]
+    assert {k: len(v) for k, v in splits.items()} == {"train": 205, "validation": 87, "test": 72}
+    # 4,888 boxes in the README, two of them without area
+    assert sum(len(o["bbox"]) for s in splits.values() for o in s["objects"]) == 4886
+
+
+def test_bad_coco_files_are_named(shapes, tmp_path):
+    root = write_coco({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path), "instances")
+    path = os.path.join(root, "annotations", "instances_train.json")
+    coco = json.load(open(path))
+    coco["annotations"][2]["category_id"] = 77
+    json.dump(coco, open(path, "w"))
+    with pytest.raises(ValueError, match=r"instances_train.json, annotations\[2\].*category_id 77"):
+        load_detection_dataset(root)
+    os.remove(os.path.join(root, "train", coco["images"][0]["file_name"]))
+    coco["annotations"][2]["category_id"] = 1
+    json.dump(coco, open(path, "w"))
+    with pytest.raises(FileNotFoundError, match="train_000.jpg"):
+        load_detection_dataset(root)
+
+
+def test_bad_voc_annotation_is_named(shapes, tmp_path):
+    root = write_voc({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path))
+    with open(os.path.join(root, "Annotations", "train_001.xml"), "w") as f:
+        f.write("<annotation><size><width>64</width></size>")
+    with pytest.raises(ValueError, match="train_001.xml: not a readable Pascal VOC annotation"):
+        load_detection_dataset(root)
+
+
+def test_samples_and_collator(shapes):
+    augmented = DetectionSamples(shapes["train"], DetrAugmentation(64, 107), seed=5)
+    first = augmented[1]
+    again = augmented[1]
+    assert np.array_equal(np.asarray(first["image"]), np.asarray(again["image"]))  # seeded by (seed, epoch, index)
+    sizes = set()
+    for epoch in range(20):
+        augmented.set_epoch(epoch)
+        sizes.add(augmented[1]["image"].size)
+    assert len(sizes) > 1
+    plain = DetectionSamples(shapes["train"])
+    batch = DetectionCollator(DeformableDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 107}))([plain[0], plain[3]])
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch["orig_sizes"].tolist() == [[64, 64], [64, 64]]
+    objects = shapes["train"][3]["objects"]
+    x, y, w, h = np.asarray(objects["bbox"]).T / 64
+    np.testing.assert_allclose(batch["labels"][1]["boxes"].numpy(), np.stack([x + w / 2, y + h / 2, w, h], 1), atol=1e-6)
+    assert batch["labels"][1]["class_labels"].tolist() == objects["category"]
+    assert int(batch["labels"][1]["image_id"]) == 3

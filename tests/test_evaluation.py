@@ -1,0 +1,45 @@
+import pytest
+
+from deformable_detr.evaluation import coco_ground_truth, coco_metrics, format_metrics
+from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
+
+
+@pytest.fixture(scope="module")
+def ground_truth():
+    return coco_ground_truth(shapes_dataset(6, 96, seed=4), CLASS_NAMES + ["hexagon"])
+
+
+def detections_from(ground_truth, shift=0.0, score=0.9):
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": score,
+             "bbox": [a["bbox"][0] + shift * a["bbox"][2], a["bbox"][1], a["bbox"][2], a["bbox"][3]]}
+            for a in ground_truth["annotations"]]
+
+
+def test_perfect_detections(ground_truth):
+    metrics = coco_metrics(ground_truth, detections_from(ground_truth))
+    assert metrics["map"] == pytest.approx(1.0)
+    assert metrics["map_50"] == pytest.approx(1.0)
+    assert metrics["mar_100"] == pytest.approx(1.0)
+    for name in CLASS_NAMES:
+        assert metrics["per_class"][name]["ap"] == pytest.approx(1.0)
+        assert metrics["per_class"][name]["objects"] > 0
+    assert metrics["per_class"]["hexagon"] == {"ap": None, "ap_50": None, "objects": 0}
+    assert metrics["map_large"] == -1  # no object above 96^2 pixels
+    table = format_metrics(metrics)
+    assert "hexagon" in table and "n/a" in table and "1.000" in table
+
+
+def test_shifted_boxes_score_by_iou(ground_truth):
+    """Boxes shifted by 0.2 of their width have IoU 0.8 / 1.2 = 0.667: right at the thresholds 0.50..0.65
+    (4 of the 10), wrong above."""
+    metrics = coco_metrics(ground_truth, detections_from(ground_truth, shift=0.2))
+    assert metrics["map_50"] == pytest.approx(1.0)
+    assert metrics["map_75"] == pytest.approx(0.0)
+    assert metrics["map"] == pytest.approx(0.4)
+
+
+def test_wrong_class_and_no_detections(ground_truth):
+    wrong = [d | {"category_id": (d["category_id"] + 1) % 3} for d in detections_from(ground_truth)]
+    assert coco_metrics(ground_truth, wrong)["map"] == pytest.approx(0.0)
+    empty = coco_metrics(ground_truth, [])
+    assert empty["map"] == 0.0 and empty["per_class"]["circle"]["ap"] == 0.0

@@ -1,0 +1,151 @@
+"""The training command end to end, on small generated data and tiny models."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deformable_detr import DeformableDetrForObjectDetection
+from deformable_detr.evaluation import evaluate_command
+from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.train import train
+
+from datasets_on_disk import write_coco
+from helpers import small_hf_config
+
+TINY = ("d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
+        "encoder_attention_heads=2,decoder_attention_heads=2")
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory):
+    return write_coco({"train": shapes_dataset(6, 64, seed=1), "valid": shapes_dataset(4, 64, seed=2)},
+                      CLASS_NAMES, str(tmp_path_factory.mktemp("shapes")))
+
+
+def args(data, output_dir, *extra, overrides=TINY):
+    base = ["--dataset", data, "--output_dir", str(output_dir), "--image_size", "64", "--max_image_size", "96",
+            "--num_workers", "0", "--logging_steps", "1", "--per_device_train_batch_size", "2"]
+    if "--model_name_or_path" not in extra:
+        base += ["--config_name", "tiny", "--config_overrides", overrides]
+    return base + [str(e) for e in extra]
+
+
+def history(output_dir, key="loss"):
+    with open(os.path.join(output_dir, "history.json")) as f:
+        return [h[key] for h in json.load(f) if key in h]
+
+
+def test_loss_falls_on_a_fixed_batch(tmp_path):
+    """Training and validation on the same four images: the loss falls and the detections start to match."""
+    same = shapes_dataset(4, 64, seed=1)
+    data = write_coco({"train": same, "valid": same}, CLASS_NAMES, str(tmp_path / "data"))
+    metrics = train(args(data, tmp_path / "run", "--max_steps", 40, "--no_augmentation", "--per_device_train_batch_size", 4,
+                         "--lr_drop", 1.0, "--learning_rate", 1e-3, overrides=TINY + ",dropout=0.0"))
+    losses = history(tmp_path / "run")
+    assert len(losses) == 40
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert metrics["map_50"] > 0.1, metrics
+    # the evaluation command scores the saved model the same way
+    again = evaluate_command(["--model", str(tmp_path / "run"), "--dataset", data, "--output", str(tmp_path / "m.json")])
+    assert again == metrics
+    assert json.load(open(tmp_path / "m.json")) == json.loads(json.dumps(metrics))
+
+
+def test_outputs_card_and_evaluate_command(shapes_folder, tmp_path):
+    metrics = train(args(shapes_folder, tmp_path, "--max_steps", 3, "--with_tracking"))
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_deformable_detr.py",
+                 "README.md", "history.json", "eval_results.json", "train.log"):
+        assert os.path.isfile(tmp_path / name), name
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["id2label"] == {str(i): n for i, n in enumerate(CLASS_NAMES)}
+    card = open(tmp_path / "README.md").read()
+    assert "mAP@[.5:.95]" in card and "--max_steps 3" in card and "circle" in card
+    assert glob.glob(str(tmp_path / "**" / "events.out.tfevents*"), recursive=True)
+    assert set(metrics) >= {"map", "map_50", "map_75", "map_small", "map_medium", "map_large", "per_class"}
+
+
+def test_resume_continues_exactly(shapes_folder, tmp_path):
+    """Two steps, a checkpoint, two more: the same weights as four steps in one go. Augmentation, dropout,
+    gradient accumulation and the lr drop (after step 3) are all on."""
+    common = ["--max_steps", 4, "--gradient_accumulation_steps", 2, "--per_device_train_batch_size", 1,
+              "--eval_every_epochs", 0, "--lr_drop", 0.75]
+    train(args(shapes_folder, tmp_path / "whole", *common, "--checkpointing_steps", 2))
+    assert os.path.isfile(tmp_path / "whole" / "checkpoint-2" / "trainer_state.json")
+    train(args(shapes_folder, tmp_path / "resumed", *common, "--resume_from_checkpoint", tmp_path / "whole" / "checkpoint-2"))
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    start = load_file(tmp_path / "whole" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(whole[k], start[k]) for k in whole)
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    assert history(tmp_path / "whole")[2:] == history(tmp_path / "resumed")
+
+
+def test_non_finite_loss_skips_the_step(shapes_folder, tmp_path, monkeypatch):
+    from deformable_detr import loss_deformable_detr
+
+    forward = loss_deformable_detr.DeformableDetrLoss.forward
+    calls = []
+
+    def nan_on_second_call(self, *a, **k):
+        loss, terms = forward(self, *a, **k)
+        calls.append(1)
+        return (loss * float("nan"), terms) if len(calls) == 2 else (loss, terms)
+
+    monkeypatch.setattr(loss_deformable_detr.DeformableDetrLoss, "forward", nan_on_second_call)
+    train(args(shapes_folder, tmp_path, "--max_steps", 3, "--eval_every_epochs", 0))
+    log = open(tmp_path / "train.log").read()
+    assert "step 2: non-finite loss (nan); the step is skipped, 1 so far" in log
+    assert "1 skipped step(s)" in log
+    weights = load_file(tmp_path / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_new_labels_from_our_model_and_from_transformers(shapes_folder, tmp_path):
+    from transformers import DeformableDetrForObjectDetection as HFModel
+
+    hf = HFModel(small_hf_config(num_labels=5))
+    hf.save_pretrained(tmp_path / "hf")
+    train(args(shapes_folder, tmp_path / "from_hf", "--model_name_or_path", tmp_path / "hf", "--max_steps", 1, "--eval_every_epochs", 0))
+    model = DeformableDetrForObjectDetection.from_pretrained(tmp_path / "from_hf")
+    assert model.config.id2label == dict(enumerate(CLASS_NAMES))
+    assert model.class_embed.weight.shape == (3, 64)
+    # the same labels again: the trained class head is kept
+    train(args(shapes_folder, tmp_path / "again", "--model_name_or_path", tmp_path / "from_hf", "--max_steps", 1,
+               "--eval_every_epochs", 0, "--learning_rate", 0, "--backbone_learning_rate", 0))
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert torch.equal(again["class_embed.weight"], model.class_embed.weight)
+
+
+def test_bad_arguments_are_named(shapes_folder, tmp_path):
+    with pytest.raises(SystemExit, match="neither a config file/folder nor a preset"):
+        train(["--dataset", shapes_folder, "--config_name", "huge", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--config_overrides 'd_model=oops'"):
+        train(args(shapes_folder, tmp_path, overrides="d_model=oops"))
+    with pytest.raises(SystemExit, match="exactly one of --model_name_or_path"):
+        train(["--dataset", shapes_folder])
+
+
+def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path):
+    command = [sys.executable, "-m", "deformable_detr.train", *args(shapes_folder, tmp_path, "--max_steps", 10000,
+                                                                     "--checkpointing_steps", "no")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "step 2," in log.read_text()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    checkpoints = glob.glob(str(tmp_path / "checkpoint-*" / "trainer_state.json"))
+    assert len(checkpoints) == 1
+    state = json.load(open(checkpoints[0]))
+    assert state["global_step"] >= 2
+    assert "continue with --resume_from_checkpoint latest" in log.read_text()
