@@ -222,12 +222,14 @@ def category_names(dataset: Dataset, source: str) -> list[str]:
 
 
 def objects_of(example: dict) -> dict:
-    """The `objects` of one example as a dict of lists, whether it is stored that way or as a list of dicts."""
+    """The `objects` of one example as {"bbox", "category", "area"} lists, whether they are stored as a dict of
+    lists or a list of dicts; a missing area is the box's."""
     objects = example["objects"]
     if isinstance(objects, list):
-        return {key: [o[key] for o in objects] for key in ("bbox", "category")} | {
-            "area": [o.get("area", o["bbox"][2] * o["bbox"][3]) for o in objects]}
-    return objects
+        objects = {key: [o.get(key) for o in objects] for key in ("bbox", "category", "area")}
+    areas = objects.get("area") or [None] * len(objects["bbox"])
+    areas = [w * h if a is None else a for a, (_, _, w, h) in zip(areas, objects["bbox"])]
+    return {"bbox": objects["bbox"], "category": objects["category"], "area": areas}
 
 
 def load_detection_dataset(source: str, validation_fraction: float = 0.15, seed: int = 0) -> tuple[DatasetDict, list[str]]:

@@ -101,6 +101,11 @@ def check_args(args):
             raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"--max_steps must be at least 1, got {args.max_steps}")
+    if args.with_tracking:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise SystemExit("--with_tracking logs to TensorBoard, which is not installed: pip install tensorboard") from None
     if args.checkpointing_steps not in ("epoch", "no") and not args.checkpointing_steps.isdigit():
         raise SystemExit(f'--checkpointing_steps must be "epoch", "no" or a number of steps, got {args.checkpointing_steps!r}')
 
@@ -158,6 +163,8 @@ class StopRequest:
     """SIGTERM and the first Ctrl-C ask the loop to checkpoint and stop at the end of the step; a second Ctrl-C
     stops at once."""
 
+    signum = signal.SIGTERM  # the last signal received (SIGTERM when another process received it)
+
     def __init__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -165,7 +172,7 @@ class StopRequest:
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, StopRequest.signum = True, signum
         logger.warning("received %s: writing a checkpoint after this step, then stopping", signal.Signals(signum).name)
 
     def restore(self):
@@ -207,7 +214,8 @@ def save_checkpoint(accelerator, args, state: dict):
 
 
 def main(argv=None):
-    train(argv)
+    if train(argv) is None:  # stopped by a signal, after writing a checkpoint: exit as the signal would have
+        raise SystemExit(128 + StopRequest.signum)
 
 
 def train(argv=None) -> dict | None:
@@ -232,19 +240,7 @@ def train(argv=None) -> dict | None:
                 args.dataset, len(splits["train"]), len(splits["validation"]), class_names)
     model = build_model(args, class_names)
     processor = DeformableDetrImageProcessor(size={"shortest_edge": args.image_size, "longest_edge": args.max_image_size})
-    augmentation = None if args.no_augmentation else DetrAugmentation(args.image_size, args.max_image_size)
-    train_samples = DetectionSamples(splits["train"], augmentation, args.seed)
-    # augmented images come resized already; the processor normalises and pads them
-    train_processor = DeformableDetrImageProcessor(**{**processor.to_dict(), "do_resize": augmentation is None})
-    train_loader = torch.utils.data.DataLoader(
-        train_samples, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=False,
-        collate_fn=DetectionCollator(train_processor), num_workers=args.num_workers,
-        generator=torch.Generator().manual_seed(args.seed), worker_init_fn=ignore_interrupts,
-    )
-    eval_loader = torch.utils.data.DataLoader(
-        DetectionSamples(splits["validation"]), batch_size=args.per_device_eval_batch_size,
-        collate_fn=DetectionCollator(processor), num_workers=args.num_workers, worker_init_fn=ignore_interrupts,
-    )
+    train_samples, train_loader, eval_loader = make_loaders(args, splits, processor)
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
 
@@ -277,6 +273,7 @@ def train(argv=None) -> dict | None:
     started = time.time()
     try:
         for epoch in range(state["epoch"], num_epochs):
+            state["epoch"] = epoch
             model.train()
             train_samples.set_epoch(epoch)
             train_loader.set_epoch(epoch)
@@ -285,26 +282,11 @@ def train(argv=None) -> dict | None:
                 batches = accelerator.skip_first_batches(train_loader, state["batches_in_epoch"])
             for batch in batches:
                 with accelerator.accumulate(model):
-                    outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
-                    # all processes skip a step together: non-finite losses and stop requests are summed over them
-                    flags = accelerator.reduce(torch.tensor(
-                        [float(not torch.isfinite(outputs.loss)), float(stop.requested)], device=accelerator.device), "sum")
-                    window_bad |= bool(flags[0])
-                    if not window_bad:
-                        accelerator.backward(outputs.loss)
+                    outputs, window_bad, stopping = forward_backward(model, batch, accelerator, window_bad, stop.requested)
                     if accelerator.sync_gradients:
-                        if window_bad:
-                            state["skipped_steps"] += 1
-                            logger.warning("step %d: non-finite loss (%s); the step is skipped, %d so far",
-                                           state["global_step"] + 1, outputs.loss.item(), state["skipped_steps"])
-                        else:
-                            if args.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                            optimizer.step()
-                        optimizer.zero_grad()
-                        scheduler.step()
+                        optimiser_step(model, optimizer, scheduler, accelerator, args, state, window_bad, outputs.loss)
                 state["batches_in_epoch"] += 1
-                if not flags[0]:
+                if torch.isfinite(outputs.loss):
                     running.append({"loss": outputs.loss.item()} | main_terms(outputs.loss_dict))
                 if not accelerator.sync_gradients:
                     continue
@@ -317,15 +299,15 @@ def train(argv=None) -> dict | None:
                 if state["global_step"] % args.logging_steps == 0 or state["global_step"] == max_steps:
                     log_training(accelerator, state, running, lr, epoch)
                     running = []
-                finished, stopping = state["global_step"] >= max_steps, bool(flags[1])
+                finished = state["global_step"] >= max_steps
                 if args.checkpointing_steps.isdigit() and state["global_step"] % int(args.checkpointing_steps) == 0 and not finished:
-                    save_checkpoint(accelerator, args, state | {"epoch": epoch})
+                    save_checkpoint(accelerator, args, state)
                 if stopping or finished:
                     break
             else:
                 state.update(epoch=epoch + 1, batches_in_epoch=0)
             if stopping:
-                save_checkpoint(accelerator, args, state | {"epoch": epoch})
+                save_checkpoint(accelerator, args, state)
                 logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state["global_step"])
                 return None
             finished = state["global_step"] >= max_steps
@@ -358,6 +340,53 @@ def setup_logging(accelerator, output_dir: str):
     logger.propagate = False
     for name in ("deformable_detr.data",):
         logging.getLogger(name).handlers, logging.getLogger(name).level = handlers, logger.level
+
+
+def make_loaders(args, splits, processor):
+    """(training samples, whose epoch sets the augmentation; training loader; validation loader)."""
+    augmentation = None if args.no_augmentation else DetrAugmentation(args.image_size, args.max_image_size)
+    train_samples = DetectionSamples(splits["train"], augmentation, args.seed)
+    # augmented images come resized already; the processor normalises and pads them
+    train_processor = DeformableDetrImageProcessor(**{**processor.to_dict(), "do_resize": augmentation is None})
+    train_loader = torch.utils.data.DataLoader(
+        train_samples, batch_size=args.per_device_train_batch_size, shuffle=True,
+        collate_fn=DetectionCollator(train_processor), num_workers=args.num_workers,
+        # its own generator: making a loader's iterator then leaves the global random state (dropout) alone
+        generator=torch.Generator().manual_seed(args.seed), worker_init_fn=ignore_interrupts,
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        DetectionSamples(splits["validation"]), batch_size=args.per_device_eval_batch_size,
+        collate_fn=DetectionCollator(processor), num_workers=args.num_workers, worker_init_fn=ignore_interrupts,
+    )
+    return train_samples, train_loader, eval_loader
+
+
+def forward_backward(model, batch, accelerator, window_bad: bool, stop_requested: bool):
+    """The loss of one batch, and its backward pass unless the accumulation window already saw a non-finite
+    loss. Non-finite losses and stop requests are summed over processes, so that all of them skip or stop
+    together. Returns (outputs, window_bad, stopping)."""
+    outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+    flags = torch.tensor([float(not torch.isfinite(outputs.loss)), float(stop_requested)], device=accelerator.device)
+    flags = accelerator.reduce(flags, "sum")
+    window_bad = window_bad or bool(flags[0])
+    if not window_bad:
+        accelerator.backward(outputs.loss)
+    return outputs, window_bad, bool(flags[1])
+
+
+def optimiser_step(model, optimizer, scheduler, accelerator, args, state: dict, window_bad: bool, loss):
+    """At the end of an accumulation window: clip and apply the gradients, or skip (and count) the step when the
+    window saw a non-finite loss. The lr schedule advances either way."""
+    if window_bad:
+        state["skipped_steps"] += 1
+        logger.warning("step %d: non-finite loss (%s); the step is skipped, %d so far",
+                       state["global_step"] + 1, loss.item(), state["skipped_steps"])
+    else:
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
 
 
 def main_terms(loss_dict: dict) -> dict:

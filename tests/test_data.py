@@ -3,8 +3,9 @@ import os
 import random
 
 import numpy as np
+import PIL.Image
 import pytest
-from datasets import DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 
 from deformable_detr.data import DetectionCollator, DetectionSamples, dataset_format, load_detection_dataset
 from deformable_detr.image_processing_deformable_detr import DeformableDetrImageProcessor
@@ -59,6 +60,19 @@ def test_save_to_disk_folder_and_validation_split(shapes, tmp_path):
     assert (len(splits["train"]), len(splits["validation"])) == (15, 5)
     again, _ = load_detection_dataset(str(tmp_path), validation_fraction=0.25, seed=0)
     assert again["validation"]["image_id"] == splits["validation"]["image_id"]
+
+
+def test_objects_as_a_list_of_dicts(tmp_path):
+    """The other way datasets stores objects: one dict per object, here without areas."""
+    features = Features({"image": Image(), "objects": List({"bbox": List(Value("float32"), length=4),
+                                                             "category": ClassLabel(names=["cat", "dog"])})})
+    image = PIL.Image.new("RGB", (40, 30))
+    rows = {"image": [image, image], "objects": [[{"bbox": [1, 2, 10, 5], "category": 1}], []]}
+    DatasetDict(train=Dataset.from_dict(rows, features=features), test=Dataset.from_dict(rows, features=features)).save_to_disk(str(tmp_path))
+    splits, names = load_detection_dataset(str(tmp_path), validation_fraction=0.5)
+    assert names == ["cat", "dog"] and set(splits) == {"train", "validation", "test"}
+    sample = DetectionSamples(splits["test"])[0]
+    assert sample["annotation"]["annotations"] == [{"bbox": [1, 2, 10, 5], "category_id": 1, "area": 50.0, "iscrowd": 0}]
 
 
 def test_folder_that_datasets_reads(shapes, tmp_path):

@@ -1,0 +1,93 @@
+"""Data-parallel training on the CPU: two processes (gloo) through torchrun, as accelerate runs them."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deformable_detr.evaluation import evaluate_command
+from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.train import train
+
+from datasets_on_disk import write_coco
+
+TINY = ("d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
+        "encoder_attention_heads=2,decoder_attention_heads=2,dropout=0.0")
+
+# runs the training command and saves every rank's final weights
+DRIVER = """
+import sys, torch
+from deformable_detr import train as t
+finish = t.finish
+def save_every_rank(accelerator, model, *args, **kwargs):
+    weights = accelerator.unwrap_model(model).state_dict()
+    torch.save(weights, f"{sys.argv[1]}/rank{accelerator.process_index}.pt")
+    finish(accelerator, model, *args, **kwargs)
+t.finish = save_every_rank
+t.main(sys.argv[2:])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, *args, processes: int = 2):
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(free_port()), script, *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 5 validation images: two processes get 3 and 2, so the last batch is padded with a repeat
+    return write_coco({"train": shapes_dataset(8, 64, seed=1), "valid": shapes_dataset(5, 64, seed=2)},
+                      CLASS_NAMES, str(tmp_path_factory.mktemp("shapes")))
+
+
+def training_args(data, output_dir, batch_size, *extra):
+    return [str(a) for a in ["--dataset", data, "--output_dir", output_dir, "--config_name", "tiny", "--config_overrides", TINY,
+            "--image_size", "64", "--max_image_size", "96", "--no_augmentation", "--num_workers", "0",
+            "--per_device_train_batch_size", batch_size, "--per_device_eval_batch_size", 2, "--max_steps", 4,
+            "--learning_rate", 1e-3, "--lr_drop", 1.0, "--checkpointing_steps", "no", *extra]]
+
+
+def test_two_processes_match_one_with_the_whole_batch(data, tmp_path):
+    """2 processes x batch 1 = 1 process x batch 2: same weights (the loss's num_boxes and the gradients are
+    averaged over the processes), both ranks identical, and the same validation mAP."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    two = tmp_path / "two"
+    two.mkdir()
+    torchrun(str(driver), two, *training_args(data, two, 1))
+    assert "on 2 process(es)" in (two / "train.log").read_text()
+    rank0, rank1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+
+    one_metrics = train(training_args(data, str(tmp_path / "one"), 2))
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    worst = max((one[k] - rank0[k]).abs().max().item() for k in one)
+    print(f"largest weight difference, 2 x batch 1 vs 1 x batch 2: {worst:.2e}")
+    assert worst < 1e-4, worst  # float sums in another order; a wrong num_boxes would be off by far more
+
+    two_metrics = json.load(open(two / "eval_results.json"))
+    assert two_metrics["map"] == pytest.approx(one_metrics["map"], abs=1e-3)
+
+    # the same saved model, evaluated by one and by two processes: the same numbers
+    single = evaluate_command(["--model", str(tmp_path / "one"), "--dataset", data])
+    evaluate = tmp_path / "evaluate.py"
+    evaluate.write_text("import sys\nfrom deformable_detr.evaluation import main\nmain(sys.argv[1:])\n")
+    torchrun(str(evaluate), "--model", tmp_path / "one", "--dataset", data, "--batch_size", 1,
+             "--output", tmp_path / "two_eval.json")
+    assert json.load(open(tmp_path / "two_eval.json")) == json.loads(json.dumps(single))
