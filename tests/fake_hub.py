@@ -74,6 +74,11 @@ class Repo:
 
 
 class FakeHub:
+    """The fake Hub, serving from a daemon thread until `stop()` or the end of a `with FakeHub() as hub:` block.
+
+    Point a client at `hub.endpoint` with `hub_env(hub.endpoint, home)`; `hub.files(repo_id)` shows what it pushed.
+    """
+
     ROUTES = [  # method(s), path pattern (groups are passed to the handler, unquoted), handler
         ("POST", r"/api/repos/create", "create_repo"),
         ("GET", r"/api/whoami-v2", "whoami"),
@@ -92,7 +97,7 @@ class FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.hub = self
         self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     def stop(self):
@@ -159,7 +164,8 @@ class FakeHub:
         repo = self._repo(kind, repo_id, request.token)
         sha, files = repo.files(revision or "main")
         return {"id": repo_id, "author": repo_id.split("/")[0], "sha": sha, "private": repo.private,
-                "siblings": [{"rfilename": path, "size": len(c), "blobId": git_blob_sha(c)} for path, c in files.items()]}
+                "siblings": [{"rfilename": path, "size": len(content), "blobId": git_blob_sha(content)}
+                             for path, content in files.items()]}
 
     def tree(self, request, kind, repo_id, revision, folder):
         _, files = self._repo(kind, repo_id, request.token).files(revision)
@@ -215,7 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._send(200, body, headers)
             raise HubError(404, None, f"FakeHub does not implement {self.command} {url.path}")
         except HubError as error:
-            self._send(error.status, error.body, {"X-Error-Code": error.code, **error.headers} if error.code else error.headers)
+            code = {"X-Error-Code": error.code} if error.code else {}
+            self._send(error.status, error.body, {**code, **error.headers})
 
     def _send(self, status: int, body, headers: dict[str, str]):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
