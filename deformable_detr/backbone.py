@@ -44,19 +44,19 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _conv_bn(in_channels, out_channels, kernel_size, stride=1, dilation=1):
+def _conv_bn(in_channels, out_channels, kernel_size, stride=1, dilation=1, norm=FrozenBatchNorm2d):
     padding = dilation * (kernel_size // 2)
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation=dilation, bias=False)
-    return conv, FrozenBatchNorm2d(out_channels)
+    return conv, norm(out_channels)
 
 
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_channels, channels, stride=1, dilation=1, downsample=None):
+    def __init__(self, in_channels, channels, stride=1, dilation=1, downsample=None, norm=FrozenBatchNorm2d):
         super().__init__()
-        self.conv1, self.bn1 = _conv_bn(in_channels, channels, 3, stride, dilation)
-        self.conv2, self.bn2 = _conv_bn(channels, channels, 3, 1, dilation)
+        self.conv1, self.bn1 = _conv_bn(in_channels, channels, 3, stride, dilation, norm)
+        self.conv2, self.bn2 = _conv_bn(channels, channels, 3, 1, dilation, norm)
         self.downsample = downsample
 
     def forward(self, x):
@@ -70,11 +70,11 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels, channels, stride=1, dilation=1, downsample=None):
+    def __init__(self, in_channels, channels, stride=1, dilation=1, downsample=None, norm=FrozenBatchNorm2d):
         super().__init__()
-        self.conv1, self.bn1 = _conv_bn(in_channels, channels, 1)
-        self.conv2, self.bn2 = _conv_bn(channels, channels, 3, stride, dilation)
-        self.conv3, self.bn3 = _conv_bn(channels, channels * 4, 1)
+        self.conv1, self.bn1 = _conv_bn(in_channels, channels, 1, norm=norm)
+        self.conv2, self.bn2 = _conv_bn(channels, channels, 3, stride, dilation, norm)
+        self.conv3, self.bn3 = _conv_bn(channels, channels * 4, 1, norm=norm)
         self.downsample = downsample
 
     def forward(self, x):
@@ -88,14 +88,14 @@ class ResNet(nn.Module):
     """ResNet body without the classifier; names match torchvision (conv1, bn1, layer1.0.conv1, ...).
 
     forward: (B, 3, H, W) -> [layer1, layer2, layer3, layer4] outputs at strides 4, 8, 16, 32 (16 for layer4
-    with dilation, i.e. DC5).
+    with dilation, i.e. DC5). `norm` is FrozenBatchNorm2d for fine-tuning, nn.BatchNorm2d to train from scratch.
     """
 
-    def __init__(self, name: str, num_channels: int = 3, dilation: bool = False):
+    def __init__(self, name: str, num_channels: int = 3, dilation: bool = False, norm=FrozenBatchNorm2d):
         super().__init__()
         block_type, depths = RESNET_SPECS[name]
         block = Bottleneck if block_type == "bottleneck" else BasicBlock
-        self.conv1, self.bn1 = _conv_bn(num_channels, 64, 7, stride=2)
+        self.conv1, self.bn1 = _conv_bn(num_channels, 64, 7, stride=2, norm=norm)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_channels, rate = 64, 1
         self.channels, self.strides = [], []
@@ -107,10 +107,10 @@ class ResNet(nn.Module):
                 rate, stride = 2, 1
             downsample = None
             if stride != 1 or in_channels != channels * block.expansion:
-                downsample = nn.Sequential(*_conv_bn(in_channels, channels * block.expansion, 1, stride))
-            blocks = [block(in_channels, channels, stride, 1, downsample)]  # torchvision: first block undilated
+                downsample = nn.Sequential(*_conv_bn(in_channels, channels * block.expansion, 1, stride, norm=norm))
+            blocks = [block(in_channels, channels, stride, 1, downsample, norm)]  # torchvision: first block undilated
             in_channels = channels * block.expansion
-            blocks += [block(in_channels, channels, 1, rate) for _ in range(depth - 1)]
+            blocks += [block(in_channels, channels, 1, rate, norm=norm) for _ in range(depth - 1)]
             setattr(self, f"layer{index + 1}", nn.Sequential(*blocks))
             stride_so_far *= stride
             self.channels.append(in_channels)
@@ -134,15 +134,19 @@ class Backbone(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        frozen = config.freeze_backbone_batch_norms
         if config.backbone_config is None:
-            self.body = ResNet(config.backbone, config.num_channels, config.dilation)
+            norm = FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+            self.body = ResNet(config.backbone, config.num_channels, config.dilation, norm)
             # the last min(L, 3) of layer2..layer4, as in the paper (L = 1 takes layer4 alone)
             self.out_indices = [1, 2, 3][-min(config.num_feature_levels, 3):]
             self.channels = [self.body.channels[i] for i in self.out_indices]
             self.strides = [self.body.strides[i] for i in self.out_indices]
             self.frozen_prefixes = ("conv1.", "bn1.", "layer1.")
         else:
-            self.body = freeze_batch_norm(AutoBackbone.from_config(config.backbone_config))
+            self.body = AutoBackbone.from_config(config.backbone_config)
+            if frozen:
+                self.body = freeze_batch_norm(self.body)
             self.out_indices = None
             self.channels = list(self.body.channels)
             self.strides = [None] * len(self.channels)  # not every transformers backbone states them
@@ -153,6 +157,8 @@ class Backbone(nn.Module):
                 )
             # as the paper: the stem and the first stage stay frozen in a ResNet
             self.frozen_prefixes = ("embedder.", "encoder.stages.0.") if "resnet" in config.backbone_config.model_type else ()
+        if not frozen:  # trained from scratch: every layer learns
+            self.frozen_prefixes = ()
         for name, parameter in self.body.named_parameters():
             if name.startswith(self.frozen_prefixes):
                 parameter.requires_grad_(False)
@@ -213,7 +219,7 @@ def load_backbone_weights(body: ResNet, source: str):
             key = key[len(prefix):] if key.startswith(prefix) else key
         if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
             state[key] = value
-    expected = body.state_dict()
+    expected = {k: v for k, v in body.state_dict().items() if not k.endswith("num_batches_tracked")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -222,4 +228,4 @@ def load_backbone_weights(body: ResNet, source: str):
     if wrong:
         raise ValueError(f"backbone weights {source!r}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
                          f"this ResNet wants {tuple(expected[wrong[0]].shape)} (another depth?)")
-    body.load_state_dict(state)
+    body.load_state_dict(state, strict=False)  # strict but for num_batches_tracked, checked above

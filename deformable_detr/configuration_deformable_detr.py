@@ -24,6 +24,9 @@ class DeformableDetrConfig(PretrainedConfig):
             `backbone_config` is None. Starts random; see `DeformableDetrModel.load_backbone_weights`.
         backbone_config: a transformers backbone config (e.g. `ResNetConfig(out_features=[...])`), or its dict.
         dilation: DC5, i.e. replace the stride of the last ResNet stage by a dilation (built-in ResNets only).
+        freeze_backbone_batch_norms: frozen batch norms and a frozen stem and first stage, as for fine-tuning a
+            pretrained backbone (the paper); False trains the whole backbone with ordinary batch norms, as a
+            backbone trained from scratch needs.
         num_feature_levels: L, 1 to 5. Up to 3 levels come from the backbone (strides 8/16/32); each further
             level is a stride-2 3x3 convolution on the previous one.
         encoder_n_points / decoder_n_points: K, sampling points per head and level.
@@ -39,6 +42,7 @@ class DeformableDetrConfig(PretrainedConfig):
     backbone: str = "resnet50"
     backbone_config: dict | PretrainedConfig | None = None
     dilation: bool = False
+    freeze_backbone_batch_norms: bool = True
     num_channels: int = 3
     num_queries: int = 300
     d_model: int = 256

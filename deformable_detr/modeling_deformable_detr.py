@@ -128,7 +128,7 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, FrozenBatchNorm2d):
+        elif isinstance(module, (FrozenBatchNorm2d, nn.BatchNorm2d)):
             for buffer, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
                 init.constant_(getattr(module, buffer), value)
         elif isinstance(module, nn.Embedding):

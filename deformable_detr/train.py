@@ -35,6 +35,7 @@ CONFIG_PRESETS = {
                  decoder_ffn_dim=512, num_queries=100, two_stage_num_proposals=100, num_feature_levels=3),
 }
 SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --sampling_lr_factor x the lr
+TRACKING_DIR = "deformable-detr"  # TensorBoard runs, under --output_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest" (in --output_dir)')
     run.add_argument("--eval_every_epochs", type=int, default=1, help="COCO evaluation every N epochs (0: only at the end)")
     run.add_argument("--logging_steps", type=int, default=10)
-    run.add_argument("--with_tracking", action="store_true", help="log to TensorBoard in --output_dir/runs")
+    run.add_argument("--with_tracking", action="store_true", help="log to TensorBoard in --output_dir/" + TRACKING_DIR)
+
+    hub = parser.add_argument_group("the Hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="upload the trained model, processor, code and card at the end")
+    hub.add_argument("--hub_model_id", help="the repo to push to, e.g. user/deformable-detr-bccd (default: the name of --output_dir)")
+    hub.add_argument("--hub_token", help="a Hub token with write access (default: the one `hf auth login` stored)")
+    hub.add_argument("--hub_private_repo", action="store_true", help="create the repo private")
     return parser
 
 
@@ -95,6 +102,8 @@ def check_args(args):
         raise SystemExit("--config_overrides changes a fresh model's config; it needs --config_name")
     if args.backbone_weights and not args.config_name:
         raise SystemExit("--backbone_weights is for a fresh model (--config_name); a saved model has its own")
+    if (args.hub_model_id or args.hub_token or args.hub_private_repo) and not args.push_to_hub:
+        raise SystemExit("--hub_model_id, --hub_token and --hub_private_repo need --push_to_hub")
     for name in ("image_size", "max_image_size", "per_device_train_batch_size", "per_device_eval_batch_size",
                  "gradient_accumulation_steps", "num_train_epochs", "logging_steps"):
         if getattr(args, name) < 1:
@@ -261,7 +270,7 @@ def train(argv=None) -> dict | None:
     elif list_checkpoints(args.output_dir):
         logger.warning("%s holds checkpoints of an earlier run; --resume_from_checkpoint latest would continue it", args.output_dir)
     if args.with_tracking:
-        accelerator.init_trackers("deformable-detr", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(TRACKING_DIR, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     logger.info("training %d steps (%d epochs of %d), %d images per step, on %d process(es), mixed precision %s",
                 max_steps, num_epochs, steps_per_epoch,
@@ -427,5 +436,20 @@ def finish(accelerator, model, processor, args, state, metrics, class_names, com
                      steps=state["global_step"], skipped_steps=state["skipped_steps"], minutes=minutes,
                      processes=accelerator.num_processes)
     logger.info("model, processor and model card saved to %s", args.output_dir)
+    if args.push_to_hub:
+        push_to_hub(args)
+
+
+def push_to_hub(args) -> str:
+    """Uploads --output_dir without its checkpoints and TensorBoard runs; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.hub_token)
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
+    commit = api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="Training run",
+                               ignore_patterns=["checkpoint-*", f"{TRACKING_DIR}/*", "train.log"])
+    logger.info("pushed to %s (%s)", repo_id, commit.commit_url)
+    return commit.commit_url
 if __name__ == "__main__":
     main()
