@@ -229,25 +229,30 @@ def main(argv=None):
 
 def train(argv=None) -> dict | None:
     """Runs the command; returns the final validation metrics (None when stopped early)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, parse_flag_from_env, set_seed
 
     args = build_parser().parse_args(argv)
     check_args(args)
     command = shlex.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with="tensorboard" if args.with_tracking else None, project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-    )
     os.makedirs(args.output_dir, exist_ok=True)
-    setup_logging(accelerator, args.output_dir)
+    # the processes, known before the Accelerator (which needs the model's config) exists; as it, honour
+    # ACCELERATE_USE_CPU, which makes several CPU processes one gloo group
+    setup_logging(PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")), args.output_dir)
     set_seed(args.seed)
 
     splits, class_names = load_detection_dataset(args.dataset, args.validation_fraction, args.seed)
     logger.info("data %s: %d training and %d validation images, classes %s",
                 args.dataset, len(splits["train"]), len(splits["validation"]), class_names)
     model = build_model(args, class_names)
+    # with box refinement but no auxiliary loss, the earlier layers' class heads get no gradient
+    unused = model.config.with_box_refine and not model.config.auxiliary_loss
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="tensorboard" if args.with_tracking else None, project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+    )
     processor = DeformableDetrImageProcessor(size={"shortest_edge": args.image_size, "longest_edge": args.max_image_size})
     train_samples, train_loader, eval_loader = make_loaders(args, splits, processor)
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
@@ -338,14 +343,15 @@ def train(argv=None) -> dict | None:
     return metrics
 
 
-def setup_logging(accelerator, output_dir: str):
+def setup_logging(state, output_dir: str):
+    """INFO to the console and --output_dir/train.log from the main process; warnings from every process."""
     handlers = [logging.StreamHandler()]
-    if accelerator.is_main_process:
+    if state.is_main_process:
         handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger.handlers = handlers
-    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logger.setLevel(logging.INFO if state.is_main_process else logging.WARNING)
     logger.propagate = False
     for name in ("deformable_detr.data",):
         logging.getLogger(name).handlers, logging.getLogger(name).level = handlers, logger.level

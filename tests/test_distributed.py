@@ -91,3 +91,17 @@ def test_two_processes_match_one_with_the_whole_batch(data, tmp_path):
     torchrun(str(evaluate), "--model", tmp_path / "one", "--dataset", data, "--batch_size", 1,
              "--output", tmp_path / "two_eval.json")
     assert json.load(open(tmp_path / "two_eval.json")) == json.loads(json.dumps(single))
+
+
+def test_two_stage_without_auxiliary_loss(data, tmp_path):
+    """Parameters without a gradient in a step (the earlier layers' class heads here) do not stop DDP."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    overrides = TINY + ",with_box_refine=true,two_stage=true,two_stage_num_proposals=10,auxiliary_loss=false"
+    args = training_args(data, tmp_path, 1, "--eval_every_epochs", 0)
+    args[args.index("--config_overrides") + 1] = overrides
+    torchrun(str(driver), tmp_path, *args)
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    first = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(first["model.enc_class_embed.weight"], rank0["model.enc_class_embed.weight"])
