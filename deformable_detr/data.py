@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import re
 import warnings
 import xml.etree.ElementTree as ElementTree
 
@@ -48,6 +49,8 @@ def detection_features(class_names: list[str]) -> Features:
 def dataset_format(source: str) -> str:
     """'save_to_disk', 'coco', 'voc', or 'load_dataset' (Hub ids and folders that datasets reads itself)."""
     if not os.path.isdir(source):
+        if source.startswith(("/", "./", "../", "~")) or os.path.isfile(source):
+            raise FileNotFoundError(f"--dataset {source}: no such folder (a dataset is a folder or a Hub id)")
         return "load_dataset"
     entries = set(os.listdir(source))
     if entries & {"dataset_dict.json", "state.json"}:
@@ -143,8 +146,9 @@ def load_coco(folder: str) -> tuple[dict[str, Dataset], list[str]]:
     annotations = os.path.join(folder, "annotations")
     for name in sorted(os.listdir(annotations)) if os.path.isdir(annotations) else []:
         if name.startswith("instances_") and name.endswith(".json"):
-            split = name.removeprefix("instances_").removesuffix(".json")
-            files[SPLIT_NAMES.get(split, split)] = (os.path.join(annotations, name), os.path.join(folder, split))
+            split = name.removeprefix("instances_").removesuffix(".json")  # train, val2017, ...
+            key = re.sub(r"\d{4}$", "", split)
+            files[SPLIT_NAMES.get(key, key)] = (os.path.join(annotations, name), os.path.join(folder, split))
     loaded = {}
     for split, (path, image_folder) in files.items():
         try:
@@ -176,7 +180,7 @@ def _used_categories(cocos) -> list[tuple[int, str]]:
 
 
 def _coco_split(coco: dict, image_folder: str, path: str, index: dict, class_names: list[str]) -> Dataset:
-    by_image = {image["id"]: [] for image in coco["images"]}
+    by_image = {image.get("id"): [] for image in coco["images"]}
     for j, a in enumerate(coco["annotations"]):
         where = f"{path}, annotations[{j}] (id {a.get('id')})"
         if a.get("image_id") not in by_image:
@@ -188,7 +192,10 @@ def _coco_split(coco: dict, image_folder: str, path: str, index: dict, class_nam
         if not a.get("iscrowd", 0) and _keep_box(a["bbox"], where):
             by_image[a["image_id"]].append(a)
     records = []
-    for image in coco["images"]:
+    for j, image in enumerate(coco["images"]):
+        missing = {"id", "file_name", "width", "height"} - set(image)
+        if missing:
+            raise ValueError(f"{path}, images[{j}]: needs 'id', 'file_name', 'width' and 'height'; {sorted(missing)} missing")
         file = os.path.join(image_folder, image["file_name"])
         if not os.path.exists(file):
             raise FileNotFoundError(f"{path}: image {image['id']} is {file}, which does not exist")
@@ -294,7 +301,10 @@ class DetectionSamples(torch.utils.data.Dataset):
 
 class DetectionCollator:
     """Samples -> the model's batch: `pixel_values`, `pixel_mask`, `labels` (per image `class_labels`,
-    normalised `boxes` and the rest of the processor's labels), and `orig_sizes` (B, 2) as (h, w)."""
+    normalised `boxes` and the rest of the processor's labels), and `orig_sizes` (B, 2) as (h, w).
+
+    Label boxes are made relative to each image's own size, as the paper's code has them and as the model
+    predicts them; the processor, like transformers', gives them relative to the padded canvas."""
 
     def __init__(self, processor):
         self.processor = processor
@@ -302,6 +312,10 @@ class DetectionCollator:
     def __call__(self, samples: list[dict]) -> dict:
         images = [s["image"] for s in samples]
         batch = self.processor(images, annotations=[s["annotation"] for s in samples], return_tensors="pt")
-        return {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"],
-                "labels": [dict(label) for label in batch["labels"]],
+        labels = []
+        for label, mask in zip(batch["labels"], batch["pixel_mask"]):
+            height, width = mask.any(1).sum(), mask.any(0).sum()  # the image's size inside the canvas
+            scale = torch.stack([mask.shape[1] / width, mask.shape[0] / height] * 2).float()
+            labels.append(dict(label) | {"boxes": label["boxes"] * scale})
+        return {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"], "labels": labels,
                 "orig_sizes": torch.tensor([(im.height, im.width) for im in images])}

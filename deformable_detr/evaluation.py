@@ -93,6 +93,7 @@ def format_metrics(metrics: dict) -> str:
 def evaluate(model, processor, dataloader, accelerator, ground_truth: dict, progress: bool = True) -> dict:
     """Runs `model` over a prepared `dataloader` of `DetectionCollator` batches (image ids = row indices) in
     every process, gathers the top-100 detections per image, and scores them with `coco_metrics`."""
+    was_training = model.training
     model.eval()
     detections = {}
     for batch in tqdm(dataloader, desc="evaluating", disable=not (progress and accelerator.is_local_main_process), leave=False):
@@ -110,7 +111,7 @@ def evaluate(model, processor, dataloader, accelerator, ground_truth: dict, prog
     merged = {}
     for part in gather_object([detections]):
         merged.update(part)
-    model.train()
+    model.train(was_training)
     return coco_metrics(ground_truth, [d for image_id in sorted(merged) for d in merged[image_id]])
 
 
@@ -126,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=2, help="images per batch and process")
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes")
     parser.add_argument("--output", default=None, help="where to write the metrics JSON (default: print only)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split made when the data has none")
+    parser.add_argument("--validation_fraction", type=float, default=0.15,
+                        help="as in training: the share of training images held out when the data has no validation split")
+    parser.add_argument("--seed", type=int, default=42, help="as in training: the seed of that held-out split")
     return parser
 
 
@@ -143,12 +146,13 @@ def evaluate_command(argv=None) -> dict:
 
     args = build_parser().parse_args(argv)
     accelerator = Accelerator()
-    splits, class_names = load_detection_dataset(args.dataset, seed=args.seed)
+    splits, class_names = load_detection_dataset(args.dataset, args.validation_fraction, args.seed)
     if args.split not in splits:
         raise SystemExit(f"{args.dataset} has no split {args.split!r}; it has {sorted(splits)}")
     model, processor = load_detector(args.model, accelerator.device)
-    if model.config.num_labels != len(class_names):
-        raise SystemExit(f"the model has {model.config.num_labels} classes but {args.dataset} has {len(class_names)}: {class_names}")
+    model_classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if model_classes != class_names:
+        raise SystemExit(f"the model's classes {model_classes} are not {args.dataset}'s {class_names} (in that order)")
     dataset = splits[args.split]
     loader = torch.utils.data.DataLoader(DetectionSamples(dataset), batch_size=args.batch_size,
                                          collate_fn=DetectionCollator(processor), num_workers=args.num_workers)

@@ -105,7 +105,7 @@ def check_args(args):
     if (args.hub_model_id or args.hub_token or args.hub_private_repo) and not args.push_to_hub:
         raise SystemExit("--hub_model_id, --hub_token and --hub_private_repo need --push_to_hub")
     for name in ("image_size", "max_image_size", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps", "num_train_epochs", "logging_steps"):
+                 "gradient_accumulation_steps", "num_train_epochs", "logging_steps", "checkpoints_total_limit"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -117,6 +117,15 @@ def check_args(args):
             raise SystemExit("--with_tracking logs to TensorBoard, which is not installed: pip install tensorboard") from None
     if args.checkpointing_steps not in ("epoch", "no") and not args.checkpointing_steps.isdigit():
         raise SystemExit(f'--checkpointing_steps must be "epoch", "no" or a number of steps, got {args.checkpointing_steps!r}')
+
+
+def redact_token(argv: list[str]) -> list[str]:
+    """The command line for the model card and the log, without the value of --hub_token."""
+    redacted = []
+    for arg in argv:
+        hidden = redacted and redacted[-1] == "--hub_token"
+        redacted.append("***" if hidden else "--hub_token=***" if arg.startswith("--hub_token=") else arg)
+    return redacted
 
 
 def build_config(name: str, overrides: str) -> DeformableDetrConfig:
@@ -142,6 +151,8 @@ def build_model(args, class_names: list[str]) -> DeformableDetrForObjectDetectio
         model = load_model(args.model_name_or_path)
     else:
         config = build_config(args.config_name, args.config_overrides)
+        if not args.backbone_weights and "freeze_backbone_batch_norms" not in args.config_overrides:
+            config.freeze_backbone_batch_norms = False  # a random backbone must learn, batch norms included
         config.id2label = dict(enumerate(class_names))
         config.label2id = {name: i for i, name in enumerate(class_names)}
         model = DeformableDetrForObjectDetection(config)
@@ -223,18 +234,18 @@ def save_checkpoint(accelerator, args, state: dict):
 
 
 def main(argv=None):
-    if train(argv) is None:  # stopped by a signal, after writing a checkpoint: exit as the signal would have
-        raise SystemExit(128 + StopRequest.signum)
+    train(argv)
 
 
 def train(argv=None) -> dict | None:
-    """Runs the command; returns the final validation metrics (None when stopped early)."""
+    """Runs the command; returns the final validation metrics. Stopped by a signal, it writes a checkpoint and
+    exits as the signal would have (status 128 + signal number)."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, parse_flag_from_env, set_seed
 
     args = build_parser().parse_args(argv)
     check_args(args)
-    command = shlex.join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))
+    command = shlex.join(redact_token([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))))
     os.makedirs(args.output_dir, exist_ok=True)
     # the processes, known before the Accelerator (which needs the model's config) exists; as it, honour
     # ACCELERATE_USE_CPU, which makes several CPU processes one gloo group
@@ -273,9 +284,10 @@ def train(argv=None) -> dict | None:
             state = json.load(f)
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["global_step"], state["epoch"])
     elif list_checkpoints(args.output_dir):
-        logger.warning("%s holds checkpoints of an earlier run; --resume_from_checkpoint latest would continue it", args.output_dir)
+        raise SystemExit(f"{args.output_dir} holds checkpoints of an earlier run: continue it with --resume_from_checkpoint "
+                         "latest, or start afresh in another --output_dir")
     if args.with_tracking:
-        accelerator.init_trackers(TRACKING_DIR, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(TRACKING_DIR, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
     logger.info("training %d steps (%d epochs of %d), %d images per step, on %d process(es), mixed precision %s",
                 max_steps, num_epochs, steps_per_epoch,
@@ -287,6 +299,8 @@ def train(argv=None) -> dict | None:
     started = time.time()
     try:
         for epoch in range(state["epoch"], num_epochs):
+            if state["global_step"] >= max_steps:  # resumed from the last step
+                break
             state["epoch"] = epoch
             model.train()
             train_samples.set_epoch(epoch)
@@ -320,11 +334,12 @@ def train(argv=None) -> dict | None:
                     break
             else:
                 state.update(epoch=epoch + 1, batches_in_epoch=0)
-            if stopping:
+            finished = state["global_step"] >= max_steps
+            if stopping and not finished:
                 save_checkpoint(accelerator, args, state)
                 logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state["global_step"])
-                return None
-            finished = state["global_step"] >= max_steps
+                accelerator.end_training()
+                raise SystemExit(128 + StopRequest.signum)
             if finished or (args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0):
                 metrics = evaluate(model, processor, eval_loader, accelerator, ground_truth)
                 state["history"].append({"step": state["global_step"], "epoch": epoch + 1, "eval": metrics})
@@ -338,7 +353,7 @@ def train(argv=None) -> dict | None:
         stop.restore()
         progress.close()
     minutes = (time.time() - started) / 60
-    finish(accelerator, model, processor, args, state, metrics, class_names, command, minutes)
+    finish(accelerator, model, processor, args, state, metrics, command, minutes)
     accelerator.end_training()
     return metrics
 
@@ -391,21 +406,25 @@ def forward_backward(model, batch, accelerator, window_bad: bool, stop_requested
 
 def optimiser_step(model, optimizer, scheduler, accelerator, args, state: dict, window_bad: bool, loss):
     """At the end of an accumulation window: clip and apply the gradients, or skip (and count) the step when the
-    window saw a non-finite loss. The lr schedule advances either way."""
+    window saw a non-finite loss or the gradients are not finite (in fp16 the grad scaler skips such steps itself
+    and lowers its scale). The lr schedule advances either way."""
+    if not window_bad:
+        norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        if accelerator.mixed_precision != "fp16" and not torch.isfinite(norm):
+            window_bad, loss = True, norm
     if window_bad:
         state["skipped_steps"] += 1
-        logger.warning("step %d: non-finite loss (%s); the step is skipped, %d so far",
+        logger.warning("step %d: non-finite loss or gradient norm (%s); the step is skipped, %d so far",
                        state["global_step"] + 1, loss.item(), state["skipped_steps"])
     else:
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
     optimizer.zero_grad()
     scheduler.step()
 
 
 def main_terms(loss_dict: dict) -> dict:
-    """The last layer's loss terms (loss_ce, loss_bbox, loss_giou), without the auxiliary and encoder ones."""
+    """The last layer's loss terms (loss_ce, loss_bbox, loss_giou) and cardinality_error, without the auxiliary
+    and encoder ones."""
     return {k: v.item() for k, v in loss_dict.items() if k.count("_") == 1}
 
 
@@ -425,13 +444,14 @@ def log_training(accelerator, state: dict, running: list[dict], lr: float, epoch
                 f", {state['skipped_steps']} skipped step(s)" if state["skipped_steps"] else "")
 
 
-def finish(accelerator, model, processor, args, state, metrics, class_names, command, minutes):
+def finish(accelerator, model, processor, args, state, metrics, command, minutes):
     """The trained model, processor, history, metrics and model card in --output_dir."""
     accelerator.wait_for_everyone()
+    weights = accelerator.get_state_dict(model)  # every process takes part: FSDP and DeepSpeed gather shards
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)
-    model.save_pretrained(args.output_dir)
+    model.save_pretrained(args.output_dir, state_dict=weights)
     processor.save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "history.json"), "w") as f:
         json.dump(state["history"], f, indent=1)

@@ -19,15 +19,16 @@ from deformable_detr.evaluation import evaluate_command
 from deformable_detr.shapes import shapes_dataset
 from deformable_detr.train import train
 
-# a small model for 128x128 images, trained from scratch (so with ordinary batch norms in the backbone)
-MODEL = "num_queries=30,with_box_refine=true,freeze_backbone_batch_norms=false"
+# the tiny preset with box refinement and 30 queries (at most 4 shapes per image), trained from scratch
+MODEL = "num_queries=30,with_box_refine=true"
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--train_images", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--train_images", type=int, default=3000)
+    parser.add_argument("--eval_images", type=int, default=200, help="validation images, and as many test images")
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -65,19 +66,21 @@ def main():
     started = time.time()
     data_dir, model_dir = os.path.join(args.output_dir, "data"), os.path.join(args.output_dir, "model")
     pictures_dir = os.path.join(args.output_dir, "detections")
-    print(f"1/4 generating {args.train_images} training, 200 validation and 200 test images in {data_dir}")
-    size = args.image_size
+    size, count = args.image_size, args.eval_images
+    print(f"1/4 generating {args.train_images} training, {count} validation and {count} test images in {data_dir}")
     DatasetDict(
         train=shapes_dataset(args.train_images, size, seed=args.seed),
-        validation=shapes_dataset(200, size, seed=args.seed + 1),
-        test=shapes_dataset(200, size, seed=args.seed + 2),
+        validation=shapes_dataset(count, size, seed=args.seed + 1),
+        test=shapes_dataset(count, size, seed=args.seed + 2),
     ).save_to_disk(data_dir)
 
     print("2/4 training")
     train(["--dataset", data_dir, "--output_dir", model_dir, "--config_name", "tiny", "--config_overrides", MODEL,
            "--image_size", str(size), "--max_image_size", str(size), "--per_device_train_batch_size", "8",
-           "--backbone_learning_rate", "2e-4", "--num_train_epochs", str(args.epochs), "--num_workers", "1",
-           "--checkpointing_steps", "no", "--seed", str(args.seed)])
+           # fresh images every step and a short run: no augmentation, and a higher lr, for the backbone too
+           "--no_augmentation", "--learning_rate", "5e-4", "--backbone_learning_rate", "5e-4",
+           "--num_train_epochs", str(args.epochs), "--num_workers", "1", "--checkpointing_steps", "no",
+           "--seed", str(args.seed)])
 
     print("3/4 scoring on the held-out test images")
     metrics = evaluate_command(["--model", model_dir, "--dataset", data_dir, "--split", "test",
@@ -86,7 +89,7 @@ def main():
     print("4/4 drawing detections and the training curves")
     os.makedirs(pictures_dir, exist_ok=True)
     model, processor = load_detector(model_dir, "cpu")
-    images = load_from_disk(data_dir)["test"].select(range(8))["image"]
+    images = load_from_disk(data_dir)["test"].select(range(min(8, count)))["image"]
     for index, (image, found) in enumerate(zip(images, detect(model, processor, images, threshold=0.5, top_k=30))):
         draw_detections(image.resize((4 * size, 4 * size), Image.NEAREST), [
             d | {"box": [4 * v for v in d["box"]]} for d in found]).save(os.path.join(pictures_dir, f"test_{index}.png"))

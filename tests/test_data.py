@@ -31,8 +31,8 @@ def same_objects(loaded, original):
 
 @pytest.mark.parametrize("layout", ["roboflow", "instances"])
 def test_coco_folder(shapes, tmp_path, layout):
-    root = write_coco({"train": shapes["train"], "valid" if layout == "roboflow" else "val": shapes["validation"]},
-                      CLASS_NAMES, str(tmp_path), layout)
+    names = ("train", "valid") if layout == "roboflow" else ("train2017", "val2017")  # COCO's own names
+    root = write_coco(dict(zip(names, (shapes["train"], shapes["validation"]))), CLASS_NAMES, str(tmp_path), layout)
     assert dataset_format(root) == "coco"
     splits, names = load_detection_dataset(root)
     assert names == CLASS_NAMES  # Roboflow's supercategory-only category is left out
@@ -107,6 +107,8 @@ def test_bad_coco_files_are_named(shapes, tmp_path):
     json.dump(coco, open(path, "w"))
     with pytest.raises(FileNotFoundError, match="train_000.jpg"):
         load_detection_dataset(root)
+    with pytest.raises(FileNotFoundError, match="--dataset ./no/such/folder: no such folder"):
+        load_detection_dataset("./no/such/folder")
 
 
 def test_bad_voc_annotation_is_named(shapes, tmp_path):
@@ -136,3 +138,15 @@ def test_samples_and_collator(shapes):
     np.testing.assert_allclose(batch["labels"][1]["boxes"].numpy(), np.stack([x + w / 2, y + h / 2, w, h], 1), atol=1e-6)
     assert batch["labels"][1]["class_labels"].tolist() == objects["category"]
     assert int(batch["labels"][1]["image_id"]) == 3
+
+
+def test_label_boxes_are_relative_to_each_image_not_the_padded_canvas():
+    """A box over the whole of a 64x64 image, batched with a 64x96 one: (0.5, 0.5, 1, 1), as the model predicts."""
+    whole = {"image_id": 0, "annotations": [{"bbox": [0, 0, 64, 64], "category_id": 0, "area": 4096, "iscrowd": 0}]}
+    wide = {"image_id": 1, "annotations": [{"bbox": [48, 16, 48, 32], "category_id": 1, "area": 1536, "iscrowd": 0}]}
+    samples = [{"image": PIL.Image.new("RGB", (64, 64)), "annotation": whole},
+               {"image": PIL.Image.new("RGB", (96, 64)), "annotation": wide}]
+    batch = DetectionCollator(DeformableDetrImageProcessor(do_resize=False))(samples)
+    assert batch["pixel_values"].shape == (2, 3, 64, 96)
+    np.testing.assert_allclose(batch["labels"][0]["boxes"].numpy(), [[0.5, 0.5, 1.0, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(batch["labels"][1]["boxes"].numpy(), [[0.75, 0.5, 0.5, 0.5]], atol=1e-6)

@@ -16,13 +16,20 @@ from deformable_detr.train import train
 
 from datasets_on_disk import write_coco
 
+# frozen batch norms: trainable ones normalise over each process's own images, which differs by design
 TINY = ("d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
-        "encoder_attention_heads=2,decoder_attention_heads=2,dropout=0.0")
+        "encoder_attention_heads=2,decoder_attention_heads=2,dropout=0.0,freeze_backbone_batch_norms=true")
 
-# runs the training command and saves every rank's final weights
+# runs the training command and saves the initial weights and every rank's final weights
 DRIVER = """
 import sys, torch
 from deformable_detr import train as t
+build_model = t.build_model
+def save_initial(*args):
+    model = build_model(*args)
+    torch.save(model.state_dict(), f"{sys.argv[1]}/initial.pt")
+    return model
+t.build_model = save_initial
 finish = t.finish
 def save_every_rank(accelerator, model, *args, **kwargs):
     weights = accelerator.unwrap_model(model).state_dict()
@@ -101,7 +108,9 @@ def test_two_stage_without_auxiliary_loss(data, tmp_path):
     args = training_args(data, tmp_path, 1, "--eval_every_epochs", 0)
     args[args.index("--config_overrides") + 1] = overrides
     torchrun(str(driver), tmp_path, *args)
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    initial, rank0, rank1 = (torch.load(tmp_path / f"{name}.pt") for name in ("initial", "rank0", "rank1"))
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
-    first = load_file(tmp_path / "model.safetensors")
-    assert torch.equal(first["model.enc_class_embed.weight"], rank0["model.enc_class_embed.weight"])
+    for unused in ("class_embed.0.weight", "model.decoder.bbox_embed.0.layers.2.bias"):  # no gradient: not updated
+        assert torch.equal(rank0[unused], initial[unused]), unused
+    for trained in ("class_embed.1.weight", "model.enc_class_embed.weight", "model.decoder.bbox_embed.1.layers.2.bias"):
+        assert not torch.equal(rank0[trained], initial[trained]), trained

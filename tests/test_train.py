@@ -73,15 +73,16 @@ def test_outputs_card_and_evaluate_command(shapes_folder, tmp_path):
 
 
 def test_resume_continues_exactly(shapes_folder, tmp_path):
-    """Two steps, a checkpoint, two more: the same weights as four steps in one go. Augmentation, dropout,
-    gradient accumulation and the lr drop (after step 3) are all on."""
-    common = ["--max_steps", 4, "--gradient_accumulation_steps", 2, "--per_device_train_batch_size", 1,
+    """Four steps, a checkpoint in the middle of the second epoch (three steps each), two more: the same weights
+    as six steps in one go. Augmentation, dropout, gradient accumulation and the lr drop are all on."""
+    common = ["--max_steps", 6, "--gradient_accumulation_steps", 2, "--per_device_train_batch_size", 1,
               "--eval_every_epochs", 0, "--lr_drop", 0.75]
-    train(args(shapes_folder, tmp_path / "whole", *common, "--checkpointing_steps", 2))
-    assert os.path.isfile(tmp_path / "whole" / "checkpoint-2" / "trainer_state.json")
-    train(args(shapes_folder, tmp_path / "resumed", *common, "--resume_from_checkpoint", tmp_path / "whole" / "checkpoint-2"))
+    train(args(shapes_folder, tmp_path / "whole", *common, "--checkpointing_steps", 4))
+    state = json.load(open(tmp_path / "whole" / "checkpoint-4" / "trainer_state.json"))
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 2)
+    train(args(shapes_folder, tmp_path / "resumed", *common, "--resume_from_checkpoint", tmp_path / "whole" / "checkpoint-4"))
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
-    start = load_file(tmp_path / "whole" / "checkpoint-2" / "model.safetensors")
+    start = load_file(tmp_path / "whole" / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(whole[k], start[k]) for k in whole)
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
@@ -102,7 +103,7 @@ def test_non_finite_loss_skips_the_step(shapes_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(loss_deformable_detr.DeformableDetrLoss, "forward", nan_on_second_call)
     train(args(shapes_folder, tmp_path, "--max_steps", 3, "--eval_every_epochs", 0))
     log = open(tmp_path / "train.log").read()
-    assert "step 2: non-finite loss (nan); the step is skipped, 1 so far" in log
+    assert "step 2: non-finite loss or gradient norm (nan); the step is skipped, 1 so far" in log
     assert "1 skipped step(s)" in log
     weights = load_file(tmp_path / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -149,3 +150,8 @@ def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path):
     state = json.load(open(checkpoints[0]))
     assert state["global_step"] >= 2
     assert "continue with --resume_from_checkpoint latest" in log.read_text()
+    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run"):
+        train(args(shapes_folder, tmp_path, "--max_steps", 3))
+    train(args(shapes_folder, tmp_path, "--max_steps", state["global_step"] + 1, "--resume_from_checkpoint", "latest",
+               "--eval_every_epochs", 0))
+    assert len(history(tmp_path)) == state["global_step"] + 1  # one logged loss per step, carried on
