@@ -2,7 +2,8 @@
 
 Every source becomes a `datasets.DatasetDict` in the schema of the Hub's cppe-5 set: `image`, `image_id`,
 `width`, `height` and `objects{id, area, bbox, category}`, with COCO boxes (x, y, w, h in pixels) and the
-class names in the `category` ClassLabel. Sources:
+class names in the `category` ClassLabel; COCO folders add `objects.iscrowd` (crowd regions are not trained on,
+and evaluation ignores detections on them). Sources:
 
 - a Hub dataset id, or a local folder that `datasets.load_dataset` reads (e.g. an imagefolder with a
   `metadata.jsonl` holding `objects`);
@@ -31,18 +32,21 @@ logger = logging.getLogger(__name__)
 SPLIT_NAMES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation", "test": "test"}
 
 
-def detection_features(class_names: list[str]) -> Features:
+def detection_features(class_names: list[str], crowds: bool = False) -> Features:
+    objects = {
+        "id": List(Value("int64")),
+        "area": List(Value("float32")),
+        "bbox": List(List(Value("float32"), length=4)),
+        "category": List(ClassLabel(names=class_names)),
+    }
+    if crowds:
+        objects["iscrowd"] = List(Value("int8"))
     return Features({
         "image": datasets.Image(),
         "image_id": Value("int64"),
         "width": Value("int32"),
         "height": Value("int32"),
-        "objects": {
-            "id": List(Value("int64")),
-            "area": List(Value("float32")),
-            "bbox": List(List(Value("float32"), length=4)),
-            "category": List(ClassLabel(names=class_names)),
-        },
+        "objects": objects,
     })
 
 
@@ -65,9 +69,9 @@ def dataset_format(source: str) -> str:
     return "load_dataset"
 
 
-def _records_to_dataset(records: list[dict], class_names: list[str]) -> Dataset:
+def _records_to_dataset(records: list[dict], class_names: list[str], crowds: bool = False) -> Dataset:
     columns = {key: [r[key] for r in records] for key in ("image", "image_id", "width", "height", "objects")}
-    return Dataset.from_dict(columns, features=detection_features(class_names))
+    return Dataset.from_dict(columns, features=detection_features(class_names, crowds))
 
 
 def _objects(boxes, categories, first_id=0) -> dict:
@@ -189,7 +193,7 @@ def _coco_split(coco: dict, image_folder: str, path: str, index: dict, class_nam
             raise ValueError(f"{where}: category_id {a.get('category_id')!r} is not in 'categories'")
         if len(a.get("bbox", ())) != 4:
             raise ValueError(f"{where}: bbox must be [x, y, w, h], got {a.get('bbox')!r}")
-        if not a.get("iscrowd", 0) and _keep_box(a["bbox"], where):
+        if _keep_box(a["bbox"], where):
             by_image[a["image_id"]].append(a)
     records = []
     for j, image in enumerate(coco["images"]):
@@ -205,9 +209,10 @@ def _coco_split(coco: dict, image_folder: str, path: str, index: dict, class_nam
             "objects": {"id": [a.get("id", j) for j, a in enumerate(objects)],
                         "area": [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in objects],
                         "bbox": [a["bbox"] for a in objects],
-                        "category": [index[a["category_id"]] for a in objects]},
+                        "category": [index[a["category_id"]] for a in objects],
+                        "iscrowd": [int(bool(a.get("iscrowd", 0))) for a in objects]},
         })
-    return _records_to_dataset(records, class_names)
+    return _records_to_dataset(records, class_names, crowds=True)
 
 
 def category_names(dataset: Dataset, source: str) -> list[str]:
@@ -229,14 +234,15 @@ def category_names(dataset: Dataset, source: str) -> list[str]:
 
 
 def objects_of(example: dict) -> dict:
-    """The `objects` of one example as {"bbox", "category", "area"} lists, whether they are stored as a dict of
-    lists or a list of dicts; a missing area is the box's."""
+    """The `objects` of one example as {"bbox", "category", "area", "iscrowd"} lists, whether they are stored as
+    a dict of lists or a list of dicts; a missing area is the box's, a missing iscrowd 0."""
     objects = example["objects"]
     if isinstance(objects, list):
-        objects = {key: [o.get(key) for o in objects] for key in ("bbox", "category", "area")}
-    areas = objects.get("area") or [None] * len(objects["bbox"])
-    areas = [w * h if a is None else a for a, (_, _, w, h) in zip(areas, objects["bbox"])]
-    return {"bbox": objects["bbox"], "category": objects["category"], "area": areas}
+        objects = {key: [o.get(key) for o in objects] for key in ("bbox", "category", "area", "iscrowd")}
+    count = len(objects["bbox"])
+    areas = [w * h if a is None else a for a, (_, _, w, h) in zip(objects.get("area") or [None] * count, objects["bbox"])]
+    crowds = [int(c or 0) for c in objects.get("iscrowd") or [0] * count]
+    return {"bbox": objects["bbox"], "category": objects["category"], "area": areas, "iscrowd": crowds}
 
 
 def load_detection_dataset(source: str, validation_fraction: float = 0.15, seed: int = 0) -> tuple[DatasetDict, list[str]]:
@@ -288,14 +294,15 @@ class DetectionSamples(torch.utils.data.Dataset):
         boxes = np.asarray(objects["bbox"], dtype=np.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         categories, areas = np.asarray(objects["category"], dtype=np.int64), np.asarray(objects["area"], dtype=np.float32)
+        crowds = np.asarray(objects["iscrowd"], dtype=np.int64)
         if self.augmentation is not None:
             rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
             image, boxes, keep = self.augmentation(image, boxes, rng)
-            categories, areas = categories[keep], (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            categories, crowds, areas = categories[keep], crowds[keep], (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         boxes[:, 2:] -= boxes[:, :2]
-        annotation = {"image_id": index, "annotations": [
-            {"bbox": box.tolist(), "category_id": int(c), "area": float(a), "iscrowd": 0}
-            for box, c, a in zip(boxes, categories, areas)]}
+        annotation = {"image_id": index, "annotations": [  # the processor leaves crowd regions out, as DETR
+            {"bbox": box.tolist(), "category_id": int(c), "area": float(a), "iscrowd": int(crowd)}
+            for box, c, a, crowd in zip(boxes, categories, areas, crowds)]}
         return {"image": image, "annotation": annotation}
 
 

@@ -27,9 +27,9 @@ def coco_ground_truth(dataset, class_names: list[str]) -> dict:
     for index, example in enumerate(dataset.select_columns(["objects"])):
         images.append({"id": index})
         objects = objects_of(example)
-        for box, category, area in zip(objects["bbox"], objects["category"], objects["area"]):
+        for box, category, area, crowd in zip(objects["bbox"], objects["category"], objects["area"], objects["iscrowd"]):
             annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": int(category),
-                                "bbox": [float(v) for v in box], "area": float(area), "iscrowd": 0})
+                                "bbox": [float(v) for v in box], "area": float(area), "iscrowd": crowd})
     categories = [{"id": i, "name": name} for i, name in enumerate(class_names)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -62,7 +62,8 @@ def coco_metrics(ground_truth: dict, detections: list[dict]) -> dict:
             name = gt.cats[category_id]["name"]
             values = precision[:, :, k, 0, -1]
             per_class[name] = {"ap": _mean_valid(values), "ap_50": _mean_valid(values[0])}
-    counts = np.bincount([a["category_id"] for a in ground_truth["annotations"]], minlength=len(ground_truth["categories"]))
+    counts = np.bincount([a["category_id"] for a in ground_truth["annotations"] if not a["iscrowd"]],
+                         minlength=len(ground_truth["categories"]))
     for category in ground_truth["categories"]:
         per_class[category["name"]]["objects"] = int(counts[category["id"]])
         if not counts[category["id"]]:

@@ -150,3 +150,25 @@ def test_label_boxes_are_relative_to_each_image_not_the_padded_canvas():
     assert batch["pixel_values"].shape == (2, 3, 64, 96)
     np.testing.assert_allclose(batch["labels"][0]["boxes"].numpy(), [[0.5, 0.5, 1.0, 1.0]], atol=1e-6)
     np.testing.assert_allclose(batch["labels"][1]["boxes"].numpy(), [[0.75, 0.5, 0.5, 0.5]], atol=1e-6)
+
+
+def test_crowd_regions_are_kept_for_evaluation_only(shapes, tmp_path):
+    from deformable_detr.evaluation import coco_ground_truth, coco_metrics
+
+    root = write_coco({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path), "instances")
+    path = os.path.join(root, "annotations", "instances_val.json")
+    coco = json.load(open(path))
+    crowd = coco["annotations"][0] | {"id": 999, "iscrowd": 1, "bbox": [0, 0, 20, 20]}
+    coco["annotations"].append(crowd)
+    json.dump(coco, open(path, "w"))
+    splits, names = load_detection_dataset(root)
+    image = [i for i, image_id in enumerate(splits["validation"]["image_id"]) if image_id == crowd["image_id"]][0]
+    assert splits["validation"][image]["objects"]["iscrowd"][-1] == 1
+    batch = DetectionCollator(DeformableDetrImageProcessor())([DetectionSamples(splits["validation"])[image]])
+    assert len(batch["labels"][0]["class_labels"]) == len(splits["validation"][image]["objects"]["bbox"]) - 1  # not trained on
+    truth = coco_ground_truth(splits["validation"], names)
+    detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+                  for a in truth["annotations"]]  # the crowd region too: ignored, not a false positive
+    metrics = coco_metrics(truth, detections)
+    assert metrics["map"] == pytest.approx(1.0)
+    assert sum(c["objects"] for c in metrics["per_class"].values()) == len(truth["annotations"]) - 1
