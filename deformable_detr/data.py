@@ -69,14 +69,16 @@ def dataset_format(source: str) -> str:
     return "load_dataset"
 
 
-def _records_to_dataset(records: list[dict], class_names: list[str], crowds: bool = False) -> Dataset:
+def records_to_dataset(records: list[dict], class_names: list[str], crowds: bool = False) -> Dataset:
+    """Rows of the schema (`image` a path or a PIL image) -> a Dataset whose `category` names the classes."""
     columns = {key: [r[key] for r in records] for key in ("image", "image_id", "width", "height", "objects")}
     return Dataset.from_dict(columns, features=detection_features(class_names, crowds))
 
 
-def _objects(boxes, categories, first_id=0) -> dict:
+def objects_of_boxes(boxes: list, categories: list) -> dict:
+    """The `objects` of one image from its COCO boxes and class ids."""
     return {
-        "id": list(range(first_id, first_id + len(boxes))),
+        "id": list(range(len(boxes))),
         "area": [w * h for _, _, w, h in boxes],
         "bbox": boxes,
         "category": categories,
@@ -114,9 +116,9 @@ def load_voc(folder: str) -> tuple[dict[str, Dataset], list[str]]:
             kept = [(name, box) for name, box in item["objects"] if _keep_box(box, item["xml"])]
             boxes, names = [box for _, box in kept], [index[name] for name, _ in kept]
             records.append({"image": item["image"], "image_id": image_id, "width": item["width"],
-                            "height": item["height"], "objects": _objects(boxes, names)})
+                            "height": item["height"], "objects": objects_of_boxes(boxes, names)})
             image_id += 1
-        splits[split] = _records_to_dataset(records, class_names)
+        splits[split] = records_to_dataset(records, class_names)
     return splits, class_names
 
 
@@ -212,7 +214,7 @@ def _coco_split(coco: dict, image_folder: str, path: str, index: dict, class_nam
                         "category": [index[a["category_id"]] for a in objects],
                         "iscrowd": [int(bool(a.get("iscrowd", 0))) for a in objects]},
         })
-    return _records_to_dataset(records, class_names, crowds=True)
+    return records_to_dataset(records, class_names, crowds=True)
 
 
 def category_names(dataset: Dataset, source: str) -> list[str]:

@@ -6,7 +6,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import _records_to_dataset
+from .data import objects_of_boxes, records_to_dataset
 
 CLASS_NAMES = ["circle", "square", "triangle"]
 
@@ -47,6 +47,5 @@ def shapes_dataset(num_images: int, image_size: int = 128, max_objects: int = 4,
     for index in range(num_images):
         image, boxes, categories = draw_shapes(rng, image_size, max_objects)
         records.append({"image": image, "image_id": index, "width": image_size, "height": image_size,
-                        "objects": {"id": list(range(len(boxes))), "area": [w * h for _, _, w, h in boxes],
-                                    "bbox": boxes, "category": categories}})
-    return _records_to_dataset(records, CLASS_NAMES)
+                        "objects": objects_of_boxes(boxes, categories)})
+    return records_to_dataset(records, CLASS_NAMES)

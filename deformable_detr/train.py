@@ -38,9 +38,13 @@ SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --s
 TRACKING_DIR = "deformable-detr"  # TensorBoard runs, under --output_dir
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's lines and shows every default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="deformable-detr-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="deformable-detr-train", description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True,
                       help="a Hub dataset id (cppe-5 schema), a save_to_disk folder, a COCO folder (Roboflow's "
@@ -62,29 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
                        "(a .safetensors/.pth file with torchvision names, or a Hub id)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--learning_rate", type=float, default=2e-4)
-    optim.add_argument("--backbone_learning_rate", type=float, default=2e-5)
+    optim.add_argument("--learning_rate", type=float, default=2e-4, help="AdamW lr of the transformer and heads")
+    optim.add_argument("--backbone_learning_rate", type=float, default=2e-5, help="AdamW lr of the backbone")
     optim.add_argument("--sampling_lr_factor", type=float, default=0.1,
                        help="lr multiplier of the sampling offsets and reference points")
-    optim.add_argument("--weight_decay", type=float, default=1e-4)
+    optim.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay, for every parameter")
     optim.add_argument("--max_grad_norm", type=float, default=0.1, help="gradient norm clip (0: none)")
     optim.add_argument("--lr_drop", type=float, default=0.8, help="share of the steps after which the lr is x0.1 (paper: 40 of 50 epochs)")
-    optim.add_argument("--per_device_train_batch_size", type=int, default=2)
-    optim.add_argument("--per_device_eval_batch_size", type=int, default=2)
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--num_train_epochs", type=int, default=50)
+    optim.add_argument("--per_device_train_batch_size", type=int, default=2, help="images per step and process")
+    optim.add_argument("--per_device_eval_batch_size", type=int, default=2, help="images per evaluation batch and process")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches summed into one optimiser step")
+    optim.add_argument("--num_train_epochs", type=int, default=50, help="passes over the training split (paper: 50)")
     optim.add_argument("--max_steps", type=int, default=None, help="optimiser steps; overrides --num_train_epochs")
     optim.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
                        help="default: what `accelerate config` chose, else no")
-    optim.add_argument("--seed", type=int, default=42)
+    optim.add_argument("--seed", type=int, default=42, help="initialisation, data order, augmentation, validation split")
 
     run = parser.add_argument_group("outputs and checkpoints")
-    run.add_argument("--output_dir", default="outputs/deformable-detr")
+    run.add_argument("--output_dir", default="outputs/deformable-detr", help="model, card, log, checkpoints")
     run.add_argument("--checkpointing_steps", default="epoch", help='"epoch", a number of steps, or "no"')
     run.add_argument("--checkpoints_total_limit", type=int, default=2, help="older checkpoints are deleted")
     run.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest" (in --output_dir)')
     run.add_argument("--eval_every_epochs", type=int, default=1, help="COCO evaluation every N epochs (0: only at the end)")
-    run.add_argument("--logging_steps", type=int, default=10)
+    run.add_argument("--logging_steps", type=int, default=10, help="steps between log lines (mean loss terms, lr)")
     run.add_argument("--with_tracking", action="store_true", help="log to TensorBoard in --output_dir/" + TRACKING_DIR)
 
     hub = parser.add_argument_group("the Hub")
