@@ -314,11 +314,11 @@ def train(argv=None) -> dict | None:
                 batches = accelerator.skip_first_batches(train_loader, state["batches_in_epoch"])
             for batch in batches:
                 with accelerator.accumulate(model):
-                    outputs, window_bad, stopping = forward_backward(model, batch, accelerator, window_bad, stop.requested)
+                    outputs, finite, window_bad, stopping = forward_backward(model, batch, accelerator, window_bad, stop.requested)
                     if accelerator.sync_gradients:
                         optimiser_step(model, optimizer, scheduler, accelerator, args, state, window_bad, outputs.loss)
                 state["batches_in_epoch"] += 1
-                if torch.isfinite(outputs.loss):
+                if finite:
                     running.append({"loss": outputs.loss.item()} | main_terms(outputs.loss_dict))
                 if not accelerator.sync_gradients:
                     continue
@@ -398,14 +398,15 @@ def make_loaders(args, splits, processor):
 def forward_backward(model, batch, accelerator, window_bad: bool, stop_requested: bool):
     """The loss of one batch, and its backward pass unless the accumulation window already saw a non-finite
     loss. Non-finite losses and stop requests are summed over processes, so that all of them skip or stop
-    together. Returns (outputs, window_bad, stopping)."""
+    together. Returns (outputs, finite on every process, window_bad, stopping)."""
     outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
     flags = torch.tensor([float(not torch.isfinite(outputs.loss)), float(stop_requested)], device=accelerator.device)
     flags = accelerator.reduce(flags, "sum")
-    window_bad = window_bad or bool(flags[0])
+    finite = not flags[0]
+    window_bad = window_bad or not finite
     if not window_bad:
         accelerator.backward(outputs.loss)
-    return outputs, window_bad, bool(flags[1])
+    return outputs, finite, window_bad, bool(flags[1])
 
 
 def optimiser_step(model, optimizer, scheduler, accelerator, args, state: dict, window_bad: bool, loss):
@@ -438,9 +439,12 @@ def ignore_interrupts(worker_id: int):
 
 
 def log_training(accelerator, state: dict, running: list[dict], lr: float, epoch: int):
+    """Logs the loss terms averaged over the steps since the last log and over the processes (every process
+    holds as many, since they skip steps together)."""
     if not running:
         return
-    means = {k: sum(r[k] for r in running) / len(running) for k in running[0]}
+    local = torch.tensor([[r[k] for k in running[0]] for r in running], device=accelerator.device).mean(0)
+    means = dict(zip(running[0], accelerator.reduce(local, "mean").tolist()))
     state["history"].append({"step": state["global_step"], "epoch": epoch + 1, "lr": lr} | means)
     accelerator.log({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr}, step=state["global_step"])
     logger.info("step %d, epoch %d: %s, lr %.2e%s", state["global_step"], epoch + 1,
