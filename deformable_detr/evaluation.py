@@ -17,6 +17,7 @@ from .data import objects_of
 
 SUMMARY_NAMES = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
                  "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
+AREA_RANGES = {"all": (0, 1e10), "small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}  # COCO's
 SUMMARY_LABELS = ["mAP@[.5:.95]", "mAP@.50", "mAP@.75", "mAP small", "mAP medium", "mAP large",
                   "mAR@1", "mAR@10", "mAR@100", "mAR small", "mAR medium", "mAR large"]
 
@@ -43,8 +44,14 @@ def coco_metrics(ground_truth: dict, detections: list[dict]) -> dict:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    if not detections:
-        summary = dict.fromkeys(SUMMARY_NAMES, 0.0)
+    if not detections:  # pycocotools cannot load none: 0, or -1 where the data has no such objects, as it would say
+        areas = [a["area"] for a in ground_truth["annotations"] if not a["iscrowd"]]
+
+        def has_objects(name: str) -> bool:  # map_small -> small; map_50, mar_100 -> all
+            low, high = AREA_RANGES.get(name.split("_")[-1], AREA_RANGES["all"])
+            return any(low <= area <= high for area in areas)
+
+        summary = {name: 0.0 if has_objects(name) else -1.0 for name in SUMMARY_NAMES}
         per_class = {c["name"]: {"ap": 0.0, "ap_50": 0.0} for c in ground_truth["categories"]}
     else:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress

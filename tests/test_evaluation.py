@@ -43,3 +43,5 @@ def test_wrong_class_and_no_detections(ground_truth):
     assert coco_metrics(ground_truth, wrong)["map"] == pytest.approx(0.0)
     empty = coco_metrics(ground_truth, [])
     assert empty["map"] == 0.0 and empty["per_class"]["circle"]["ap"] == 0.0
+    assert empty["map_large"] == empty["mar_large"] == -1  # as pycocotools says when detections exist
+    assert set(empty) == set(coco_metrics(ground_truth, detections_from(ground_truth)))
