@@ -17,9 +17,9 @@ from .data import objects_of
 
 SUMMARY_NAMES = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
                  "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
-AREA_RANGES = {"all": (0, 1e10), "small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}  # COCO's
 SUMMARY_LABELS = ["mAP@[.5:.95]", "mAP@.50", "mAP@.75", "mAP small", "mAP medium", "mAP large",
                   "mAR@1", "mAR@10", "mAR@100", "mAR small", "mAR medium", "mAR large"]
+AREA_RANGES = {"all": (0, 1e10), "small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}  # COCO's
 
 
 def coco_ground_truth(dataset, class_names: list[str]) -> dict:
@@ -98,13 +98,13 @@ def format_metrics(metrics: dict) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, processor, dataloader, accelerator, ground_truth: dict, progress: bool = True) -> dict:
+def evaluate(model, processor, dataloader, accelerator, ground_truth: dict) -> dict:
     """Runs `model` over a prepared `dataloader` of `DetectionCollator` batches (image ids = row indices) in
     every process, gathers the top-100 detections per image, and scores them with `coco_metrics`."""
     was_training = model.training
     model.eval()
     detections = {}
-    for batch in tqdm(dataloader, desc="evaluating", disable=not (progress and accelerator.is_local_main_process), leave=False):
+    for batch in tqdm(dataloader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
         results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=batch["orig_sizes"], top_k=100)
         for label, result in zip(batch["labels"], results):
