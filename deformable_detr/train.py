@@ -369,11 +369,10 @@ def setup_logging(state, output_dir: str):
         handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logger.handlers = handlers
-    logger.setLevel(logging.INFO if state.is_main_process else logging.WARNING)
-    logger.propagate = False
-    for name in ("deformable_detr.data",):
-        logging.getLogger(name).handlers, logging.getLogger(name).level = handlers, logger.level
+    package = logging.getLogger("deformable_detr")  # this module's logger and data.py's report through it
+    package.handlers = handlers
+    package.setLevel(logging.INFO if state.is_main_process else logging.WARNING)
+    package.propagate = False
 
 
 def make_loaders(args, splits, processor):
