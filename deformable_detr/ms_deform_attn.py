@@ -8,15 +8,18 @@ Notation, used in every shape below:
 """
 
 import math
+import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ms_deform_attn_cpu import error_summary
+from .ms_deform_attn_cpu import load as load_cpu_kernel
 from .ms_deform_attn_triton import available as triton_available
 from .ms_deform_attn_triton import backward as triton_backward
 from .ms_deform_attn_triton import forward as triton_forward
-from .ms_deform_attn_cpu import load as load_cpu_kernel
 
 
 def _shapes_as_list(spatial_shapes) -> list[tuple[int, int]]:
@@ -46,7 +49,7 @@ def multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_l
         (B, Q, M * D)
     """
     shapes = _checked_shapes(spatial_shapes, value)
-    B, S, M, D = value.shape
+    B, _, M, D = value.shape
     _, Q, _, L, K, _ = sampling_locations.shape
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
@@ -124,9 +127,12 @@ def _fused(backend, value, spatial_shapes, sampling_locations, attention_weights
     starts = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))], dtype=torch.int64, device=value.device)
     shapes = torch.tensor(shapes, dtype=torch.int64, device=value.device)
     dtype = value.dtype if value.dtype in _DTYPES[backend] else torch.float32
+    # locations and weights stay in the sums' precision: in bf16 a location on a 167-pixel-wide map would be
+    # off by up to a third of a pixel
+    precise = torch.float64 if dtype == torch.float64 else torch.float32
     B, Q, M = sampling_locations.shape[:3]
-    output = _FUSED[backend](value.to(dtype).contiguous(), shapes, starts, sampling_locations.to(dtype).contiguous(),
-                             attention_weights.to(dtype).contiguous())
+    output = _FUSED[backend](value.to(dtype).contiguous(), shapes, starts, sampling_locations.to(precise).contiguous(),
+                             attention_weights.to(precise).contiguous())
     return output.view(B, Q, M * value.shape[-1]).to(value.dtype)
 
 
@@ -147,15 +153,88 @@ BACKENDS = {
 }
 
 
+_triton_checks: dict[torch.device, str | None] = {}  # device -> why Triton failed its self-check; None: passed
+_triton_checks_lock = threading.Lock()
+_FALLBACKS = {"cpu": "the fused C++ kernel", "reference": "the grid_sample reference (slower, more memory)"}
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index, so that torch.device("cuda") and the current "cuda:i" are one device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _compare_triton_with_reference(device: torch.device) -> str | None:
+    """Forward and backward of the Triton kernels against the reference, in fp32, on a small random input:
+    L = 2 levels, Q = 5, M = 2, D = 8, K = 2, some points outside the maps. -> the mismatch, or None."""
+    # the caller may be in no_grad, inference mode or autocast
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        g = torch.Generator().manual_seed(0)
+        shapes = [(4, 5), (2, 3)]
+        value = torch.randn(1, 26, 2, 8, generator=g)  # (B, S, M, D)
+        locations = torch.rand(1, 5, 2, 2, 2, 2, generator=g) * 1.4 - 0.2  # (B, Q, M, L, K, 2), from -0.2 to 1.2
+        weights = torch.rand(1, 5, 2, 2, 2, generator=g)  # (B, Q, M, L, K)
+        grad_output = torch.randn(1, 5, 16, generator=g).to(device)  # (B, Q, M * D)
+        results = {}
+        for backend in ("triton", "reference"):
+            inputs = [t.to(device).detach().requires_grad_(True) for t in (value, locations, weights)]  # fresh leaves
+            output = BACKENDS[backend](inputs[0], shapes, inputs[1], inputs[2])
+            output.backward(grad_output)
+            results[backend] = [output.detach()] + [t.grad for t in inputs]
+    names = ("output", "value gradient", "sampling_locations gradient", "attention_weights gradient")
+    for name, ours, reference in zip(names, results["triton"], results["reference"]):
+        difference = ((ours - reference).abs().max() / reference.abs().max().clamp(min=1.0)).item()
+        if not difference <= 1e-4:  # NaN included
+            return f"its {name} differs from the reference's by {difference:.2g} (relative)"
+    return None
+
+
+def _backends_without_triton(device: torch.device) -> list[str]:
+    """The backends after Triton on `device`, fastest first."""
+    return (["cpu"] if device.type == "cpu" and load_cpu_kernel() is not None else []) + ["reference"]
+
+
+def triton_self_check(device: torch.device | str) -> str | None:
+    """Why the Triton kernels cannot be used on `device`, or None when they pass their self-check there.
+
+    The check runs once per device and process (the result is cached): forward and backward of a small fp32
+    input against the grid_sample reference, milliseconds on a GPU. `available_backends` runs it before it
+    first offers Triton for a device. A failure (an exception, such as a Triton compile error, or a relative
+    difference over 1e-4) warns once (RuntimeWarning) and the device uses the next backend from then on. The
+    explicit `multi_scale_deformable_attention_triton` (BACKENDS["triton"]) stays a direct, unchecked call.
+    """
+    device = _indexed(torch.device(device))
+    if not triton_available(device):
+        return f"Triton is not available on {device}"
+    with _triton_checks_lock:
+        if device not in _triton_checks:
+            try:
+                failure = _compare_triton_with_reference(device)
+            except Exception as error:  # noqa: BLE001 -- whatever breaks, the next backend takes over
+                failure = error_summary(error)
+            if failure is not None:
+                name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+                warnings.warn(f"The Triton kernels of multi-scale deformable attention fail their self-check on {name}: "
+                              f"{failure}\nUsing {_FALLBACKS[_backends_without_triton(device)[0]]} instead.",
+                              RuntimeWarning)
+            _triton_checks[device] = failure
+        return _triton_checks[device]
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends that can run on `device` here, fastest first."""
+    """The backends that can run on `device` here, fastest first; Triton once it passes `triton_self_check`."""
     device = torch.device(device)
-    found = []
-    if triton_available(device):
-        found.append("triton")
-    if device.type == "cpu" and load_cpu_kernel() is not None:
-        found.append("cpu")
-    return found + ["reference"]
+    others = _backends_without_triton(device)
+    if not triton_available(device):
+        return others
+    # torch.compile and torch.export trace with fake tensors, on which no check can run: there a device not yet
+    # checked gets Triton unchecked, and the first eager call is where the check happens
+    if torch.compiler.is_compiling():
+        failure = _triton_checks.get(_indexed(device))
+    else:
+        failure = triton_self_check(device)
+    return others if failure else ["triton", *others]
 
 
 def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights, backend="auto"):

@@ -15,6 +15,7 @@ by one thread and needs no atomics.
 import logging
 import os
 import threading
+import warnings
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +220,20 @@ _lock = threading.Lock()
 _state = {"tried": False, "module": None}
 
 
+def error_summary(error: BaseException, lines: int = 6, width: int = 200) -> str:
+    """The error as "Type: message", at most `lines` lines (the first and the last: build logs and Triton's
+    compile errors put the cause at the end), each cut at `width` characters."""
+    text = f"{type(error).__name__}: {error}".splitlines()
+    if len(text) > lines:
+        text = text[:lines // 2] + ["[...]"] + text[-(lines - lines // 2):]
+    return "\n".join(line if len(line) <= width else line[:width] + " [...]" for line in text)
+
+
 def load():
-    """The compiled extension, or None where it cannot be built (no compiler, DEFORMABLE_DETR_NO_CPU_KERNEL=1)."""
+    """The compiled extension, or None where it cannot be built (no compiler, DEFORMABLE_DETR_NO_CPU_KERNEL=1).
+
+    A failed build warns once (RuntimeWarning), as the grid_sample reference then takes over; the opt-out is silent.
+    """
     with _lock:
         if _state["tried"]:
             return _state["module"]
@@ -239,6 +252,12 @@ def load():
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
-        except Exception as error:  # no compiler, no headers: the reference takes over
-            logger.warning("fused CPU deformable attention unavailable, using the reference (%s)", error)
+        except Exception as error:  # noqa: BLE001 -- no compiler, no headers: the reference takes over
+            logger.info("the fused CPU kernel's build failed:\n%s", error)  # in full, for the training log
+            warnings.warn(
+                f"The fused CPU kernel of multi-scale deformable attention could not be built:\n{error_summary(error)}\n"
+                "Using the grid_sample reference instead: several times slower on the CPU and more memory. "
+                "Set DEFORMABLE_DETR_NO_CPU_KERNEL=1 to skip the build (and this warning).",
+                RuntimeWarning,
+            )
         return _state["module"]
