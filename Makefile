@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install test demo gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +23,9 @@ test: install
 demo: install
 	$(PY) scripts/demo.py
 
+# on a GPU machine, with the torch, triton and transformers there: no install step (see scripts/gpu_check.py)
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out gpu-check
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs gpu-check

@@ -66,12 +66,12 @@ if triton is not None:
         b, m, q, d, q_ok, d_ok = _tile(Q, M, D, BLOCK_Q, BLOCK_D)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
         point_base = ((b * Q + q) * M + m) * (L * K)
-        for l in tl.static_range(L):
-            H = tl.load(shapes + 2 * l)
-            W = tl.load(shapes + 2 * l + 1)
-            start = tl.load(starts + l)
+        for level in tl.static_range(L):
+            H = tl.load(shapes + 2 * level)
+            W = tl.load(shapes + 2 * level + 1)
+            start = tl.load(starts + level)
             for k in tl.static_range(K):
-                p = point_base + l * K + k
+                p = point_base + level * K + k
                 a, x0, y0, fx, fy = _point(loc, attn, p, q_ok, W, H, ACC)
                 for c in tl.static_range(4):
                     idx, w, _, _, valid = _corner(x0, y0, c % 2, c // 2, W, H, fx, fy)
@@ -90,12 +90,12 @@ if triton is not None:
         rows = ((b * Q + q) * M + m) * D
         g = tl.load(grad_out + rows[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
         point_base = ((b * Q + q) * M + m) * (L * K)
-        for l in tl.static_range(L):
-            H = tl.load(shapes + 2 * l)
-            W = tl.load(shapes + 2 * l + 1)
-            start = tl.load(starts + l)
+        for level in tl.static_range(L):
+            H = tl.load(shapes + 2 * level)
+            W = tl.load(shapes + 2 * level + 1)
+            start = tl.load(starts + level)
             for k in tl.static_range(K):
-                p = point_base + l * K + k
+                p = point_base + level * K + k
                 a, x0, y0, fx, fy = _point(loc, attn, p, q_ok, W, H, ACC)
                 grad_a = tl.zeros((BLOCK_Q,), dtype=ACC)
                 grad_x = tl.zeros((BLOCK_Q,), dtype=ACC)

@@ -40,12 +40,17 @@ def draw_shapes(rng: random.Random, size: int, max_objects: int) -> tuple[Image.
     return image, boxes, categories
 
 
-def shapes_dataset(num_images: int, image_size: int = 128, max_objects: int = 4, seed: int = 0):
-    """A `datasets.Dataset` in the detection schema (see data.py) with `num_images` images."""
+def shapes_records(num_images: int, image_size: int = 128, max_objects: int = 4, seed: int = 0) -> list[dict]:
+    """`num_images` rows of the detection schema (see data.py), images as PIL images; no `datasets` needed."""
     rng = random.Random(seed)
     records = []
     for index in range(num_images):
         image, boxes, categories = draw_shapes(rng, image_size, max_objects)
         records.append({"image": image, "image_id": index, "width": image_size, "height": image_size,
                         "objects": objects_of_boxes(boxes, categories)})
-    return records_to_dataset(records, CLASS_NAMES)
+    return records
+
+
+def shapes_dataset(num_images: int, image_size: int = 128, max_objects: int = 4, seed: int = 0):
+    """A `datasets.Dataset` in the detection schema (see data.py) with `num_images` images."""
+    return records_to_dataset(shapes_records(num_images, image_size, max_objects, seed), CLASS_NAMES)

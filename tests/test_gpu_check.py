@@ -1,0 +1,41 @@
+"""scripts/gpu_check.py on the CPU (`--device cpu --quick`: the Triton kernels in Triton's interpreter, small
+models), so that the GPU check cannot rot between the sessions that have a GPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="the op checks run the Triton kernels in Triton's interpreter")
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_check.py")
+
+
+def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--quick", "--sweep", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = report["rows"]
+    assert not [row for row in rows if row["verdict"] == "fail"]
+    names = " | ".join(f"{row['section']}: {row['name']}" for row in rows)
+    for expected in ("self-check", "encoder", "decoder", "float16", "bfloat16", "pixel edges", "padded values",
+                     "non-contiguous", "empty batch", "fp64 gradcheck", "copy bandwidth", "forward+backward",
+                     "launch settings", "ours vs transformers", "torch.compile", "ours, bf16: loss", "transformers, fp16: step"):
+        assert expected in names, expected
+    # every op check compared something: values are real numbers below their limits
+    checks = [row for row in rows if "limit" in row["figures"]]
+    assert len(checks) >= 20 and all(0 <= row["figures"]["value"] <= row["figures"]["limit"] for row in checks)
+    assert "| pass |" in (tmp_path / "report.md").read_text()
+
+
+def test_gpu_check_without_cuda_says_so(tmp_path):
+    """Asked for CUDA where there is none: a clear message and exit status 2, no traceback."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "CUDA is not available" in result.stdout and "Traceback" not in result.stderr
