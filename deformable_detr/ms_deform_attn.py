@@ -166,16 +166,18 @@ def _indexed(device: torch.device) -> torch.device:
 
 
 def _compare_triton_with_reference(device: torch.device) -> str | None:
-    """Forward and backward of the Triton kernels against the reference, in fp32, on a small random input:
-    L = 2 levels, Q = 5, M = 2, D = 8, K = 2, some points outside the maps. -> the mismatch, or None."""
+    """Forward and backward of the Triton kernels against the reference, in fp32, on a small random input with
+    the paper's M = 8 heads of D = 32 channels, L = 4 levels and K = 4 points (so that the kernels compiled for the
+    check are those a standard model runs next: one compile, not two), tiny maps, Q = 5, some points outside the
+    maps. -> the mismatch, or None."""
     # the caller may be in no_grad, inference mode or autocast
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
         g = torch.Generator().manual_seed(0)
-        shapes = [(4, 5), (2, 3)]
-        value = torch.randn(1, 26, 2, 8, generator=g)  # (B, S, M, D)
-        locations = torch.rand(1, 5, 2, 2, 2, 2, generator=g) * 1.4 - 0.2  # (B, Q, M, L, K, 2), from -0.2 to 1.2
-        weights = torch.rand(1, 5, 2, 2, 2, generator=g)  # (B, Q, M, L, K)
-        grad_output = torch.randn(1, 5, 16, generator=g).to(device)  # (B, Q, M * D)
+        shapes = [(4, 5), (2, 3), (1, 2), (1, 1)]
+        value = torch.randn(1, 29, 8, 32, generator=g)  # (B, S, M, D)
+        locations = torch.rand(1, 5, 8, 4, 4, 2, generator=g) * 1.4 - 0.2  # (B, Q, M, L, K, 2), from -0.2 to 1.2
+        weights = torch.rand(1, 5, 8, 4, 4, generator=g)  # (B, Q, M, L, K)
+        grad_output = torch.randn(1, 5, 256, generator=g).to(device)  # (B, Q, M * D)
         results = {}
         for backend in ("triton", "reference"):
             inputs = [t.to(device).detach().requires_grad_(True) for t in (value, locations, weights)]  # fresh leaves

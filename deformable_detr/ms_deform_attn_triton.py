@@ -110,7 +110,8 @@ if triton is not None:
                     grad_a += w * dot
                     grad_x += w_x * dot
                     grad_y += w_y * dot
-                    tl.atomic_add(grad_value + corner_rows[:, None] + d[None, :], (a * w)[:, None] * g, mask=tile)
+                    # relaxed: the sums need atomicity, not ordering (the default, acq_rel, also orders memory)
+                    tl.atomic_add(grad_value + corner_rows[:, None] + d[None, :], (a * w)[:, None] * g, mask=tile, sem="relaxed")
                 tl.store(grad_attn + p, grad_a, mask=q_ok)
                 tl.store(grad_loc + 2 * p, a * grad_x * W, mask=q_ok)
                 tl.store(grad_loc + 2 * p + 1, a * grad_y * H, mask=q_ok)
