@@ -116,7 +116,8 @@ def padded_batch(seed=0):
     return pixel_values, pixel_mask
 
 
-BCCD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bccd"
+BCCD = Path(__file__).resolve().parent / "data" / "bccd"  # 13 images of BCCD, vendored (see its README)
+BCCD_FULL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bccd"  # only beside this project's CI
 BCCD_CLASSES = ["RBC", "WBC", "Platelets"]
 
 

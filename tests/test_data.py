@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import PIL.Image
@@ -13,7 +14,7 @@ from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
 from deformable_detr.transforms import DetrAugmentation
 
 from datasets_on_disk import write_coco, write_imagefolder, write_voc
-from helpers import BCCD
+from helpers import BCCD, BCCD_FULL
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +86,23 @@ def test_folder_that_datasets_reads(shapes, tmp_path):
     assert len(splits["train"]) + len(splits["validation"]) == 5
 
 
-def test_bccd():
+def test_bccd_subset():
+    """The vendored 13 images: the full set's splits, and every box but the one of zero area in 00338 and 00343."""
     with pytest.warns(UserWarning, match="BloodImage_00338.xml: box .* has no area"):
         splits, names = load_detection_dataset(BCCD)
+    assert names == ["Platelets", "RBC", "WBC"]
+    assert {k: len(v) for k, v in splits.items()} == {"train": 8, "validation": 3, "test": 2}
+    assert sum(len(o["bbox"]) for s in splits.values() for o in s["objects"]) == 225 - 2
+    val = {row["image_id"]: row for row in splits["validation"]}
+    assert sorted(len(row["objects"]["bbox"]) for row in val.values()) == sorted(
+        len(ET.parse(BCCD / "Annotations" / f"{name}.xml").findall("object")) - (name == "BloodImage_00338")
+        for name in ("BloodImage_00000", "BloodImage_00002", "BloodImage_00338"))
+
+
+@pytest.mark.skipif(not BCCD_FULL.is_dir(), reason=f"the full BCCD set is not at {BCCD_FULL} (only beside this project's CI)")
+def test_bccd():
+    with pytest.warns(UserWarning, match="BloodImage_00338.xml: box .* has no area"):
+        splits, names = load_detection_dataset(BCCD_FULL)
     assert names == ["Platelets", "RBC", "WBC"]
     assert {k: len(v) for k, v in splits.items()} == {"train": 205, "validation": 87, "test": 72}
     # 4,888 boxes in the README, two of them without area
