@@ -4,6 +4,7 @@ its class and box heads (`DeformableDetrForObjectDetection`).
 Shapes: B batch, C = d_model, L levels, S = sum_l H_l * W_l encoder positions, Q queries, N classes.
 """
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,15 @@ from .ms_deform_attn import MultiScaleDeformableAttention
 from .position_encoding import PositionEmbeddingLearned, build_position_encoding
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class (focal-loss init)
+
+
+def _converters():
+    """convert_deformable_detr.py of the installed package. It is imported by name, not with `from .`, so that
+    `save_pretrained` (which copies every module this file imports relatively) leaves it out of saved models."""
+    try:
+        return importlib.import_module("deformable_detr.convert_deformable_detr")
+    except ImportError as error:
+        raise ImportError("converting checkpoints needs this model's package: pip install hub-deformable-detr") from error
 
 
 @dataclass
@@ -316,16 +326,12 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
     def from_transformers(cls, source) -> "DeformableDetrForObjectDetection":
         """transformers' DeformableDetrForObjectDetection (in memory, or a saved folder / Hub id of one, v4 or v5
         layout) -> ours, with the same outputs."""
-        from .convert_deformable_detr import from_transformers
-
-        return from_transformers(source)
+        return _converters().from_transformers(source)
 
     @classmethod
     def from_original_checkpoint(cls, path, **config_overrides) -> "DeformableDetrForObjectDetection":
         """A fundamentalvision/Deformable-DETR `.pth` -> ours; its stored args set the architecture."""
-        from .convert_deformable_detr import from_original_checkpoint
-
-        return from_original_checkpoint(path, **config_overrides)
+        return _converters().from_original_checkpoint(path, **config_overrides)
 
     def set_labels(self, class_names: list[str]):
         """A new label set: `config.id2label`/`label2id` follow `class_names`, and every class head (also the
