@@ -5,12 +5,12 @@ from transformers.utils import logging as hf_logging
 
 from .configuration_deformable_detr import DeformableDetrConfig
 from .image_processing_deformable_detr import DeformableDetrImageProcessor
-from .ms_deform_attn import multi_scale_deformable_attention
 from .modeling_deformable_detr import (
     DeformableDetrForObjectDetection,
     DeformableDetrModel,
     DeformableDetrPreTrainedModel,
 )
+from .ms_deform_attn import multi_scale_deformable_attention
 
 __all__ = [
     "DeformableDetrConfig",
@@ -31,7 +31,9 @@ AutoModelForObjectDetection.register(DeformableDetrConfig, DeformableDetrForObje
 _verbosity = hf_logging.get_verbosity()
 hf_logging.set_verbosity_error()
 try:
-    AutoImageProcessor.register(DeformableDetrConfig, image_processor_classes={"pil": DeformableDetrImageProcessor}, exist_ok=True)
+    AutoImageProcessor.register(
+        DeformableDetrConfig, image_processor_classes={"pil": DeformableDetrImageProcessor}, exist_ok=True
+    )
 finally:
     hf_logging.set_verbosity(_verbosity)
 DeformableDetrConfig.register_for_auto_class()

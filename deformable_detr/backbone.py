@@ -139,7 +139,7 @@ class Backbone(nn.Module):
             norm = FrozenBatchNorm2d if frozen else nn.BatchNorm2d
             self.body = ResNet(config.backbone, config.num_channels, config.dilation, norm)
             # the last min(L, 3) of layer2..layer4, as in the paper (L = 1 takes layer4 alone)
-            self.out_indices = [1, 2, 3][-min(config.num_feature_levels, 3):]
+            self.out_indices = [1, 2, 3][-min(config.num_feature_levels, 3) :]
             self.channels = [self.body.channels[i] for i in self.out_indices]
             self.strides = [self.body.strides[i] for i in self.out_indices]
             self.frozen_prefixes = ("conv1.", "bn1.", "layer1.")
@@ -156,7 +156,9 @@ class Backbone(nn.Module):
                     f"{config.num_feature_levels}; ask the backbone_config for fewer out_features"
                 )
             # as the paper: the stem and the first stage stay frozen in a ResNet
-            self.frozen_prefixes = ("embedder.", "encoder.stages.0.") if "resnet" in config.backbone_config.model_type else ()
+            self.frozen_prefixes = (
+                ("embedder.", "encoder.stages.0.") if "resnet" in config.backbone_config.model_type else ()
+            )
         if not frozen:  # trained from scratch: every layer learns
             self.frozen_prefixes = ()
         for name, parameter in self.body.named_parameters():
@@ -207,7 +209,13 @@ def _read_state_dict(source: str) -> dict:
     return state
 
 
-BACKBONE_PREFIXES = ("module.", "model.backbone.conv_encoder.model.", "model.backbone.body.", "backbone.0.body.", "_backbone.")
+BACKBONE_PREFIXES = (
+    "module.",
+    "model.backbone.conv_encoder.model.",
+    "model.backbone.body.",
+    "backbone.0.body.",
+    "_backbone.",
+)
 
 
 def load_backbone_weights(body: ResNet, source: str):
@@ -216,16 +224,20 @@ def load_backbone_weights(body: ResNet, source: str):
     state = {}
     for key, value in _read_state_dict(source).items():
         for prefix in BACKBONE_PREFIXES:
-            key = key[len(prefix):] if key.startswith(prefix) else key
+            key = key[len(prefix) :] if key.startswith(prefix) else key
         if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
             state[key] = value
     expected = {k: v for k, v in body.state_dict().items() if not k.endswith("num_batches_tracked")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"backbone weights {source!r} do not fit this ResNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"backbone weights {source!r} do not fit this ResNet: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     wrong = [k for k in state if state[k].shape != expected[k].shape]
     if wrong:
-        raise ValueError(f"backbone weights {source!r}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
-                         f"this ResNet wants {tuple(expected[wrong[0]].shape)} (another depth?)")
+        raise ValueError(
+            f"backbone weights {source!r}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+            f"this ResNet wants {tuple(expected[wrong[0]].shape)} (another depth?)"
+        )
     body.load_state_dict(state, strict=False)  # strict but for num_batches_tracked, checked above

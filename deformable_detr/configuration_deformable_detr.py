@@ -91,21 +91,35 @@ class DeformableDetrConfig(PretrainedConfig):
         if self.backbone_config is not None and self.dilation:
             raise ValueError("dilation (DC5) is only available with the built-in ResNets, not with backbone_config")
         if not 1 <= self.num_feature_levels <= MAX_FEATURE_LEVELS:
-            raise ValueError(f"num_feature_levels must be between 1 and {MAX_FEATURE_LEVELS}, got {self.num_feature_levels}")
+            raise ValueError(
+                f"num_feature_levels must be between 1 and {MAX_FEATURE_LEVELS}, got {self.num_feature_levels}"
+            )
         if self.d_model % 32:
-            raise ValueError(f"d_model must be a multiple of 32 (GroupNorm(32) in the input projections), got {self.d_model}")
+            raise ValueError(
+                f"d_model must be a multiple of 32 (GroupNorm(32) in the input projections), got {self.d_model}"
+            )
         for heads in ("encoder_attention_heads", "decoder_attention_heads"):
             if getattr(self, heads) < 1 or self.d_model % getattr(self, heads):
                 raise ValueError(f"d_model ({self.d_model}) must be divisible by {heads} ({getattr(self, heads)})")
-        positive = ("num_channels", "num_queries", "decoder_layers", "encoder_n_points", "decoder_n_points",
-                    "encoder_ffn_dim", "decoder_ffn_dim", "two_stage_num_proposals")
+        positive = (
+            "num_channels",
+            "num_queries",
+            "decoder_layers",
+            "encoder_n_points",
+            "decoder_n_points",
+            "encoder_ffn_dim",
+            "decoder_ffn_dim",
+            "two_stage_num_proposals",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.encoder_layers < 0:
             raise ValueError(f"encoder_layers must be at least 0, got {self.encoder_layers}")
         if self.position_embedding_type not in ("sine", "learned"):
-            raise ValueError(f"position_embedding_type must be 'sine' or 'learned', got {self.position_embedding_type!r}")
+            raise ValueError(
+                f"position_embedding_type must be 'sine' or 'learned', got {self.position_embedding_type!r}"
+            )
         if self.two_stage and not self.with_box_refine:
             raise ValueError("two_stage=True needs with_box_refine=True (the paper's two-stage variant refines boxes)")
         for name in ("dropout", "attention_dropout", "activation_dropout"):

@@ -12,12 +12,36 @@ from .configuration_deformable_detr import RESNET_SPECS, DeformableDetrConfig
 
 # transformers config fields that ours shares by name
 SHARED_CONFIG_FIELDS = (
-    "num_channels", "num_queries", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
-    "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "encoder_n_points", "decoder_n_points",
-    "num_feature_levels", "activation_function", "dropout", "attention_dropout", "activation_dropout",
-    "position_embedding_type", "with_box_refine", "two_stage", "two_stage_num_proposals", "auxiliary_loss",
-    "class_cost", "bbox_cost", "giou_cost", "bbox_loss_coefficient", "giou_loss_coefficient", "focal_alpha",
-    "id2label", "label2id", "dilation",
+    "num_channels",
+    "num_queries",
+    "d_model",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "encoder_n_points",
+    "decoder_n_points",
+    "num_feature_levels",
+    "activation_function",
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "position_embedding_type",
+    "with_box_refine",
+    "two_stage",
+    "two_stage_num_proposals",
+    "auxiliary_loss",
+    "class_cost",
+    "bbox_cost",
+    "giou_cost",
+    "bbox_loss_coefficient",
+    "giou_loss_coefficient",
+    "focal_alpha",
+    "id2label",
+    "label2id",
+    "dilation",
 )
 
 # (pattern, replacement) applied in order to transformers' names once the backbone prefix is settled
@@ -40,7 +64,10 @@ ORIGINAL_RENAMES = [
     (r"^backbone\.1\.col_embed\.", "model.position_embedding.col_embed."),
     (r"^input_proj\.", "model.input_proj."),
     (r"^query_embed\.", "model.query_embed."),
-    (r"^transformer\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b", r"model.\1"),
+    (
+        r"^transformer\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b",
+        r"model.\1",
+    ),
     (r"^transformer\.encoder\.layers\.(\d+)\.norm1\.", r"model.encoder.layers.\1.self_attn_norm."),
     (r"^transformer\.encoder\.layers\.(\d+)\.norm2\.", r"model.encoder.layers.\1.ffn_norm."),
     (r"^transformer\.decoder\.layers\.(\d+)\.norm1\.", r"model.decoder.layers.\1.cross_attn_norm."),
@@ -64,11 +91,17 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _place_heads(state: dict, config: DeformableDetrConfig, source: str) -> dict:
     """Per-layer heads `class_embed.{i}`, `bbox_embed.{i}` (+ copies inside the decoder) -> our head layout."""
     layers = config.decoder_layers
-    out = {k: v for k, v in state.items() if not re.match(r"^(model\.decoder\.|transformer\.decoder\.)?(class|bbox)_embed\.", k)}
+    out = {
+        k: v
+        for k, v in state.items()
+        if not re.match(r"^(model\.decoder\.|transformer\.decoder\.)?(class|bbox)_embed\.", k)
+    }
     heads = {k: v for k, v in state.items() if k not in out}
     per_layer = {}  # (kind, index, rest) -> tensor, copies must agree
     for key, value in heads.items():
-        kind, index, rest = re.match(r"^(?:model\.decoder\.|transformer\.decoder\.)?(class|bbox)_embed\.(\d+)\.(.+)$", key).groups()
+        kind, index, rest = re.match(
+            r"^(?:model\.decoder\.|transformer\.decoder\.)?(class|bbox)_embed\.(\d+)\.(.+)$", key
+        ).groups()
         slot = (kind, int(index), rest)
         if slot in per_layer and not _same(per_layer[slot], value):
             raise ValueError(f"{source}: {key} differs from another copy of the same head")
@@ -83,7 +116,9 @@ def _place_heads(state: dict, config: DeformableDetrConfig, source: str) -> dict
         else:
             first = per_layer.get((kind, 0, rest))
             if first is None or not _same(first, value):
-                raise ValueError(f"{source}: without box refinement every decoder layer must share {kind}_embed.0, but {kind}_embed.{index} differs")
+                raise ValueError(
+                    f"{source}: without box refinement every decoder layer must share {kind}_embed.0, but {kind}_embed.{index} differs"
+                )
             target = f"{kind}_embed.{rest}"
         out[target] = value
     return out
@@ -107,8 +142,10 @@ def _load_converted(config, state, source):
     unknown = sorted(k for k in state if k not in expected)
     missing = sorted(k for k in expected if k not in state)
     if unknown or missing:
-        raise ValueError(f"{source}: keys left unmapped {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
-                         f"our keys not found {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        raise ValueError(
+            f"{source}: keys left unmapped {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
+            f"our keys not found {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+        )
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, ours {tuple(expected[key].shape)}")
@@ -129,7 +166,9 @@ def config_from_transformers(hf_config: dict) -> DeformableDetrConfig:
     else:  # v4: use_timm_backbone with a timm model name
         fields["backbone"] = hf_config.get("backbone") or "resnet50"
     if fields.get("backbone") is not None and fields["backbone"] not in RESNET_SPECS:
-        raise ValueError(f"transformers checkpoint uses backbone {fields['backbone']!r}; built-in ones are {sorted(RESNET_SPECS)}")
+        raise ValueError(
+            f"transformers checkpoint uses backbone {fields['backbone']!r}; built-in ones are {sorted(RESNET_SPECS)}"
+        )
     return DeformableDetrConfig(**fields)
 
 
@@ -186,11 +225,23 @@ def config_from_original_args(args, num_labels: int, **overrides) -> DeformableD
     fields = {}
     if args is not None:
         a = vars(args)
-        names = {"backbone": "backbone", "dilation": "dilation", "num_queries": "num_queries", "hidden_dim": "d_model",
-                 "nheads": "encoder_attention_heads", "enc_layers": "encoder_layers", "dec_layers": "decoder_layers",
-                 "dim_feedforward": "encoder_ffn_dim", "num_feature_levels": "num_feature_levels",
-                 "enc_n_points": "encoder_n_points", "dec_n_points": "decoder_n_points", "with_box_refine": "with_box_refine",
-                 "two_stage": "two_stage", "dropout": "dropout", "position_embedding": "position_embedding_type"}
+        names = {
+            "backbone": "backbone",
+            "dilation": "dilation",
+            "num_queries": "num_queries",
+            "hidden_dim": "d_model",
+            "nheads": "encoder_attention_heads",
+            "enc_layers": "encoder_layers",
+            "dec_layers": "decoder_layers",
+            "dim_feedforward": "encoder_ffn_dim",
+            "num_feature_levels": "num_feature_levels",
+            "enc_n_points": "encoder_n_points",
+            "dec_n_points": "decoder_n_points",
+            "with_box_refine": "with_box_refine",
+            "two_stage": "two_stage",
+            "dropout": "dropout",
+            "position_embedding": "position_embedding_type",
+        }
         fields = {ours: a[theirs] for theirs, ours in names.items() if theirs in a}
         if "nheads" in a:
             fields["decoder_attention_heads"] = a["nheads"]
@@ -216,7 +267,9 @@ def from_original_checkpoint(path, **config_overrides):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or "query_embed.weight" not in state and "transformer.level_embed" not in state:
-        raise ValueError(f"{path} does not look like an original Deformable-DETR checkpoint (no transformer.level_embed)")
+        raise ValueError(
+            f"{path} does not look like an original Deformable-DETR checkpoint (no transformer.level_embed)"
+        )
     num_labels = state["class_embed.0.weight"].shape[0]
     config = config_from_original_args(checkpoint.get("args"), num_labels, **config_overrides)
     renamed = {_rename(k, ORIGINAL_RENAMES): v for k, v in state.items() if not k.endswith("num_batches_tracked")}

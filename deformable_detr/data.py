@@ -41,13 +41,15 @@ def detection_features(class_names: list[str], crowds: bool = False) -> Features
     }
     if crowds:
         objects["iscrowd"] = List(Value("int8"))
-    return Features({
-        "image": datasets.Image(),
-        "image_id": Value("int64"),
-        "width": Value("int32"),
-        "height": Value("int32"),
-        "objects": objects,
-    })
+    return Features(
+        {
+            "image": datasets.Image(),
+            "image_id": Value("int64"),
+            "width": Value("int32"),
+            "height": Value("int32"),
+            "objects": objects,
+        }
+    )
 
 
 def dataset_format(source: str) -> str:
@@ -115,8 +117,15 @@ def load_voc(folder: str) -> tuple[dict[str, Dataset], list[str]]:
         for item in items:
             kept = [(name, box) for name, box in item["objects"] if _keep_box(box, item["xml"])]
             boxes, names = [box for _, box in kept], [index[name] for name, _ in kept]
-            records.append({"image": item["image"], "image_id": image_id, "width": item["width"],
-                            "height": item["height"], "objects": objects_of_boxes(boxes, names)})
+            records.append(
+                {
+                    "image": item["image"],
+                    "image_id": image_id,
+                    "width": item["width"],
+                    "height": item["height"],
+                    "objects": objects_of_boxes(boxes, names),
+                }
+            )
             image_id += 1
         splits[split] = records_to_dataset(records, class_names)
     return splits, class_names
@@ -134,8 +143,10 @@ def _parse_voc_xml(folder: str, stem: str) -> dict:
             x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
             objects.append((obj.findtext("name").strip(), [x0, y0, x1 - x0, y1 - y0]))
     except (OSError, ElementTree.ParseError, AttributeError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: not a readable Pascal VOC annotation (needs size/width, size/height and "
-                         f"object/name, object/bndbox/xmin..ymax): {error}") from error
+        raise ValueError(
+            f"{path}: not a readable Pascal VOC annotation (needs size/width, size/height and "
+            f"object/name, object/bndbox/xmin..ymax): {error}"
+        ) from error
     filename = root.findtext("filename") or f"{stem}.jpg"
     image = os.path.join(folder, "JPEGImages", os.path.basename(filename))
     if not os.path.exists(image):
@@ -148,7 +159,10 @@ def load_coco(folder: str) -> tuple[dict[str, Dataset], list[str]]:
     files = {}
     for entry in sorted(os.listdir(folder)):
         if os.path.isfile(os.path.join(folder, entry, "_annotations.coco.json")):
-            files[SPLIT_NAMES.get(entry, entry)] = (os.path.join(folder, entry, "_annotations.coco.json"), os.path.join(folder, entry))
+            files[SPLIT_NAMES.get(entry, entry)] = (
+                os.path.join(folder, entry, "_annotations.coco.json"),
+                os.path.join(folder, entry),
+            )
     annotations = os.path.join(folder, "annotations")
     for name in sorted(os.listdir(annotations)) if os.path.isdir(annotations) else []:
         if name.startswith("instances_") and name.endswith(".json"):
@@ -164,11 +178,15 @@ def load_coco(folder: str) -> tuple[dict[str, Dataset], list[str]]:
             raise ValueError(f"{path}: not readable as JSON ({error})") from error
         missing = {"images", "annotations", "categories"} - set(loaded[split])
         if missing:
-            raise ValueError(f"{path}: a COCO detection file needs 'images', 'annotations' and 'categories'; {sorted(missing)} missing")
+            raise ValueError(
+                f"{path}: a COCO detection file needs 'images', 'annotations' and 'categories'; {sorted(missing)} missing"
+            )
     categories = _used_categories(loaded.values())
     class_names = [name for _, name in categories]
     index = {coco_id: i for i, (coco_id, _) in enumerate(categories)}
-    splits = {split: _coco_split(coco, files[split][1], files[split][0], index, class_names) for split, coco in loaded.items()}
+    splits = {
+        split: _coco_split(coco, files[split][1], files[split][0], index, class_names) for split, coco in loaded.items()
+    }
     return splits, class_names
 
 
@@ -201,19 +219,28 @@ def _coco_split(coco: dict, image_folder: str, path: str, index: dict, class_nam
     for j, image in enumerate(coco["images"]):
         missing = {"id", "file_name", "width", "height"} - set(image)
         if missing:
-            raise ValueError(f"{path}, images[{j}]: needs 'id', 'file_name', 'width' and 'height'; {sorted(missing)} missing")
+            raise ValueError(
+                f"{path}, images[{j}]: needs 'id', 'file_name', 'width' and 'height'; {sorted(missing)} missing"
+            )
         file = os.path.join(image_folder, image["file_name"])
         if not os.path.exists(file):
             raise FileNotFoundError(f"{path}: image {image['id']} is {file}, which does not exist")
         objects = by_image[image["id"]]
-        records.append({
-            "image": file, "image_id": image["id"], "width": image["width"], "height": image["height"],
-            "objects": {"id": [a.get("id", j) for j, a in enumerate(objects)],
-                        "area": [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in objects],
-                        "bbox": [a["bbox"] for a in objects],
-                        "category": [index[a["category_id"]] for a in objects],
-                        "iscrowd": [int(bool(a.get("iscrowd", 0))) for a in objects]},
-        })
+        records.append(
+            {
+                "image": file,
+                "image_id": image["id"],
+                "width": image["width"],
+                "height": image["height"],
+                "objects": {
+                    "id": [a.get("id", j) for j, a in enumerate(objects)],
+                    "area": [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in objects],
+                    "bbox": [a["bbox"] for a in objects],
+                    "category": [index[a["category_id"]] for a in objects],
+                    "iscrowd": [int(bool(a.get("iscrowd", 0))) for a in objects],
+                },
+            }
+        )
     return records_to_dataset(records, class_names, crowds=True)
 
 
@@ -221,7 +248,9 @@ def category_names(dataset: Dataset, source: str) -> list[str]:
     """Class names from the `objects.category` ClassLabel; plain integer ids give '0', '1', ..."""
     objects = dataset.features.get("objects")
     if objects is None or "image" not in dataset.features:
-        raise ValueError(f"{source}: a detection dataset needs the columns 'image' and 'objects', got {sorted(dataset.features)}")
+        raise ValueError(
+            f"{source}: a detection dataset needs the columns 'image' and 'objects', got {sorted(dataset.features)}"
+        )
     if isinstance(objects, List):  # a list of per-object dicts
         objects = objects.feature
     if not isinstance(objects, dict) or not {"bbox", "category"} <= set(objects):
@@ -230,7 +259,9 @@ def category_names(dataset: Dataset, source: str) -> list[str]:
     category = category.feature if isinstance(category, List) else category
     if isinstance(category, ClassLabel):
         return list(category.names)
-    largest = max((max(objects_of(row)["category"], default=-1) for row in dataset.select_columns("objects")), default=-1)
+    largest = max(
+        (max(objects_of(row)["category"], default=-1) for row in dataset.select_columns("objects")), default=-1
+    )
     warnings.warn(f"{source}: 'objects.category' is not a ClassLabel, so the classes are named '0'..'{largest}'")
     return [str(i) for i in range(largest + 1)]
 
@@ -242,12 +273,16 @@ def objects_of(example: dict) -> dict:
     if isinstance(objects, list):
         objects = {key: [o.get(key) for o in objects] for key in ("bbox", "category", "area", "iscrowd")}
     count = len(objects["bbox"])
-    areas = [w * h if a is None else a for a, (_, _, w, h) in zip(objects.get("area") or [None] * count, objects["bbox"])]
+    areas = [
+        w * h if a is None else a for a, (_, _, w, h) in zip(objects.get("area") or [None] * count, objects["bbox"])
+    ]
     crowds = [int(c or 0) for c in objects.get("iscrowd") or [0] * count]
     return {"bbox": objects["bbox"], "category": objects["category"], "area": areas, "iscrowd": crowds}
 
 
-def load_detection_dataset(source: str, validation_fraction: float = 0.15, seed: int = 0) -> tuple[DatasetDict, list[str]]:
+def load_detection_dataset(
+    source: str, validation_fraction: float = 0.15, seed: int = 0
+) -> tuple[DatasetDict, list[str]]:
     """Any supported source -> (DatasetDict with 'train' and 'validation', and maybe 'test'; class names).
     Without a validation split, `validation_fraction` of 'train' becomes one (by `seed`)."""
     kind = dataset_format(source)
@@ -267,11 +302,17 @@ def load_detection_dataset(source: str, validation_fraction: float = 0.15, seed:
         raise ValueError(f"{source} has no train split; it has {sorted(splits)}")
     if "validation" not in splits:
         if not 0 < validation_fraction < 1:
-            raise ValueError(f"{source} has no validation split and validation_fraction={validation_fraction} cannot make one")
+            raise ValueError(
+                f"{source} has no validation split and validation_fraction={validation_fraction} cannot make one"
+            )
         parts = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
-        logger.info("%s has no validation split: %d of its %d training images became one",
-                    source, len(parts["test"]), len(parts["train"]) + len(parts["test"]))
+        logger.info(
+            "%s has no validation split: %d of its %d training images became one",
+            source,
+            len(parts["test"]),
+            len(parts["train"]) + len(parts["test"]),
+        )
     return DatasetDict(splits), class_names
 
 
@@ -295,16 +336,27 @@ class DetectionSamples(torch.utils.data.Dataset):
         objects = objects_of(example)
         boxes = np.asarray(objects["bbox"], dtype=np.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
-        categories, areas = np.asarray(objects["category"], dtype=np.int64), np.asarray(objects["area"], dtype=np.float32)
+        categories, areas = (
+            np.asarray(objects["category"], dtype=np.int64),
+            np.asarray(objects["area"], dtype=np.float32),
+        )
         crowds = np.asarray(objects["iscrowd"], dtype=np.int64)
         if self.augmentation is not None:
             rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
             image, boxes, keep = self.augmentation(image, boxes, rng)
-            categories, crowds, areas = categories[keep], crowds[keep], (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            categories, crowds, areas = (
+                categories[keep],
+                crowds[keep],
+                (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            )
         boxes[:, 2:] -= boxes[:, :2]
-        annotation = {"image_id": index, "annotations": [  # the processor leaves crowd regions out, as DETR
-            {"bbox": box.tolist(), "category_id": int(c), "area": float(a), "iscrowd": int(crowd)}
-            for box, c, a, crowd in zip(boxes, categories, areas, crowds)]}
+        annotation = {
+            "image_id": index,
+            "annotations": [  # the processor leaves crowd regions out, as DETR
+                {"bbox": box.tolist(), "category_id": int(c), "area": float(a), "iscrowd": int(crowd)}
+                for box, c, a, crowd in zip(boxes, categories, areas, crowds)
+            ],
+        }
         return {"image": image, "annotation": annotation}
 
 
@@ -326,5 +378,9 @@ class DetectionCollator:
             height, width = mask.any(1).sum(), mask.any(0).sum()  # the image's size inside the canvas
             scale = torch.stack([mask.shape[1] / width, mask.shape[0] / height] * 2).float()
             labels.append(dict(label) | {"boxes": label["boxes"] * scale})
-        return {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"], "labels": labels,
-                "orig_sizes": torch.tensor([(im.height, im.width) for im in images])}
+        return {
+            "pixel_values": batch["pixel_values"],
+            "pixel_mask": batch["pixel_mask"],
+            "labels": labels,
+            "orig_sizes": torch.tensor([(im.height, im.width) for im in images]),
+        }

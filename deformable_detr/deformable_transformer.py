@@ -58,7 +58,9 @@ class DeformableEncoderLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
         C = config.d_model
-        self.self_attn = MultiScaleDeformableAttention(C, config.num_feature_levels, config.encoder_attention_heads, config.encoder_n_points)
+        self.self_attn = MultiScaleDeformableAttention(
+            C, config.num_feature_levels, config.encoder_attention_heads, config.encoder_n_points
+        )
         self.self_attn_norm = nn.LayerNorm(C)
         self.dropout = nn.Dropout(config.dropout)
         self.ffn = _feed_forward(config, config.encoder_ffn_dim)
@@ -112,9 +114,13 @@ class DeformableDecoderLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
         C = config.d_model
-        self.self_attn = nn.MultiheadAttention(C, config.decoder_attention_heads, dropout=config.attention_dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(
+            C, config.decoder_attention_heads, dropout=config.attention_dropout, batch_first=True
+        )
         self.self_attn_norm = nn.LayerNorm(C)
-        self.cross_attn = MultiScaleDeformableAttention(C, config.num_feature_levels, config.decoder_attention_heads, config.decoder_n_points)
+        self.cross_attn = MultiScaleDeformableAttention(
+            C, config.num_feature_levels, config.decoder_attention_heads, config.decoder_n_points
+        )
         self.cross_attn_norm = nn.LayerNorm(C)
         self.dropout = nn.Dropout(config.dropout)
         self.ffn = _feed_forward(config, config.decoder_ffn_dim)
@@ -138,7 +144,9 @@ class DeformableDecoder(nn.Module):
         self.layers = nn.ModuleList(DeformableDecoderLayer(config) for _ in range(config.decoder_layers))
         self.bbox_embed = None
         if config.with_box_refine:
-            self.bbox_embed = nn.ModuleList(MLP(config.d_model, config.d_model, 4, 3) for _ in range(config.decoder_layers))
+            self.bbox_embed = nn.ModuleList(
+                MLP(config.d_model, config.d_model, 4, 3) for _ in range(config.decoder_layers)
+            )
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, valid_ratios, padding_mask):
         """
@@ -151,7 +159,9 @@ class DeformableDecoder(nn.Module):
         hidden_states, references = [], []
         for index, layer in enumerate(self.layers):
             scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
-            tgt = layer(tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory, spatial_shapes, padding_mask)
+            tgt = layer(
+                tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory, spatial_shapes, padding_mask
+            )
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[index](tgt)
                 if reference_points.shape[-1] == 4:
@@ -173,7 +183,7 @@ def encoder_proposals(memory, padding_mask, spatial_shapes):
     B = memory.shape[0]
     proposals, start = [], 0
     for level, (height, width) in enumerate(spatial_shapes):
-        mask = padding_mask[:, start:start + height * width].view(B, height, width)
+        mask = padding_mask[:, start : start + height * width].view(B, height, width)
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)
         grid_y, grid_x = torch.meshgrid(

@@ -76,8 +76,10 @@ def detect(model, processor, images: list[Image.Image], threshold: float, top_k:
     results = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes, top_k=top_k)
     id2label = model.config.id2label
     return [
-        [{"label": id2label.get(l, str(l)), "label_id": l, "score": round(s, 5), "box": [round(v, 2) for v in b]}
-         for s, l, b in zip(r["scores"].tolist(), r["labels"].tolist(), r["boxes"].tolist())]
+        [
+            {"label": id2label.get(l, str(l)), "label_id": l, "score": round(s, 5), "box": [round(v, 2) for v in b]}
+            for s, l, b in zip(r["scores"].tolist(), r["labels"].tolist(), r["boxes"].tolist())
+        ]
         for r in results
     ]
 
@@ -95,7 +97,7 @@ def run(args) -> dict:
     model, processor = load_detector(args.model, args.device)
     os.makedirs(args.output_dir, exist_ok=True)
     written, skipped = [], {}
-    batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
+    batches = [paths[i : i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
     for batch in tqdm(batches, desc="detecting", unit="batch", disable=len(paths) <= 1):
         images, names = [], []
         for path in batch:
@@ -110,7 +112,9 @@ def run(args) -> dict:
         for path, image, found in zip(names, images, detect(model, processor, images, args.threshold, args.top_k)):
             stem = os.path.splitext(os.path.basename(path))[0]
             with open(os.path.join(args.output_dir, f"{stem}.json"), "w") as f:
-                json.dump({"image": path, "width": image.width, "height": image.height, "detections": found}, f, indent=1)
+                json.dump(
+                    {"image": path, "width": image.width, "height": image.height, "detections": found}, f, indent=1
+                )
             draw_detections(image, found).save(os.path.join(args.output_dir, f"{stem}.{args.image_format}"))
             written.append(path)
     print(f"{len(written)} image(s) written to {args.output_dir}" + (f"; {len(skipped)} skipped" if skipped else ""))
@@ -120,12 +124,20 @@ def run(args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="deformable-detr-detect", description=__doc__)
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns (quote them)")
-    parser.add_argument("--model", required=True, help="a saved model folder or Hub id (ours, or transformers' Deformable DETR)")
-    parser.add_argument("--output_dir", default="detections", help="where the JSON files and pictures go (default: detections)")
+    parser.add_argument(
+        "--model", required=True, help="a saved model folder or Hub id (ours, or transformers' Deformable DETR)"
+    )
+    parser.add_argument(
+        "--output_dir", default="detections", help="where the JSON files and pictures go (default: detections)"
+    )
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum score of a detection (default: 0.5)")
     parser.add_argument("--top_k", type=int, default=100, help="at most this many detections per image (default: 100)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass (default: 4)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if present)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if present)",
+    )
     parser.add_argument("--image_format", choices=["jpg", "png"], default="jpg", help="format of the drawn pictures")
     args = parser.parse_args(argv)
     if not 0 <= args.threshold <= 1:

@@ -15,10 +15,34 @@ from tqdm.auto import tqdm
 
 from .data import objects_of
 
-SUMMARY_NAMES = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
-                 "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
-SUMMARY_LABELS = ["mAP@[.5:.95]", "mAP@.50", "mAP@.75", "mAP small", "mAP medium", "mAP large",
-                  "mAR@1", "mAR@10", "mAR@100", "mAR small", "mAR medium", "mAR large"]
+SUMMARY_NAMES = [
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+]
+SUMMARY_LABELS = [
+    "mAP@[.5:.95]",
+    "mAP@.50",
+    "mAP@.75",
+    "mAP small",
+    "mAP medium",
+    "mAP large",
+    "mAR@1",
+    "mAR@10",
+    "mAR@100",
+    "mAR small",
+    "mAR medium",
+    "mAR large",
+]
 AREA_RANGES = {"all": (0, 1e10), "small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}  # COCO's
 
 
@@ -28,9 +52,19 @@ def coco_ground_truth(dataset, class_names: list[str]) -> dict:
     for index, example in enumerate(dataset.select_columns(["objects"])):
         images.append({"id": index})
         objects = objects_of(example)
-        for box, category, area, crowd in zip(objects["bbox"], objects["category"], objects["area"], objects["iscrowd"]):
-            annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": int(category),
-                                "bbox": [float(v) for v in box], "area": float(area), "iscrowd": crowd})
+        for box, category, area, crowd in zip(
+            objects["bbox"], objects["category"], objects["area"], objects["iscrowd"]
+        ):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index,
+                    "category_id": int(category),
+                    "bbox": [float(v) for v in box],
+                    "area": float(area),
+                    "iscrowd": crowd,
+                }
+            )
     categories = [{"id": i, "name": name} for i, name in enumerate(class_names)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -69,8 +103,10 @@ def coco_metrics(ground_truth: dict, detections: list[dict]) -> dict:
             name = gt.cats[category_id]["name"]
             values = precision[:, :, k, 0, -1]
             per_class[name] = {"ap": _mean_valid(values), "ap_50": _mean_valid(values[0])}
-    counts = np.bincount([a["category_id"] for a in ground_truth["annotations"] if not a["iscrowd"]],
-                         minlength=len(ground_truth["categories"]))
+    counts = np.bincount(
+        [a["category_id"] for a in ground_truth["annotations"] if not a["iscrowd"]],
+        minlength=len(ground_truth["categories"]),
+    )
     for category in ground_truth["categories"]:
         per_class[category["name"]]["objects"] = int(counts[category["id"]])
         if not counts[category["id"]]:
@@ -106,13 +142,20 @@ def evaluate(model, processor, dataloader, accelerator, ground_truth: dict) -> d
     detections = {}
     for batch in tqdm(dataloader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-        results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=batch["orig_sizes"], top_k=100)
+        results = processor.post_process_object_detection(
+            outputs, threshold=0.0, target_sizes=batch["orig_sizes"], top_k=100
+        )
         for label, result in zip(batch["labels"], results):
             image_id = int(label["image_id"][0])
             boxes = result["boxes"].float().cpu()
             boxes[:, 2:] -= boxes[:, :2]
             detections[image_id] = [
-                {"image_id": image_id, "category_id": int(c), "bbox": [round(float(v), 3) for v in box], "score": float(s)}
+                {
+                    "image_id": image_id,
+                    "category_id": int(c),
+                    "bbox": [round(float(v), 3) for v in box],
+                    "score": float(s),
+                }
                 for c, box, s in zip(result["labels"], boxes, result["scores"].float())
             ]
     # every process holds some images (repeated ones pad the last batch); each image is counted once
@@ -127,16 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deformable-detr-evaluate",
         description="COCO mAP of a saved Deformable DETR on a detection dataset (any format the training "
-                    "script reads). Prints the table and writes it as JSON.",
+        "script reads). Prints the table and writes it as JSON.",
     )
     parser.add_argument("--model", required=True, help="a saved model folder or Hub id (ours or transformers')")
-    parser.add_argument("--dataset", required=True, help="Hub id, save_to_disk folder, COCO folder or Pascal VOC folder")
+    parser.add_argument(
+        "--dataset", required=True, help="Hub id, save_to_disk folder, COCO folder or Pascal VOC folder"
+    )
     parser.add_argument("--split", default="validation", help="which split to score (default: validation)")
     parser.add_argument("--batch_size", type=int, default=2, help="images per batch and process")
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes")
     parser.add_argument("--output", default=None, help="where to write the metrics JSON (default: print only)")
-    parser.add_argument("--validation_fraction", type=float, default=0.15,
-                        help="as in training: the share of training images held out when the data has no validation split")
+    parser.add_argument(
+        "--validation_fraction",
+        type=float,
+        default=0.15,
+        help="as in training: the share of training images held out when the data has no validation split",
+    )
     parser.add_argument("--seed", type=int, default=42, help="as in training: the seed of that held-out split")
     return parser
 
@@ -162,9 +211,15 @@ def evaluate_command(argv=None) -> dict:
     if model_classes != class_names:
         raise SystemExit(f"the model's classes {model_classes} are not {args.dataset}'s {class_names} (in that order)")
     dataset = splits[args.split]
-    loader = torch.utils.data.DataLoader(DetectionSamples(dataset), batch_size=args.batch_size,
-                                         collate_fn=DetectionCollator(processor), num_workers=args.num_workers)
-    metrics = evaluate(model, processor, accelerator.prepare(loader), accelerator, coco_ground_truth(dataset, class_names))
+    loader = torch.utils.data.DataLoader(
+        DetectionSamples(dataset),
+        batch_size=args.batch_size,
+        collate_fn=DetectionCollator(processor),
+        num_workers=args.num_workers,
+    )
+    metrics = evaluate(
+        model, processor, accelerator.prepare(loader), accelerator, coco_ground_truth(dataset, class_names)
+    )
     if accelerator.is_main_process:
         print(f"{args.model} on {args.dataset} [{args.split}], {len(dataset)} images\n{format_metrics(metrics)}")
         if args.output:

@@ -55,7 +55,10 @@ def resize_array(image: np.ndarray, height: int, width: int, resample) -> np.nda
     """PIL resampling, on uint8 directly or on each float channel in mode F."""
     if image.dtype == np.uint8:
         return np.asarray(Image.fromarray(image).resize((width, height), resample=resample))
-    channels = [Image.fromarray(image[..., c].astype(np.float32), mode="F").resize((width, height), resample=resample) for c in range(3)]
+    channels = [
+        Image.fromarray(image[..., c].astype(np.float32), mode="F").resize((width, height), resample=resample)
+        for c in range(3)
+    ]
     return np.stack([np.asarray(c) for c in channels], -1)
 
 
@@ -77,11 +80,28 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
 
     model_input_names = ["pixel_values", "pixel_mask"]
 
-    def __init__(self, do_resize=True, size=None, resample=Image.BILINEAR, do_rescale=True, rescale_factor=1 / 255,
-                 do_normalize=True, image_mean=None, image_std=None, do_pad=True, pad_size=None,
-                 do_convert_annotations=True, **kwargs):
+    def __init__(
+        self,
+        do_resize=True,
+        size=None,
+        resample=Image.BILINEAR,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=None,
+        image_std=None,
+        do_pad=True,
+        pad_size=None,
+        do_convert_annotations=True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self.do_resize, self.resample, self.do_rescale, self.rescale_factor = do_resize, int(resample), do_rescale, rescale_factor
+        self.do_resize, self.resample, self.do_rescale, self.rescale_factor = (
+            do_resize,
+            int(resample),
+            do_rescale,
+            rescale_factor,
+        )
         self.size = self._check_size(size if size is not None else {"shortest_edge": 800, "longest_edge": 1333}, "size")
         self.pad_size = None if pad_size is None else self._check_size(pad_size, "pad_size", ({"height", "width"},))
         self.do_normalize, self.do_pad, self.do_convert_annotations = do_normalize, do_pad, do_convert_annotations
@@ -92,7 +112,9 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
     def _check_size(size, name, kinds=SIZE_KINDS) -> dict:
         size = {k: v for k, v in dict(size).items() if v is not None}
         if set(size) not in kinds:
-            raise ValueError(f"{name} must have the keys {' or '.join(str(sorted(k)) for k in kinds)}, got {sorted(size)}")
+            raise ValueError(
+                f"{name} must have the keys {' or '.join(str(sorted(k)) for k in kinds)}, got {sorted(size)}"
+            )
         if any(not isinstance(v, int) or v < 1 for v in size.values()):
             raise ValueError(f"{name} values must be positive integers, got {size}")
         return size
@@ -134,19 +156,24 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
                 height, width = self.output_size(*array.shape[:2])
                 if target is not None:
                     ratio_h, ratio_w = height / array.shape[0], width / array.shape[1]
-                    target["boxes"] = target["boxes"] * np.asarray([ratio_w, ratio_h, ratio_w, ratio_h], dtype=np.float32)
+                    target["boxes"] = target["boxes"] * np.asarray(
+                        [ratio_w, ratio_h, ratio_w, ratio_h], dtype=np.float32
+                    )
                     target["area"] = target["area"] * (ratio_w * ratio_h)
                 array = resize_array(array, height, width, self.resample)
             array = array.astype(np.float32)
             if self.do_rescale:
                 array = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
             if self.do_normalize:
-                array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
+                array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(
+                    self.image_std, dtype=np.float32
+                )
             if target is not None:
                 target["size"] = np.asarray(array.shape[:2], dtype=np.int64)
                 if self.do_convert_annotations:
                     target["boxes"] = corners_to_centers(target["boxes"]) / np.asarray(
-                        [array.shape[1], array.shape[0]] * 2, dtype=np.float32)
+                        [array.shape[1], array.shape[0]] * 2, dtype=np.float32
+                    )
             arrays.append(array.transpose(2, 0, 1))
             targets.append(target)
 
@@ -155,12 +182,18 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
             warnings.warn(f"dropped {sum(dropped.values())} box(es) with no area inside their image ({where})")
         data = {}
         if self.do_pad:
-            canvas = (self.pad_size["height"], self.pad_size["width"]) if self.pad_size else tuple(np.max([a.shape[1:] for a in arrays], 0))
+            canvas = (
+                (self.pad_size["height"], self.pad_size["width"])
+                if self.pad_size
+                else tuple(np.max([a.shape[1:] for a in arrays], 0))
+            )
             padded, masks = [], []
             for index, (array, target) in enumerate(zip(arrays, targets)):
                 height, width = array.shape[1:]
                 if height > canvas[0] or width > canvas[1]:
-                    raise ValueError(f"image {index} is {height}x{width} after resizing, larger than pad_size {canvas[0]}x{canvas[1]}")
+                    raise ValueError(
+                        f"image {index} is {height}x{width} after resizing, larger than pad_size {canvas[0]}x{canvas[1]}"
+                    )
                 out = np.zeros((3, *canvas), dtype=np.float32)
                 out[:, :height, :width] = array
                 mask = np.zeros(canvas, dtype=np.int64)
@@ -170,7 +203,9 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
                 if target is not None:
                     target["size"] = np.asarray(canvas, dtype=np.int64)
                     if self.do_convert_annotations:  # boxes become relative to the padded canvas, as in transformers
-                        target["boxes"] = target["boxes"] * np.asarray([width / canvas[1], height / canvas[0]] * 2, dtype=np.float32)
+                        target["boxes"] = target["boxes"] * np.asarray(
+                            [width / canvas[1], height / canvas[0]] * 2, dtype=np.float32
+                        )
             arrays, data["pixel_mask"] = padded, masks
         data["pixel_values"] = arrays
         encoded = BatchFeature(data, tensor_type=return_tensors)
@@ -182,12 +217,16 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         """A COCO detection dict -> arrays with xyxy boxes in pixels, clipped to the image, and how many boxes
         were dropped for having no area inside it. Crowd regions are left out, as in DETR."""
         if not isinstance(annotation, dict) or "annotations" not in annotation:
-            raise ValueError(f"annotation {index} must be a dict with 'image_id' and 'annotations', got {type(annotation).__name__}")
+            raise ValueError(
+                f"annotation {index} must be a dict with 'image_id' and 'annotations', got {type(annotation).__name__}"
+            )
         image_id = annotation.get("image_id", index)
         objects = [o for o in annotation["annotations"] if not o.get("iscrowd", 0)]
         for j, o in enumerate(objects):
             if "category_id" not in o or len(o.get("bbox", ())) != 4:
-                raise ValueError(f"image_id {image_id}, object {j}: needs 'category_id' and a 4-number 'bbox' [x, y, w, h], got {o}")
+                raise ValueError(
+                    f"image_id {image_id}, object {j}: needs 'category_id' and a 4-number 'bbox' [x, y, w, h], got {o}"
+                )
         boxes = np.asarray([o["bbox"] for o in objects], dtype=np.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)

@@ -29,7 +29,13 @@ class HungarianMatcher(nn.Module):
 
     def __init__(self, class_cost=1.0, bbox_cost=5.0, giou_cost=2.0, alpha=0.25, gamma=2.0):
         super().__init__()
-        self.class_cost, self.bbox_cost, self.giou_cost, self.alpha, self.gamma = class_cost, bbox_cost, giou_cost, alpha, gamma
+        self.class_cost, self.bbox_cost, self.giou_cost, self.alpha, self.gamma = (
+            class_cost,
+            bbox_cost,
+            giou_cost,
+            alpha,
+            gamma,
+        )
 
     @torch.no_grad()
     def forward(self, logits, pred_boxes, targets):
@@ -76,7 +82,11 @@ class DeformableDetrLoss(nn.Module):
         super().__init__()
         self.matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost, config.focal_alpha)
         self.focal_alpha = config.focal_alpha
-        self.weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
+        self.weights = {
+            "loss_ce": 1.0,
+            "loss_bbox": config.bbox_loss_coefficient,
+            "loss_giou": config.giou_loss_coefficient,
+        }
 
     def single(self, logits, pred_boxes, targets, num_boxes):
         matches = self.matcher(logits, pred_boxes, targets)
@@ -111,11 +121,17 @@ class DeformableDetrLoss(nn.Module):
         num_boxes = _num_boxes(targets, logits.device)
         terms = self.single(logits, pred_boxes, targets, num_boxes)
         for i, aux in enumerate(auxiliary_outputs or ()):
-            terms.update({f"{k}_{i}": v for k, v in self.single(aux["logits"], aux["pred_boxes"], targets, num_boxes).items()})
+            terms.update(
+                {f"{k}_{i}": v for k, v in self.single(aux["logits"], aux["pred_boxes"], targets, num_boxes).items()}
+            )
         if enc_logits is not None:
             foreground = [{**t, "class_labels": torch.zeros_like(t["class_labels"])} for t in targets]
             terms.update({f"{k}_enc": v for k, v in self.single(enc_logits, enc_boxes, foreground, num_boxes).items()})
-        total = sum(value * self.weights[self.base_name(name)] for name, value in terms.items() if not name.startswith("cardinality"))
+        total = sum(
+            value * self.weights[self.base_name(name)]
+            for name, value in terms.items()
+            if not name.startswith("cardinality")
+        )
         return total, terms
 
     @staticmethod
@@ -128,7 +144,9 @@ class DeformableDetrLoss(nn.Module):
                 raise ValueError(f"labels[{i}]: boxes must be ({len(labels)}, 4), got {tuple(boxes.shape)}")
             bad = labels[(labels < 0) | (labels >= num_labels)]
             if len(bad):
-                raise ValueError(f"labels[{i}] has class id {bad[0].item()}, outside the model's {num_labels} classes (config.num_labels)")
+                raise ValueError(
+                    f"labels[{i}] has class id {bad[0].item()}, outside the model's {num_labels} classes (config.num_labels)"
+                )
 
     def base_name(self, name: str) -> str:
         """loss_ce_3 / loss_ce_enc -> loss_ce"""

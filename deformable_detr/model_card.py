@@ -6,13 +6,28 @@ import os
 from .evaluation import format_metrics
 
 
-def write_model_card(folder: str, config, metrics: dict | None, *, dataset: str, command: str, steps: int,
-                     skipped_steps: int, minutes: float, processes: int) -> str:
+def write_model_card(
+    folder: str,
+    config,
+    metrics: dict | None,
+    *,
+    dataset: str,
+    command: str,
+    steps: int,
+    skipped_steps: int,
+    minutes: float,
+    processes: int,
+) -> str:
     """Writes `folder`/README.md and returns its path."""
     classes = ", ".join(config.id2label[i] for i in range(config.num_labels))
-    variant = ", ".join(name for name, on in (("two-stage", config.two_stage), ("box refinement", config.with_box_refine)) if on)
-    results = "Not evaluated." if metrics is None else (
-        f"COCO metrics (pycocotools) on the validation split:\n\n```\n{format_metrics(metrics)}\n```")
+    variant = ", ".join(
+        name for name, on in (("two-stage", config.two_stage), ("box refinement", config.with_box_refine)) if on
+    )
+    results = (
+        "Not evaluated."
+        if metrics is None
+        else (f"COCO metrics (pycocotools) on the validation split:\n\n```\n{format_metrics(metrics)}\n```")
+    )
     hub_dataset = "" if os.path.exists(dataset) else f"datasets:\n- {dataset}\n"
     text = f"""---
 library_name: transformers
@@ -22,7 +37,7 @@ tags:
 - deformable-detr
 {hub_dataset}---
 
-# Deformable DETR{f' ({variant})' if variant else ''}
+# Deformable DETR{f" ({variant})" if variant else ""}
 
 Deformable DETR (Zhu et al., ICLR 2021) trained on `{dataset if hub_dataset else os.path.basename(os.path.normpath(dataset))}` to detect {config.num_labels} classes: {classes}.
 Backbone {config.backbone if config.backbone_config is None else config.backbone_config.model_type}, \

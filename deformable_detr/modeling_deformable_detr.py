@@ -37,7 +37,9 @@ def _converters():
     try:
         return importlib.import_module("deformable_detr.convert_deformable_detr")
     except ImportError as error:
-        raise ImportError("converting checkpoints needs this model's package: pip install hub-deformable-detr") from error
+        raise ImportError(
+            "converting checkpoints needs this model's package: pip install hub-deformable-detr"
+        ) from error
 
 
 @dataclass
@@ -179,10 +181,14 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         C, L = config.d_model, config.num_feature_levels
         self.backbone = Backbone(config)
         self.position_embedding = build_position_encoding(config)
-        projections = [nn.Sequential(nn.Conv2d(c, C, kernel_size=1), nn.GroupNorm(32, C)) for c in self.backbone.channels]
+        projections = [
+            nn.Sequential(nn.Conv2d(c, C, kernel_size=1), nn.GroupNorm(32, C)) for c in self.backbone.channels
+        ]
         in_channels = self.backbone.channels[-1]
         for _ in range(L - len(self.backbone.channels)):
-            projections.append(nn.Sequential(nn.Conv2d(in_channels, C, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, C)))
+            projections.append(
+                nn.Sequential(nn.Conv2d(in_channels, C, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, C))
+            )
             in_channels = C
         self.input_proj = nn.ModuleList(projections)
         self.level_embed = nn.Parameter(torch.empty(L, C))
@@ -204,8 +210,10 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         """Loads pretrained weights into the built-in ResNet: a local file (.safetensors, .pth, .bin with
         torchvision names, e.g. torchvision's or timm's ResNet-50) or a Hub id; only this ever downloads."""
         if not isinstance(self.backbone.body, ResNet):
-            raise ValueError("load_backbone_weights is for the built-in ResNets; give a transformers backbone its weights "
-                             "with its own from_pretrained and copy them into model.backbone.body")
+            raise ValueError(
+                "load_backbone_weights is for the built-in ResNets; give a transformers backbone its weights "
+                "with its own from_pretrained and copy them into model.backbone.body"
+            )
         load_backbone_weights(self.backbone.body, source)
 
     @property
@@ -216,10 +224,14 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
 
     def _check_inputs(self, pixel_values, pixel_mask):
         if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
+            )
         B, channels, H, W = pixel_values.shape
         if channels != self.config.num_channels:
-            raise ValueError(f"pixel_values has {channels} channels, the model expects {self.config.num_channels} (config.num_channels)")
+            raise ValueError(
+                f"pixel_values has {channels} channels, the model expects {self.config.num_channels} (config.num_channels)"
+            )
         if self.min_image_size is not None and min(H, W) < self.min_image_size:
             raise ValueError(
                 f"pixel_values of {H}x{W} pixels is smaller than the coarsest feature stride {self.min_image_size} "
@@ -227,7 +239,9 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             )
         if pixel_mask is not None:
             if tuple(pixel_mask.shape) != (B, H, W):
-                raise ValueError(f"pixel_mask must have shape {(B, H, W)} (batch, height, width), got {tuple(pixel_mask.shape)}")
+                raise ValueError(
+                    f"pixel_mask must have shape {(B, H, W)} (batch, height, width), got {tuple(pixel_mask.shape)}"
+                )
             if torch.compiler.is_compiling():  # a data-dependent check: eager only
                 return
             empty = (pixel_mask.flatten(1) == 0).all(1).nonzero().flatten().tolist()
@@ -255,13 +269,19 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             previous = features[-1][0] if level == len(features) else sources[-1]
             sources.append(self.input_proj[level](previous))
             masks.append(downsample_mask(pixel_mask, sources[-1].shape[-2:]))
-        positions = [self.position_embedding(mask, pixel_values.dtype).to(src.dtype) for src, mask in zip(sources, masks)]
+        positions = [
+            self.position_embedding(mask, pixel_values.dtype).to(src.dtype) for src, mask in zip(sources, masks)
+        ]
 
         # flatten the levels: (B, C, H_l, W_l) -> (B, S, C)
         spatial_shapes = [tuple(src.shape[-2:]) for src in sources]  # (H_l, W_l), plain ints
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1)
         pos_flatten = torch.cat(
-            [pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, pos in enumerate(positions)], 1
+            [
+                pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
+                for level, pos in enumerate(positions)
+            ],
+            1,
         )
         padding_mask = ~torch.cat([mask.flatten(1) for mask in masks], 1)
         # (B, L, 2): fraction of real columns and rows in each level
@@ -285,12 +305,16 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             topk = torch.topk(enc_outputs_class[..., 0], k, dim=1)[1]
             topk_coords = torch.gather(enc_outputs_coord_logits, 1, topk[..., None].expand(-1, -1, 4)).detach()
             reference_points = topk_coords.sigmoid()
-            query_pos, tgt = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(topk_coords, C))).split(C, dim=2)
+            query_pos, tgt = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(topk_coords, C))).split(
+                C, dim=2
+            )
         else:
             query_pos, tgt = self.query_embed.weight[None].expand(B, -1, -1).split(C, dim=2)
             reference_points = self.reference_points(query_pos).sigmoid()
 
-        hidden_states, references = self.decoder(tgt, query_pos, reference_points, memory, spatial_shapes, valid_ratios, padding_mask)
+        hidden_states, references = self.decoder(
+            tgt, query_pos, reference_points, memory, spatial_shapes, valid_ratios, padding_mask
+        )
         output = DeformableDetrModelOutput(
             last_hidden_state=hidden_states[:, -1],
             intermediate_hidden_states=hidden_states,
@@ -389,7 +413,12 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
         if labels is not None:
             enc_boxes = None if outputs.enc_outputs_coord_logits is None else outputs.enc_outputs_coord_logits.sigmoid()
             loss, loss_dict = DeformableDetrLoss(self.config)(
-                logits[-1], boxes[-1], labels, auxiliary if self.config.auxiliary_loss else (), outputs.enc_outputs_class, enc_boxes
+                logits[-1],
+                boxes[-1],
+                labels,
+                auxiliary if self.config.auxiliary_loss else (),
+                outputs.enc_outputs_class,
+                enc_boxes,
             )
         output = DeformableDetrObjectDetectionOutput(
             loss=loss,

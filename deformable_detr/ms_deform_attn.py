@@ -32,7 +32,9 @@ def _checked_shapes(spatial_shapes, value) -> list[tuple[int, int]]:
     """spatial_shapes as [(H_l, W_l)], after checking that they cover value's S positions."""
     shapes = _shapes_as_list(spatial_shapes)
     if sum(h * w for h, w in shapes) != value.shape[1]:
-        raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, value has {value.shape[1]}")
+        raise ValueError(
+            f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, value has {value.shape[1]}"
+        )
     return shapes
 
 
@@ -79,14 +81,33 @@ def _fused_op(name, kernel_forward, kernel_backward):
     kernel_backward(grad_output, value, shapes, starts, locations, weights) -> grads of value, locations, weights."""
     Tensor = torch.Tensor
 
-    def forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
-                attention_weights: Tensor) -> Tensor:
+    def forward(
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        sampling_locations: Tensor,
+        attention_weights: Tensor,
+    ) -> Tensor:
         return kernel_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
-    def backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                 sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(kernel_backward(grad_output.contiguous(), value, spatial_shapes, level_start_index,
-                                     sampling_locations, attention_weights))
+    def backward(
+        grad_output: Tensor,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        sampling_locations: Tensor,
+        attention_weights: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(
+            kernel_backward(
+                grad_output.contiguous(),
+                value,
+                spatial_shapes,
+                level_start_index,
+                sampling_locations,
+                attention_weights,
+            )
+        )
 
     op = torch.library.custom_op(f"{_NAMESPACE}::{name}", forward, mutates_args=())
     op_backward = torch.library.custom_op(f"{_NAMESPACE}::{name}_backward", backward, mutates_args=())
@@ -113,11 +134,16 @@ def _fused_op(name, kernel_forward, kernel_backward):
 
 
 _FUSED = {
-    "cpu": _fused_op("ms_deform_attn_cpu", lambda *a: load_cpu_kernel().forward(*a), lambda *a: load_cpu_kernel().backward(*a)),
+    "cpu": _fused_op(
+        "ms_deform_attn_cpu", lambda *a: load_cpu_kernel().forward(*a), lambda *a: load_cpu_kernel().backward(*a)
+    ),
     "triton": _fused_op("ms_deform_attn_triton", triton_forward, triton_backward),
 }
 # the C++ kernel computes in fp32 or fp64; Triton also takes bf16 and fp16 (and sums in fp32)
-_DTYPES = {"cpu": (torch.float32, torch.float64), "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+}
 
 
 def _fused(backend, value, spatial_shapes, sampling_locations, attention_weights):
@@ -131,8 +157,13 @@ def _fused(backend, value, spatial_shapes, sampling_locations, attention_weights
     # off by up to a third of a pixel
     precise = torch.float64 if dtype == torch.float64 else torch.float32
     B, Q, M = sampling_locations.shape[:3]
-    output = _FUSED[backend](value.to(dtype).contiguous(), shapes, starts, sampling_locations.to(precise).contiguous(),
-                             attention_weights.to(precise).contiguous())
+    output = _FUSED[backend](
+        value.to(dtype).contiguous(),
+        shapes,
+        starts,
+        sampling_locations.to(precise).contiguous(),
+        attention_weights.to(precise).contiguous(),
+    )
     return output.view(B, Q, M * value.shape[-1]).to(value.dtype)
 
 
@@ -217,9 +248,11 @@ def triton_self_check(device: torch.device | str) -> str | None:
                 failure = error_summary(error)
             if failure is not None:
                 name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-                warnings.warn(f"The Triton kernels of multi-scale deformable attention fail their self-check on {name}: "
-                              f"{failure}\nUsing {_FALLBACKS[_backends_without_triton(device)[0]]} instead.",
-                              RuntimeWarning)
+                warnings.warn(
+                    f"The Triton kernels of multi-scale deformable attention fail their self-check on {name}: "
+                    f"{failure}\nUsing {_FALLBACKS[_backends_without_triton(device)[0]]} instead.",
+                    RuntimeWarning,
+                )
             _triton_checks[device] = failure
         return _triton_checks[device]
 
@@ -297,13 +330,17 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = F.softmax(self.attention_weights(query).view(B, Q, M, L * K), -1).view(B, Q, M, L, K)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W_l, H_l)
-            normalizer = torch.tensor([(w, h) for h, w in _shapes_as_list(spatial_shapes)], dtype=offsets.dtype, device=offsets.device)
+            normalizer = torch.tensor(
+                [(w, h) for h, w in _shapes_as_list(spatial_shapes)], dtype=offsets.dtype, device=offsets.device
+            )
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             # offsets are relative to the box: K points spread over half its width and height
             centre, size = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
             locations = centre + offsets / K * size * 0.5
         else:
-            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape {tuple(reference_points.shape)}")
+            raise ValueError(
+                f"reference_points must end in 2 or 4 coordinates, got shape {tuple(reference_points.shape)}"
+            )
         output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
         return self.output_proj(output)

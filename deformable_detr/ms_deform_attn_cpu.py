@@ -225,7 +225,7 @@ def error_summary(error: BaseException, lines: int = 6, width: int = 200) -> str
     compile errors put the cause at the end), each cut at `width` characters."""
     text = f"{type(error).__name__}: {error}".splitlines()
     if len(text) > lines:
-        text = text[:lines // 2] + ["[...]"] + text[-(lines - lines // 2):]
+        text = text[: lines // 2] + ["[...]"] + text[-(lines - lines // 2) :]
     return "\n".join(line if len(line) <= width else line[:width] + " [...]" for line in text)
 
 

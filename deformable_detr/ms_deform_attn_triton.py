@@ -60,9 +60,23 @@ if triton is not None:
     # Q and S are not specialised (Triton would compile again whenever they change divisibility by 16: with
     # every image size)
     @triton.jit(do_not_specialize=["Q", "S"])
-    def _forward_kernel(value, shapes, starts, loc, attn, out, Q, S,
-                        M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
-                        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    def _forward_kernel(
+        value,
+        shapes,
+        starts,
+        loc,
+        attn,
+        out,
+        Q,
+        S,
+        M: tl.constexpr,
+        D: tl.constexpr,
+        L: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
         b, m, q, d, q_ok, d_ok = _tile(Q, M, D, BLOCK_Q, BLOCK_D)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
         point_base = ((b * Q + q) * M + m) * (L * K)
@@ -83,9 +97,26 @@ if triton is not None:
         tl.store(out + rows[:, None] + d[None, :], acc.to(out.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
     @triton.jit(do_not_specialize=["Q", "S"])
-    def _backward_kernel(grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn, Q, S,
-                         M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, K: tl.constexpr,
-                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    def _backward_kernel(
+        grad_out,
+        value,
+        shapes,
+        starts,
+        loc,
+        attn,
+        grad_value,
+        grad_loc,
+        grad_attn,
+        Q,
+        S,
+        M: tl.constexpr,
+        D: tl.constexpr,
+        L: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
         b, m, q, d, q_ok, d_ok = _tile(Q, M, D, BLOCK_Q, BLOCK_D)
         rows = ((b * Q + q) * M + m) * D
         g = tl.load(grad_out + rows[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
@@ -111,7 +142,9 @@ if triton is not None:
                     grad_x += w_x * dot
                     grad_y += w_y * dot
                     # relaxed: the sums need atomicity, not ordering (the default, acq_rel, also orders memory)
-                    tl.atomic_add(grad_value + corner_rows[:, None] + d[None, :], (a * w)[:, None] * g, mask=tile, sem="relaxed")
+                    tl.atomic_add(
+                        grad_value + corner_rows[:, None] + d[None, :], (a * w)[:, None] * g, mask=tile, sem="relaxed"
+                    )
                 tl.store(grad_attn + p, grad_a, mask=q_ok)
                 tl.store(grad_loc + 2 * p, a * grad_x * W, mask=q_ok)
                 tl.store(grad_loc + 2 * p + 1, a * grad_y * H, mask=q_ok)
@@ -132,7 +165,9 @@ def _launch_config(value, Q, block_q, num_warps):
     return (triton.cdiv(Q, block_q), B * M), meta
 
 
-def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, block_q=None, num_warps=None):
+def forward(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, block_q=None, num_warps=None
+):
     """value (B, S, M, D), spatial_shapes (L, 2), level_start_index (L,), sampling_locations (B, Q, M, L, K, 2),
     attention_weights (B, Q, M, L, K) -> (B, Q, M, D), in value's dtype. Locations and weights may have another
     float type than value (the model passes them in fp32 under autocast). block_q and num_warps override LAUNCH."""
@@ -140,14 +175,35 @@ def forward(value, spatial_shapes, level_start_index, sampling_locations, attent
     out = value.new_empty(B, Q, M, value.shape[-1])
     if out.numel() == 0:
         return out
-    grid, meta = _launch_config(value, Q, block_q or LAUNCH["forward"]["block_q"], num_warps or LAUNCH["forward"]["num_warps"])
-    _forward_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out, Q,
-                          value.shape[1], L=L, K=K, **meta)
+    grid, meta = _launch_config(
+        value, Q, block_q or LAUNCH["forward"]["block_q"], num_warps or LAUNCH["forward"]["num_warps"]
+    )
+    _forward_kernel[grid](
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        out,
+        Q,
+        value.shape[1],
+        L=L,
+        K=K,
+        **meta,
+    )
     return out
 
 
-def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-             block_q=None, num_warps=None):
+def backward(
+    grad_output,
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    block_q=None,
+    num_warps=None,
+):
     """-> gradients of value, sampling_locations and attention_weights, each in its input's dtype."""
     B, Q, M, L, K, _ = sampling_locations.shape
     accumulate = torch.float64 if value.dtype == torch.float64 else torch.float32
@@ -155,8 +211,23 @@ def backward(grad_output, value, spatial_shapes, level_start_index, sampling_loc
     grad_loc = torch.empty(sampling_locations.shape, dtype=accumulate, device=value.device)
     grad_attn = torch.empty(attention_weights.shape, dtype=accumulate, device=value.device)
     if grad_output.numel() > 0:
-        grid, meta = _launch_config(value, Q, block_q or LAUNCH["backward"]["block_q"],
-                                    num_warps or LAUNCH["backward"]["num_warps"])
-        _backward_kernel[grid](grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                               attention_weights, grad_value, grad_loc, grad_attn, Q, value.shape[1], L=L, K=K, **meta)
+        grid, meta = _launch_config(
+            value, Q, block_q or LAUNCH["backward"]["block_q"], num_warps or LAUNCH["backward"]["num_warps"]
+        )
+        _backward_kernel[grid](
+            grad_output,
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            grad_value,
+            grad_loc,
+            grad_attn,
+            Q,
+            value.shape[1],
+            L=L,
+            K=K,
+            **meta,
+        )
     return grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype), grad_attn.to(attention_weights.dtype)

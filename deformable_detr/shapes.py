@@ -46,8 +46,15 @@ def shapes_records(num_images: int, image_size: int = 128, max_objects: int = 4,
     records = []
     for index in range(num_images):
         image, boxes, categories = draw_shapes(rng, image_size, max_objects)
-        records.append({"image": image, "image_id": index, "width": image_size, "height": image_size,
-                        "objects": objects_of_boxes(boxes, categories)})
+        records.append(
+            {
+                "image": image,
+                "image_id": index,
+                "width": image_size,
+                "height": image_size,
+                "objects": objects_of_boxes(boxes, categories),
+            }
+        )
     return records
 
 

@@ -31,8 +31,17 @@ logger = logging.getLogger("deformable_detr.train")
 # --config_name presets; "paper" is the paper's Deformable DETR (ResNet-50, 6+6 layers, 300 queries)
 CONFIG_PRESETS = {
     "paper": {},
-    "tiny": dict(backbone="resnet18", d_model=128, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=512,
-                 decoder_ffn_dim=512, num_queries=100, two_stage_num_proposals=100, num_feature_levels=3),
+    "tiny": dict(
+        backbone="resnet18",
+        d_model=128,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=512,
+        decoder_ffn_dim=512,
+        num_queries=100,
+        two_stage_num_proposals=100,
+        num_feature_levels=3,
+    ),
 }
 SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --sampling_lr_factor x the lr
 TRACKING_DIR = "deformable-detr"  # TensorBoard runs, under --output_dir
@@ -43,57 +52,98 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deformable-detr-train", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="deformable-detr-train", description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True,
-                      help="a Hub dataset id (cppe-5 schema), a save_to_disk folder, a COCO folder (Roboflow's "
-                           "{split}/_annotations.coco.json or annotations/instances_{split}.json) or a Pascal VOC folder")
-    data.add_argument("--validation_fraction", type=float, default=0.15,
-                      help="share of the training images held out when the data has no validation split")
-    data.add_argument("--image_size", type=int, default=800,
-                      help="shortest image side for evaluation; training scales 0.6x..1x of it (DETR: 480..800)")
+    data.add_argument(
+        "--dataset",
+        required=True,
+        help="a Hub dataset id (cppe-5 schema), a save_to_disk folder, a COCO folder (Roboflow's "
+        "{split}/_annotations.coco.json or annotations/instances_{split}.json) or a Pascal VOC folder",
+    )
+    data.add_argument(
+        "--validation_fraction",
+        type=float,
+        default=0.15,
+        help="share of the training images held out when the data has no validation split",
+    )
+    data.add_argument(
+        "--image_size",
+        type=int,
+        default=800,
+        help="shortest image side for evaluation; training scales 0.6x..1x of it (DETR: 480..800)",
+    )
     data.add_argument("--max_image_size", type=int, default=1333, help="longest image side")
     data.add_argument("--no_augmentation", action="store_true", help="train on plain resized images")
     data.add_argument("--num_workers", type=int, default=2, help="data loading processes per device")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model_name_or_path", help="a saved model folder or Hub id: ours, or transformers' "
-                       "Deformable DETR (converted on the fly). A new label set gets fresh class heads.")
+    model.add_argument(
+        "--model_name_or_path",
+        help="a saved model folder or Hub id: ours, or transformers' "
+        "Deformable DETR (converted on the fly). A new label set gets fresh class heads.",
+    )
     model.add_argument("--config_name", help=f"a fresh model: a config.json, or a preset: {', '.join(CONFIG_PRESETS)}")
     model.add_argument("--config_overrides", default="", help='with --config_name, e.g. "d_model=64,encoder_layers=1"')
-    model.add_argument("--backbone_weights", help="with --config_name: ResNet weights for the built-in backbone "
-                       "(a .safetensors/.pth file with torchvision names, or a Hub id)")
+    model.add_argument(
+        "--backbone_weights",
+        help="with --config_name: ResNet weights for the built-in backbone "
+        "(a .safetensors/.pth file with torchvision names, or a Hub id)",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", type=float, default=2e-4, help="AdamW lr of the transformer and heads")
     optim.add_argument("--backbone_learning_rate", type=float, default=2e-5, help="AdamW lr of the backbone")
-    optim.add_argument("--sampling_lr_factor", type=float, default=0.1,
-                       help="lr multiplier of the sampling offsets and reference points")
+    optim.add_argument(
+        "--sampling_lr_factor",
+        type=float,
+        default=0.1,
+        help="lr multiplier of the sampling offsets and reference points",
+    )
     optim.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay, for every parameter")
     optim.add_argument("--max_grad_norm", type=float, default=0.1, help="gradient norm clip (0: none)")
-    optim.add_argument("--lr_drop", type=float, default=0.8, help="share of the steps after which the lr is x0.1 (paper: 40 of 50 epochs)")
+    optim.add_argument(
+        "--lr_drop",
+        type=float,
+        default=0.8,
+        help="share of the steps after which the lr is x0.1 (paper: 40 of 50 epochs)",
+    )
     optim.add_argument("--per_device_train_batch_size", type=int, default=2, help="images per step and process")
-    optim.add_argument("--per_device_eval_batch_size", type=int, default=2, help="images per evaluation batch and process")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches summed into one optimiser step")
+    optim.add_argument(
+        "--per_device_eval_batch_size", type=int, default=2, help="images per evaluation batch and process"
+    )
+    optim.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="batches summed into one optimiser step"
+    )
     optim.add_argument("--num_train_epochs", type=int, default=50, help="passes over the training split (paper: 50)")
     optim.add_argument("--max_steps", type=int, default=None, help="optimiser steps; overrides --num_train_epochs")
-    optim.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
-                       help="default: what `accelerate config` chose, else no")
-    optim.add_argument("--seed", type=int, default=42, help="initialisation, data order, augmentation, validation split")
+    optim.add_argument(
+        "--mixed_precision",
+        choices=["no", "bf16", "fp16"],
+        default=None,
+        help="default: what `accelerate config` chose, else no",
+    )
+    optim.add_argument(
+        "--seed", type=int, default=42, help="initialisation, data order, augmentation, validation split"
+    )
 
     run = parser.add_argument_group("outputs and checkpoints")
     run.add_argument("--output_dir", default="outputs/deformable-detr", help="model, card, log, checkpoints")
     run.add_argument("--checkpointing_steps", default="epoch", help='"epoch", a number of steps, or "no"')
     run.add_argument("--checkpoints_total_limit", type=int, default=2, help="older checkpoints are deleted")
     run.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest" (in --output_dir)')
-    run.add_argument("--eval_every_epochs", type=int, default=1, help="COCO evaluation every N epochs (0: only at the end)")
+    run.add_argument(
+        "--eval_every_epochs", type=int, default=1, help="COCO evaluation every N epochs (0: only at the end)"
+    )
     run.add_argument("--logging_steps", type=int, default=10, help="steps between log lines (mean loss terms, lr)")
     run.add_argument("--with_tracking", action="store_true", help="log to TensorBoard in --output_dir/" + TRACKING_DIR)
 
     hub = parser.add_argument_group("the Hub")
-    hub.add_argument("--push_to_hub", action="store_true", help="upload the trained model, processor, code and card at the end")
-    hub.add_argument("--hub_model_id", help="the repo to push to, e.g. user/deformable-detr-bccd (default: the name of --output_dir)")
+    hub.add_argument(
+        "--push_to_hub", action="store_true", help="upload the trained model, processor, code and card at the end"
+    )
+    hub.add_argument(
+        "--hub_model_id", help="the repo to push to, e.g. user/deformable-detr-bccd (default: the name of --output_dir)"
+    )
     hub.add_argument("--hub_token", help="a Hub token with write access (default: the one `hf auth login` stored)")
     hub.add_argument("--hub_private_repo", action="store_true", help="create the repo private")
     return parser
@@ -101,15 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args):
     if bool(args.model_name_or_path) == bool(args.config_name):
-        raise SystemExit("give exactly one of --model_name_or_path (start from a saved model) and --config_name (a fresh one)")
+        raise SystemExit(
+            "give exactly one of --model_name_or_path (start from a saved model) and --config_name (a fresh one)"
+        )
     if args.config_overrides and not args.config_name:
         raise SystemExit("--config_overrides changes a fresh model's config; it needs --config_name")
     if args.backbone_weights and not args.config_name:
         raise SystemExit("--backbone_weights is for a fresh model (--config_name); a saved model has its own")
     if (args.hub_model_id or args.hub_token or args.hub_private_repo) and not args.push_to_hub:
         raise SystemExit("--hub_model_id, --hub_token and --hub_private_repo need --push_to_hub")
-    for name in ("image_size", "max_image_size", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps", "num_train_epochs", "logging_steps", "checkpoints_total_limit"):
+    for name in (
+        "image_size",
+        "max_image_size",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "logging_steps",
+        "checkpoints_total_limit",
+    ):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -118,9 +178,13 @@ def check_args(args):
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise SystemExit("--with_tracking logs to TensorBoard, which is not installed: pip install tensorboard") from None
+            raise SystemExit(
+                "--with_tracking logs to TensorBoard, which is not installed: pip install tensorboard"
+            ) from None
     if args.checkpointing_steps not in ("epoch", "no") and not args.checkpointing_steps.isdigit():
-        raise SystemExit(f'--checkpointing_steps must be "epoch", "no" or a number of steps, got {args.checkpointing_steps!r}')
+        raise SystemExit(
+            f'--checkpointing_steps must be "epoch", "no" or a number of steps, got {args.checkpointing_steps!r}'
+        )
 
 
 def redact_token(argv: list[str]) -> list[str]:
@@ -138,7 +202,9 @@ def build_config(name: str, overrides: str) -> DeformableDetrConfig:
     elif os.path.isfile(name) or os.path.isdir(name):
         config = DeformableDetrConfig.from_pretrained(name)
     else:
-        raise SystemExit(f"--config_name {name!r} is neither a config file/folder nor a preset ({', '.join(CONFIG_PRESETS)})")
+        raise SystemExit(
+            f"--config_name {name!r} is neither a config file/folder nor a preset ({', '.join(CONFIG_PRESETS)})"
+        )
     if overrides:
         try:
             config.update_from_string(overrides)
@@ -178,8 +244,11 @@ def parameter_groups(model, args) -> list[dict]:
             groups["sampling"].append(parameter)
         else:
             groups["rest"].append(parameter)
-    lrs = {"backbone": args.backbone_learning_rate, "sampling": args.learning_rate * args.sampling_lr_factor,
-           "rest": args.learning_rate}
+    lrs = {
+        "backbone": args.backbone_learning_rate,
+        "sampling": args.learning_rate * args.sampling_lr_factor,
+        "rest": args.learning_rate,
+    }
     return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
 
 
@@ -207,7 +276,9 @@ class StopRequest:
 def find_checkpoint(args) -> str | None:
     if args.resume_from_checkpoint != "latest":
         if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "trainer_state.json")):
-            raise SystemExit(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint (no trainer_state.json)")
+            raise SystemExit(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint (no trainer_state.json)"
+            )
         return args.resume_from_checkpoint
     found = list_checkpoints(args.output_dir)
     if not found:
@@ -231,7 +302,7 @@ def save_checkpoint(accelerator, args, state: dict):
     if accelerator.is_main_process:
         with open(os.path.join(folder, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=1)
-        for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+        for old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint written to %s", folder)
     accelerator.wait_for_everyone()
@@ -257,18 +328,27 @@ def train(argv=None) -> dict | None:
     set_seed(args.seed)
 
     splits, class_names = load_detection_dataset(args.dataset, args.validation_fraction, args.seed)
-    logger.info("data %s: %d training and %d validation images, classes %s",
-                args.dataset, len(splits["train"]), len(splits["validation"]), class_names)
+    logger.info(
+        "data %s: %d training and %d validation images, classes %s",
+        args.dataset,
+        len(splits["train"]),
+        len(splits["validation"]),
+        class_names,
+    )
     model = build_model(args, class_names)
     # with box refinement but no auxiliary loss, the earlier layers' class heads get no gradient
     unused = model.config.with_box_refine and not model.config.auxiliary_loss
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with="tensorboard" if args.with_tracking else None, project_dir=args.output_dir,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="tensorboard" if args.with_tracking else None,
+        project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
     )
-    processor = DeformableDetrImageProcessor(size={"shortest_edge": args.image_size, "longest_edge": args.max_image_size})
+    processor = DeformableDetrImageProcessor(
+        size={"shortest_edge": args.image_size, "longest_edge": args.max_image_size}
+    )
     train_samples, train_loader, eval_loader = make_loaders(args, splits, processor)
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
@@ -288,17 +368,29 @@ def train(argv=None) -> dict | None:
             state = json.load(f)
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["global_step"], state["epoch"])
     elif list_checkpoints(args.output_dir):
-        raise SystemExit(f"{args.output_dir} holds checkpoints of an earlier run: continue it with --resume_from_checkpoint "
-                         "latest, or start afresh in another --output_dir")
+        raise SystemExit(
+            f"{args.output_dir} holds checkpoints of an earlier run: continue it with --resume_from_checkpoint "
+            "latest, or start afresh in another --output_dir"
+        )
     if args.with_tracking:
-        accelerator.init_trackers(TRACKING_DIR, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
+        accelerator.init_trackers(
+            TRACKING_DIR,
+            {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"},
+        )
 
-    logger.info("training %d steps (%d epochs of %d), %d images per step, on %d process(es), mixed precision %s",
-                max_steps, num_epochs, steps_per_epoch,
-                args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
-                accelerator.num_processes, accelerator.mixed_precision)
+    logger.info(
+        "training %d steps (%d epochs of %d), %d images per step, on %d process(es), mixed precision %s",
+        max_steps,
+        num_epochs,
+        steps_per_epoch,
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+        accelerator.num_processes,
+        accelerator.mixed_precision,
+    )
     stop = StopRequest()
-    progress = tqdm(total=max_steps, initial=state["global_step"], desc="training", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=max_steps, initial=state["global_step"], desc="training", disable=not accelerator.is_local_main_process
+    )
     metrics, window_bad, running, stopping = None, False, [], False
     started = time.time()
     try:
@@ -314,7 +406,9 @@ def train(argv=None) -> dict | None:
                 batches = accelerator.skip_first_batches(train_loader, state["batches_in_epoch"])
             for batch in batches:
                 with accelerator.accumulate(model):
-                    outputs, finite, window_bad, stopping = forward_backward(model, batch, accelerator, window_bad, stop.requested)
+                    outputs, finite, window_bad, stopping = forward_backward(
+                        model, batch, accelerator, window_bad, stop.requested
+                    )
                     if accelerator.sync_gradients:
                         optimiser_step(model, optimizer, scheduler, accelerator, args, state, window_bad, outputs.loss)
                 state["batches_in_epoch"] += 1
@@ -332,7 +426,11 @@ def train(argv=None) -> dict | None:
                     log_training(accelerator, state, running, lr, epoch)
                     running = []
                 finished = state["global_step"] >= max_steps
-                if args.checkpointing_steps.isdigit() and state["global_step"] % int(args.checkpointing_steps) == 0 and not finished:
+                if (
+                    args.checkpointing_steps.isdigit()
+                    and state["global_step"] % int(args.checkpointing_steps) == 0
+                    and not finished
+                ):
                     save_checkpoint(accelerator, args, state)
                 if stopping or finished:
                     break
@@ -341,14 +439,20 @@ def train(argv=None) -> dict | None:
             finished = state["global_step"] >= max_steps
             if stopping and not finished:
                 save_checkpoint(accelerator, args, state)
-                logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state["global_step"])
+                logger.warning(
+                    "stopped at step %d; continue with --resume_from_checkpoint latest", state["global_step"]
+                )
                 accelerator.end_training()
                 raise SystemExit(128 + StopRequest.signum)
             if finished or (args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0):
                 metrics = evaluate(model, processor, eval_loader, accelerator, ground_truth)
                 state["history"].append({"step": state["global_step"], "epoch": epoch + 1, "eval": metrics})
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state["global_step"])
-                logger.info("epoch %d, step %d, validation:\n%s", epoch + 1, state["global_step"], format_metrics(metrics))
+                accelerator.log(
+                    {f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state["global_step"]
+                )
+                logger.info(
+                    "epoch %d, step %d, validation:\n%s", epoch + 1, state["global_step"], format_metrics(metrics)
+                )
             if finished:
                 break
             if args.checkpointing_steps == "epoch":
@@ -382,14 +486,21 @@ def make_loaders(args, splits, processor):
     # augmented images come resized already; the processor normalises and pads them
     train_processor = DeformableDetrImageProcessor(**{**processor.to_dict(), "do_resize": augmentation is None})
     train_loader = torch.utils.data.DataLoader(
-        train_samples, batch_size=args.per_device_train_batch_size, shuffle=True,
-        collate_fn=DetectionCollator(train_processor), num_workers=args.num_workers,
+        train_samples,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=DetectionCollator(train_processor),
+        num_workers=args.num_workers,
         # its own generator: making a loader's iterator then leaves the global random state (dropout) alone
-        generator=torch.Generator().manual_seed(args.seed), worker_init_fn=ignore_interrupts,
+        generator=torch.Generator().manual_seed(args.seed),
+        worker_init_fn=ignore_interrupts,
     )
     eval_loader = torch.utils.data.DataLoader(
-        DetectionSamples(splits["validation"]), batch_size=args.per_device_eval_batch_size,
-        collate_fn=DetectionCollator(processor), num_workers=args.num_workers, worker_init_fn=ignore_interrupts,
+        DetectionSamples(splits["validation"]),
+        batch_size=args.per_device_eval_batch_size,
+        collate_fn=DetectionCollator(processor),
+        num_workers=args.num_workers,
+        worker_init_fn=ignore_interrupts,
     )
     return train_samples, train_loader, eval_loader
 
@@ -418,8 +529,12 @@ def optimiser_step(model, optimizer, scheduler, accelerator, args, state: dict, 
             window_bad, loss = True, norm
     if window_bad:
         state["skipped_steps"] += 1
-        logger.warning("step %d: non-finite loss or gradient norm (%s); the step is skipped, %d so far",
-                       state["global_step"] + 1, loss.item(), state["skipped_steps"])
+        logger.warning(
+            "step %d: non-finite loss or gradient norm (%s); the step is skipped, %d so far",
+            state["global_step"] + 1,
+            loss.item(),
+            state["skipped_steps"],
+        )
     else:
         optimizer.step()
     optimizer.zero_grad()
@@ -446,9 +561,14 @@ def log_training(accelerator, state: dict, running: list[dict], lr: float, epoch
     means = dict(zip(running[0], accelerator.reduce(local, "mean").tolist()))
     state["history"].append({"step": state["global_step"], "epoch": epoch + 1, "lr": lr} | means)
     accelerator.log({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr}, step=state["global_step"])
-    logger.info("step %d, epoch %d: %s, lr %.2e%s", state["global_step"], epoch + 1,
-                ", ".join(f"{k} {v:.4f}" for k, v in means.items()), lr,
-                f", {state['skipped_steps']} skipped step(s)" if state["skipped_steps"] else "")
+    logger.info(
+        "step %d, epoch %d: %s, lr %.2e%s",
+        state["global_step"],
+        epoch + 1,
+        ", ".join(f"{k} {v:.4f}" for k, v in means.items()),
+        lr,
+        f", {state['skipped_steps']} skipped step(s)" if state["skipped_steps"] else "",
+    )
 
 
 def finish(accelerator, model, processor, args, state, metrics, command, minutes):
@@ -465,9 +585,17 @@ def finish(accelerator, model, processor, args, state, metrics, command, minutes
     if metrics is not None:
         with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-    write_model_card(args.output_dir, model.config, metrics, dataset=args.dataset, command=command,
-                     steps=state["global_step"], skipped_steps=state["skipped_steps"], minutes=minutes,
-                     processes=accelerator.num_processes)
+    write_model_card(
+        args.output_dir,
+        model.config,
+        metrics,
+        dataset=args.dataset,
+        command=command,
+        steps=state["global_step"],
+        skipped_steps=state["skipped_steps"],
+        minutes=minutes,
+        processes=accelerator.num_processes,
+    )
     logger.info("model, processor and model card saved to %s", args.output_dir)
     if args.push_to_hub:
         push_to_hub(args)
@@ -480,9 +608,15 @@ def push_to_hub(args) -> str:
     api = HfApi(token=args.hub_token)
     repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
-    commit = api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="Training run",
-                               ignore_patterns=["checkpoint-*", f"{TRACKING_DIR}/*", "train.log"])
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="Training run",
+        ignore_patterns=["checkpoint-*", f"{TRACKING_DIR}/*", "train.log"],
+    )
     logger.info("pushed to %s (%s)", repo_id, commit.commit_url)
     return commit.commit_url
+
+
 if __name__ == "__main__":
     main()

@@ -70,9 +70,11 @@ def compare(name, ours, theirs, device, repeats, labels=("ours", "baseline")):
             times[label].append(time.perf_counter() - start)
     memory = {label: peak_memory_of(fn, device) for label, fn in zip(labels, (ours, theirs))}
     a, b = (statistics.median(times[label]) for label in labels)
-    print(f"{name:44s} {labels[0]} {a * 1e3:9.1f} ms  {labels[1]} {b * 1e3:9.1f} ms  speed-up {b / a:5.2f}x  "
-          f"peak extra memory {memory[labels[0]]:7.0f} / {memory[labels[1]]:7.0f} MiB ({memory[labels[0]] / max(memory[labels[1]], 1e-9):.2f})",
-          flush=True)
+    print(
+        f"{name:44s} {labels[0]} {a * 1e3:9.1f} ms  {labels[1]} {b * 1e3:9.1f} ms  speed-up {b / a:5.2f}x  "
+        f"peak extra memory {memory[labels[0]]:7.0f} / {memory[labels[1]]:7.0f} MiB ({memory[labels[0]] / max(memory[labels[1]], 1e-9):.2f})",
+        flush=True,
+    )
     return b / a
 
 
@@ -88,8 +90,10 @@ def op_inputs(shapes, queries, batch, device, requires_grad, heads=8, dim=32, po
 def bench_op(device, repeats):
     fastest = available_backends(device)[0]
     print(f"\n(a) multi-scale deformable attention: {fastest} vs reference")
-    cases = {"encoder, 1 image 800x1066": (ENCODER_SHAPES, sum(h * w for h, w in ENCODER_SHAPES), 1),
-             "decoder, 300 queries, batch 2": (ENCODER_SHAPES, 300, 2)}
+    cases = {
+        "encoder, 1 image 800x1066": (ENCODER_SHAPES, sum(h * w for h, w in ENCODER_SHAPES), 1),
+        "decoder, 300 queries, batch 2": (ENCODER_SHAPES, 300, 2),
+    }
     for case, (shapes, queries, batch) in cases.items():
         value, locations, weights = op_inputs(shapes, queries, batch, device, False)
         shapes_tensor = torch.tensor(shapes)
@@ -99,19 +103,33 @@ def bench_op(device, repeats):
                 return multi_scale_deformable_attention(value, shapes_tensor, locations, weights, backend=backend)
 
         diff = (forward(fastest) - forward("reference")).abs().max().item()
-        compare(f"{case}: forward (max diff {diff:.1e})", lambda: forward(fastest), lambda: forward("reference"), device, repeats,
-                (fastest, "reference"))
+        compare(
+            f"{case}: forward (max diff {diff:.1e})",
+            lambda: forward(fastest),
+            lambda: forward("reference"),
+            device,
+            repeats,
+            (fastest, "reference"),
+        )
         grad_inputs = [t.detach().clone().requires_grad_(True) for t in (value, locations, weights)]
         grad_output = torch.randn(batch, queries, value.shape[2] * value.shape[3], device=device)
 
         def forward_backward(backend):
             for t in grad_inputs:
                 t.grad = None
-            out = multi_scale_deformable_attention(grad_inputs[0], shapes_tensor, grad_inputs[1], grad_inputs[2], backend=backend)
+            out = multi_scale_deformable_attention(
+                grad_inputs[0], shapes_tensor, grad_inputs[1], grad_inputs[2], backend=backend
+            )
             out.backward(grad_output)
 
-        compare(f"{case}: forward+backward", lambda: forward_backward(fastest), lambda: forward_backward("reference"), device,
-                repeats, (fastest, "reference"))
+        compare(
+            f"{case}: forward+backward",
+            lambda: forward_backward(fastest),
+            lambda: forward_backward("reference"),
+            device,
+            repeats,
+            (fastest, "reference"),
+        )
 
 
 def full_size_pair(device):
@@ -130,14 +148,19 @@ def full_size_pair(device):
 
     torch.manual_seed(0)
     backbone = ResNetConfig(**RESNET50_LIKE, out_features=["stage2", "stage3", "stage4"])
-    hf = perturb_(HFModel(HFConfig(use_timm_backbone=False, backbone_config=backbone, num_labels=91, auxiliary_loss=True)), scale=0.01)
+    hf = perturb_(
+        HFModel(HFConfig(use_timm_backbone=False, backbone_config=backbone, num_labels=91, auxiliary_loss=True)),
+        scale=0.01,
+    )
     with tempfile.TemporaryDirectory() as folder:
         config = hf.config.to_dict()
         config.pop("backbone_config")
         config.update(use_timm_backbone=True, backbone="resnet50")
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f)
-        save_file({k: v.contiguous() for k, v in hub_v4_state_dict(hf).items()}, os.path.join(folder, "model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in hub_v4_state_dict(hf).items()}, os.path.join(folder, "model.safetensors")
+        )
         ours = DeformableDetrForObjectDetection.from_transformers(folder)
     return hf.to(device), ours.to(device)
 
@@ -157,14 +180,27 @@ def bench_model(device, repeats, train_repeats):
         with torch.no_grad():
             return model(**kwargs)
 
-    compare("inference", lambda: infer(ours, pixel_values=x), lambda: infer(hf, pixel_values=x), device, repeats,
-            ("ours", "transformers"))
+    compare(
+        "inference",
+        lambda: infer(ours, pixel_values=x),
+        lambda: infer(hf, pixel_values=x),
+        device,
+        repeats,
+        ("ours", "transformers"),
+    )
 
     print("\n(c) one training step (forward + backward + AdamW), batch 2 of 800x1066: ours vs transformers")
     batch = torch.randn(2, 3, 800, 1066, generator=g).to(device)
-    labels = [{"class_labels": torch.tensor([1, 5, 17], device=device),
-               "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4], [0.8, 0.2, 0.1, 0.1]], device=device)},
-              {"class_labels": torch.tensor([3], device=device), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.6]], device=device)}]
+    labels = [
+        {
+            "class_labels": torch.tensor([1, 5, 17], device=device),
+            "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4], [0.8, 0.2, 0.1, 0.1]], device=device),
+        },
+        {
+            "class_labels": torch.tensor([3], device=device),
+            "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.6]], device=device),
+        },
+    ]
     for model in (hf, ours):
         model.train()
         model.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -175,8 +211,14 @@ def bench_model(device, repeats, train_repeats):
         out.loss.backward()
         model.optimizer.step()
 
-    compare("training step", lambda: step(ours, pixel_values=batch), lambda: step(hf, pixel_values=batch), device,
-            train_repeats, ("ours", "transformers"))
+    compare(
+        "training step",
+        lambda: step(ours, pixel_values=batch),
+        lambda: step(hf, pixel_values=batch),
+        device,
+        train_repeats,
+        ("ours", "transformers"),
+    )
 
 
 def main():
@@ -188,8 +230,10 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"machine: {platform.node()} ({card}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device}")
+    print(
+        f"machine: {platform.node()} ({card}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {device}"
+    )
     start = time.perf_counter()
     if args.only in (None, "op"):
         bench_op(device, args.repeats)

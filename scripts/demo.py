@@ -75,24 +75,61 @@ def main():
     ).save_to_disk(data_dir)
 
     print("2/4 training")
-    train(["--dataset", data_dir, "--output_dir", model_dir, "--config_name", "tiny", "--config_overrides", MODEL,
-           "--image_size", str(size), "--max_image_size", str(size), "--per_device_train_batch_size", "8",
-           # plenty of generated images and a short run: no augmentation, and a higher lr, for the backbone too
-           "--no_augmentation", "--learning_rate", "5e-4", "--backbone_learning_rate", "5e-4",
-           "--num_train_epochs", str(args.epochs), "--num_workers", "1", "--checkpointing_steps", "no",
-           "--seed", str(args.seed)])
+    train(
+        [
+            "--dataset",
+            data_dir,
+            "--output_dir",
+            model_dir,
+            "--config_name",
+            "tiny",
+            "--config_overrides",
+            MODEL,
+            "--image_size",
+            str(size),
+            "--max_image_size",
+            str(size),
+            "--per_device_train_batch_size",
+            "8",
+            # plenty of generated images and a short run: no augmentation, and a higher lr, for the backbone too
+            "--no_augmentation",
+            "--learning_rate",
+            "5e-4",
+            "--backbone_learning_rate",
+            "5e-4",
+            "--num_train_epochs",
+            str(args.epochs),
+            "--num_workers",
+            "1",
+            "--checkpointing_steps",
+            "no",
+            "--seed",
+            str(args.seed),
+        ]
+    )
 
     print("3/4 scoring on the held-out test images")
-    metrics = evaluate_command(["--model", model_dir, "--dataset", data_dir, "--split", "test",
-                                "--output", os.path.join(args.output_dir, "test_results.json")])
+    metrics = evaluate_command(
+        [
+            "--model",
+            model_dir,
+            "--dataset",
+            data_dir,
+            "--split",
+            "test",
+            "--output",
+            os.path.join(args.output_dir, "test_results.json"),
+        ]
+    )
 
     print("4/4 drawing detections and the training curves")
     os.makedirs(pictures_dir, exist_ok=True)
     model, processor = load_detector(model_dir, "cpu")
     images = [row["image"] for row in load_from_disk(data_dir)["test"].select(range(min(8, count)))]
     for index, (image, found) in enumerate(zip(images, detect(model, processor, images, threshold=0.5, top_k=30))):
-        draw_detections(image.resize((4 * size, 4 * size), Image.NEAREST), [
-            d | {"box": [4 * v for v in d["box"]]} for d in found]).save(os.path.join(pictures_dir, f"test_{index}.png"))
+        draw_detections(
+            image.resize((4 * size, 4 * size), Image.NEAREST), [d | {"box": [4 * v for v in d["box"]]} for d in found]
+        ).save(os.path.join(pictures_dir, f"test_{index}.png"))
     with open(os.path.join(model_dir, "history.json")) as f:
         plot_history(json.load(f), os.path.join(args.output_dir, "training.png"))
 

@@ -36,14 +36,19 @@ QUICK_SHAPES = [(8, 12), (4, 6), (2, 3), (1, 2)]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gpu_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="gpu-check", help="folder for report.json and report.md (default: gpu-check)")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes and models, few repeats")
     parser.add_argument("--sweep", action="store_true", help="also time the Triton kernels' BLOCK_Q and num_warps")
-    parser.add_argument("--only", nargs="+", choices=["op", "speed", "model", "train", "compile"],
-                        help="run only these parts (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["op", "speed", "model", "train", "compile"],
+        help="run only these parts (default: all)",
+    )
     return parser.parse_args(argv)
 
 
@@ -64,8 +69,14 @@ class Report:
     def check(self, section, name, value, limit, text=""):
         """A correctness check: value <= limit."""
         ok = value <= limit
-        self.add(section, name, f"{value:.2e} (limit {limit:.0e}){' ' + text if text else ''}", "pass" if ok else "fail",
-                 value=value, limit=limit)
+        self.add(
+            section,
+            name,
+            f"{value:.2e} (limit {limit:.0e}){' ' + text if text else ''}",
+            "pass" if ok else "fail",
+            value=value,
+            limit=limit,
+        )
 
     def target(self, section, name, met: bool, text, **figures):
         self.add(section, name, text, "met" if met else "missed", **figures)
@@ -74,13 +85,30 @@ class Report:
         return [row for row in self.rows if row["verdict"] == "fail"]
 
     def save(self):
-        summary = {verdict: sum(row["verdict"] == verdict for row in self.rows) for verdict in ("pass", "fail", "met", "missed")}
+        summary = {
+            verdict: sum(row["verdict"] == verdict for row in self.rows)
+            for verdict in ("pass", "fail", "met", "missed")
+        }
         with open(os.path.join(self.out, "report.json"), "w") as f:
-            json.dump({"environment": self.environment, "summary": summary, "seconds": time.perf_counter() - self.started,
-                       "rows": self.rows}, f, indent=1)
-        lines = ["# GPU check", "", ", ".join(f"{k}: {v}" for k, v in self.environment.items()), "",
-                 f"{summary['pass']} checks passed, {summary['fail']} failed; {summary['met']} targets met, "
-                 f"{summary['missed']} missed; {time.perf_counter() - self.started:.0f} s", ""]
+            json.dump(
+                {
+                    "environment": self.environment,
+                    "summary": summary,
+                    "seconds": time.perf_counter() - self.started,
+                    "rows": self.rows,
+                },
+                f,
+                indent=1,
+            )
+        lines = [
+            "# GPU check",
+            "",
+            ", ".join(f"{k}: {v}" for k, v in self.environment.items()),
+            "",
+            f"{summary['pass']} checks passed, {summary['fail']} failed; {summary['met']} targets met, "
+            f"{summary['missed']} missed; {time.perf_counter() - self.started:.0f} s",
+            "",
+        ]
         section = None
         for row in self.rows:
             if row["section"] != section:
@@ -93,14 +121,22 @@ class Report:
 
 def guarded(report, section):
     """Runs a part; an exception becomes a failed check naming it, and the run goes on."""
+
     def wrap(fn):
         def run(*args, **kwargs):
             try:
                 fn(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - reported, then the next part runs
                 traceback.print_exc()
-                report.add(section, f"{fn.__name__} raised", f"{type(error).__name__}: {str(error)[:300]}".replace("\n", " "), "fail")
+                report.add(
+                    section,
+                    f"{fn.__name__} raised",
+                    f"{type(error).__name__}: {str(error)[:300]}".replace("\n", " "),
+                    "fail",
+                )
+
         return run
+
     return wrap
 
 
@@ -150,6 +186,7 @@ def copy_bandwidth(device, quick) -> float:
 
 # ---------------------------------------------------------------------------------------------------- the op
 
+
 def op_inputs(shapes, batch, queries, device, dtype=torch.float32, heads=8, dim=32, points=4, seed=0, outside=0.05):
     """value (B, S, M, D) in dtype; locations (B, Q, M, L, K, 2) in [-outside, 1 + outside] and weights
     (B, Q, M, L, K), softmax over L*K, in fp32 (as the model gives them under autocast); on device."""
@@ -157,7 +194,9 @@ def op_inputs(shapes, batch, queries, device, dtype=torch.float32, heads=8, dim=
     S, L = sum(h * w for h, w in shapes), len(shapes)
     value = torch.randn(batch, S, heads, dim, generator=g)
     locations = torch.rand(batch, queries, heads, L, points, 2, generator=g) * (1 + 2 * outside) - outside
-    weights = torch.randn(batch, queries, heads, L * points, generator=g).softmax(-1).view(batch, queries, heads, L, points)
+    weights = (
+        torch.randn(batch, queries, heads, L * points, generator=g).softmax(-1).view(batch, queries, heads, L, points)
+    )
     return value.to(device, dtype), locations.to(device), weights.to(device)
 
 
@@ -177,13 +216,24 @@ def compare_op(report, name, value, shapes, locations, weights, dtype, forward_l
     """Triton (value in dtype) against the reference in fp32 (fp64 for fp64): forward and the three gradients."""
     precise = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(1)
-    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3], generator=g).to(value.device, precise)
-    reference, reference_grads = run_op("reference", value.to(precise), shapes, locations.to(precise), weights.to(precise), grad_output)
+    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3], generator=g).to(
+        value.device, precise
+    )
+    reference, reference_grads = run_op(
+        "reference", value.to(precise), shapes, locations.to(precise), weights.to(precise), grad_output
+    )
     output, grads = run_op("triton", value.to(dtype), shapes, locations, weights, grad_output)
     assert output.dtype == dtype, f"output is {output.dtype}, not {dtype}"
-    report.check("op: Triton vs reference", f"{name}, {str(dtype)[6:]}: forward", relative(output, reference), forward_limit)
-    worst = max((relative(ours, ref), part) for ours, ref, part in zip(grads, reference_grads, ("value", "locations", "weights")))
-    report.check("op: Triton vs reference", f"{name}, {str(dtype)[6:]}: gradients", worst[0], grad_limit, f"(worst: {worst[1]})")
+    report.check(
+        "op: Triton vs reference", f"{name}, {str(dtype)[6:]}: forward", relative(output, reference), forward_limit
+    )
+    worst = max(
+        (relative(ours, ref), part)
+        for ours, ref, part in zip(grads, reference_grads, ("value", "locations", "weights"))
+    )
+    report.check(
+        "op: Triton vs reference", f"{name}, {str(dtype)[6:]}: gradients", worst[0], grad_limit, f"(worst: {worst[1]})"
+    )
 
 
 def op_correctness(report, device, quick):
@@ -196,19 +246,37 @@ def op_correctness(report, device, quick):
     heads = 2 if quick else 8  # quick: Triton's interpreter runs each (batch, head, query block) in Python
     # on the CPU the automatic choice never takes Triton: run the self-check's comparison itself
     failure = triton_self_check(device) if device.type == "cuda" else _compare_triton_with_reference(device)
-    report.add(section, "self-check of the automatic backend choice", failure or "Triton kept", "fail" if failure else "pass")
+    report.add(
+        section, "self-check of the automatic backend choice", failure or "Triton kept", "fail" if failure else "pass"
+    )
     encoder = QUICK_SHAPES if quick else ENCODER_SHAPES
     S = sum(h * w for h, w in encoder)
     big_batch = 2 if quick else 8
     queries = 10 if quick else 300
-    cases = [(f"encoder {'tiny' if quick else '800x1333'}, batch 1", encoder, 1, S, (torch.float32, torch.bfloat16, torch.float16)),
-             (f"encoder, batch {big_batch}", encoder, big_batch, S, (torch.float32, torch.bfloat16)),
-             (f"decoder, {queries} queries, batch {big_batch}", encoder, big_batch, queries, (torch.float32, torch.bfloat16, torch.float16))]
+    cases = [
+        (
+            f"encoder {'tiny' if quick else '800x1333'}, batch 1",
+            encoder,
+            1,
+            S,
+            (torch.float32, torch.bfloat16, torch.float16),
+        ),
+        (f"encoder, batch {big_batch}", encoder, big_batch, S, (torch.float32, torch.bfloat16)),
+        (
+            f"decoder, {queries} queries, batch {big_batch}",
+            encoder,
+            big_batch,
+            queries,
+            (torch.float32, torch.bfloat16, torch.float16),
+        ),
+    ]
     for name, shapes, batch, q, dtypes in cases:
         value, locations, weights = op_inputs(shapes, batch, q, device, heads=heads)
         for dtype in dtypes:
             exact = dtype == torch.float32
-            compare_op(report, name, value, shapes, locations, weights, dtype, 1e-5 if exact else 1e-2, 1e-4 if exact else 1e-2)
+            compare_op(
+                report, name, value, shapes, locations, weights, dtype, 1e-5 if exact else 1e-2, 1e-4 if exact else 1e-2
+            )
 
     # borders: every location on a pixel edge or centre of its level, or on / just past the map's edges
     shapes = [(5, 7), (3, 4)]
@@ -216,19 +284,32 @@ def op_correctness(report, device, quick):
     edges = torch.tensor([0.0, 1.0, -0.5, 1.5, 1e-7, 1 - 1e-7], device=device)
     for level, (h, w) in enumerate(shapes):
         for axis, size in ((0, w), (1, h)):
-            grid = torch.cat([torch.arange(size + 1, device=device) / size, (torch.arange(size, device=device) + 0.5) / size, edges])
-            pick = torch.randint(len(grid), locations[..., level, :, axis].shape, generator=torch.Generator().manual_seed(axis))
+            grid = torch.cat(
+                [torch.arange(size + 1, device=device) / size, (torch.arange(size, device=device) + 0.5) / size, edges]
+            )
+            pick = torch.randint(
+                len(grid), locations[..., level, :, axis].shape, generator=torch.Generator().manual_seed(axis)
+            )
             locations[..., level, :, axis] = grid[pick.to(device)]
-    compare_op(report, "points on pixel edges and centres, on and past the borders", value, shapes, locations, weights,
-               torch.float32, 1e-5, 1e-4)
+    compare_op(
+        report,
+        "points on pixel edges and centres, on and past the borders",
+        value,
+        shapes,
+        locations,
+        weights,
+        torch.float32,
+        1e-5,
+        1e-4,
+    )
 
     # padded values: positions a padding mask zeroes (a padded image's bottom rows and right columns)
     value, locations, weights = op_inputs(encoder, 2, 64, device, heads=heads, seed=3)
     start = 0
     for h, w in encoder:
-        level = value[1, start:start + h * w].view(h, w, *value.shape[2:])
-        level[h * 2 // 3:] = 0
-        level[:, w * 3 // 4:] = 0
+        level = value[1, start : start + h * w].view(h, w, *value.shape[2:])
+        level[h * 2 // 3 :] = 0
+        level[:, w * 3 // 4 :] = 0
         start += h * w
     compare_op(report, "padded values (zeros)", value, encoder, locations, weights, torch.float32, 1e-5, 1e-4)
 
@@ -238,12 +319,18 @@ def op_correctness(report, device, quick):
     locations_view = locations.transpose(1, 2).contiguous().transpose(1, 2)
     weights_view = torch.cat([weights, weights], dim=1)[:, ::2]
     assert not (value_view.is_contiguous() or locations_view.is_contiguous() or weights_view.is_contiguous())
-    compare_op(report, "non-contiguous inputs", value_view, encoder, locations_view, weights_view, torch.float32, 1e-5, 1e-4)
+    compare_op(
+        report, "non-contiguous inputs", value_view, encoder, locations_view, weights_view, torch.float32, 1e-5, 1e-4
+    )
 
     # an empty batch: shapes right, no launch error
     value, locations, weights = op_inputs(encoder, 0, 7, device, heads=heads)
     output, grads = run_op("triton", value, encoder, locations, weights, torch.zeros(0, 7, heads * 32, device=device))
-    assert output.shape == (0, 7, heads * 32) and [g.shape for g in grads] == [value.shape, locations.shape, weights.shape]
+    assert output.shape == (0, 7, heads * 32) and [g.shape for g in grads] == [
+        value.shape,
+        locations.shape,
+        weights.shape,
+    ]
     report.add(section, "empty batch", f"output (0, 7, {heads * 32}) and gradients of the inputs' shapes", "pass")
 
     # exact gradients in fp64 (tiny: gradcheck perturbs every input element)
@@ -252,22 +339,35 @@ def op_correctness(report, device, quick):
     shapes, queries, heads, dim, points = ([(2, 2), (1, 2)], 2, 1, 2, 1) if quick else ([(3, 4), (2, 2)], 3, 2, 4, 2)
     value, locations, weights = op_inputs(shapes, 1, queries, device, torch.float64, heads, dim, points)
     inputs = tuple(t.double().requires_grad_(True) for t in (value, locations, weights))
-    ok = torch.autograd.gradcheck(lambda v, loc, a: multi_scale_deformable_attention_triton(v, shapes, loc, a),
-                                  inputs, eps=1e-6, atol=1e-6, raise_exception=False)
-    report.add(section, "fp64 gradcheck, tiny shapes", "gradients match finite differences" if ok else "gradcheck failed",
-               "pass" if ok else "fail")
+    ok = torch.autograd.gradcheck(
+        lambda v, loc, a: multi_scale_deformable_attention_triton(v, shapes, loc, a),
+        inputs,
+        eps=1e-6,
+        atol=1e-6,
+        raise_exception=False,
+    )
+    report.add(
+        section,
+        "fp64 gradcheck, tiny shapes",
+        "gradients match finite differences" if ok else "gradcheck failed",
+        "pass" if ok else "fail",
+    )
 
 
 def floor_bytes(value, locations, weights, backward: bool) -> int:
     """Bytes the op must move: read value, locations, weights, write the output; the backward also reads the
     output's gradient and the inputs again and writes their gradients (value's in fp32)."""
+
     def size(t):
         return t.numel() * t.element_size()
 
     output = value.shape[0] * locations.shape[1] * value.shape[2] * value.shape[3] * value.element_size()
     forward = size(value) + size(locations) + size(weights) + output
-    return forward + (output + size(value) + size(locations) + size(weights) + value.numel() * 4 + size(locations) + size(weights)
-                      if backward else 0)
+    return forward + (
+        output + size(value) + size(locations) + size(weights) + value.numel() * 4 + size(locations) + size(weights)
+        if backward
+        else 0
+    )
 
 
 def op_speed(report, device, quick, bandwidth):
@@ -284,6 +384,7 @@ def op_speed(report, device, quick, bandwidth):
             value, locations, weights = op_inputs(shapes, batch, S, device, dtype, heads)
             grad_output = torch.randn(batch, S, heads * 32, device=device, dtype=dtype)
             for backward in (False, True):
+
                 def step(backend):
                     # the reference runs in fp32, as autocast runs grid_sample
                     v = value if backend == "triton" else value.float()
@@ -299,18 +400,38 @@ def op_speed(report, device, quick, bandwidth):
                 kind = "forward+backward" if backward else "forward"
                 name = f"{kind}, {str(dtype)[6:]}, batch {batch}"
                 results[name] = ours
-                text = (f"Triton {ours * 1e3:.3f} ms, reference {theirs * 1e3:.2f} ms: {theirs / ours:.1f}x; "
-                        f"{ours / floor:.2f}x the memory floor ({floor * 1e3:.3f} ms); peak memory {memory[0]:.0f} / {memory[1]:.0f} MiB")
-                figures = dict(triton_ms=ours * 1e3, reference_ms=theirs * 1e3, speedup=theirs / ours, floor_ms=floor * 1e3,
-                               floor_multiple=ours / floor, triton_peak_mib=memory[0], reference_peak_mib=memory[1])
+                text = (
+                    f"Triton {ours * 1e3:.3f} ms, reference {theirs * 1e3:.2f} ms: {theirs / ours:.1f}x; "
+                    f"{ours / floor:.2f}x the memory floor ({floor * 1e3:.3f} ms); peak memory {memory[0]:.0f} / {memory[1]:.0f} MiB"
+                )
+                figures = dict(
+                    triton_ms=ours * 1e3,
+                    reference_ms=theirs * 1e3,
+                    speedup=theirs / ours,
+                    floor_ms=floor * 1e3,
+                    floor_multiple=ours / floor,
+                    triton_peak_mib=memory[0],
+                    reference_peak_mib=memory[1],
+                )
                 if backward:
                     report.target(section, name, theirs / ours >= 5, text + " (target: >= 5x)", **figures)
                 elif dtype == torch.float32:
-                    report.target(section, name, theirs / ours >= 10 and ours / floor <= 3,
-                                  text + " (target: >= 10x, <= 3x the floor)", **figures)
+                    report.target(
+                        section,
+                        name,
+                        theirs / ours >= 10 and ours / floor <= 3,
+                        text + " (target: >= 10x, <= 3x the floor)",
+                        **figures,
+                    )
                 else:
                     fp32 = results[f"forward, float32, batch {batch}"]
-                    report.target(section, name, ours <= fp32 * 1.05, text + f" (target: no slower than fp32's {fp32 * 1e3:.3f} ms)", **figures)
+                    report.target(
+                        section,
+                        name,
+                        ours <= fp32 * 1.05,
+                        text + f" (target: no slower than fp32's {fp32 * 1e3:.3f} ms)",
+                        **figures,
+                    )
 
 
 def sweep(report, device, quick):
@@ -335,13 +456,20 @@ def sweep(report, device, quick):
                     fn = partial(kernels.forward, *inputs)
                 else:
                     fn = partial(kernels.backward, grad_output, *inputs)
-                times[f"BLOCK_Q={block_q} warps={warps}"] = timed(fn, device, 2 if quick else 5, 1 if quick else 3) * 1e3
+                times[f"BLOCK_Q={block_q} warps={warps}"] = (
+                    timed(fn, device, 2 if quick else 5, 1 if quick else 3) * 1e3
+                )
             best = min(times, key=times.get)
-            report.add("launch settings, encoder batch " + str(batch), f"{direction}, {str(dtype)[6:]}",
-                       f"best {best} {times[best]:.3f} ms; " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()), **times)
+            report.add(
+                "launch settings, encoder batch " + str(batch),
+                f"{direction}, {str(dtype)[6:]}",
+                f"best {best} {times[best]:.3f} ms; " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()),
+                **times,
+            )
 
 
 # ------------------------------------------------------------------------------------------------- the model
+
 
 def model_pair(device, quick):
     """transformers' Deformable DETR and ours with the same weights: ResNet-50 6+6 (or a tiny one with --quick)."""
@@ -357,7 +485,10 @@ def model_pair(device, quick):
 
 
 def outputs_difference(a, b) -> float:
-    return max((a.logits.float() - b.logits.float()).abs().max().item(), (a.pred_boxes.float() - b.pred_boxes.float()).abs().max().item())
+    return max(
+        (a.logits.float() - b.logits.float()).abs().max().item(),
+        (a.pred_boxes.float() - b.pred_boxes.float()).abs().max().item(),
+    )
 
 
 def inference_section(quick):
@@ -379,28 +510,48 @@ def inference(report, device, quick, hf, ours):
             return model(pixel_values=x)
 
         fp32 = run(ours)
-        report.check(section, f"batch {batch}, fp32: ours vs transformers, max abs diff of logits and boxes",
-                     outputs_difference(fp32, run(hf)), 1e-4)
-        times = {(name, bf16): timed(lambda m=model, b=bf16: run(m, b), device, repeats)
-                 for name, model in (("ours", ours), ("transformers", hf)) for bf16 in (False, True)}
-        memory = {(name, bf16): peak_memory(lambda m=model, b=bf16: run(m, b), device)
-                  for name, model in (("ours", ours), ("transformers", hf)) for bf16 in (False, True)}
+        report.check(
+            section,
+            f"batch {batch}, fp32: ours vs transformers, max abs diff of logits and boxes",
+            outputs_difference(fp32, run(hf)),
+            1e-4,
+        )
+        times = {
+            (name, bf16): timed(lambda m=model, b=bf16: run(m, b), device, repeats)
+            for name, model in (("ours", ours), ("transformers", hf))
+            for bf16 in (False, True)
+        }
+        memory = {
+            (name, bf16): peak_memory(lambda m=model, b=bf16: run(m, b), device)
+            for name, model in (("ours", ours), ("transformers", hf))
+            for bf16 in (False, True)
+        }
         speedup = times["transformers", False] / times["ours", False]
-        text = (f"ours {times['ours', False] * 1e3:.1f} ms, transformers {times['transformers', False] * 1e3:.1f} ms: {speedup:.2f}x; "
-                f"peak {memory['ours', False]:.0f} / {memory['transformers', False]:.0f} MiB")
+        text = (
+            f"ours {times['ours', False] * 1e3:.1f} ms, transformers {times['transformers', False] * 1e3:.1f} ms: {speedup:.2f}x; "
+            f"peak {memory['ours', False]:.0f} / {memory['transformers', False]:.0f} MiB"
+        )
         figures = {f"{name}_{'bf16' if bf16 else 'fp32'}_ms": t * 1e3 for (name, bf16), t in times.items()}
         figures.update({f"{name}_{'bf16' if bf16 else 'fp32'}_peak_mib": m for (name, bf16), m in memory.items()})
         if batch == 1:
             report.add(section, "batch 1, fp32: speed", text, **figures)
         else:
-            report.target(section, f"batch {batch}, fp32: speed", speedup >= 1.5, text + " (target: >= 1.5x)", **figures)
+            report.target(
+                section, f"batch {batch}, fp32: speed", speedup >= 1.5, text + " (target: >= 1.5x)", **figures
+            )
         gain = times["ours", False] / times["ours", True]
         difference = outputs_difference(run(ours, True), fp32)
         theirs = outputs_difference(run(hf, True), run(hf))
-        report.target(section, f"batch {batch}, bf16 autocast vs our fp32", gain >= 1.3 and difference <= 1e-2,
-                      f"{times['ours', True] * 1e3:.1f} ms: {gain:.2f}x our fp32 (target >= 1.3x), max abs diff {difference:.1e} "
-                      f"(target <= 1e-2); transformers bf16 {times['transformers', True] * 1e3:.1f} ms, {theirs:.1e} from its fp32",
-                      speedup=gain, difference=difference, transformers_difference=theirs)
+        report.target(
+            section,
+            f"batch {batch}, bf16 autocast vs our fp32",
+            gain >= 1.3 and difference <= 1e-2,
+            f"{times['ours', True] * 1e3:.1f} ms: {gain:.2f}x our fp32 (target >= 1.3x), max abs diff {difference:.1e} "
+            f"(target <= 1e-2); transformers bf16 {times['transformers', True] * 1e3:.1f} ms, {theirs:.1e} from its fp32",
+            speedup=gain,
+            difference=difference,
+            transformers_difference=theirs,
+        )
 
 
 def compiled_inference(report, device, quick, ours):
@@ -412,14 +563,25 @@ def compiled_inference(report, device, quick, ours):
         started = time.perf_counter()
         out = compiled(pixel_values=x)
         seconds = time.perf_counter() - started
-        report.check(inference_section(quick), f"batch {batch}, fp32: torch.compile vs eager, max abs diff",
-                     outputs_difference(out, ours(pixel_values=x)), 1e-4, f"(compiled in {seconds:.0f} s)")
+        report.check(
+            inference_section(quick),
+            f"batch {batch}, fp32: torch.compile vs eager, max abs diff",
+            outputs_difference(out, ours(pixel_values=x)),
+            1e-4,
+            f"(compiled in {seconds:.0f} s)",
+        )
         eager, fast = (timed(lambda m=m: m(pixel_values=x), device, 2 if quick else 5) for m in (ours, compiled))
-    report.add(inference_section(quick), f"batch {batch}, fp32: torch.compile speed",
-               f"eager {eager * 1e3:.1f} ms, compiled {fast * 1e3:.1f} ms: {eager / fast:.2f}x", eager_ms=eager * 1e3, compiled_ms=fast * 1e3)
+    report.add(
+        inference_section(quick),
+        f"batch {batch}, fp32: torch.compile speed",
+        f"eager {eager * 1e3:.1f} ms, compiled {fast * 1e3:.1f} ms: {eager / fast:.2f}x",
+        eager_ms=eager * 1e3,
+        compiled_ms=fast * 1e3,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ training
+
 
 def training(report, device, quick):
     """30 optimiser steps of the training loop's step, ours and transformers', each from the same weights."""
@@ -438,7 +600,9 @@ def training(report, device, quick):
 
     batch_size, steps, size = (2, 6, 128) if quick else (8, 30, 512)
     section = f"training, batch {batch_size} of {size}x{size} shapes, {steps} steps"
-    samples = DetectionSamples(shapes_records(batch_size * 10, image_size=size, max_objects=6, seed=0))  # no `datasets` needed
+    samples = DetectionSamples(
+        shapes_records(batch_size * 10, image_size=size, max_objects=6, seed=0)
+    )  # no `datasets` needed
     processor = DeformableDetrImageProcessor(size={"shortest_edge": size, "longest_edge": size})
     loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=DetectionCollator(processor))
     batches = list(loader)
@@ -459,8 +623,11 @@ def training(report, device, quick):
                 torch.cuda.reset_peak_memory_stats(device)
             for step in range(steps):
                 batch = batches[step % len(batches)]
-                batch = {"pixel_values": batch["pixel_values"].to(device), "pixel_mask": batch["pixel_mask"].to(device),
-                         "labels": [{k: v.to(device) for k, v in label.items()} for label in batch["labels"]]}
+                batch = {
+                    "pixel_values": batch["pixel_values"].to(device),
+                    "pixel_mask": batch["pixel_mask"].to(device),
+                    "labels": [{k: v.to(device) for k, v in label.items()} for label in batch["labels"]],
+                }
                 synchronize(device)
                 started = time.perf_counter()
                 with accelerator.accumulate(trained):
@@ -475,18 +642,34 @@ def training(report, device, quick):
             first, last = statistics.mean(losses[:window]), statistics.mean(losses[-window:])
             finite = all(math.isfinite(v) for v in losses)
             results[name, precision] = step_time, peak
-            report.add(section, f"{name}, {precision}: loss", f"{first:.3f} (first {window} steps) -> {last:.3f} (last {window}), "
-                       f"{state['skipped_steps']} skipped step(s)", "pass" if finite and last < first else "fail",
-                       losses=losses, skipped=state["skipped_steps"])
-            report.add(section, f"{name}, {precision}: step", f"{step_time * 1e3:.1f} ms (median), peak memory {peak:.0f} MiB",
-                       step_ms=step_time * 1e3, peak_mib=peak)
+            report.add(
+                section,
+                f"{name}, {precision}: loss",
+                f"{first:.3f} (first {window} steps) -> {last:.3f} (last {window}), "
+                f"{state['skipped_steps']} skipped step(s)",
+                "pass" if finite and last < first else "fail",
+                losses=losses,
+                skipped=state["skipped_steps"],
+            )
+            report.add(
+                section,
+                f"{name}, {precision}: step",
+                f"{step_time * 1e3:.1f} ms (median), peak memory {peak:.0f} MiB",
+                step_ms=step_time * 1e3,
+                peak_mib=peak,
+            )
             del model, trained, optimizer, accelerator
         (ours_time, ours_peak), (hf_time, hf_peak) = results["ours", precision], results["transformers", precision]
         speedup = hf_time / ours_time
         text = f"{speedup:.2f}x transformers' step, peak memory {ours_peak:.0f} vs {hf_peak:.0f} MiB"
         if precision == "bf16":
-            report.target(section, "bf16: ours vs transformers", speedup >= 1.5 and not ours_peak > hf_peak,
-                          text + " (target: >= 1.5x, less memory)", speedup=speedup)
+            report.target(
+                section,
+                "bf16: ours vs transformers",
+                speedup >= 1.5 and not ours_peak > hf_peak,
+                text + " (target: >= 1.5x, less memory)",
+                speedup=speedup,
+            )
         else:
             report.add(section, "fp16: ours vs transformers", text, speedup=speedup)
     AcceleratorState._reset_state()
@@ -497,12 +680,19 @@ def environment(device) -> dict:
 
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "absent"
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": f"{device} ({card})", "torch": torch.__version__, "triton": triton_version,
-            "transformers": transformers.__version__, "cuda": torch.version.cuda or "none", "cpus": os.cpu_count()}
+    return {
+        "device": f"{device} ({card})",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda or "none",
+        "cpus": os.cpu_count(),
+    }
 
 
 def main(argv=None) -> int:
@@ -511,7 +701,9 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run in its interpreter
     elif not torch.cuda.is_available():
-        print(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); try --device cpu --quick")
+        print(
+            f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); try --device cpu --quick"
+        )
         return 2
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:0] = [root, os.path.join(root, "scripts"), os.path.join(root, "tests")]  # the package by path; helpers
@@ -523,8 +715,12 @@ def main(argv=None) -> int:
         guarded(report, "op: Triton vs reference")(op_correctness)(report, device, args.quick)
     if "speed" in parts:
         bandwidth = copy_bandwidth(device, args.quick)
-        report.add("op speed, one encoder layer", "device-to-device copy bandwidth", f"{bandwidth / 1e12:.2f} TB/s (read + write)",
-                   bytes_per_second=bandwidth)
+        report.add(
+            "op speed, one encoder layer",
+            "device-to-device copy bandwidth",
+            f"{bandwidth / 1e12:.2f} TB/s (read + write)",
+            bytes_per_second=bandwidth,
+        )
         guarded(report, "op speed, one encoder layer")(op_speed)(report, device, args.quick, bandwidth)
     if args.sweep:
         guarded(report, "launch settings")(sweep)(report, device, args.quick)
@@ -540,7 +736,10 @@ def main(argv=None) -> int:
     if "compile" in parts:
         guarded(report, inference_section(args.quick))(compiled_inference)(report, device, args.quick, ours)
     failed = report.failed()
-    print(f"\nreport: {os.path.join(args.out, 'report.md')}; " + (f"{len(failed)} check(s) FAILED" if failed else "all checks passed"))
+    print(
+        f"\nreport: {os.path.join(args.out, 'report.md')}; "
+        + (f"{len(failed)} check(s) FAILED" if failed else "all checks passed")
+    )
     return 1 if failed else 0
 
 

@@ -9,10 +9,14 @@ def _rows(dataset):
         yield index, example, list(zip(example["objects"]["bbox"], example["objects"]["category"]))
 
 
-def write_coco(splits: dict, class_names: list[str], root: str, layout: str = "roboflow", first_category_id: int = 1) -> str:
+def write_coco(
+    splits: dict, class_names: list[str], root: str, layout: str = "roboflow", first_category_id: int = 1
+) -> str:
     """splits: {split name: dataset}. layout "roboflow": {split}/_annotations.coco.json beside the images, with
     Roboflow's extra supercategory category; "instances": annotations/instances_{split}.json + {split}/."""
-    categories = [{"id": first_category_id + i, "name": n, "supercategory": "shapes"} for i, n in enumerate(class_names)]
+    categories = [
+        {"id": first_category_id + i, "name": n, "supercategory": "shapes"} for i, n in enumerate(class_names)
+    ]
     if layout == "roboflow":
         categories.insert(0, {"id": first_category_id - 1, "name": "shapes", "supercategory": "none"})
     for split, dataset in splits.items():
@@ -21,10 +25,20 @@ def write_coco(splits: dict, class_names: list[str], root: str, layout: str = "r
         for index, example, objects in _rows(dataset):
             name = f"{split}_{index:03d}.jpg"
             example["image"].save(os.path.join(root, split, name), quality=95)
-            images.append({"id": 100 + index, "file_name": name, "width": example["width"], "height": example["height"]})
+            images.append(
+                {"id": 100 + index, "file_name": name, "width": example["width"], "height": example["height"]}
+            )
             for box, category in objects:
-                annotations.append({"id": len(annotations), "image_id": 100 + index, "category_id": first_category_id + category,
-                                    "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+                annotations.append(
+                    {
+                        "id": len(annotations),
+                        "image_id": 100 + index,
+                        "category_id": first_category_id + category,
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": 0,
+                    }
+                )
         coco = {"images": images, "annotations": annotations, "categories": categories}
         if layout == "roboflow":
             path = os.path.join(root, split, "_annotations.coco.json")
@@ -47,10 +61,14 @@ def write_voc(splits: dict, class_names: list[str], root: str) -> str:
             example["image"].save(os.path.join(root, "JPEGImages", f"{stem}.jpg"), quality=95)
             xml_objects = "".join(
                 f"<object><name>{class_names[c]}</name><difficult>0</difficult><bndbox><xmin>{x:g}</xmin><ymin>{y:g}</ymin>"
-                f"<xmax>{x + w:g}</xmax><ymax>{y + h:g}</ymax></bndbox></object>" for (x, y, w, h), c in objects)
+                f"<xmax>{x + w:g}</xmax><ymax>{y + h:g}</ymax></bndbox></object>"
+                for (x, y, w, h), c in objects
+            )
             with open(os.path.join(root, "Annotations", f"{stem}.xml"), "w") as f:
-                f.write(f"<annotation><filename>{stem}.jpg</filename><size><width>{example['width']}</width>"
-                        f"<height>{example['height']}</height><depth>3</depth></size>{xml_objects}</annotation>")
+                f.write(
+                    f"<annotation><filename>{stem}.jpg</filename><size><width>{example['width']}</width>"
+                    f"<height>{example['height']}</height><depth>3</depth></size>{xml_objects}</annotation>"
+                )
         with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w") as f:
             f.write("\n".join(stems) + "\n")
     return root
@@ -63,6 +81,17 @@ def write_imagefolder(dataset, class_names: list[str], root: str) -> str:
         for index, example, objects in _rows(dataset):
             name = f"{index:03d}.png"
             example["image"].save(os.path.join(root, "train", name))
-            f.write(json.dumps({"file_name": name, "objects": {"bbox": [b for b, _ in objects], "category": [c for _, c in objects],
-                                                                "area": [b[2] * b[3] for b, _ in objects]}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "file_name": name,
+                        "objects": {
+                            "bbox": [b for b, _ in objects],
+                            "category": [c for _, c in objects],
+                            "area": [b[2] * b[3] for b, _ in objects],
+                        },
+                    }
+                )
+                + "\n"
+            )
     return root

@@ -134,17 +134,30 @@ class FakeHub:
         return {"url": self._url(kind, repo_id), "name": repo_id}
 
     def whoami(self, request):
-        return {"type": "user", "name": USER, "fullname": "Fake User", "orgs": [],
-                "auth": {"type": "access_token", "accessToken": {"displayName": "fake", "role": "write"}}}
+        return {
+            "type": "user",
+            "name": USER,
+            "fullname": "Fake User",
+            "orgs": [],
+            "auth": {"type": "access_token", "accessToken": {"displayName": "fake", "role": "write"}},
+        }
 
     def validate_yaml(self, request):
         return {"errors": [], "warnings": []}
 
     def preupload(self, request, kind, repo_id, revision):
         _, files = self._repo(kind, repo_id, request.token).files(revision)
-        return {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                           "oid": git_blob_sha(files[f["path"]]) if f["path"] in files else None}
-                          for f in request.json()["files"]]}
+        return {
+            "files": [
+                {
+                    "path": f["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": git_blob_sha(files[f["path"]]) if f["path"] in files else None,
+                }
+                for f in request.json()["files"]
+            ]
+        }
 
     def commit(self, request, kind, repo_id, revision):
         repo = self._repo(kind, repo_id, request.token)
@@ -163,9 +176,16 @@ class FakeHub:
     def info(self, request, kind, repo_id, revision):
         repo = self._repo(kind, repo_id, request.token)
         sha, files = repo.files(revision or "main")
-        return {"id": repo_id, "author": repo_id.split("/")[0], "sha": sha, "private": repo.private,
-                "siblings": [{"rfilename": path, "size": len(content), "blobId": git_blob_sha(content)}
-                             for path, content in files.items()]}
+        return {
+            "id": repo_id,
+            "author": repo_id.split("/")[0],
+            "sha": sha,
+            "private": repo.private,
+            "siblings": [
+                {"rfilename": path, "size": len(content), "blobId": git_blob_sha(content)}
+                for path, content in files.items()
+            ],
+        }
 
     def tree(self, request, kind, repo_id, revision, folder):
         _, files = self._repo(kind, repo_id, request.token).files(revision)
@@ -175,11 +195,15 @@ class FakeHub:
         for path, content in sorted(files.items()):
             if not path.startswith(prefix):
                 continue
-            parts = path[len(prefix):].split("/")
+            parts = path[len(prefix) :].split("/")
             folders = [prefix + "/".join(parts[:i]) for i in range(1, len(parts))]
             for folder_path in folders if recursive else folders[:1]:
-                entries[folder_path] = {"type": "directory", "path": folder_path, "size": 0,
-                                        "oid": hashlib.sha1(folder_path.encode()).hexdigest()}
+                entries[folder_path] = {
+                    "type": "directory",
+                    "path": folder_path,
+                    "size": 0,
+                    "oid": hashlib.sha1(folder_path.encode()).hexdigest(),
+                }
             if recursive or len(parts) == 1:
                 entries[path] = {"type": "file", "path": path, "size": len(content), "oid": git_blob_sha(content)}
         if folder and not entries:
@@ -191,8 +215,11 @@ class FakeHub:
         if path not in files:  # the commit lets the client remember the file's absence in its cache
             raise HubError(404, "EntryNotFound", f"{path} does not exist at {revision}", {"X-Repo-Commit": sha})
         content = files[path]
-        return content, {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha(content)}"',
-                         "Content-Type": "application/octet-stream"}
+        return content, {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{git_blob_sha(content)}"',
+            "Content-Type": "application/octet-stream",
+        }
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -20,13 +20,28 @@ VARIANTS = {
 def small_hf_config(num_feature_levels=4, **overrides):
     out_features = ["stage2", "stage3", "stage4"] if num_feature_levels > 1 else ["stage4"]
     backbone = ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], layer_type="basic", out_features=out_features
+        embedding_size=16,
+        hidden_sizes=[16, 32, 48, 64],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=out_features,
     )
     fields = dict(
-        use_timm_backbone=False, backbone_config=backbone, d_model=64, encoder_layers=2, decoder_layers=2,
-        encoder_ffn_dim=96, decoder_ffn_dim=96, encoder_attention_heads=4, decoder_attention_heads=8,
-        num_queries=12, two_stage_num_proposals=12, num_labels=5, num_feature_levels=num_feature_levels,
-        encoder_n_points=3, decoder_n_points=2,
+        use_timm_backbone=False,
+        backbone_config=backbone,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=96,
+        encoder_attention_heads=4,
+        decoder_attention_heads=8,
+        num_queries=12,
+        two_stage_num_proposals=12,
+        num_labels=5,
+        num_feature_levels=num_feature_levels,
+        encoder_n_points=3,
+        decoder_n_points=2,
     )
     fields.update(overrides)
     return HFConfig(**fields)
@@ -66,7 +81,9 @@ def small_hf_model(variant="multi-scale", seed=0, **overrides):
     return perturb_(model, seed).eval()
 
 
-RESNET50_LIKE = dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3], layer_type="bottleneck")
+RESNET50_LIKE = dict(
+    embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3], layer_type="bottleneck"
+)
 
 
 def resnet50_hf_model(variant="multi-scale", seed=0):
@@ -79,7 +96,9 @@ def resnet50_hf_model(variant="multi-scale", seed=0):
 
 def torchvision_name(hf_resnet_key: str) -> str:
     """transformers' ResNet parameter name -> torchvision's (as in timm and the paper's checkpoints)."""
-    key = hf_resnet_key.replace("embedder.embedder.convolution", "conv1").replace("embedder.embedder.normalization", "bn1")
+    key = hf_resnet_key.replace("embedder.embedder.convolution", "conv1").replace(
+        "embedder.embedder.normalization", "bn1"
+    )
     match = re.match(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.*)$", key)
     if match:
         stage, block, rest = match.groups()
@@ -97,7 +116,7 @@ def hub_v4_state_dict(hf_model):
     out = {}
     for key, value in hf_model.state_dict().items():
         if key.startswith("model.backbone.model."):
-            key = "model.backbone.conv_encoder.model." + torchvision_name(key[len("model.backbone.model."):])
+            key = "model.backbone.conv_encoder.model." + torchvision_name(key[len("model.backbone.model.") :])
         key = re.sub(r"\.mlp\.fc([12])\.", r".fc\1.", key).replace("self_attn.o_proj", "self_attn.out_proj")
         key = key.replace("model.position_embedding.", "model.backbone.position_embedding.")
         out[key] = value.clone()
@@ -131,6 +150,12 @@ def bccd_example(name: str, image_id: int = 0):
     for obj in ET.parse(BCCD / "Annotations" / f"{name}.xml").findall("object"):
         box = obj.find("bndbox")
         x0, y0, x1, y1 = (float(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
-        objects.append({"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": BCCD_CLASSES.index(obj.find("name").text.strip()),
-                        "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+        objects.append(
+            {
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "category_id": BCCD_CLASSES.index(obj.find("name").text.strip()),
+                "area": (x1 - x0) * (y1 - y0),
+                "iscrowd": 0,
+            }
+        )
     return Image.open(BCCD / "JPEGImages" / f"{name}.jpg"), {"image_id": image_id, "annotations": objects}

@@ -36,7 +36,11 @@ def run_twice(warning_pattern):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         second = multi_scale_deformable_attention(value, shapes, locations, weights)
-    return str(record[0].message), (first, second), multi_scale_deformable_attention_reference(value, shapes, locations, weights)
+    return (
+        str(record[0].message),
+        (first, second),
+        multi_scale_deformable_attention_reference(value, shapes, locations, weights),
+    )
 
 
 def test_a_triton_kernel_that_raises_warns_once_and_the_reference_takes_over(monkeypatch):
@@ -96,9 +100,12 @@ def test_while_tracing_an_unchecked_device_gets_triton_and_a_failed_one_does_not
 
 def build_fails(monkeypatch):
     """The next load() of the C++ kernel tries to build it again, and the build fails with a long log."""
+
     def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension 'deformable_detr_ms_deform_attn_cpu'\nc++: command not found\n"
-                           + "a build log line\n" * 100)
+        raise RuntimeError(
+            "Error building extension 'deformable_detr_ms_deform_attn_cpu'\nc++: command not found\n"
+            + "a build log line\n" * 100
+        )
 
     monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
     monkeypatch.setattr(ms_deform_attn_cpu, "_state", {"tried": False, "module": None})

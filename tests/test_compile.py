@@ -1,7 +1,6 @@
 """torch.compile and torch.export of the model give the eager outputs."""
 
 import torch
-
 from test_model import tiny_model
 
 

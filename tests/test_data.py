@@ -1,20 +1,18 @@
 import json
 import os
-import random
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import PIL.Image
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
+from datasets_on_disk import write_coco, write_imagefolder, write_voc
+from helpers import BCCD, BCCD_FULL
 
 from deformable_detr.data import DetectionCollator, DetectionSamples, dataset_format, load_detection_dataset
 from deformable_detr.image_processing_deformable_detr import DeformableDetrImageProcessor
 from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
 from deformable_detr.transforms import DetrAugmentation
-
-from datasets_on_disk import write_coco, write_imagefolder, write_voc
-from helpers import BCCD, BCCD_FULL
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +63,23 @@ def test_save_to_disk_folder_and_validation_split(shapes, tmp_path):
 
 def test_objects_as_a_list_of_dicts(tmp_path):
     """The other way datasets stores objects: one dict per object, here without areas."""
-    features = Features({"image": Image(), "objects": List({"bbox": List(Value("float32"), length=4),
-                                                             "category": ClassLabel(names=["cat", "dog"])})})
+    features = Features(
+        {
+            "image": Image(),
+            "objects": List({"bbox": List(Value("float32"), length=4), "category": ClassLabel(names=["cat", "dog"])}),
+        }
+    )
     image = PIL.Image.new("RGB", (40, 30))
     rows = {"image": [image, image], "objects": [[{"bbox": [1, 2, 10, 5], "category": 1}], []]}
-    DatasetDict(train=Dataset.from_dict(rows, features=features), test=Dataset.from_dict(rows, features=features)).save_to_disk(str(tmp_path))
+    DatasetDict(
+        train=Dataset.from_dict(rows, features=features), test=Dataset.from_dict(rows, features=features)
+    ).save_to_disk(str(tmp_path))
     splits, names = load_detection_dataset(str(tmp_path), validation_fraction=0.5)
     assert names == ["cat", "dog"] and set(splits) == {"train", "validation", "test"}
     sample = DetectionSamples(splits["test"])[0]
-    assert sample["annotation"]["annotations"] == [{"bbox": [1, 2, 10, 5], "category_id": 1, "area": 50.0, "iscrowd": 0}]
+    assert sample["annotation"]["annotations"] == [
+        {"bbox": [1, 2, 10, 5], "category_id": 1, "area": 50.0, "iscrowd": 0}
+    ]
 
 
 def test_folder_that_datasets_reads(shapes, tmp_path):
@@ -96,10 +102,13 @@ def test_bccd_subset():
     val = {row["image_id"]: row for row in splits["validation"]}
     assert sorted(len(row["objects"]["bbox"]) for row in val.values()) == sorted(
         len(ET.parse(BCCD / "Annotations" / f"{name}.xml").findall("object")) - (name == "BloodImage_00338")
-        for name in ("BloodImage_00000", "BloodImage_00002", "BloodImage_00338"))
+        for name in ("BloodImage_00000", "BloodImage_00002", "BloodImage_00338")
+    )
 
 
-@pytest.mark.skipif(not BCCD_FULL.is_dir(), reason=f"the full BCCD set is not at {BCCD_FULL} (only beside this project's CI)")
+@pytest.mark.skipif(
+    not BCCD_FULL.is_dir(), reason=f"the full BCCD set is not at {BCCD_FULL} (only beside this project's CI)"
+)
 def test_bccd():
     with pytest.warns(UserWarning, match="BloodImage_00338.xml: box .* has no area"):
         splits, names = load_detection_dataset(BCCD_FULL)
@@ -145,12 +154,16 @@ def test_samples_and_collator(shapes):
         sizes.add(augmented[1]["image"].size)
     assert len(sizes) > 1
     plain = DetectionSamples(shapes["train"])
-    batch = DetectionCollator(DeformableDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 107}))([plain[0], plain[3]])
+    batch = DetectionCollator(DeformableDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 107}))(
+        [plain[0], plain[3]]
+    )
     assert batch["pixel_values"].shape == (2, 3, 64, 64)
     assert batch["orig_sizes"].tolist() == [[64, 64], [64, 64]]
     objects = shapes["train"][3]["objects"]
     x, y, w, h = np.asarray(objects["bbox"]).T / 64
-    np.testing.assert_allclose(batch["labels"][1]["boxes"].numpy(), np.stack([x + w / 2, y + h / 2, w, h], 1), atol=1e-6)
+    np.testing.assert_allclose(
+        batch["labels"][1]["boxes"].numpy(), np.stack([x + w / 2, y + h / 2, w, h], 1), atol=1e-6
+    )
     assert batch["labels"][1]["class_labels"].tolist() == objects["category"]
     assert int(batch["labels"][1]["image_id"]) == 3
 
@@ -159,8 +172,10 @@ def test_label_boxes_are_relative_to_each_image_not_the_padded_canvas():
     """A box over the whole of a 64x64 image, batched with a 64x96 one: (0.5, 0.5, 1, 1), as the model predicts."""
     whole = {"image_id": 0, "annotations": [{"bbox": [0, 0, 64, 64], "category_id": 0, "area": 4096, "iscrowd": 0}]}
     wide = {"image_id": 1, "annotations": [{"bbox": [48, 16, 48, 32], "category_id": 1, "area": 1536, "iscrowd": 0}]}
-    samples = [{"image": PIL.Image.new("RGB", (64, 64)), "annotation": whole},
-               {"image": PIL.Image.new("RGB", (96, 64)), "annotation": wide}]
+    samples = [
+        {"image": PIL.Image.new("RGB", (64, 64)), "annotation": whole},
+        {"image": PIL.Image.new("RGB", (96, 64)), "annotation": wide},
+    ]
     batch = DetectionCollator(DeformableDetrImageProcessor(do_resize=False))(samples)
     assert batch["pixel_values"].shape == (2, 3, 64, 96)
     np.testing.assert_allclose(batch["labels"][0]["boxes"].numpy(), [[0.5, 0.5, 1.0, 1.0]], atol=1e-6)
@@ -180,10 +195,14 @@ def test_crowd_regions_are_kept_for_evaluation_only(shapes, tmp_path):
     image = [i for i, image_id in enumerate(splits["validation"]["image_id"]) if image_id == crowd["image_id"]][0]
     assert splits["validation"][image]["objects"]["iscrowd"][-1] == 1
     batch = DetectionCollator(DeformableDetrImageProcessor())([DetectionSamples(splits["validation"])[image]])
-    assert len(batch["labels"][0]["class_labels"]) == len(splits["validation"][image]["objects"]["bbox"]) - 1  # not trained on
+    assert (
+        len(batch["labels"][0]["class_labels"]) == len(splits["validation"][image]["objects"]["bbox"]) - 1
+    )  # not trained on
     truth = coco_ground_truth(splits["validation"], names)
-    detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
-                  for a in truth["annotations"]]  # the crowd region too: ignored, not a false positive
+    detections = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in truth["annotations"]
+    ]  # the crowd region too: ignored, not a false positive
     metrics = coco_metrics(truth, detections)
     assert metrics["map"] == pytest.approx(1.0)
     assert sum(c["objects"] for c in metrics["per_class"].values()) == len(truth["annotations"]) - 1

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import BCCD
 from PIL import Image
+from test_pipeline import saved_detector
 
 from deformable_detr.detect import class_colour, main
-from helpers import BCCD
-from test_pipeline import saved_detector
 
 
 @pytest.fixture
@@ -26,8 +26,21 @@ def folder_of_images(tmp_path):
 
 def test_a_folder_gives_json_and_pictures_and_skips_the_broken_file(tmp_path, folder_of_images, capsys):
     saved_detector(tmp_path / "model")
-    main([str(folder_of_images), "--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"),
-          "--threshold", "0.01", "--batch_size", "2", "--top_k", "5"])
+    main(
+        [
+            str(folder_of_images),
+            "--model",
+            str(tmp_path / "model"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--threshold",
+            "0.01",
+            "--batch_size",
+            "2",
+            "--top_k",
+            "5",
+        ]
+    )
     err = capsys.readouterr().err
     assert "skipped" in err and "broken.jpg" in err
     for name in ("BloodImage_00000", "BloodImage_00001", "BloodImage_00002"):
@@ -43,12 +56,30 @@ def test_a_folder_gives_json_and_pictures_and_skips_the_broken_file(tmp_path, fo
 def test_globs_and_the_console_command(tmp_path, folder_of_images):
     saved_detector(tmp_path / "model")
     command = Path(sys.executable).parent / "deformable-detr-detect"  # installed beside this Python by pip
-    result = subprocess.run([str(command), str(folder_of_images / "BloodImage_0000[01].jpg"), "--model", str(tmp_path / "model"),
-                             "--output_dir", str(tmp_path / "out"), "--image_format", "png", "--threshold", "0.01"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            str(command),
+            str(folder_of_images / "BloodImage_0000[01].jpg"),
+            "--model",
+            str(tmp_path / "model"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--image_format",
+            "png",
+            "--threshold",
+            "0.01",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "BloodImage_00000.json", "BloodImage_00000.png", "BloodImage_00001.json", "BloodImage_00001.png"]
+        "BloodImage_00000.json",
+        "BloodImage_00000.png",
+        "BloodImage_00001.json",
+        "BloodImage_00001.png",
+    ]
 
 
 def test_bad_arguments_are_named(tmp_path):

@@ -8,17 +8,18 @@ import sys
 
 import pytest
 import torch
+from datasets_on_disk import write_coco
 from safetensors.torch import load_file
 
 from deformable_detr.evaluation import evaluate_command
 from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
 from deformable_detr.train import train
 
-from datasets_on_disk import write_coco
-
 # frozen batch norms: trainable ones normalise over each process's own images, which differs by design
-TINY = ("d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
-        "encoder_attention_heads=2,decoder_attention_heads=2,dropout=0.0,freeze_backbone_batch_norms=true")
+TINY = (
+    "d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
+    "encoder_attention_heads=2,decoder_attention_heads=2,dropout=0.0,freeze_backbone_batch_norms=true"
+)
 
 # runs the training command and saves the initial weights and every rank's final weights
 DRIVER = """
@@ -48,8 +49,17 @@ def free_port() -> int:
 
 def torchrun(script: str, *args, processes: int = 2):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(free_port()), script, *map(str, args)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+        script,
+        *map(str, args),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -58,15 +68,47 @@ def torchrun(script: str, *args, processes: int = 2):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     # 5 validation images: two processes get 3 and 2, so the last batch is padded with a repeat
-    return write_coco({"train": shapes_dataset(8, 64, seed=1), "valid": shapes_dataset(5, 64, seed=2)},
-                      CLASS_NAMES, str(tmp_path_factory.mktemp("shapes")))
+    return write_coco(
+        {"train": shapes_dataset(8, 64, seed=1), "valid": shapes_dataset(5, 64, seed=2)},
+        CLASS_NAMES,
+        str(tmp_path_factory.mktemp("shapes")),
+    )
 
 
 def training_args(data, output_dir, batch_size, *extra):
-    return [str(a) for a in ["--dataset", data, "--output_dir", output_dir, "--config_name", "tiny", "--config_overrides", TINY,
-            "--image_size", "64", "--max_image_size", "96", "--no_augmentation", "--num_workers", "0",
-            "--per_device_train_batch_size", batch_size, "--per_device_eval_batch_size", 2, "--max_steps", 4,
-            "--learning_rate", 1e-3, "--lr_drop", 1.0, "--checkpointing_steps", "no", *extra]]
+    return [
+        str(a)
+        for a in [
+            "--dataset",
+            data,
+            "--output_dir",
+            output_dir,
+            "--config_name",
+            "tiny",
+            "--config_overrides",
+            TINY,
+            "--image_size",
+            "64",
+            "--max_image_size",
+            "96",
+            "--no_augmentation",
+            "--num_workers",
+            "0",
+            "--per_device_train_batch_size",
+            batch_size,
+            "--per_device_eval_batch_size",
+            2,
+            "--max_steps",
+            4,
+            "--learning_rate",
+            1e-3,
+            "--lr_drop",
+            1.0,
+            "--checkpointing_steps",
+            "no",
+            *extra,
+        ]
+    ]
 
 
 def test_two_processes_match_one_with_the_whole_batch(data, tmp_path):
@@ -95,8 +137,17 @@ def test_two_processes_match_one_with_the_whole_batch(data, tmp_path):
     single = evaluate_command(["--model", str(tmp_path / "one"), "--dataset", data])
     evaluate = tmp_path / "evaluate.py"
     evaluate.write_text("import sys\nfrom deformable_detr.evaluation import main\nmain(sys.argv[1:])\n")
-    torchrun(str(evaluate), "--model", tmp_path / "one", "--dataset", data, "--batch_size", 1,
-             "--output", tmp_path / "two_eval.json")
+    torchrun(
+        str(evaluate),
+        "--model",
+        tmp_path / "one",
+        "--dataset",
+        data,
+        "--batch_size",
+        1,
+        "--output",
+        tmp_path / "two_eval.json",
+    )
     assert json.load(open(tmp_path / "two_eval.json")) == json.loads(json.dumps(single))
 
 

@@ -10,9 +10,15 @@ def ground_truth():
 
 
 def detections_from(ground_truth, shift=0.0, score=0.9):
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": score,
-             "bbox": [a["bbox"][0] + shift * a["bbox"][2], a["bbox"][1], a["bbox"][2], a["bbox"][3]]}
-            for a in ground_truth["annotations"]]
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "score": score,
+            "bbox": [a["bbox"][0] + shift * a["bbox"][2], a["bbox"][1], a["bbox"][2], a["bbox"][3]],
+        }
+        for a in ground_truth["annotations"]
+    ]
 
 
 def test_perfect_detections(ground_truth):

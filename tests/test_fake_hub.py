@@ -8,9 +8,8 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from fake_hub import FakeHub, hub_env
+from safetensors.torch import save_file
 
 
 @pytest.fixture
@@ -21,8 +20,13 @@ def hub():
 
 def run_client(hub, home, script, *args, token="hf_fake_token"):
     """Runs `script` in a fresh Python talking to `hub` with its cache in `home`, and returns what it printed last."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
-                            env=hub_env(hub.endpoint, home, token), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+        env=hub_env(hub.endpoint, home, token),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -115,7 +119,9 @@ OUTPUTS = """
         print(json.dumps(type(model).__name__))
 """
 
-PUSH = OUTPUTS + """
+PUSH = (
+    OUTPUTS
+    + """
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -124,12 +130,16 @@ PUSH = OUTPUTS + """
     model.push_to_hub("user/tiny-bert")
     save_outputs(model, sys.argv[1])
 """
+)
 
-LOAD = OUTPUTS + """
+LOAD = (
+    OUTPUTS
+    + """
     from transformers import AutoModel
 
     save_outputs(AutoModel.from_pretrained("user/tiny-bert"), sys.argv[1])
 """
+)
 
 
 def test_transformers_push_to_hub_then_from_pretrained(hub, tmp_path):

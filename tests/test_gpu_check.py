@@ -14,16 +14,36 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_check.py"
 
 
 def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
-    result = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--quick", "--sweep", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--device", "cpu", "--quick", "--sweep", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     rows = report["rows"]
     assert not [row for row in rows if row["verdict"] == "fail"]
     names = " | ".join(f"{row['section']}: {row['name']}" for row in rows)
-    for expected in ("self-check", "encoder", "decoder", "float16", "bfloat16", "pixel edges", "padded values",
-                     "non-contiguous", "empty batch", "fp64 gradcheck", "copy bandwidth", "forward+backward",
-                     "launch settings", "ours vs transformers", "torch.compile", "ours, bf16: loss", "transformers, fp16: step"):
+    for expected in (
+        "self-check",
+        "encoder",
+        "decoder",
+        "float16",
+        "bfloat16",
+        "pixel edges",
+        "padded values",
+        "non-contiguous",
+        "empty batch",
+        "fp64 gradcheck",
+        "copy bandwidth",
+        "forward+backward",
+        "launch settings",
+        "ours vs transformers",
+        "torch.compile",
+        "ours, bf16: loss",
+        "transformers, fp16: step",
+    ):
         assert expected in names, expected
     # every op check compared something: values are real numbers below their limits
     checks = [row for row in rows if "limit" in row["figures"]]
@@ -37,5 +57,7 @@ def test_gpu_check_without_cuda_says_so(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2 and "CUDA is not available" in result.stdout and "Traceback" not in result.stderr

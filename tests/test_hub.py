@@ -8,15 +8,24 @@ import textwrap
 
 import pytest
 import torch
+from test_model import tiny_model
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection
 
 from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
-from test_model import tiny_model
 
 # exactly the files a saved model holds: the model's code (the Hub set), never the converters or training code
-CODE_FILES = {"configuration_deformable_detr.py", "modeling_deformable_detr.py", "backbone.py", "position_encoding.py",
-              "deformable_transformer.py", "ms_deform_attn.py", "ms_deform_attn_cpu.py", "ms_deform_attn_triton.py",
-              "loss_deformable_detr.py", "box_ops.py"}
+CODE_FILES = {
+    "configuration_deformable_detr.py",
+    "modeling_deformable_detr.py",
+    "backbone.py",
+    "position_encoding.py",
+    "deformable_transformer.py",
+    "ms_deform_attn.py",
+    "ms_deform_attn_cpu.py",
+    "ms_deform_attn_triton.py",
+    "loss_deformable_detr.py",
+    "box_ops.py",
+}
 
 
 def outputs(model, seed=0):
@@ -26,8 +35,15 @@ def outputs(model, seed=0):
     return out.logits, out.pred_boxes
 
 
-@pytest.mark.parametrize("variant", [{}, dict(with_box_refine=True), dict(with_box_refine=True, two_stage=True),
-                                     dict(d_model=256, encoder_ffn_dim=1024, encoder_layers=6, decoder_layers=6)])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        dict(with_box_refine=True),
+        dict(with_box_refine=True, two_stage=True),
+        dict(d_model=256, encoder_ffn_dim=1024, encoder_layers=6, decoder_layers=6),
+    ],
+)
 def test_save_and_load_give_identical_outputs(tmp_path, variant):
     model = tiny_model(**variant)
     model.save_pretrained(tmp_path)
@@ -85,8 +101,14 @@ def test_remote_code_loads_where_our_package_is_missing(tmp_path):
     model = tiny_model(with_box_refine=True)
     model.save_pretrained(tmp_path / "saved")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(tmp_path / "saved"), str(tmp_path / "out.pt")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(tmp_path / "saved"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt")
     logits, boxes = outputs(model)

@@ -1,20 +1,16 @@
 """Our image processor against transformers' DeformableDetrImageProcessorPil, and its own behaviour."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from helpers import bccd_example
 from PIL import Image
 from transformers.models.deformable_detr.image_processing_pil_deformable_detr import DeformableDetrImageProcessorPil
 
 from deformable_detr import DeformableDetrImageProcessor
-from helpers import bccd_example
 
 BCCD_NAMES = ["BloodImage_00000", "BloodImage_00338", "BloodImage_00343", "BloodImage_00100"]
 
@@ -64,8 +60,14 @@ def test_same_as_transformers_on_odd_images(kind):
     compare(theirs, DeformableDetrImageProcessor()(images, return_tensors="pt"))
 
 
-@pytest.mark.parametrize("options", [{"size": {"max_height": 300, "max_width": 200}}, {"size": {"height": 128, "width": 96}},
-                                     {"size": {"shortest_edge": 64, "longest_edge": 100}, "pad_size": {"height": 128, "width": 128}}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"size": {"max_height": 300, "max_width": 200}},
+        {"size": {"height": 128, "width": 96}},
+        {"size": {"shortest_edge": 64, "longest_edge": 100}, "pad_size": {"height": 128, "width": 128}},
+    ],
+)
 def test_same_as_transformers_with_other_sizes(options):
     image, annotation = bccd_example("BloodImage_00000")
     theirs = DeformableDetrImageProcessorPil(**options)(image, annotations=annotation, return_tensors="pt")
@@ -111,11 +113,16 @@ def test_post_processing_same_as_transformers():
     from deformable_detr.modeling_deformable_detr import DeformableDetrObjectDetectionOutput
 
     g = torch.Generator().manual_seed(0)
-    outputs = DeformableDetrObjectDetectionOutput(logits=torch.randn(2, 30, 4, generator=g) * 3,
-                                                  pred_boxes=torch.rand(2, 30, 4, generator=g) * 0.5 + 0.1)
+    outputs = DeformableDetrObjectDetectionOutput(
+        logits=torch.randn(2, 30, 4, generator=g) * 3, pred_boxes=torch.rand(2, 30, 4, generator=g) * 0.5 + 0.1
+    )
     sizes = [(480, 640), (300, 200)]
-    theirs = DeformableDetrImageProcessorPil().post_process_object_detection(outputs, threshold=0.3, target_sizes=sizes, top_k=50)
-    ours = DeformableDetrImageProcessor().post_process_object_detection(outputs, threshold=0.3, target_sizes=sizes, top_k=50)
+    theirs = DeformableDetrImageProcessorPil().post_process_object_detection(
+        outputs, threshold=0.3, target_sizes=sizes, top_k=50
+    )
+    ours = DeformableDetrImageProcessor().post_process_object_detection(
+        outputs, threshold=0.3, target_sizes=sizes, top_k=50
+    )
     for a, b in zip(theirs, ours):
         assert len(b["scores"]) > 5
         assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"])
@@ -123,7 +130,9 @@ def test_post_processing_same_as_transformers():
 
 
 def test_save_and_load(tmp_path):
-    processor = DeformableDetrImageProcessor(size={"shortest_edge": 480, "longest_edge": 640}, image_mean=[0.5, 0.5, 0.5])
+    processor = DeformableDetrImageProcessor(
+        size={"shortest_edge": 480, "longest_edge": 640}, image_mean=[0.5, 0.5, 0.5]
+    )
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["size"] == {"shortest_edge": 480, "longest_edge": 640}
@@ -131,4 +140,6 @@ def test_save_and_load(tmp_path):
     assert (tmp_path / "image_processing_deformable_detr.py").exists()
     loaded = DeformableDetrImageProcessor.from_pretrained(tmp_path)
     image, _ = bccd_example("BloodImage_00000")
-    assert torch.equal(processor(image, return_tensors="pt")["pixel_values"], loaded(image, return_tensors="pt")["pixel_values"])
+    assert torch.equal(
+        processor(image, return_tensors="pt")["pixel_values"], loaded(image, return_tensors="pt")["pixel_values"]
+    )

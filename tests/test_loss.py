@@ -2,17 +2,20 @@
 
 import pytest
 import torch
+from helpers import padded_batch, small_hf_model
+from test_model import tiny_model
 
 from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.box_ops import generalized_box_iou
 from deformable_detr.loss_deformable_detr import HungarianMatcher
-from helpers import padded_batch, small_hf_model
-from test_model import tiny_model
 
 
 def labels():
     return [
-        {"class_labels": torch.tensor([1, 3, 0]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2], [0.5, 0.5, 0.9, 0.9]])},
+        {
+            "class_labels": torch.tensor([1, 3, 0]),
+            "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2], [0.5, 0.5, 0.9, 0.9]]),
+        },
         {"class_labels": torch.tensor([4]), "boxes": torch.tensor([[0.2, 0.2, 0.1, 0.1]])},
     ]
 
@@ -40,8 +43,11 @@ def test_perfect_predictions_have_no_box_loss_and_match_one_to_one():
     queries, objects = matcher(logits, pred, [{"class_labels": torch.tensor([1, 0]), "boxes": boxes}])[0]
     assert dict(zip(queries.tolist(), objects.tolist())) == {0: 1, 2: 0}
     from deformable_detr.loss_deformable_detr import DeformableDetrLoss
+
     model = tiny_model()
-    loss, terms = DeformableDetrLoss(model.config)(logits, pred, [{"class_labels": torch.tensor([1, 0]), "boxes": boxes}])
+    loss, terms = DeformableDetrLoss(model.config)(
+        logits, pred, [{"class_labels": torch.tensor([1, 0]), "boxes": boxes}]
+    )
     assert terms["loss_bbox"].item() == 0 and abs(terms["loss_giou"].item()) < 1e-6 and terms["loss_ce"].item() < 1e-3
 
 
@@ -52,7 +58,9 @@ def test_images_without_objects_and_non_finite_predictions():
     assert torch.isfinite(out.loss) and out.loss.item() > 0 and "loss_ce_enc" in out.loss_dict
     logits = torch.tensor([[[float("nan")], [0.0]]])
     boxes = torch.tensor([[[0.5, 0.5, float("inf"), 0.1], [0.5, 0.5, 0.2, 0.2]]])
-    queries, _ = HungarianMatcher()(logits, boxes, [{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}])[0]
+    queries, _ = HungarianMatcher()(
+        logits, boxes, [{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    )[0]
     assert queries.tolist() == [1]
 
 

@@ -7,9 +7,19 @@ import torch
 
 from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection
 
-TINY = dict(backbone="resnet18", d_model=64, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32,
-            decoder_ffn_dim=32, encoder_attention_heads=4, decoder_attention_heads=4, num_queries=7,
-            two_stage_num_proposals=7, num_labels=3)
+TINY = dict(
+    backbone="resnet18",
+    d_model=64,
+    encoder_layers=1,
+    decoder_layers=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    num_queries=7,
+    two_stage_num_proposals=7,
+    num_labels=3,
+)
 
 
 def tiny_model(**overrides):
@@ -27,16 +37,28 @@ def test_any_number_of_feature_levels(levels):
     assert 0 <= out.pred_boxes.min() and out.pred_boxes.max() <= 1
 
 
-@pytest.mark.parametrize("variant", [dict(with_box_refine=True), dict(with_box_refine=True, two_stage=True),
-                                     dict(position_embedding_type="learned"), dict(dilation=True), dict(decoder_layers=1),
-                                     dict(encoder_layers=0)])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(with_box_refine=True),
+        dict(with_box_refine=True, two_stage=True),
+        dict(position_embedding_type="learned"),
+        dict(dilation=True),
+        dict(decoder_layers=1),
+        dict(encoder_layers=0),
+    ],
+)
 def test_variants_run_and_give_finite_outputs(variant):
     model = tiny_model(**variant)
     with torch.no_grad():
         out = model(torch.randn(2, 3, 96, 128))
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.pred_boxes).all()
     if variant.get("two_stage"):
-        assert out.enc_outputs_class.shape[:2] == out.enc_outputs_coord_logits.shape[:2] == out.encoder_last_hidden_state.shape[:2]
+        assert (
+            out.enc_outputs_class.shape[:2]
+            == out.enc_outputs_coord_logits.shape[:2]
+            == out.encoder_last_hidden_state.shape[:2]
+        )
 
 
 def test_dc5_halves_the_last_stride():
@@ -73,7 +95,10 @@ def test_the_backbone_stem_and_first_stage_are_frozen():
 def test_without_box_refinement_one_head_serves_every_layer():
     model = tiny_model(auxiliary_loss=True)
     keys = [k for k in model.state_dict() if "class_embed" in k or "bbox_embed" in k]
-    assert sorted(keys) == sorted(["class_embed.weight", "class_embed.bias"] + [f"bbox_embed.layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")])
+    assert sorted(keys) == sorted(
+        ["class_embed.weight", "class_embed.bias"]
+        + [f"bbox_embed.layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+    )
 
 
 def test_building_never_touches_the_network(monkeypatch):
@@ -105,16 +130,19 @@ def test_backbone_weights_that_cannot_be_had_say_so(tmp_path, monkeypatch):
         tiny_model().model.load_backbone_weights(str(tmp_path / "partial.pth"))
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(d_model=96, encoder_attention_heads=5), "divisible by encoder_attention_heads"),
-    (dict(d_model=48), "multiple of 32"),
-    (dict(backbone="resnet27"), "resnet27"),
-    (dict(two_stage=True), "with_box_refine"),
-    (dict(num_feature_levels=6), "num_feature_levels"),
-    (dict(position_embedding_type="rope"), "position_embedding_type"),
-    (dict(decoder_layers=0), "decoder_layers"),
-    (dict(dropout=1.5), "dropout"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(d_model=96, encoder_attention_heads=5), "divisible by encoder_attention_heads"),
+        (dict(d_model=48), "multiple of 32"),
+        (dict(backbone="resnet27"), "resnet27"),
+        (dict(two_stage=True), "with_box_refine"),
+        (dict(num_feature_levels=6), "num_feature_levels"),
+        (dict(position_embedding_type="rope"), "position_embedding_type"),
+        (dict(decoder_layers=0), "decoder_layers"),
+        (dict(dropout=1.5), "dropout"),
+    ],
+)
 def test_a_config_that_cannot_work_is_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         DeformableDetrConfig(**fields)

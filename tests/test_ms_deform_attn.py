@@ -29,7 +29,9 @@ def naive(value, shapes, locations, weights):
                         for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
                             if 0 <= yy < h and 0 <= xx < w:
                                 corner = (1 - abs(x - xx)) * (1 - abs(y - yy))
-                                out[b, q, m] += weights[b, q, m, level, k] * corner * value[b, starts[level] + yy * w + xx, m]
+                                out[b, q, m] += (
+                                    weights[b, q, m, level, k] * corner * value[b, starts[level] + yy * w + xx, m]
+                                )
     return out.flatten(2)
 
 
@@ -46,7 +48,10 @@ def random_inputs(shapes, B=2, Q=3, M=2, D=3, K=2, dtype=torch.float64, seed=0):
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-@pytest.mark.parametrize("shapes, K, D, Q", [([(3, 4)], 1, 3, 1), ([(4, 5), (2, 3)], 3, 5, 4), ([(5, 3), (3, 2), (2, 2), (1, 1), (1, 2)], 8, 2, 2)])
+@pytest.mark.parametrize(
+    "shapes, K, D, Q",
+    [([(3, 4)], 1, 3, 1), ([(4, 5), (2, 3)], 3, 5, 4), ([(5, 3), (3, 2), (2, 2), (1, 1), (1, 2)], 8, 2, 2)],
+)
 def test_forward_matches_the_naive_loop(backend, shapes, K, D, Q):
     value, spatial_shapes, locations, weights = random_inputs(shapes, K=K, D=D, Q=Q)
     out = multi_scale_deformable_attention(value, spatial_shapes, locations, weights, backend=backend)
@@ -79,11 +84,15 @@ def test_the_fused_cpu_kernel_builds_here():
     assert available_backends("cpu")[0] == "cpu"
 
 
-@pytest.mark.parametrize("L, K, D, B, Q", [(1, 1, 32, 1, 1), (2, 3, 24, 2, 7), (4, 4, 32, 2, 50), (5, 8, 16, 1, 9),
-                                           (3, 2, 64, 2, 5), (4, 5, 30, 1, 11)])
+@pytest.mark.parametrize(
+    "L, K, D, B, Q",
+    [(1, 1, 32, 1, 1), (2, 3, 24, 2, 7), (4, 4, 32, 2, 50), (5, 8, 16, 1, 9), (3, 2, 64, 2, 5), (4, 5, 30, 1, 11)],
+)
 def test_fused_cpu_matches_reference_in_fp32_with_gradients(L, K, D, B, Q):
     shapes = [(9, 13), (5, 7), (3, 4), (2, 2), (1, 1)][:L]
-    value, spatial_shapes, locations, weights = random_inputs(shapes, B=B, Q=Q, M=3, D=D, K=K, dtype=torch.float32, seed=L * 10 + K)
+    value, spatial_shapes, locations, weights = random_inputs(
+        shapes, B=B, Q=Q, M=3, D=D, K=K, dtype=torch.float32, seed=L * 10 + K
+    )
     value[:, -4:] = 0  # padded positions carry zeros, as the model masks them
     grads = {}
     for backend in ("cpu", "reference"):
@@ -111,6 +120,8 @@ def test_without_a_compiler_the_reference_takes_over():
 
 def test_bfloat16_inputs_run_in_fp32_and_come_back_in_bfloat16():
     value, spatial_shapes, locations, weights = random_inputs([(4, 5), (2, 3)], dtype=torch.float32)
-    out = multi_scale_deformable_attention(value.bfloat16(), spatial_shapes, locations.bfloat16(), weights.bfloat16(), backend="cpu")
+    out = multi_scale_deformable_attention(
+        value.bfloat16(), spatial_shapes, locations.bfloat16(), weights.bfloat16(), backend="cpu"
+    )
     ref = multi_scale_deformable_attention(value, spatial_shapes, locations, weights, backend="reference")
     assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1

@@ -6,10 +6,10 @@ import re
 
 import pytest
 import torch
+from helpers import VARIANTS, hub_v4_state_dict, padded_batch, resnet50_hf_model, small_hf_model
 from safetensors.torch import save_file
 
 from deformable_detr import DeformableDetrForObjectDetection
-from helpers import VARIANTS, hub_v4_state_dict, padded_batch, resnet50_hf_model, small_hf_model
 
 TOLERANCE = 1e-4
 
@@ -87,7 +87,7 @@ def original_layout(hf_model):
     state = hf_model.state_dict()
     for key, value in state.items():
         if key.startswith("model.backbone.model."):
-            key = "backbone.0.body." + torchvision_name(key[len("model.backbone.model."):])
+            key = "backbone.0.body." + torchvision_name(key[len("model.backbone.model.") :])
         elif key.startswith(("class_embed", "bbox_embed")):
             pass
         elif key.startswith("model.decoder.bbox_embed") or key.startswith("model.decoder.class_embed"):
@@ -95,7 +95,7 @@ def original_layout(hf_model):
         elif key == "model.query_position_embeddings.weight":
             key = "query_embed.weight"
         elif key.startswith("model.input_proj"):
-            key = key[len("model."):]
+            key = key[len("model.") :]
         else:
             key = key.replace("model.", "transformer.", 1)
             enc = re.match(r"transformer\.encoder\.layers\.(\d+)\.(.*)$", key)
@@ -109,7 +109,11 @@ def original_layout(hf_model):
                 i, rest = dec.groups()
                 rest = rest.replace("encoder_attn_layer_norm", "norm1").replace("self_attn_layer_norm", "norm2")
                 rest = rest.replace("final_layer_norm", "norm3").replace("encoder_attn.", "cross_attn.")
-                rest = rest.replace("mlp.fc1", "linear1").replace("mlp.fc2", "linear2").replace("self_attn.o_proj", "self_attn.out_proj")
+                rest = (
+                    rest.replace("mlp.fc1", "linear1")
+                    .replace("mlp.fc2", "linear2")
+                    .replace("self_attn.o_proj", "self_attn.out_proj")
+                )
                 key = f"transformer.decoder.layers.{i}.{rest}"
         out[key] = value.clone()
     for key in [k for k in out if ".self_attn.q_proj." in k]:
@@ -123,13 +127,26 @@ def test_original_checkpoint_converts(tmp_path, variant):
     hf = resnet50_hf_model(variant)
     c = hf.config
     args = argparse.Namespace(
-        backbone="resnet50", dilation=False, num_queries=c.num_queries, hidden_dim=c.d_model, nheads=c.encoder_attention_heads,
-        enc_layers=c.encoder_layers, dec_layers=c.decoder_layers, dim_feedforward=c.encoder_ffn_dim,
-        num_feature_levels=c.num_feature_levels, enc_n_points=c.encoder_n_points, dec_n_points=c.decoder_n_points,
-        with_box_refine=c.with_box_refine, two_stage=c.two_stage, dropout=0.1, position_embedding="sine",
+        backbone="resnet50",
+        dilation=False,
+        num_queries=c.num_queries,
+        hidden_dim=c.d_model,
+        nheads=c.encoder_attention_heads,
+        enc_layers=c.encoder_layers,
+        dec_layers=c.decoder_layers,
+        dim_feedforward=c.encoder_ffn_dim,
+        num_feature_levels=c.num_feature_levels,
+        enc_n_points=c.encoder_n_points,
+        dec_n_points=c.decoder_n_points,
+        with_box_refine=c.with_box_refine,
+        two_stage=c.two_stage,
+        dropout=0.1,
+        position_embedding="sine",
     )
     torch.save({"model": original_layout(hf), "args": args}, tmp_path / "checkpoint.pth")
     # the paper's decoder has as many heads as the encoder: transformers' small config does not, so override
-    ours = DeformableDetrForObjectDetection.from_original_checkpoint(tmp_path / "checkpoint.pth", decoder_attention_heads=c.decoder_attention_heads)
+    ours = DeformableDetrForObjectDetection.from_original_checkpoint(
+        tmp_path / "checkpoint.pth", decoder_attention_heads=c.decoder_attention_heads
+    )
     assert ours.config.num_labels == c.num_labels
     assert max(max_differences(hf, ours)) <= TOLERANCE

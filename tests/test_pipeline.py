@@ -7,11 +7,11 @@ import sys
 import textwrap
 
 import torch
+from helpers import BCCD, bccd_example
+from test_model import tiny_model
 from transformers import pipeline
 
 from deformable_detr import DeformableDetrImageProcessor
-from helpers import BCCD, bccd_example
-from test_model import tiny_model
 
 IMAGE = str(BCCD / "JPEGImages" / "BloodImage_00000.jpg")
 
@@ -30,8 +30,10 @@ def direct_detections(model, processor, threshold):
     with torch.no_grad():
         outputs = model(**inputs)
     found = processor.post_process_object_detection(outputs, threshold, target_sizes=[(image.height, image.width)])[0]
-    return [{"score": s, "label": model.config.id2label[l], "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), b))}
-            for s, l, b in zip(found["scores"].tolist(), found["labels"].tolist(), found["boxes"].int().tolist())]
+    return [
+        {"score": s, "label": model.config.id2label[l], "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), b))}
+        for s, l, b in zip(found["scores"].tolist(), found["labels"].tolist(), found["boxes"].int().tolist())
+    ]
 
 
 def test_pipeline_gives_the_same_detections_as_model_and_processor(tmp_path):
@@ -61,8 +63,14 @@ print(json.dumps(detector(sys.argv[2], threshold=0.01)))
 def test_pipeline_with_remote_code_where_our_package_is_missing(tmp_path):
     model, processor = saved_detector(tmp_path / "saved")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path / "saved"), IMAGE],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path / "saved"), IMAGE],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     expected = direct_detections(model, processor, 0.01)

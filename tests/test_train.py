@@ -10,6 +10,8 @@ import time
 
 import pytest
 import torch
+from datasets_on_disk import write_coco
+from helpers import small_hf_config
 from safetensors.torch import load_file
 
 from deformable_detr import DeformableDetrForObjectDetection
@@ -17,22 +19,38 @@ from deformable_detr.evaluation import evaluate_command
 from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
 from deformable_detr.train import train
 
-from datasets_on_disk import write_coco
-from helpers import small_hf_config
-
-TINY = ("d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
-        "encoder_attention_heads=2,decoder_attention_heads=2")
+TINY = (
+    "d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
+    "encoder_attention_heads=2,decoder_attention_heads=2"
+)
 
 
 @pytest.fixture(scope="module")
 def shapes_folder(tmp_path_factory):
-    return write_coco({"train": shapes_dataset(6, 64, seed=1), "valid": shapes_dataset(4, 64, seed=2)},
-                      CLASS_NAMES, str(tmp_path_factory.mktemp("shapes")))
+    return write_coco(
+        {"train": shapes_dataset(6, 64, seed=1), "valid": shapes_dataset(4, 64, seed=2)},
+        CLASS_NAMES,
+        str(tmp_path_factory.mktemp("shapes")),
+    )
 
 
 def args(data, output_dir, *extra, overrides=TINY):
-    base = ["--dataset", data, "--output_dir", str(output_dir), "--image_size", "64", "--max_image_size", "96",
-            "--num_workers", "0", "--logging_steps", "1", "--per_device_train_batch_size", "2"]
+    base = [
+        "--dataset",
+        data,
+        "--output_dir",
+        str(output_dir),
+        "--image_size",
+        "64",
+        "--max_image_size",
+        "96",
+        "--num_workers",
+        "0",
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+    ]
     if "--model_name_or_path" not in extra:
         base += ["--config_name", "tiny", "--config_overrides", overrides]
     return base + [str(e) for e in extra]
@@ -47,22 +65,46 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     """Training and validation on the same four images: the loss falls and the detections start to match."""
     same = shapes_dataset(4, 64, seed=1)
     data = write_coco({"train": same, "valid": same}, CLASS_NAMES, str(tmp_path / "data"))
-    metrics = train(args(data, tmp_path / "run", "--max_steps", 40, "--no_augmentation", "--per_device_train_batch_size", 4,
-                         "--lr_drop", 1.0, "--learning_rate", 1e-3, overrides=TINY + ",dropout=0.0"))
+    metrics = train(
+        args(
+            data,
+            tmp_path / "run",
+            "--max_steps",
+            40,
+            "--no_augmentation",
+            "--per_device_train_batch_size",
+            4,
+            "--lr_drop",
+            1.0,
+            "--learning_rate",
+            1e-3,
+            overrides=TINY + ",dropout=0.0",
+        )
+    )
     losses = history(tmp_path / "run")
     assert len(losses) == 40
     assert losses[-1] < 0.5 * losses[0], losses
     assert metrics["map_50"] > 0.1, metrics
     # the evaluation command scores the saved model the same way
-    again = evaluate_command(["--model", str(tmp_path / "run"), "--dataset", data, "--output", str(tmp_path / "m.json")])
+    again = evaluate_command(
+        ["--model", str(tmp_path / "run"), "--dataset", data, "--output", str(tmp_path / "m.json")]
+    )
     assert again == metrics
     assert json.load(open(tmp_path / "m.json")) == json.loads(json.dumps(metrics))
 
 
 def test_outputs_card_and_evaluate_command(shapes_folder, tmp_path):
     metrics = train(args(shapes_folder, tmp_path, "--max_steps", 3, "--with_tracking"))
-    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_deformable_detr.py",
-                 "README.md", "history.json", "eval_results.json", "train.log"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "modeling_deformable_detr.py",
+        "README.md",
+        "history.json",
+        "eval_results.json",
+        "train.log",
+    ):
         assert os.path.isfile(tmp_path / name), name
     config = json.load(open(tmp_path / "config.json"))
     assert config["id2label"] == {str(i): n for i, n in enumerate(CLASS_NAMES)}
@@ -75,13 +117,34 @@ def test_outputs_card_and_evaluate_command(shapes_folder, tmp_path):
 def test_resume_continues_exactly(shapes_folder, tmp_path):
     """Four steps, a checkpoint in the middle of the second epoch (three steps each), two more: the same weights
     as six steps in one go. Augmentation, dropout, gradient accumulation and the lr drop are all on."""
-    common = ["--max_steps", 6, "--gradient_accumulation_steps", 2, "--per_device_train_batch_size", 1,
-              "--eval_every_epochs", 0, "--lr_drop", 0.75]
+    common = [
+        "--max_steps",
+        6,
+        "--gradient_accumulation_steps",
+        2,
+        "--per_device_train_batch_size",
+        1,
+        "--eval_every_epochs",
+        0,
+        "--lr_drop",
+        0.75,
+    ]
     train(args(shapes_folder, tmp_path / "whole", *common, "--checkpointing_steps", 4))
     state = json.load(open(tmp_path / "whole" / "checkpoint-4" / "trainer_state.json"))
     assert (state["epoch"], state["batches_in_epoch"]) == (1, 2)
-    train(args(shapes_folder, tmp_path / "resumed", *common, "--resume_from_checkpoint", tmp_path / "whole" / "checkpoint-4"))
-    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    train(
+        args(
+            shapes_folder,
+            tmp_path / "resumed",
+            *common,
+            "--resume_from_checkpoint",
+            tmp_path / "whole" / "checkpoint-4",
+        )
+    )
+    whole, resumed = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(tmp_path / "resumed" / "model.safetensors"),
+    )
     start = load_file(tmp_path / "whole" / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(whole[k], start[k]) for k in whole)
     for key in whole:
@@ -114,13 +177,38 @@ def test_new_labels_from_our_model_and_from_transformers(shapes_folder, tmp_path
 
     hf = HFModel(small_hf_config(num_labels=5))
     hf.save_pretrained(tmp_path / "hf")
-    train(args(shapes_folder, tmp_path / "from_hf", "--model_name_or_path", tmp_path / "hf", "--max_steps", 1, "--eval_every_epochs", 0))
+    train(
+        args(
+            shapes_folder,
+            tmp_path / "from_hf",
+            "--model_name_or_path",
+            tmp_path / "hf",
+            "--max_steps",
+            1,
+            "--eval_every_epochs",
+            0,
+        )
+    )
     model = DeformableDetrForObjectDetection.from_pretrained(tmp_path / "from_hf")
     assert model.config.id2label == dict(enumerate(CLASS_NAMES))
     assert model.class_embed.weight.shape == (3, 64)
     # the same labels again: the trained class head is kept
-    train(args(shapes_folder, tmp_path / "again", "--model_name_or_path", tmp_path / "from_hf", "--max_steps", 1,
-               "--eval_every_epochs", 0, "--learning_rate", 0, "--backbone_learning_rate", 0))
+    train(
+        args(
+            shapes_folder,
+            tmp_path / "again",
+            "--model_name_or_path",
+            tmp_path / "from_hf",
+            "--max_steps",
+            1,
+            "--eval_every_epochs",
+            0,
+            "--learning_rate",
+            0,
+            "--backbone_learning_rate",
+            0,
+        )
+    )
     again = load_file(tmp_path / "again" / "model.safetensors")
     assert torch.equal(again["class_embed.weight"], model.class_embed.weight)
 
@@ -135,8 +223,12 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path):
-    command = [sys.executable, "-m", "deformable_detr.train", *args(shapes_folder, tmp_path, "--max_steps", 10000,
-                                                                     "--checkpointing_steps", "no")]
+    command = [
+        sys.executable,
+        "-m",
+        "deformable_detr.train",
+        *args(shapes_folder, tmp_path, "--max_steps", 10000, "--checkpointing_steps", "no"),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "train.log"
     deadline = time.time() + 120
@@ -152,6 +244,16 @@ def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path):
     assert "continue with --resume_from_checkpoint latest" in log.read_text()
     with pytest.raises(SystemExit, match="holds checkpoints of an earlier run"):
         train(args(shapes_folder, tmp_path, "--max_steps", 3))
-    train(args(shapes_folder, tmp_path, "--max_steps", state["global_step"] + 1, "--resume_from_checkpoint", "latest",
-               "--eval_every_epochs", 0))
+    train(
+        args(
+            shapes_folder,
+            tmp_path,
+            "--max_steps",
+            state["global_step"] + 1,
+            "--resume_from_checkpoint",
+            "latest",
+            "--eval_every_epochs",
+            0,
+        )
+    )
     assert len(history(tmp_path)) == state["global_step"] + 1  # one logged loss per step, carried on

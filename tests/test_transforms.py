@@ -41,7 +41,10 @@ def test_each_box_stays_on_its_object():
             assert extent is not None, (seed, colour)
             np.testing.assert_allclose(box, extent, atol=2.5, err_msg=f"seed {seed}, colour {colour}")
         for colour in np.asarray(COLOURS)[~keep]:
-            assert painted_extent(out, colour) is None or (painted_extent(out, colour)[2:] - painted_extent(out, colour)[:2]).min() <= 2
+            assert (
+                painted_extent(out, colour) is None
+                or (painted_extent(out, colour)[2:] - painted_extent(out, colour)[:2]).min() <= 2
+            )
     assert len(kinds) > 10  # sizes and crops vary
 
 

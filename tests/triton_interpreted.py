@@ -33,12 +33,25 @@ def op(backend, value, shapes, locations, weights):
 # batch > 1, a single query, points outside the maps and on their borders, padded (zero) positions
 for L, K, D, B, Q in [(1, 1, 4, 1, 1), (2, 3, 5, 2, 3), (3, 8, 12, 1, 2), (4, 4, 32, 1, 4), (5, 2, 3, 2, 1)]:
     shapes = SHAPES[:L]
-    value, spatial_shapes, locations, weights = random_inputs(shapes, B=B, Q=Q, M=2, D=D, K=K, dtype=torch.float32, seed=L + K)
+    value, spatial_shapes, locations, weights = random_inputs(
+        shapes, B=B, Q=Q, M=2, D=D, K=K, dtype=torch.float32, seed=L + K
+    )
     value[:, -2:] = 0
-    diff = (op("triton", value, spatial_shapes, locations, weights) - op("reference", value, spatial_shapes, locations, weights)).abs().max()
+    diff = (
+        (
+            op("triton", value, spatial_shapes, locations, weights)
+            - op("reference", value, spatial_shapes, locations, weights)
+        )
+        .abs()
+        .max()
+    )
     assert diff <= 1e-5, (L, K, D, B, Q, diff.item())
-    value, spatial_shapes, locations, weights = random_inputs(shapes, B=B, Q=Q, M=2, D=D, K=K, dtype=torch.float64, seed=L)
-    diff = (op("triton", value, spatial_shapes, locations, weights) - naive(value, shapes, locations, weights)).abs().max()
+    value, spatial_shapes, locations, weights = random_inputs(
+        shapes, B=B, Q=Q, M=2, D=D, K=K, dtype=torch.float64, seed=L
+    )
+    diff = (
+        (op("triton", value, spatial_shapes, locations, weights) - naive(value, shapes, locations, weights)).abs().max()
+    )
     assert diff <= 1e-10, (L, K, D, diff.item())
 
 # exact gradients in fp64 (small: every perturbation of gradcheck is a launch of the interpreter)
