@@ -117,7 +117,8 @@ def _place_heads(state: dict, config: DeformableDetrConfig, source: str) -> dict
             first = per_layer.get((kind, 0, rest))
             if first is None or not _same(first, value):
                 raise ValueError(
-                    f"{source}: without box refinement every decoder layer must share {kind}_embed.0, but {kind}_embed.{index} differs"
+                    f"{source}: without box refinement every decoder layer must share {kind}_embed.0, "
+                    f"but {kind}_embed.{index} differs"
                 )
             target = f"{kind}_embed.{rest}"
         out[target] = value

@@ -90,7 +90,7 @@ def objects_of_boxes(boxes: list, categories: list) -> dict:
 def _keep_box(box, where: str) -> bool:
     if box[2] > 0 and box[3] > 0:
         return True
-    warnings.warn(f"{where}: box {box} has no area; it is left out")
+    warnings.warn(f"{where}: box {box} has no area; it is left out", stacklevel=1)  # about the data, not the caller
     return False
 
 
@@ -170,7 +170,7 @@ def load_coco(folder: str) -> tuple[dict[str, Dataset], list[str]]:
             key = re.sub(r"\d{4}$", "", split)
             files[SPLIT_NAMES.get(key, key)] = (os.path.join(annotations, name), os.path.join(folder, split))
     loaded = {}
-    for split, (path, image_folder) in files.items():
+    for split, (path, _image_folder) in files.items():
         try:
             with open(path) as f:
                 loaded[split] = json.load(f)
@@ -179,7 +179,8 @@ def load_coco(folder: str) -> tuple[dict[str, Dataset], list[str]]:
         missing = {"images", "annotations", "categories"} - set(loaded[split])
         if missing:
             raise ValueError(
-                f"{path}: a COCO detection file needs 'images', 'annotations' and 'categories'; {sorted(missing)} missing"
+                f"{path}: a COCO detection file needs 'images', 'annotations' and 'categories'; "
+                f"{sorted(missing)} missing"
             )
     categories = _used_categories(loaded.values())
     class_names = [name for _, name in categories]
@@ -262,7 +263,10 @@ def category_names(dataset: Dataset, source: str) -> list[str]:
     largest = max(
         (max(objects_of(row)["category"], default=-1) for row in dataset.select_columns("objects")), default=-1
     )
-    warnings.warn(f"{source}: 'objects.category' is not a ClassLabel, so the classes are named '0'..'{largest}'")
+    warnings.warn(
+        f"{source}: 'objects.category' is not a ClassLabel, so the classes are named '0'..'{largest}'",
+        stacklevel=1,  # about the data set, not the caller
+    )
     return [str(i) for i in range(largest + 1)]
 
 

@@ -77,8 +77,13 @@ def detect(model, processor, images: list[Image.Image], threshold: float, top_k:
     id2label = model.config.id2label
     return [
         [
-            {"label": id2label.get(l, str(l)), "label_id": l, "score": round(s, 5), "box": [round(v, 2) for v in b]}
-            for s, l, b in zip(r["scores"].tolist(), r["labels"].tolist(), r["boxes"].tolist())
+            {
+                "label": id2label.get(label, str(label)),
+                "label_id": label,
+                "score": round(s, 5),
+                "box": [round(v, 2) for v in b],
+            }
+            for s, label, b in zip(r["scores"].tolist(), r["labels"].tolist(), r["boxes"].tolist())
         ]
         for r in results
     ]

@@ -191,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    evaluate_command(argv)
+    """The command: a bad option or dataset becomes one line and exit status 1."""
+    try:
+        evaluate_command(argv)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"deformable-detr-evaluate: error: {error}") from None
 
 
 def evaluate_command(argv=None) -> dict:
@@ -205,11 +209,11 @@ def evaluate_command(argv=None) -> dict:
     accelerator = Accelerator()
     splits, class_names = load_detection_dataset(args.dataset, args.validation_fraction, args.seed)
     if args.split not in splits:
-        raise SystemExit(f"{args.dataset} has no split {args.split!r}; it has {sorted(splits)}")
+        raise ValueError(f"{args.dataset} has no split {args.split!r}; it has {sorted(splits)}")
     model, processor = load_detector(args.model, accelerator.device)
     model_classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if model_classes != class_names:
-        raise SystemExit(f"the model's classes {model_classes} are not {args.dataset}'s {class_names} (in that order)")
+        raise ValueError(f"the model's classes {model_classes} are not {args.dataset}'s {class_names} (in that order)")
     dataset = splits[args.split]
     loader = torch.utils.data.DataLoader(
         DetectionSamples(dataset),

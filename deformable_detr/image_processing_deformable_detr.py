@@ -179,7 +179,9 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
 
         if sum(dropped.values()):
             where = ", ".join(f"image_id {targets[i]['image_id'][0]}: {n}" for i, n in dropped.items() if n)
-            warnings.warn(f"dropped {sum(dropped.values())} box(es) with no area inside their image ({where})")
+            warnings.warn(
+                f"dropped {sum(dropped.values())} box(es) with no area inside their image ({where})", stacklevel=2
+            )
         data = {}
         if self.do_pad:
             canvas = (
@@ -192,7 +194,8 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
                 height, width = array.shape[1:]
                 if height > canvas[0] or width > canvas[1]:
                     raise ValueError(
-                        f"image {index} is {height}x{width} after resizing, larger than pad_size {canvas[0]}x{canvas[1]}"
+                        f"image {index} is {height}x{width} after resizing, "
+                        f"larger than pad_size {canvas[0]}x{canvas[1]}"
                     )
                 out = np.zeros((3, *canvas), dtype=np.float32)
                 out[:, :height, :width] = array
@@ -263,4 +266,7 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
             sizes = torch.as_tensor(target_sizes, dtype=boxes.dtype, device=boxes.device).view(B, 2)
             boxes = boxes * torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], 1)[:, None]
         keep = scores > threshold
-        return [{"scores": s[k], "labels": l[k], "boxes": b[k]} for s, l, b, k in zip(scores, labels, boxes, keep)]
+        return [
+            {"scores": s[k], "labels": image_labels[k], "boxes": b[k]}
+            for s, image_labels, b, k in zip(scores, labels, boxes, keep)
+        ]

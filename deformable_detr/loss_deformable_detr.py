@@ -145,7 +145,8 @@ class DeformableDetrLoss(nn.Module):
             bad = labels[(labels < 0) | (labels >= num_labels)]
             if len(bad):
                 raise ValueError(
-                    f"labels[{i}] has class id {bad[0].item()}, outside the model's {num_labels} classes (config.num_labels)"
+                    f"labels[{i}] has class id {bad[0].item()}, "
+                    f"outside the model's {num_labels} classes (config.num_labels)"
                 )
 
     def base_name(self, name: str) -> str:

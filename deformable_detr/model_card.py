@@ -39,7 +39,9 @@ tags:
 
 # Deformable DETR{f" ({variant})" if variant else ""}
 
-Deformable DETR (Zhu et al., ICLR 2021) trained on `{dataset if hub_dataset else os.path.basename(os.path.normpath(dataset))}` to detect {config.num_labels} classes: {classes}.
+Deformable DETR (Zhu et al., ICLR 2021) trained on \
+`{dataset if hub_dataset else os.path.basename(os.path.normpath(dataset))}` \
+to detect {config.num_labels} classes: {classes}.
 Backbone {config.backbone if config.backbone_config is None else config.backbone_config.model_type}, \
 d_model {config.d_model}, {config.encoder_layers} encoder and {config.decoder_layers} decoder layers, \
 {config.num_queries} queries, {config.num_feature_levels} feature levels.

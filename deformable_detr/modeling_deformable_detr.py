@@ -230,12 +230,14 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         B, channels, H, W = pixel_values.shape
         if channels != self.config.num_channels:
             raise ValueError(
-                f"pixel_values has {channels} channels, the model expects {self.config.num_channels} (config.num_channels)"
+                f"pixel_values has {channels} channels, "
+                f"the model expects {self.config.num_channels} (config.num_channels)"
             )
         if self.min_image_size is not None and min(H, W) < self.min_image_size:
             raise ValueError(
                 f"pixel_values of {H}x{W} pixels is smaller than the coarsest feature stride {self.min_image_size} "
-                f"(num_feature_levels={self.config.num_feature_levels}); give images of at least that many pixels a side"
+                f"(num_feature_levels={self.config.num_feature_levels}); "
+                "give images of at least that many pixels a side"
             )
         if pixel_mask is not None:
             if tuple(pixel_mask.shape) != (B, H, W):

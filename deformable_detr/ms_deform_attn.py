@@ -252,6 +252,7 @@ def triton_self_check(device: torch.device | str) -> str | None:
                     f"The Triton kernels of multi-scale deformable attention fail their self-check on {name}: "
                     f"{failure}\nUsing {_FALLBACKS[_backends_without_triton(device)[0]]} instead.",
                     RuntimeWarning,
+                    stacklevel=2,
                 )
             _triton_checks[device] = failure
         return _triton_checks[device]

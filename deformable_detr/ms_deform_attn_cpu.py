@@ -8,8 +8,8 @@ code to the Hub.
 Per (batch, query, head) the forward sums, over L levels x K points, attention weight x bilinear sample of
 the D channels of the value map, reading each corner's D channels contiguously; nothing per level is
 materialised. With many queries (the encoder) both directions read the value maps one head at a time,
-(B, M, S, D), so that a head's maps stay in cache. The backward runs one (batch, head) pair per task, so the value gradient of that pair is owned
-by one thread and needs no atomics.
+(B, M, S, D), so that a head's maps stay in cache. The backward runs one (batch, head) pair per task, so the
+value gradient of that pair is owned by one thread and needs no atomics.
 """
 
 import logging
@@ -74,8 +74,8 @@ std::pair<torch::Tensor, Layout> choose_layout(const torch::Tensor& value, int64
 // Forward for one head dimension D (a compile-time DC lets the accumulator live in registers; DC = 0: any D).
 // Each point is one pass over D, its four corners together.
 template <typename T, int DC>
-void forward_impl(const T* v, const Layout& lay, const int64_t* shape, const int64_t* start, const T* lp, const T* ap, T* o,
-                  int64_t B, int64_t M, int64_t D_, int64_t Q, int64_t L, int64_t K) {
+void forward_impl(const T* v, const Layout& lay, const int64_t* shape, const int64_t* start, const T* lp, const T* ap,
+                  T* o, int64_t B, int64_t M, int64_t D_, int64_t Q, int64_t L, int64_t K) {
   const int64_t D = DC > 0 ? DC : D_;
   // one head after the other (its maps, (S, D), stay in cache), queries in order within a head
   at::parallel_for(0, B * M * Q, 256, [&](int64_t begin, int64_t end) {
@@ -112,7 +112,8 @@ void forward_impl(const T* v, const Layout& lay, const int64_t* shape, const int
 // Backward for one head dimension D (compile-time DC as in the forward; DC = 0: any D).
 template <typename T, int DC>
 void backward_impl(const T* go, const T* v, const Layout& lay, const int64_t* shape, const int64_t* start, const T* lp,
-                   const T* ap, T* gv, T* gl, T* ga, int64_t B, int64_t M, int64_t D_, int64_t Q, int64_t L, int64_t K) {
+                   const T* ap, T* gv, T* gl, T* ga,
+                   int64_t B, int64_t M, int64_t D_, int64_t Q, int64_t L, int64_t K) {
   const int64_t D = DC > 0 ? DC : D_;
   at::parallel_for(0, B * M, 1, [&](int64_t begin, int64_t end) {
     // corners outside the map read zeros from, and write into, this scratch row instead
@@ -173,7 +174,8 @@ void backward_impl(const T* go, const T* v, const Layout& lay, const int64_t* sh
 }
 
 // value (B, S, M, D), shapes (L, 2), starts (L), loc (B, Q, M, L, K, 2), attn (B, Q, M, L, K) -> (B, Q, M, D)
-torch::Tensor forward(torch::Tensor value, torch::Tensor shapes, torch::Tensor starts, torch::Tensor loc, torch::Tensor attn) {
+torch::Tensor forward(torch::Tensor value, torch::Tensor shapes, torch::Tensor starts, torch::Tensor loc,
+                      torch::Tensor attn) {
   const int64_t B = value.size(0), M = value.size(2), D = value.size(3);
   const int64_t Q = loc.size(1), L = loc.size(3), K = loc.size(4);
   auto out = torch::empty({B, Q, M, D}, value.options());
@@ -192,8 +194,8 @@ torch::Tensor forward(torch::Tensor value, torch::Tensor shapes, torch::Tensor s
 }
 
 // -> grad_value (B, S, M, D), grad_loc (B, Q, M, L, K, 2), grad_attn (B, Q, M, L, K)
-std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor value, torch::Tensor shapes, torch::Tensor starts,
-                                    torch::Tensor loc, torch::Tensor attn) {
+std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor value, torch::Tensor shapes,
+                                    torch::Tensor starts, torch::Tensor loc, torch::Tensor attn) {
   const int64_t B = value.size(0), M = value.size(2), D = value.size(3);
   const int64_t Q = loc.size(1), L = loc.size(3), K = loc.size(4);
   auto [maps, layout] = choose_layout(value, Q);
@@ -203,8 +205,9 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor value,
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward", [&] {
     auto run = [&](auto kernel) {
       kernel(grad_out.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), layout, shapes.data_ptr<int64_t>(),
-             starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), grad_maps.data_ptr<scalar_t>(),
-             grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), B, M, D, Q, L, K);
+             starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
+             grad_maps.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(),
+             B, M, D, Q, L, K);
     };
     if (D == 32) run(backward_impl<scalar_t, 32>);
     else if (D == 64) run(backward_impl<scalar_t, 64>);
@@ -255,9 +258,11 @@ def load():
         except Exception as error:  # noqa: BLE001 -- no compiler, no headers: the reference takes over
             logger.info("the fused CPU kernel's build failed:\n%s", error)  # in full, for the training log
             warnings.warn(
-                f"The fused CPU kernel of multi-scale deformable attention could not be built:\n{error_summary(error)}\n"
+                "The fused CPU kernel of multi-scale deformable attention could not be built:\n"
+                f"{error_summary(error)}\n"
                 "Using the grid_sample reference instead: several times slower on the CPU and more memory. "
                 "Set DEFORMABLE_DETR_NO_CPU_KERNEL=1 to skip the build (and this warning).",
                 RuntimeWarning,
+                stacklevel=2,
             )
         return _state["module"]

@@ -12,15 +12,17 @@ import logging
 import math
 import os
 import shlex
-import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from . import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+from .checkpoints import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import DetectionCollator, DetectionSamples, load_detection_dataset
 from .evaluation import coco_ground_truth, evaluate, format_metrics
 from .model_card import write_model_card
@@ -150,16 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args):
+    """Raises ValueError naming the option when the options do not fit together."""
     if bool(args.model_name_or_path) == bool(args.config_name):
-        raise SystemExit(
+        raise ValueError(
             "give exactly one of --model_name_or_path (start from a saved model) and --config_name (a fresh one)"
         )
     if args.config_overrides and not args.config_name:
-        raise SystemExit("--config_overrides changes a fresh model's config; it needs --config_name")
+        raise ValueError("--config_overrides changes a fresh model's config; it needs --config_name")
     if args.backbone_weights and not args.config_name:
-        raise SystemExit("--backbone_weights is for a fresh model (--config_name); a saved model has its own")
+        raise ValueError("--backbone_weights is for a fresh model (--config_name); a saved model has its own")
     if (args.hub_model_id or args.hub_token or args.hub_private_repo) and not args.push_to_hub:
-        raise SystemExit("--hub_model_id, --hub_token and --hub_private_repo need --push_to_hub")
+        raise ValueError("--hub_model_id, --hub_token and --hub_private_repo need --push_to_hub")
     for name in (
         "image_size",
         "max_image_size",
@@ -171,18 +174,18 @@ def check_args(args):
         "checkpoints_total_limit",
     ):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
-        raise SystemExit(f"--max_steps must be at least 1, got {args.max_steps}")
+        raise ValueError(f"--max_steps must be at least 1, got {args.max_steps}")
     if args.with_tracking:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise SystemExit(
+            raise ValueError(
                 "--with_tracking logs to TensorBoard, which is not installed: pip install tensorboard"
             ) from None
     if args.checkpointing_steps not in ("epoch", "no") and not args.checkpointing_steps.isdigit():
-        raise SystemExit(
+        raise ValueError(
             f'--checkpointing_steps must be "epoch", "no" or a number of steps, got {args.checkpointing_steps!r}'
         )
 
@@ -202,14 +205,14 @@ def build_config(name: str, overrides: str) -> DeformableDetrConfig:
     elif os.path.isfile(name) or os.path.isdir(name):
         config = DeformableDetrConfig.from_pretrained(name)
     else:
-        raise SystemExit(
+        raise ValueError(
             f"--config_name {name!r} is neither a config file/folder nor a preset ({', '.join(CONFIG_PRESETS)})"
         )
     if overrides:
         try:
             config.update_from_string(overrides)
         except (ValueError, TypeError) as error:
-            raise SystemExit(f"--config_overrides {overrides!r}: {error}") from error
+            raise ValueError(f"--config_overrides {overrides!r}: {error}") from error
         config.validate()
     return config
 
@@ -273,50 +276,45 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def find_checkpoint(args) -> str | None:
-    if args.resume_from_checkpoint != "latest":
-        if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "trainer_state.json")):
-            raise SystemExit(
-                f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint (no trainer_state.json)"
-            )
-        return args.resume_from_checkpoint
-    found = list_checkpoints(args.output_dir)
-    if not found:
-        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting afresh", args.output_dir)
-        return None
-    return found[-1]
+class TrainingStopped(Exception):
+    """Raised by `train` after a signal asked it to stop: the checkpoint it wrote is `checkpoint`."""
 
-
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints (with trainer_state.json, written last), oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.split("-")[-1].isdigit()]
-    paths = [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[-1]))]
-    return [p for p in paths if os.path.isfile(os.path.join(p, "trainer_state.json"))]
-
-
-def save_checkpoint(accelerator, args, state: dict):
-    folder = os.path.join(args.output_dir, f"checkpoint-{state['global_step']}")
-    accelerator.save_state(folder)
-    if accelerator.is_main_process:
-        with open(os.path.join(folder, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=1)
-        for old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-        logger.info("checkpoint written to %s", folder)
-    accelerator.wait_for_everyone()
+    def __init__(self, signum: int, checkpoint: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; continue with --resume_from_checkpoint latest")
+        self.signum, self.checkpoint = signum, checkpoint
 
 
 def main(argv=None):
-    train(argv)
+    """The command: exceptions become a message and an exit status (a signal's: 128 + its number)."""
+    try:
+        train(argv)
+    except TrainingStopped as stopped:
+        raise SystemExit(128 + stopped.signum) from None
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"deformable-detr-train: error: {error}") from None
+
+
+@dataclass
+class Run:
+    """The prepared pieces of one run, and the loss terms and bad-window flag carried between its steps."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_samples: DetectionSamples
+    train_loader: Any
+    max_steps: int
+    running: list[dict] = field(default_factory=list)  # loss terms since the last log line
+    window_bad: bool = False  # the accumulation window saw a non-finite loss
 
 
 def train(argv=None) -> dict | None:
-    """Runs the command; returns the final validation metrics. Stopped by a signal, it writes a checkpoint and
-    exits as the signal would have (status 128 + signal number)."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, parse_flag_from_env, set_seed
+    """Runs the command with `argv` (default: sys.argv); returns the final validation metrics. Bad options or
+    data raise ValueError / FileNotFoundError naming them; a signal raises TrainingStopped after a checkpoint."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env, set_seed
 
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -335,6 +333,69 @@ def train(argv=None) -> dict | None:
         len(splits["validation"]),
         class_names,
     )
+    processor = DeformableDetrImageProcessor(
+        size={"shortest_edge": args.image_size, "longest_edge": args.max_image_size}
+    )
+    run, eval_loader = prepare(args, splits, class_names, processor)
+    accelerator = run.accelerator
+    ground_truth = coco_ground_truth(splits["validation"], class_names)
+    state = resume_or_start(run)
+    steps_per_epoch = math.ceil(len(run.train_loader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(run.max_steps / steps_per_epoch)
+    logger.info(
+        "training %d steps (%d epochs of %d), %d images per step, on %d process(es), mixed precision %s",
+        run.max_steps,
+        num_epochs,
+        steps_per_epoch,
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+        accelerator.num_processes,
+        accelerator.mixed_precision,
+    )
+    stop = StopRequest()
+    progress = tqdm(
+        total=run.max_steps,
+        initial=state.global_step,
+        desc="training",
+        disable=not accelerator.is_local_main_process,
+    )
+    metrics = None
+    started = time.time()
+    try:
+        for epoch in range(state.epoch, num_epochs):
+            if state.global_step >= run.max_steps:  # resumed from the last step
+                break
+            stopping = run_epoch(run, state, epoch, stop, progress)
+            finished = state.global_step >= run.max_steps
+            if stopping and not finished:
+                checkpoint = save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
+                logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state.global_step)
+                accelerator.end_training()
+                raise TrainingStopped(StopRequest.signum, checkpoint)
+            if finished or (args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0):
+                metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth)
+                state.history.append({"step": state.global_step, "epoch": epoch + 1, "eval": metrics})
+                accelerator.log(
+                    {f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state.global_step
+                )
+                logger.info("epoch %d, step %d, validation:\n%s", epoch + 1, state.global_step, format_metrics(metrics))
+            if finished:
+                break
+            if args.checkpointing_steps == "epoch":
+                save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
+    finally:
+        stop.restore()
+        progress.close()
+    minutes = (time.time() - started) / 60
+    finish(accelerator, run.model, processor, args, state, metrics, command, minutes)
+    accelerator.end_training()
+    return metrics
+
+
+def prepare(args, splits, class_names: list[str], processor) -> tuple[Run, Any]:
+    """The model, optimiser, lr schedule and loaders, prepared by an Accelerator; -> (run, validation loader)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
     model = build_model(args, class_names)
     # with box refinement but no auxiliary loss, the earlier layers' class heads get no gradient
     unused = model.config.with_box_refine and not model.config.auxiliary_loss
@@ -346,124 +407,85 @@ def train(argv=None) -> dict | None:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
     )
-    processor = DeformableDetrImageProcessor(
-        size={"shortest_edge": args.image_size, "longest_edge": args.max_image_size}
-    )
     train_samples, train_loader, eval_loader = make_loaders(args, splits, processor)
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     max_steps = args.max_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
     drop_step = int(args.lr_drop * max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 if step >= drop_step else 1.0)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimiser step
-    ground_truth = coco_ground_truth(splits["validation"], class_names)
+    run = Run(args, accelerator, model, optimizer, scheduler, train_samples, train_loader, max_steps)
+    return run, eval_loader
 
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped_steps": 0, "history": []}
-    if args.resume_from_checkpoint and (checkpoint := find_checkpoint(args)):
-        accelerator.load_state(checkpoint)
-        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            state = json.load(f)
-        logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["global_step"], state["epoch"])
+
+def resume_or_start(run: Run) -> TrainState:
+    """The state of --resume_from_checkpoint, or a fresh one where --output_dir holds no earlier run's
+    checkpoints; opens the TensorBoard run."""
+    args = run.args
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    if checkpoint:
+        state = load_checkpoint(run.accelerator, checkpoint)
     elif list_checkpoints(args.output_dir):
-        raise SystemExit(
+        raise ValueError(
             f"{args.output_dir} holds checkpoints of an earlier run: continue it with --resume_from_checkpoint "
             "latest, or start afresh in another --output_dir"
         )
+    else:
+        state = TrainState()
     if args.with_tracking:
-        accelerator.init_trackers(
-            TRACKING_DIR,
-            {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"},
-        )
+        options = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        run.accelerator.init_trackers(TRACKING_DIR, options)
+    return state
 
-    logger.info(
-        "training %d steps (%d epochs of %d), %d images per step, on %d process(es), mixed precision %s",
-        max_steps,
-        num_epochs,
-        steps_per_epoch,
-        args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
-        accelerator.num_processes,
-        accelerator.mixed_precision,
-    )
-    stop = StopRequest()
-    progress = tqdm(
-        total=max_steps, initial=state["global_step"], desc="training", disable=not accelerator.is_local_main_process
-    )
-    metrics, window_bad, running, stopping = None, False, [], False
-    started = time.time()
-    try:
-        for epoch in range(state["epoch"], num_epochs):
-            if state["global_step"] >= max_steps:  # resumed from the last step
-                break
-            state["epoch"] = epoch
-            model.train()
-            train_samples.set_epoch(epoch)
-            train_loader.set_epoch(epoch)
-            batches = train_loader
-            if state["batches_in_epoch"]:
-                batches = accelerator.skip_first_batches(train_loader, state["batches_in_epoch"])
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    outputs, finite, window_bad, stopping = forward_backward(
-                        model, batch, accelerator, window_bad, stop.requested
-                    )
-                    if accelerator.sync_gradients:
-                        optimiser_step(model, optimizer, scheduler, accelerator, args, state, window_bad, outputs.loss)
-                state["batches_in_epoch"] += 1
-                if finite:
-                    running.append({"loss": outputs.loss.item()} | main_terms(outputs.loss_dict))
-                if not accelerator.sync_gradients:
-                    continue
-                window_bad = False
-                state["global_step"] += 1
-                progress.update(1)
-                lr = scheduler.get_last_lr()[-1]
-                if running:
-                    progress.set_postfix(loss=f"{running[-1]['loss']:.3f}", lr=f"{lr:.1e}")
-                if state["global_step"] % args.logging_steps == 0 or state["global_step"] == max_steps:
-                    log_training(accelerator, state, running, lr, epoch)
-                    running = []
-                finished = state["global_step"] >= max_steps
-                if (
-                    args.checkpointing_steps.isdigit()
-                    and state["global_step"] % int(args.checkpointing_steps) == 0
-                    and not finished
-                ):
-                    save_checkpoint(accelerator, args, state)
-                if stopping or finished:
-                    break
-            else:
-                state.update(epoch=epoch + 1, batches_in_epoch=0)
-            finished = state["global_step"] >= max_steps
-            if stopping and not finished:
-                save_checkpoint(accelerator, args, state)
-                logger.warning(
-                    "stopped at step %d; continue with --resume_from_checkpoint latest", state["global_step"]
+
+def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progress) -> bool:
+    """One pass over the training batches (the rest of it, when resumed mid-epoch), ending early at the last
+    step or when a signal asked to stop (on every process together); -> whether one did."""
+    accelerator, model = run.accelerator, run.model
+    state.epoch = epoch
+    model.train()
+    run.train_samples.set_epoch(epoch)
+    run.train_loader.set_epoch(epoch)
+    batches = run.train_loader
+    if state.batches_in_epoch:
+        batches = accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+    for batch in batches:
+        with accelerator.accumulate(model):
+            outputs, finite, run.window_bad, stopping = forward_backward(
+                model, batch, accelerator, run.window_bad, stop.requested
+            )
+            if accelerator.sync_gradients:
+                optimiser_step(
+                    model, run.optimizer, run.scheduler, accelerator, run.args, state, run.window_bad, outputs.loss
                 )
-                accelerator.end_training()
-                raise SystemExit(128 + StopRequest.signum)
-            if finished or (args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0):
-                metrics = evaluate(model, processor, eval_loader, accelerator, ground_truth)
-                state["history"].append({"step": state["global_step"], "epoch": epoch + 1, "eval": metrics})
-                accelerator.log(
-                    {f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state["global_step"]
-                )
-                logger.info(
-                    "epoch %d, step %d, validation:\n%s", epoch + 1, state["global_step"], format_metrics(metrics)
-                )
-            if finished:
-                break
-            if args.checkpointing_steps == "epoch":
-                save_checkpoint(accelerator, args, state)
-    finally:
-        stop.restore()
-        progress.close()
-    minutes = (time.time() - started) / 60
-    finish(accelerator, model, processor, args, state, metrics, command, minutes)
-    accelerator.end_training()
-    return metrics
+        state.batches_in_epoch += 1
+        if finite:
+            run.running.append({"loss": outputs.loss.item()} | main_terms(outputs.loss_dict))
+        if not accelerator.sync_gradients:
+            continue
+        run.window_bad = False
+        state.global_step += 1
+        after_step(run, state, epoch, progress)
+        if stopping or state.global_step >= run.max_steps:
+            return stopping
+    state.epoch, state.batches_in_epoch = epoch + 1, 0
+    return False
+
+
+def after_step(run: Run, state: TrainState, epoch: int, progress):
+    """The progress bar, a log line every --logging_steps, a checkpoint every --checkpointing_steps."""
+    args = run.args
+    progress.update(1)
+    lr = run.scheduler.get_last_lr()[-1]
+    if run.running:
+        progress.set_postfix(loss=f"{run.running[-1]['loss']:.3f}", lr=f"{lr:.1e}")
+    if state.global_step % args.logging_steps == 0 or state.global_step == run.max_steps:
+        log_training(run.accelerator, state, run.running, lr, epoch)
+        run.running = []
+    every = int(args.checkpointing_steps) if args.checkpointing_steps.isdigit() else 0
+    if every and state.global_step % every == 0 and state.global_step < run.max_steps:
+        save_checkpoint(run.accelerator, args.output_dir, state, args.checkpoints_total_limit)
 
 
 def setup_logging(state, output_dir: str):
@@ -519,7 +541,7 @@ def forward_backward(model, batch, accelerator, window_bad: bool, stop_requested
     return outputs, finite, window_bad, bool(flags[1])
 
 
-def optimiser_step(model, optimizer, scheduler, accelerator, args, state: dict, window_bad: bool, loss):
+def optimiser_step(model, optimizer, scheduler, accelerator, args, state: TrainState, window_bad: bool, loss):
     """At the end of an accumulation window: clip and apply the gradients, or skip (and count) the step when the
     window saw a non-finite loss or the gradients are not finite (in fp16 the grad scaler skips such steps itself
     and lowers its scale). The lr schedule advances either way."""
@@ -528,12 +550,12 @@ def optimiser_step(model, optimizer, scheduler, accelerator, args, state: dict, 
         if accelerator.mixed_precision != "fp16" and not torch.isfinite(norm):
             window_bad, loss = True, norm
     if window_bad:
-        state["skipped_steps"] += 1
+        state.skipped_steps += 1
         logger.warning(
             "step %d: non-finite loss or gradient norm (%s); the step is skipped, %d so far",
-            state["global_step"] + 1,
+            state.global_step + 1,
             loss.item(),
-            state["skipped_steps"],
+            state.skipped_steps,
         )
     else:
         optimizer.step()
@@ -552,22 +574,22 @@ def ignore_interrupts(worker_id: int):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def log_training(accelerator, state: dict, running: list[dict], lr: float, epoch: int):
+def log_training(accelerator, state: TrainState, running: list[dict], lr: float, epoch: int):
     """Logs the loss terms averaged over the steps since the last log and over the processes (every process
     holds as many, since they skip steps together)."""
     if not running:
         return
     local = torch.tensor([[r[k] for k in running[0]] for r in running], device=accelerator.device).mean(0)
     means = dict(zip(running[0], accelerator.reduce(local, "mean").tolist()))
-    state["history"].append({"step": state["global_step"], "epoch": epoch + 1, "lr": lr} | means)
-    accelerator.log({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr}, step=state["global_step"])
+    state.history.append({"step": state.global_step, "epoch": epoch + 1, "lr": lr} | means)
+    accelerator.log({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr}, step=state.global_step)
     logger.info(
         "step %d, epoch %d: %s, lr %.2e%s",
-        state["global_step"],
+        state.global_step,
         epoch + 1,
         ", ".join(f"{k} {v:.4f}" for k, v in means.items()),
         lr,
-        f", {state['skipped_steps']} skipped step(s)" if state["skipped_steps"] else "",
+        f", {state.skipped_steps} skipped step(s)" if state.skipped_steps else "",
     )
 
 
@@ -581,7 +603,7 @@ def finish(accelerator, model, processor, args, state, metrics, command, minutes
     model.save_pretrained(args.output_dir, state_dict=weights)
     processor.save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "history.json"), "w") as f:
-        json.dump(state["history"], f, indent=1)
+        json.dump(state.history, f, indent=1)
     if metrics is not None:
         with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
             json.dump(metrics, f, indent=2)
@@ -591,8 +613,8 @@ def finish(accelerator, model, processor, args, state, metrics, command, minutes
         metrics,
         dataset=args.dataset,
         command=command,
-        steps=state["global_step"],
-        skipped_steps=state["skipped_steps"],
+        steps=state.global_step,
+        skipped_steps=state.skipped_steps,
         minutes=minutes,
         processes=accelerator.num_processes,
     )

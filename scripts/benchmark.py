@@ -72,7 +72,8 @@ def compare(name, ours, theirs, device, repeats, labels=("ours", "baseline")):
     a, b = (statistics.median(times[label]) for label in labels)
     print(
         f"{name:44s} {labels[0]} {a * 1e3:9.1f} ms  {labels[1]} {b * 1e3:9.1f} ms  speed-up {b / a:5.2f}x  "
-        f"peak extra memory {memory[labels[0]]:7.0f} / {memory[labels[1]]:7.0f} MiB ({memory[labels[0]] / max(memory[labels[1]], 1e-9):.2f})",
+        f"peak extra memory {memory[labels[0]]:7.0f} / {memory[labels[1]]:7.0f} MiB "
+        f"({memory[labels[0]] / max(memory[labels[1]], 1e-9):.2f})",
         flush=True,
     )
     return b / a

@@ -402,7 +402,8 @@ def op_speed(report, device, quick, bandwidth):
                 results[name] = ours
                 text = (
                     f"Triton {ours * 1e3:.3f} ms, reference {theirs * 1e3:.2f} ms: {theirs / ours:.1f}x; "
-                    f"{ours / floor:.2f}x the memory floor ({floor * 1e3:.3f} ms); peak memory {memory[0]:.0f} / {memory[1]:.0f} MiB"
+                    f"{ours / floor:.2f}x the memory floor ({floor * 1e3:.3f} ms); "
+                    f"peak memory {memory[0]:.0f} / {memory[1]:.0f} MiB"
                 )
                 figures = dict(
                     triton_ms=ours * 1e3,
@@ -528,7 +529,8 @@ def inference(report, device, quick, hf, ours):
         }
         speedup = times["transformers", False] / times["ours", False]
         text = (
-            f"ours {times['ours', False] * 1e3:.1f} ms, transformers {times['transformers', False] * 1e3:.1f} ms: {speedup:.2f}x; "
+            f"ours {times['ours', False] * 1e3:.1f} ms, "
+            f"transformers {times['transformers', False] * 1e3:.1f} ms: {speedup:.2f}x; "
             f"peak {memory['ours', False]:.0f} / {memory['transformers', False]:.0f} MiB"
         )
         figures = {f"{name}_{'bf16' if bf16 else 'fp32'}_ms": t * 1e3 for (name, bf16), t in times.items()}
@@ -546,8 +548,9 @@ def inference(report, device, quick, hf, ours):
             section,
             f"batch {batch}, bf16 autocast vs our fp32",
             gain >= 1.3 and difference <= 1e-2,
-            f"{times['ours', True] * 1e3:.1f} ms: {gain:.2f}x our fp32 (target >= 1.3x), max abs diff {difference:.1e} "
-            f"(target <= 1e-2); transformers bf16 {times['transformers', True] * 1e3:.1f} ms, {theirs:.1e} from its fp32",
+            f"{times['ours', True] * 1e3:.1f} ms: {gain:.2f}x our fp32 (target >= 1.3x), "
+            f"max abs diff {difference:.1e} (target <= 1e-2); "
+            f"transformers bf16 {times['transformers', True] * 1e3:.1f} ms, {theirs:.1e} from its fp32",
             speedup=gain,
             difference=difference,
             transformers_difference=theirs,
@@ -589,6 +592,7 @@ def training(report, device, quick):
     from accelerate.state import AcceleratorState
 
     from deformable_detr import DeformableDetrImageProcessor
+    from deformable_detr.checkpoints import TrainState
     from deformable_detr.data import DetectionCollator, DetectionSamples
     from deformable_detr.shapes import shapes_records
     from deformable_detr.train import (
@@ -617,7 +621,7 @@ def training(report, device, quick):
             optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
             trained, optimizer = accelerator.prepare(model.train(), optimizer)
-            state = {"global_step": 0, "skipped_steps": 0}
+            state = TrainState()
             losses, times = [], []
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -646,10 +650,10 @@ def training(report, device, quick):
                 section,
                 f"{name}, {precision}: loss",
                 f"{first:.3f} (first {window} steps) -> {last:.3f} (last {window}), "
-                f"{state['skipped_steps']} skipped step(s)",
+                f"{state.skipped_steps} skipped step(s)",
                 "pass" if finite and last < first else "fail",
                 losses=losses,
-                skipped=state["skipped_steps"],
+                skipped=state.skipped_steps,
             )
             report.add(
                 section,

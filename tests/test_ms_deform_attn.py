@@ -108,9 +108,11 @@ def test_fused_cpu_matches_reference_in_fp32_with_gradients(L, K, D, B, Q):
 
 def test_without_a_compiler_the_reference_takes_over():
     script = (
-        "import torch; from deformable_detr.ms_deform_attn import available_backends, multi_scale_deformable_attention as f;"
+        "import torch;"
+        "from deformable_detr.ms_deform_attn import available_backends, multi_scale_deformable_attention as f;"
         "assert available_backends() == ['reference'], available_backends();"
-        "out = f(torch.randn(1, 6, 2, 4), torch.tensor([[2, 3]]), torch.rand(1, 5, 2, 1, 2, 2), torch.rand(1, 5, 2, 1, 2), backend='cpu');"
+        "out = f(torch.randn(1, 6, 2, 4), torch.tensor([[2, 3]]), torch.rand(1, 5, 2, 1, 2, 2),"
+        " torch.rand(1, 5, 2, 1, 2), backend='cpu');"
         "assert out.shape == (1, 5, 8)"
     )
     env = {**os.environ, "DEFORMABLE_DETR_NO_CPU_KERNEL": "1"}

@@ -31,8 +31,8 @@ def direct_detections(model, processor, threshold):
         outputs = model(**inputs)
     found = processor.post_process_object_detection(outputs, threshold, target_sizes=[(image.height, image.width)])[0]
     return [
-        {"score": s, "label": model.config.id2label[l], "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), b))}
-        for s, l, b in zip(found["scores"].tolist(), found["labels"].tolist(), found["boxes"].int().tolist())
+        {"score": s, "label": model.config.id2label[label], "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), b))}
+        for s, label, b in zip(found["scores"].tolist(), found["labels"].tolist(), found["boxes"].int().tolist())
     ]
 
 

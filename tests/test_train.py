@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.evaluation import evaluate_command
+from deformable_detr.evaluation import main as evaluation_main
 from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
-from deformable_detr.train import train
+from deformable_detr.train import main, train
 
 TINY = (
     "d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
@@ -91,6 +92,11 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     )
     assert again == metrics
     assert json.load(open(tmp_path / "m.json")) == json.loads(json.dumps(metrics))
+    # a split the data lacks: an error naming it from the library, one line from the command
+    with pytest.raises(ValueError, match="has no split 'nope'; it has"):
+        evaluate_command(["--model", str(tmp_path / "run"), "--dataset", data, "--split", "nope"])
+    with pytest.raises(SystemExit, match="^deformable-detr-evaluate: error: .* has no split 'nope'"):
+        evaluation_main(["--model", str(tmp_path / "run"), "--dataset", data, "--split", "nope"])
 
 
 def test_outputs_card_and_evaluate_command(shapes_folder, tmp_path):
@@ -213,13 +219,16 @@ def test_new_labels_from_our_model_and_from_transformers(shapes_folder, tmp_path
     assert torch.equal(again["class_embed.weight"], model.class_embed.weight)
 
 
-def test_bad_arguments_are_named(shapes_folder, tmp_path):
-    with pytest.raises(SystemExit, match="neither a config file/folder nor a preset"):
+def test_bad_arguments_are_named(shapes_folder, tmp_path, capsys):
+    """The library raises ValueError naming the option; the command turns it into one line, no traceback."""
+    with pytest.raises(ValueError, match="neither a config file/folder nor a preset"):
         train(["--dataset", shapes_folder, "--config_name", "huge", "--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--config_overrides 'd_model=oops'"):
+    with pytest.raises(ValueError, match="--config_overrides 'd_model=oops'"):
         train(args(shapes_folder, tmp_path, overrides="d_model=oops"))
-    with pytest.raises(SystemExit, match="exactly one of --model_name_or_path"):
+    with pytest.raises(ValueError, match="exactly one of --model_name_or_path"):
         train(["--dataset", shapes_folder])
+    with pytest.raises(SystemExit, match="^deformable-detr-train: error: give exactly one of --model_name_or_path"):
+        main(["--dataset", shapes_folder])
 
 
 def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path):
@@ -242,7 +251,7 @@ def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path):
     state = json.load(open(checkpoints[0]))
     assert state["global_step"] >= 2
     assert "continue with --resume_from_checkpoint latest" in log.read_text()
-    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run"):
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         train(args(shapes_folder, tmp_path, "--max_steps", 3))
     train(
         args(

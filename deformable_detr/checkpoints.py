@@ -1,0 +1,70 @@
+"""Training checkpoints: accelerate's state (model, optimiser, scheduler, random states, grad scaler) in
+`checkpoint-{step}/`, plus `trainer_state.json` with the loop's position (`TrainState`), written last, so that
+a checkpoint without it is incomplete and ignored."""
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where a run is: optimiser steps done, the epoch and the batches of it already seen, steps skipped for
+    non-finite losses or gradients, and the logged history (loss means, evaluations)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    skipped_steps: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints (with trainer_state.json), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.split("-")[-1].isdigit()]
+    paths = [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[-1]))]
+    return [p for p in paths if os.path.isfile(os.path.join(p, STATE_FILE))]
+
+
+def find_checkpoint(resume_from: str, output_dir: str) -> str | None:
+    """`resume_from` is a checkpoint folder or "latest" (the newest complete one in output_dir; None if none)."""
+    if resume_from != "latest":
+        if not os.path.isfile(os.path.join(resume_from, STATE_FILE)):
+            raise FileNotFoundError(f"resume_from_checkpoint {resume_from}: not a checkpoint (no {STATE_FILE})")
+        return resume_from
+    found = list_checkpoints(output_dir)
+    if not found:
+        logger.warning("resume_from_checkpoint latest: no checkpoint in %s, starting afresh", output_dir)
+        return None
+    return found[-1]
+
+
+def save_checkpoint(accelerator, output_dir: str, state: TrainState, keep: int) -> str:
+    """Writes checkpoint-{step}/ (every process takes part), deletes all but the newest `keep`; -> its folder."""
+    folder = os.path.join(output_dir, f"checkpoint-{state.global_step}")
+    accelerator.save_state(folder)
+    if accelerator.is_main_process:
+        with open(os.path.join(folder, STATE_FILE), "w") as f:
+            json.dump(asdict(state), f, indent=1)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint written to %s", folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def load_checkpoint(accelerator, folder: str) -> TrainState:
+    """Restores accelerate's state from `folder` and returns the loop's."""
+    accelerator.load_state(folder)
+    with open(os.path.join(folder, STATE_FILE)) as f:
+        state = TrainState(**json.load(f))
+    logger.info("resumed from %s at step %d (epoch %d)", folder, state.global_step, state.epoch)
+    return state
