@@ -8,6 +8,15 @@ from transformers import AutoBackbone
 
 from .configuration_deformable_detr import RESNET_SPECS
 
+# Parameters kept frozen, as in the paper, when batch norms are frozen: the stem and the first stage of a ResNet.
+# The built-in ResNets, and the transformers backbones known to be ResNets (by model_type); other backbones
+# train whole.
+RESNET_FROZEN_PREFIXES = ("conv1.", "bn1.", "layer1.")
+TRANSFORMERS_FROZEN_PREFIXES = {
+    "resnet": ("embedder.", "encoder.stages.0."),
+    "rt_detr_resnet": ("embedder.", "encoder.stages.0."),
+}
+
 
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters (buffers, so optimisers never see them)."""
@@ -142,7 +151,7 @@ class Backbone(nn.Module):
             self.out_indices = [1, 2, 3][-min(config.num_feature_levels, 3) :]
             self.channels = [self.body.channels[i] for i in self.out_indices]
             self.strides = [self.body.strides[i] for i in self.out_indices]
-            self.frozen_prefixes = ("conv1.", "bn1.", "layer1.")
+            self.frozen_prefixes = RESNET_FROZEN_PREFIXES
         else:
             self.body = AutoBackbone.from_config(config.backbone_config)
             if frozen:
@@ -155,10 +164,7 @@ class Backbone(nn.Module):
                     f"the backbone gives {len(self.channels)} feature maps but num_feature_levels is "
                     f"{config.num_feature_levels}; ask the backbone_config for fewer out_features"
                 )
-            # as the paper: the stem and the first stage stay frozen in a ResNet
-            self.frozen_prefixes = (
-                ("embedder.", "encoder.stages.0.") if "resnet" in config.backbone_config.model_type else ()
-            )
+            self.frozen_prefixes = TRANSFORMERS_FROZEN_PREFIXES.get(config.backbone_config.model_type, ())
         if not frozen:  # trained from scratch: every layer learns
             self.frozen_prefixes = ()
         for name, parameter in self.body.named_parameters():

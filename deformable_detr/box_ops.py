@@ -1,17 +1,41 @@
-"""Box conversions and overlaps. Boxes are (cx, cy, w, h) or (x0, y0, x1, y1), in the last dimension."""
+"""Box conversions and overlaps. Boxes are (cx, cy, w, h), (x0, y0, x1, y1) or, as in COCO, (x0, y0, w, h), in the
+last dimension."""
 
 import torch
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) cx, cy, w, h -> (..., 4) x0, y0, x1, y1."""
     cx, cy, w, h = boxes.unbind(-1)
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
 
 
+def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) x0, y0, x1, y1 -> (..., 4) cx, cy, w, h."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+
+
+def box_xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) x0, y0, w, h (COCO) -> (..., 4) x0, y0, x1, y1."""
+    top_left, size = boxes.split(2, -1)
+    return torch.cat([top_left, top_left + size], -1)
+
+
+def box_xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) x0, y0, x1, y1 -> (..., 4) x0, y0, w, h (COCO)."""
+    top_left, bottom_right = boxes.split(2, -1)
+    return torch.cat([top_left, bottom_right - top_left], -1)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) x0, y0, x1, y1 -> (...,) areas."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise GIoU of xyxy boxes: (P, 4), (T, 4) -> (P, T), in [-1, 1]."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    area_a, area_b = box_area(a), box_area(b)
     top_left = torch.max(a[:, None, :2], b[None, :, :2])
     bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])
     inter = (bottom_right - top_left).clamp(min=0).prod(-1)

@@ -18,6 +18,14 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def refine_boxes(reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A box head's output as offsets in logit space: reference (..., 4) boxes or (..., 2) points (then the
+    size is the delta's alone) in [0, 1], delta (..., 4) -> boxes (..., 4) as (cx, cy, w, h) in [0, 1]."""
+    if reference.shape[-1] == 4:
+        return (delta + inverse_sigmoid(reference)).sigmoid()
+    return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
+
+
 class MLP(nn.Module):
     """A stack of linear layers with ReLU between them (the box head: 3 layers, C -> C -> C -> 4)."""
 
@@ -163,12 +171,7 @@ class DeformableDecoder(nn.Module):
                 tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory, spatial_shapes, padding_mask
             )
             if self.bbox_embed is not None:
-                delta = self.bbox_embed[index](tgt)
-                if reference_points.shape[-1] == 4:
-                    refined = delta + inverse_sigmoid(reference_points)
-                else:
-                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
-                reference_points = refined.sigmoid().detach()
+                reference_points = refine_boxes(reference_points, self.bbox_embed[index](tgt)).detach()
             hidden_states.append(tgt)
             references.append(reference_points)
         return torch.stack(hidden_states, 1), torch.stack(references, 1)

@@ -1,7 +1,7 @@
 """Detect objects in images with a saved Deformable DETR: one JSON of detections and one picture with the
-boxes drawn per image. Unreadable images are reported by name and skipped."""
+boxes drawn per image (`detect_files`; the `deformable-detr-detect` command in cli.py). Unreadable images are
+reported by name and skipped."""
 
-import argparse
 import colorsys
 import glob
 import json
@@ -58,7 +58,7 @@ def draw_detections(image: Image.Image, detections: list[dict]) -> Image.Image:
 def load_detector(model_path: str, device: str):
     """Our detector (converted when the folder or Hub id holds transformers' model) and its processor."""
     from . import DeformableDetrImageProcessor
-    from .convert_deformable_detr import load_model
+    from .conversion import load_model
 
     model = load_model(model_path)
     try:
@@ -96,13 +96,29 @@ def read_image(path: str) -> Image.Image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def run(args) -> dict:
-    """Returns {"written": [...], "skipped": {path: reason}}."""
-    paths = find_images(args.inputs)
-    model, processor = load_detector(args.model, args.device)
-    os.makedirs(args.output_dir, exist_ok=True)
+def detect_files(
+    inputs: list[str],
+    model_path: str,
+    output_dir: str = "detections",
+    threshold: float = 0.5,
+    top_k: int = 100,
+    batch_size: int = 4,
+    device: str | None = None,
+    image_format: str = "jpg",
+) -> dict:
+    """Detections of a saved model (folder or Hub id) in image files, folders or glob patterns: one JSON and one
+    picture per image in output_dir. -> {"written": [...], "skipped": {path: reason}}."""
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be jpg or png, got {image_format!r}")
+    paths = find_images(inputs)
+    model, processor = load_detector(model_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(output_dir, exist_ok=True)
     written, skipped = [], {}
-    batches = [paths[i : i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
+    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     for batch in tqdm(batches, desc="detecting", unit="batch", disable=len(paths) <= 1):
         images, names = [], []
         for path in batch:
@@ -114,47 +130,13 @@ def run(args) -> dict:
                 tqdm.write(f"skipped {path}: cannot read it as an image ({error})", file=sys.stderr)
         if not images:
             continue
-        for path, image, found in zip(names, images, detect(model, processor, images, args.threshold, args.top_k)):
+        for path, image, found in zip(names, images, detect(model, processor, images, threshold, top_k)):
             stem = os.path.splitext(os.path.basename(path))[0]
-            with open(os.path.join(args.output_dir, f"{stem}.json"), "w") as f:
+            with open(os.path.join(output_dir, f"{stem}.json"), "w") as f:
                 json.dump(
                     {"image": path, "width": image.width, "height": image.height, "detections": found}, f, indent=1
                 )
-            draw_detections(image, found).save(os.path.join(args.output_dir, f"{stem}.{args.image_format}"))
+            draw_detections(image, found).save(os.path.join(output_dir, f"{stem}.{image_format}"))
             written.append(path)
-    print(f"{len(written)} image(s) written to {args.output_dir}" + (f"; {len(skipped)} skipped" if skipped else ""))
+    print(f"{len(written)} image(s) written to {output_dir}" + (f"; {len(skipped)} skipped" if skipped else ""))
     return {"written": written, "skipped": skipped}
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="deformable-detr-detect", description=__doc__)
-    parser.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns (quote them)")
-    parser.add_argument(
-        "--model", required=True, help="a saved model folder or Hub id (ours, or transformers' Deformable DETR)"
-    )
-    parser.add_argument(
-        "--output_dir", default="detections", help="where the JSON files and pictures go (default: detections)"
-    )
-    parser.add_argument("--threshold", type=float, default=0.5, help="minimum score of a detection (default: 0.5)")
-    parser.add_argument("--top_k", type=int, default=100, help="at most this many detections per image (default: 100)")
-    parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass (default: 4)")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda if present)",
-    )
-    parser.add_argument("--image_format", choices=["jpg", "png"], default="jpg", help="format of the drawn pictures")
-    args = parser.parse_args(argv)
-    if not 0 <= args.threshold <= 1:
-        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
-    if args.top_k < 1 or args.batch_size < 1:
-        parser.error("--top_k and --batch_size must be at least 1")
-    return args
-
-
-def main(argv=None):
-    run(parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

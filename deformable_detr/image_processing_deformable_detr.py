@@ -13,7 +13,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, get_image_size_for_max_height_width
 
-from .box_ops import box_cxcywh_to_xyxy
+from .box_ops import box_cxcywh_to_xyxy, box_xywh_to_xyxy, box_xyxy_to_cxcywh
 
 SIZE_KINDS = ({"shortest_edge", "longest_edge"}, {"max_height", "max_width"}, {"height", "width"})
 
@@ -62,11 +62,6 @@ def resize_array(image: np.ndarray, height: int, width: int, resample) -> np.nda
     return np.stack([np.asarray(c) for c in channels], -1)
 
 
-def corners_to_centers(boxes: np.ndarray) -> np.ndarray:
-    x0, y0, x1, y1 = boxes.T
-    return np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
-
-
 class DeformableDetrImageProcessor(BaseImageProcessor):
     r"""Resize (shortest edge 800, longest 1333 by default), rescale, normalise (ImageNet mean and std), pad
     bottom-right to the batch's largest image (or `pad_size`), and a `pixel_mask` with 1 on real pixels.
@@ -75,7 +70,10 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         size: `{"shortest_edge", "longest_edge"}`, `{"max_height", "max_width"}` (keep aspect ratio) or
             `{"height", "width"}` (exact).
         pad_size: `{"height", "width"}` of a fixed canvas; None pads to the largest image of each batch.
-        do_convert_annotations: give label boxes as (cx, cy, w, h) relative to the padded canvas.
+        do_convert_annotations: give label boxes as normalised (cx, cy, w, h).
+        boxes_relative_to: what those are relative to: "canvas", the padded canvas (as transformers), or "image",
+            each image's own extent inside it (as the model predicts them and the loss compares them; the
+            training collator uses this).
     """
 
     model_input_names = ["pixel_values", "pixel_mask"]
@@ -93,6 +91,7 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         do_pad=True,
         pad_size=None,
         do_convert_annotations=True,
+        boxes_relative_to="canvas",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -105,6 +104,9 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         self.size = self._check_size(size if size is not None else {"shortest_edge": 800, "longest_edge": 1333}, "size")
         self.pad_size = None if pad_size is None else self._check_size(pad_size, "pad_size", ({"height", "width"},))
         self.do_normalize, self.do_pad, self.do_convert_annotations = do_normalize, do_pad, do_convert_annotations
+        if boxes_relative_to not in ("canvas", "image"):
+            raise ValueError(f'boxes_relative_to must be "canvas" or "image", got {boxes_relative_to!r}')
+        self.boxes_relative_to = boxes_relative_to
         self.image_mean = list(image_mean if image_mean is not None else IMAGENET_DEFAULT_MEAN)
         self.image_std = list(image_std if image_std is not None else IMAGENET_DEFAULT_STD)
 
@@ -171,9 +173,8 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
             if target is not None:
                 target["size"] = np.asarray(array.shape[:2], dtype=np.int64)
                 if self.do_convert_annotations:
-                    target["boxes"] = corners_to_centers(target["boxes"]) / np.asarray(
-                        [array.shape[1], array.shape[0]] * 2, dtype=np.float32
-                    )
+                    centers = box_xyxy_to_cxcywh(torch.from_numpy(target["boxes"])).numpy()
+                    target["boxes"] = centers / np.asarray([array.shape[1], array.shape[0]] * 2, dtype=np.float32)
             arrays.append(array.transpose(2, 0, 1))
             targets.append(target)
 
@@ -205,7 +206,7 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
                 masks.append(mask)
                 if target is not None:
                     target["size"] = np.asarray(canvas, dtype=np.int64)
-                    if self.do_convert_annotations:  # boxes become relative to the padded canvas, as in transformers
+                    if self.do_convert_annotations and self.boxes_relative_to == "canvas":  # as in transformers
                         target["boxes"] = target["boxes"] * np.asarray(
                             [width / canvas[1], height / canvas[0]] * 2, dtype=np.float32
                         )
@@ -231,7 +232,7 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
                     f"image_id {image_id}, object {j}: needs 'category_id' and a 4-number 'bbox' [x, y, w, h], got {o}"
                 )
         boxes = np.asarray([o["bbox"] for o in objects], dtype=np.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
+        boxes = box_xywh_to_xyxy(torch.from_numpy(boxes)).numpy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])

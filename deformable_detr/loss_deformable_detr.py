@@ -74,14 +74,20 @@ def _num_boxes(targets, device) -> float:
     return max(count.item() / world, 1.0)
 
 
+# The terms of one prediction set, under these names for the last decoder layer; the earlier layers' carry the
+# suffix `_{i}` (decoder layer i), the two-stage proposals' `_enc`.
+MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
+
+
 class DeformableDetrLoss(nn.Module):
-    """loss_ce (focal), loss_bbox (L1), loss_giou and cardinality_error (logged only), per prediction set:
-    no suffix for the last layer, `_{i}` for decoder layer i, `_enc` for two-stage proposals."""
+    """loss_ce (focal), loss_bbox (L1), loss_giou and cardinality_error (logged only, no weight), per prediction
+    set (see MAIN_TERMS)."""
 
     def __init__(self, config):
         super().__init__()
         self.matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost, config.focal_alpha)
         self.focal_alpha = config.focal_alpha
+        # the weight in the total loss of each term of MAIN_TERMS but cardinality_error (logged only)
         self.weights = {
             "loss_ce": 1.0,
             "loss_bbox": config.bbox_loss_coefficient,
@@ -119,19 +125,19 @@ class DeformableDetrLoss(nn.Module):
         """
         self.check_targets(targets, logits.shape[-1])
         num_boxes = _num_boxes(targets, logits.device)
-        terms = self.single(logits, pred_boxes, targets, num_boxes)
-        for i, aux in enumerate(auxiliary_outputs or ()):
-            terms.update(
-                {f"{k}_{i}": v for k, v in self.single(aux["logits"], aux["pred_boxes"], targets, num_boxes).items()}
-            )
+        prediction_sets = [("", logits, pred_boxes, targets)]
+        prediction_sets += [
+            (f"_{i}", aux["logits"], aux["pred_boxes"], targets) for i, aux in enumerate(auxiliary_outputs or ())
+        ]
         if enc_logits is not None:
             foreground = [{**t, "class_labels": torch.zeros_like(t["class_labels"])} for t in targets]
-            terms.update({f"{k}_enc": v for k, v in self.single(enc_logits, enc_boxes, foreground, num_boxes).items()})
-        total = sum(
-            value * self.weights[self.base_name(name)]
-            for name, value in terms.items()
-            if not name.startswith("cardinality")
-        )
+            prediction_sets.append(("_enc", enc_logits, enc_boxes, foreground))
+        total, terms = 0, {}
+        for suffix, set_logits, set_boxes, set_targets in prediction_sets:
+            for name, value in self.single(set_logits, set_boxes, set_targets, num_boxes).items():
+                terms[name + suffix] = value
+                if name in self.weights:
+                    total = total + value * self.weights[name]
         return total, terms
 
     @staticmethod
@@ -148,7 +154,3 @@ class DeformableDetrLoss(nn.Module):
                     f"labels[{i}] has class id {bad[0].item()}, "
                     f"outside the model's {num_labels} classes (config.num_labels)"
                 )
-
-    def base_name(self, name: str) -> str:
-        """loss_ce_3 / loss_ce_enc -> loss_ce"""
-        return name if name in self.weights else name.rsplit("_", 1)[0]

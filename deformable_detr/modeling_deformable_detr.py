@@ -21,8 +21,8 @@ from .deformable_transformer import (
     DeformableDecoder,
     DeformableEncoder,
     encoder_proposals,
-    inverse_sigmoid,
     proposal_position_embedding,
+    refine_boxes,
 )
 from .loss_deformable_detr import DeformableDetrLoss
 from .ms_deform_attn import MultiScaleDeformableAttention
@@ -32,10 +32,10 @@ PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class (focal
 
 
 def _converters():
-    """convert_deformable_detr.py of the installed package. It is imported by name, not with `from .`, so that
+    """conversion.py of the installed package. It is imported by name, not with `from .`, so that
     `save_pretrained` (which copies every module this file imports relatively) leaves it out of saved models."""
     try:
-        return importlib.import_module("deformable_detr.convert_deformable_detr")
+        return importlib.import_module("deformable_detr.conversion")
     except ImportError as error:
         raise ImportError(
             "converting checkpoints needs this model's package: pip install hub-deformable-detr"
@@ -65,13 +65,12 @@ class DeformableDetrModelOutput(ModelOutput):
 
 
 @dataclass
-class DeformableDetrObjectDetectionOutput(ModelOutput):
+class _DetectionHeadOutput(ModelOutput):
     """
     logits: (B, Q, N) class logits (sigmoid, no background class).
     pred_boxes: (B, Q, 4) boxes as (cx, cy, w, h) in [0, 1] of each image's real (unpadded) extent.
     auxiliary_outputs: per decoder layer but the last, {"logits", "pred_boxes"}.
     loss, loss_dict: the training loss and its terms, when labels are given.
-    The rest as in `DeformableDetrModelOutput`.
     """
 
     loss: torch.Tensor | None = None
@@ -79,14 +78,12 @@ class DeformableDetrObjectDetectionOutput(ModelOutput):
     logits: torch.Tensor | None = None
     pred_boxes: torch.Tensor | None = None
     auxiliary_outputs: list[dict] | None = None
-    last_hidden_state: torch.Tensor | None = None
-    intermediate_hidden_states: torch.Tensor | None = None
-    intermediate_reference_points: torch.Tensor | None = None
-    init_reference_points: torch.Tensor | None = None
-    encoder_last_hidden_state: torch.Tensor | None = None
-    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
-    enc_outputs_class: torch.Tensor | None = None
-    enc_outputs_coord_logits: torch.Tensor | None = None
+
+
+@dataclass
+class DeformableDetrObjectDetectionOutput(DeformableDetrModelOutput, _DetectionHeadOutput):
+    """The detector's output: the fields of `_DetectionHeadOutput`, then those of `DeformableDetrModelOutput`
+    (a dataclass collects its bases' fields from the last base to the first), which is the order of `to_tuple()`."""
 
 
 def _class_bias(linear: nn.Linear) -> torch.Tensor:
@@ -402,14 +399,8 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
         references = [outputs.init_reference_points] + list(outputs.intermediate_reference_points[:, :-1].unbind(1))
         logits, boxes = [], []
         for layer in range(hidden_states.shape[1]):
-            reference = inverse_sigmoid(references[layer])
-            delta = self.box_head(layer)(hidden_states[:, layer])
-            if reference.shape[-1] == 4:
-                box_logits = delta + reference
-            else:
-                box_logits = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
             logits.append(self.class_head(layer)(hidden_states[:, layer]))
-            boxes.append(box_logits.sigmoid())
+            boxes.append(refine_boxes(references[layer], self.box_head(layer)(hidden_states[:, layer])))
         auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
         loss = loss_dict = None
         if labels is not None:
@@ -428,13 +419,6 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
             logits=logits[-1],
             pred_boxes=boxes[-1],
             auxiliary_outputs=auxiliary if self.config.auxiliary_loss else None,
-            last_hidden_state=outputs.last_hidden_state,
-            intermediate_hidden_states=hidden_states,
-            intermediate_reference_points=outputs.intermediate_reference_points,
-            init_reference_points=outputs.init_reference_points,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            enc_outputs_class=outputs.enc_outputs_class,
-            enc_outputs_coord_logits=outputs.enc_outputs_coord_logits,
+            **outputs,
         )
         return output if return_dict else output.to_tuple()

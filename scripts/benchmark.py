@@ -15,14 +15,12 @@ import ctypes
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-from deformable_detr.ms_deform_attn import available_backends, multi_scale_deformable_attention  # noqa: E402
+from deformable_detr.ms_deform_attn import available_backends, multi_scale_deformable_attention
+from deformable_detr.testing import full_size_pair
 
 ENCODER_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
 
@@ -131,39 +129,6 @@ def bench_op(device, repeats):
             repeats,
             (fastest, "reference"),
         )
-
-
-def full_size_pair(device):
-    """transformers' full-size Deformable DETR on a ResNet-50 and ours converted from it, as the SenseTime Hub
-    checkpoints convert: through their layout (timm names), onto our built-in ResNet-50."""
-    import json
-    import tempfile
-
-    from helpers import RESNET50_LIKE, hub_v4_state_dict, perturb_
-    from safetensors.torch import save_file
-    from transformers import DeformableDetrConfig as HFConfig
-    from transformers import DeformableDetrForObjectDetection as HFModel
-    from transformers import ResNetConfig
-
-    from deformable_detr import DeformableDetrForObjectDetection
-
-    torch.manual_seed(0)
-    backbone = ResNetConfig(**RESNET50_LIKE, out_features=["stage2", "stage3", "stage4"])
-    hf = perturb_(
-        HFModel(HFConfig(use_timm_backbone=False, backbone_config=backbone, num_labels=91, auxiliary_loss=True)),
-        scale=0.01,
-    )
-    with tempfile.TemporaryDirectory() as folder:
-        config = hf.config.to_dict()
-        config.pop("backbone_config")
-        config.update(use_timm_backbone=True, backbone="resnet50")
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(config, f)
-        save_file(
-            {k: v.contiguous() for k, v in hub_v4_state_dict(hf).items()}, os.path.join(folder, "model.safetensors")
-        )
-        ours = DeformableDetrForObjectDetection.from_transformers(folder)
-    return hf.to(device), ours.to(device)
 
 
 def bench_model(device, repeats, train_repeats):

@@ -14,10 +14,11 @@ import time
 from datasets import DatasetDict, load_from_disk
 from PIL import Image
 
+from deformable_detr.cli import HelpFormatter
 from deformable_detr.detect import detect, draw_detections, load_detector
-from deformable_detr.evaluation import evaluate_command
-from deformable_detr.shapes import shapes_dataset
-from deformable_detr.train import HelpFormatter, train
+from deformable_detr.training import TrainingOptions, train
+from deformable_detr.training.evaluation import evaluate_saved_model
+from deformable_detr.training.shapes import shapes_dataset
 
 # the tiny preset with box refinement and 30 queries (at most 4 shapes per image), trained from scratch
 MODEL = "num_queries=30,with_box_refine=true"
@@ -76,50 +77,28 @@ def main():
 
     print("2/4 training")
     train(
-        [
-            "--dataset",
-            data_dir,
-            "--output_dir",
-            model_dir,
-            "--config_name",
-            "tiny",
-            "--config_overrides",
-            MODEL,
-            "--image_size",
-            str(size),
-            "--max_image_size",
-            str(size),
-            "--per_device_train_batch_size",
-            "8",
+        TrainingOptions(
+            dataset=data_dir,
+            output_dir=model_dir,
+            config_name="tiny",
+            config_overrides=MODEL,
+            image_size=size,
+            max_image_size=size,
+            per_device_train_batch_size=8,
             # plenty of generated images and a short run: no augmentation, and a higher lr, for the backbone too
-            "--no_augmentation",
-            "--learning_rate",
-            "5e-4",
-            "--backbone_learning_rate",
-            "5e-4",
-            "--num_train_epochs",
-            str(args.epochs),
-            "--num_workers",
-            "1",
-            "--checkpointing_steps",
-            "no",
-            "--seed",
-            str(args.seed),
-        ]
+            no_augmentation=True,
+            learning_rate=5e-4,
+            backbone_learning_rate=5e-4,
+            num_train_epochs=args.epochs,
+            num_workers=1,
+            checkpointing_steps="no",
+            seed=args.seed,
+        )
     )
 
     print("3/4 scoring on the held-out test images")
-    metrics = evaluate_command(
-        [
-            "--model",
-            model_dir,
-            "--dataset",
-            data_dir,
-            "--split",
-            "test",
-            "--output",
-            os.path.join(args.output_dir, "test_results.json"),
-        ]
+    metrics = evaluate_saved_model(
+        model_dir, data_dir, "test", output=os.path.join(args.output_dir, "test_results.json")
     )
 
     print("4/4 drawing detections and the training curves")

@@ -474,10 +474,8 @@ def sweep(report, device, quick):
 
 def model_pair(device, quick):
     """transformers' Deformable DETR and ours with the same weights: ResNet-50 6+6 (or a tiny one with --quick)."""
-    from benchmark import full_size_pair
-    from helpers import small_hf_model
-
     from deformable_detr import DeformableDetrForObjectDetection
+    from deformable_detr.testing import full_size_pair, small_hf_model
 
     if not quick:
         return full_size_pair(device)
@@ -592,15 +590,11 @@ def training(report, device, quick):
     from accelerate.state import AcceleratorState
 
     from deformable_detr import DeformableDetrImageProcessor
-    from deformable_detr.checkpoints import TrainState
-    from deformable_detr.data import DetectionCollator, DetectionSamples
-    from deformable_detr.shapes import shapes_records
-    from deformable_detr.train import (
-        build_parser,
-        forward_backward,
-        optimiser_step,
-        parameter_groups,
-    )
+    from deformable_detr.training.checkpoints import TrainState
+    from deformable_detr.training.data import DetectionCollator, DetectionSamples
+    from deformable_detr.training.loop import forward_backward, optimiser_step, parameter_groups
+    from deformable_detr.training.options import TrainingOptions
+    from deformable_detr.training.shapes import shapes_records
 
     batch_size, steps, size = (2, 6, 128) if quick else (8, 30, 512)
     section = f"training, batch {batch_size} of {size}x{size} shapes, {steps} steps"
@@ -610,7 +604,7 @@ def training(report, device, quick):
     processor = DeformableDetrImageProcessor(size={"shortest_edge": size, "longest_edge": size})
     loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=DetectionCollator(processor))
     batches = list(loader)
-    args = build_parser().parse_args(["--dataset", "shapes", "--config_name", "paper"])  # the default recipe
+    args = TrainingOptions(dataset="shapes", config_name="paper")  # the paper's recipe
     hf, ours = model_pair(torch.device("cpu"), quick)
     results = {}
     for precision in ("bf16", "fp16"):
@@ -710,7 +704,7 @@ def main(argv=None) -> int:
         )
         return 2
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path[:0] = [root, os.path.join(root, "scripts"), os.path.join(root, "tests")]  # the package by path; helpers
+    sys.path.insert(0, root)  # the package by path, installed or not
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the comparisons
     torch.backends.cudnn.allow_tf32 = False
     report = Report(args.out, environment(device))

@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-from test_ms_deform_attn import random_inputs
 from torch.utils import cpp_extension
 
 from deformable_detr import ms_deform_attn, ms_deform_attn_cpu
@@ -15,6 +14,7 @@ from deformable_detr.ms_deform_attn import (
     multi_scale_deformable_attention_reference,
     triton_self_check,
 )
+from tests.support.op_inputs import random_inputs
 
 
 def triton_on_the_cpu(monkeypatch, kernel):

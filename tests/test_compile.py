@@ -1,7 +1,8 @@
 """torch.compile and torch.export of the model give the eager outputs."""
 
 import torch
-from test_model import tiny_model
+
+from tests.support.models import tiny_model
 
 
 def test_torch_compile_matches_eager():

@@ -6,13 +6,13 @@ import numpy as np
 import PIL.Image
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
-from datasets_on_disk import write_coco, write_imagefolder, write_voc
-from helpers import BCCD, BCCD_FULL
 
-from deformable_detr.data import DetectionCollator, DetectionSamples, dataset_format, load_detection_dataset
 from deformable_detr.image_processing_deformable_detr import DeformableDetrImageProcessor
-from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
-from deformable_detr.transforms import DetrAugmentation
+from deformable_detr.training.data import DetectionCollator, DetectionSamples, dataset_format, load_detection_dataset
+from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.training.transforms import DetrAugmentation
+from tests.support.bccd import BCCD, BCCD_FULL
+from tests.support.datasets_on_disk import write_coco, write_imagefolder, write_voc
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_label_boxes_are_relative_to_each_image_not_the_padded_canvas():
 
 
 def test_crowd_regions_are_kept_for_evaluation_only(shapes, tmp_path):
-    from deformable_detr.evaluation import coco_ground_truth, coco_metrics
+    from deformable_detr.training.evaluation import coco_ground_truth, coco_metrics
 
     root = write_coco({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path), "instances")
     path = os.path.join(root, "annotations", "instances_val.json")

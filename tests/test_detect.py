@@ -2,16 +2,17 @@
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import BCCD
 from PIL import Image
-from test_pipeline import saved_detector
 
-from deformable_detr.detect import class_colour, main
+from deformable_detr.cli import detect_main as main
+from deformable_detr.detect import class_colour, detect_files
+from tests.support.bccd import BCCD
+from tests.support.models import saved_detector
+from tests.support.processes import run_command
 
 
 @pytest.fixture
@@ -56,24 +57,21 @@ def test_a_folder_gives_json_and_pictures_and_skips_the_broken_file(tmp_path, fo
 def test_globs_and_the_console_command(tmp_path, folder_of_images):
     saved_detector(tmp_path / "model")
     command = Path(sys.executable).parent / "deformable-detr-detect"  # installed beside this Python by pip
-    result = subprocess.run(
+    run_command(
         [
-            str(command),
-            str(folder_of_images / "BloodImage_0000[01].jpg"),
+            command,
+            folder_of_images / "BloodImage_0000[01].jpg",
             "--model",
-            str(tmp_path / "model"),
+            tmp_path / "model",
             "--output_dir",
-            str(tmp_path / "out"),
+            tmp_path / "out",
             "--image_format",
             "png",
             "--threshold",
             "0.01",
         ],
-        capture_output=True,
-        text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "BloodImage_00000.json",
         "BloodImage_00000.png",
@@ -84,8 +82,12 @@ def test_globs_and_the_console_command(tmp_path, folder_of_images):
 
 def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-dir/x.jpg"):
+        detect_files([str(tmp_path / "no-such-dir/x.jpg")], str(tmp_path))
+    with pytest.raises(SystemExit, match="^deformable-detr-detect: error: .*no-such-dir/x.jpg"):
         main([str(tmp_path / "no-such-dir/x.jpg"), "--model", str(tmp_path)])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\], got 2"):
+        detect_files(["x.jpg"], str(tmp_path), threshold=2)
+    with pytest.raises(SystemExit, match="threshold must be in"):
         main(["x.jpg", "--model", str(tmp_path), "--threshold", "2"])
 
 

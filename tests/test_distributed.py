@@ -2,29 +2,27 @@
 
 import json
 import os
+import shlex
 import socket
-import subprocess
 import sys
 
 import pytest
 import torch
-from datasets_on_disk import write_coco
 from safetensors.torch import load_file
 
-from deformable_detr.evaluation import evaluate_command
-from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
-from deformable_detr.train import train
+from deformable_detr.training import TrainingOptions, train
+from deformable_detr.training.evaluation import evaluate_saved_model
+from tests.support.models import TINY_OVERRIDES
+from tests.support.processes import run_command
 
 # frozen batch norms: trainable ones normalise over each process's own images, which differs by design
-TINY = (
-    "d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
-    "encoder_attention_heads=2,decoder_attention_heads=2,dropout=0.0,freeze_backbone_batch_norms=true"
-)
+TINY = TINY_OVERRIDES + ",dropout=0.0,freeze_backbone_batch_norms=true"
 
 # runs the training command and saves the initial weights and every rank's final weights
 DRIVER = """
 import sys, torch
-from deformable_detr import train as t
+from deformable_detr.training import loop as t
+from deformable_detr.cli import train_main
 build_model = t.build_model
 def save_initial(*args):
     model = build_model(*args)
@@ -37,7 +35,7 @@ def save_every_rank(accelerator, model, *args, **kwargs):
     torch.save(weights, f"{sys.argv[1]}/rank{accelerator.process_index}.pt")
     finish(accelerator, model, *args, **kwargs)
 t.finish = save_every_rank
-t.main(sys.argv[2:])
+train_main(sys.argv[2:])
 """
 
 
@@ -58,57 +56,40 @@ def torchrun(script: str, *args, processes: int = 2):
         "--master_port",
         str(free_port()),
         script,
-        *map(str, args),
+        *args,
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_command(command, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(shapes_coco):
     # 5 validation images: two processes get 3 and 2, so the last batch is padded with a repeat
-    return write_coco(
-        {"train": shapes_dataset(8, 64, seed=1), "valid": shapes_dataset(5, 64, seed=2)},
-        CLASS_NAMES,
-        str(tmp_path_factory.mktemp("shapes")),
+    return shapes_coco(8, 5)
+
+
+def training_options(data, output_dir, batch_size, **changes) -> TrainingOptions:
+    fields = dict(
+        dataset=data,
+        output_dir=str(output_dir),
+        config_name="tiny",
+        config_overrides=TINY,
+        image_size=64,
+        max_image_size=96,
+        no_augmentation=True,
+        num_workers=0,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=2,
+        max_steps=4,
+        learning_rate=1e-3,
+        lr_drop=1.0,
+        checkpointing_steps="no",
     )
+    return TrainingOptions(**(fields | changes))
 
 
-def training_args(data, output_dir, batch_size, *extra):
-    return [
-        str(a)
-        for a in [
-            "--dataset",
-            data,
-            "--output_dir",
-            output_dir,
-            "--config_name",
-            "tiny",
-            "--config_overrides",
-            TINY,
-            "--image_size",
-            "64",
-            "--max_image_size",
-            "96",
-            "--no_augmentation",
-            "--num_workers",
-            "0",
-            "--per_device_train_batch_size",
-            batch_size,
-            "--per_device_eval_batch_size",
-            2,
-            "--max_steps",
-            4,
-            "--learning_rate",
-            1e-3,
-            "--lr_drop",
-            1.0,
-            "--checkpointing_steps",
-            "no",
-            *extra,
-        ]
-    ]
+def command_line(options: TrainingOptions) -> list[str]:
+    """The command's arguments for these options (as the torchrun workers get them)."""
+    return shlex.split(options.command())[1:]
 
 
 def test_two_processes_match_one_with_the_whole_batch(data, tmp_path):
@@ -118,13 +99,13 @@ def test_two_processes_match_one_with_the_whole_batch(data, tmp_path):
     driver.write_text(DRIVER)
     two = tmp_path / "two"
     two.mkdir()
-    torchrun(str(driver), two, *training_args(data, two, 1))
+    torchrun(str(driver), two, *command_line(training_options(data, two, 1)))
     assert "on 2 process(es)" in (two / "train.log").read_text()
     rank0, rank1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
 
-    one_metrics = train(training_args(data, str(tmp_path / "one"), 2))
+    one_metrics = train(training_options(data, tmp_path / "one", 2))
     one = load_file(tmp_path / "one" / "model.safetensors")
     worst = max((one[k] - rank0[k]).abs().max().item() for k in one)
     print(f"largest weight difference, 2 x batch 1 vs 1 x batch 2: {worst:.2e}")
@@ -134,9 +115,9 @@ def test_two_processes_match_one_with_the_whole_batch(data, tmp_path):
     assert two_metrics["map"] == pytest.approx(one_metrics["map"], abs=1e-3)
 
     # the same saved model, evaluated by one and by two processes: the same numbers
-    single = evaluate_command(["--model", str(tmp_path / "one"), "--dataset", data])
+    single = evaluate_saved_model(str(tmp_path / "one"), data)
     evaluate = tmp_path / "evaluate.py"
-    evaluate.write_text("import sys\nfrom deformable_detr.evaluation import main\nmain(sys.argv[1:])\n")
+    evaluate.write_text("import sys\nfrom deformable_detr.cli import evaluate_main\nevaluate_main(sys.argv[1:])\n")
     torchrun(
         str(evaluate),
         "--model",
@@ -156,9 +137,8 @@ def test_two_stage_without_auxiliary_loss(data, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     overrides = TINY + ",with_box_refine=true,two_stage=true,two_stage_num_proposals=10,auxiliary_loss=false"
-    args = training_args(data, tmp_path, 1, "--eval_every_epochs", 0)
-    args[args.index("--config_overrides") + 1] = overrides
-    torchrun(str(driver), tmp_path, *args)
+    options = training_options(data, tmp_path, 1, eval_every_epochs=0, config_overrides=overrides)
+    torchrun(str(driver), tmp_path, *command_line(options))
     initial, rank0, rank1 = (torch.load(tmp_path / f"{name}.pt") for name in ("initial", "rank0", "rank1"))
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     for unused in ("class_embed.0.weight", "model.decoder.bbox_embed.0.layers.2.bias"):  # no gradient: not updated

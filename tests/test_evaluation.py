@@ -1,7 +1,7 @@
 import pytest
 
-from deformable_detr.evaluation import coco_ground_truth, coco_metrics, format_metrics
-from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.training.evaluation import coco_ground_truth, coco_metrics, format_metrics
+from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,33 +1,23 @@
-"""The local fake Hub (fake_hub.py) against the real clients: huggingface_hub's upload and download functions, and
-transformers' push_to_hub / from_pretrained. Each client runs in a subprocess, since HF_ENDPOINT is read at import."""
+"""The local fake Hub (tests/support/fake_hub.py) against the real clients: huggingface_hub's upload and download
+functions, and transformers' push_to_hub / from_pretrained. Each client runs in a subprocess, since HF_ENDPOINT is
+read at import."""
 
 import json
-import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
-from fake_hub import FakeHub, hub_env
 from safetensors.torch import save_file
 
-
-@pytest.fixture
-def hub():
-    with FakeHub() as hub:
-        yield hub
+from tests.support.fake_hub import hub_env
+from tests.support.processes import run_command
 
 
 def run_client(hub, home, script, *args, token="hf_fake_token"):
     """Runs `script` in a fresh Python talking to `hub` with its cache in `home`, and returns what it printed last."""
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
-        env=hub_env(hub.endpoint, home, token),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_command(
+        [sys.executable, "-c", textwrap.dedent(script), *args], env=hub_env(hub.endpoint, home, token), timeout=120
     )
-    assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[-1])
 
 

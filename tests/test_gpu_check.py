@@ -3,10 +3,11 @@ models), so that the GPU check cannot rot between the sessions that have a GPU."
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from tests.support.processes import run_command
 
 pytest.importorskip("triton", reason="the op checks run the Triton kernels in Triton's interpreter")
 
@@ -14,13 +15,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_check.py"
 
 
 def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "--device", "cpu", "--quick", "--sweep", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    run_command([sys.executable, SCRIPT, "--device", "cpu", "--quick", "--sweep", "--out", tmp_path], timeout=900)
     report = json.loads((tmp_path / "report.json").read_text())
     rows = report["rows"]
     assert not [row for row in rows if row["verdict"] == "fail"]
@@ -57,7 +52,5 @@ def test_gpu_check_without_cuda_says_so(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 2 and "CUDA is not available" in result.stdout and "Traceback" not in result.stderr
+    result = run_command([sys.executable, SCRIPT, "--out", tmp_path], timeout=300, returncode=2)
+    assert "CUDA is not available" in result.stdout and "Traceback" not in result.stderr

@@ -2,18 +2,19 @@
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from test_model import tiny_model
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection
 
 from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+from tests.support.models import tiny_model
+from tests.support.processes import run_command
 
-# exactly the files a saved model holds: the model's code (the Hub set), never the converters or training code
+# exactly the files a saved model holds: the model's code (the Hub set), never the converters, the test oracle
+# (deformable_detr/testing.py) or training code
 CODE_FILES = {
     "configuration_deformable_detr.py",
     "modeling_deformable_detr.py",
@@ -101,15 +102,12 @@ def test_remote_code_loads_where_our_package_is_missing(tmp_path):
     model = tiny_model(with_box_refine=True)
     model.save_pretrained(tmp_path / "saved")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(tmp_path / "saved"), str(tmp_path / "out.pt")],
+    run_command(
+        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), tmp_path / "saved", tmp_path / "out.pt"],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt")
     logits, boxes = outputs(model)
     assert torch.equal(remote["logits"], logits) and torch.equal(remote["pred_boxes"], boxes)

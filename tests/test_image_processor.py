@@ -6,11 +6,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import bccd_example
 from PIL import Image
 from transformers.models.deformable_detr.image_processing_pil_deformable_detr import DeformableDetrImageProcessorPil
 
 from deformable_detr import DeformableDetrImageProcessor
+from tests.support.bccd import bccd_example
 
 BCCD_NAMES = ["BloodImage_00000", "BloodImage_00338", "BloodImage_00343", "BloodImage_00100"]
 
@@ -143,3 +143,23 @@ def test_save_and_load(tmp_path):
     assert torch.equal(
         processor(image, return_tensors="pt")["pixel_values"], loaded(image, return_tensors="pt")["pixel_values"]
     )
+
+
+def test_boxes_relative_to_each_image_instead_of_the_canvas():
+    """boxes_relative_to="image" (what training uses) gives every image's boxes relative to its own extent inside
+    the padded canvas: the canvas-relative boxes scaled by canvas / image size; a bad value is named."""
+    images, annotations = zip(*(bccd_example(name, i) for i, name in enumerate(BCCD_NAMES[:2])))
+    images = [images[0], images[1].resize((320, 480))]  # portrait beside landscape: both get padded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BloodImage_00338's zero-area box
+        canvas = DeformableDetrImageProcessor()(images, annotations=list(annotations), return_tensors="pt")
+        own = DeformableDetrImageProcessor(boxes_relative_to="image")(
+            images, annotations=list(annotations), return_tensors="pt"
+        )
+    for a, b, mask in zip(canvas["labels"], own["labels"], canvas["pixel_mask"]):
+        height, width = mask.any(1).sum().item(), mask.any(0).sum().item()
+        assert (height, width) != tuple(mask.shape)  # this image is padded
+        scale = torch.tensor([mask.shape[1] / width, mask.shape[0] / height] * 2)
+        assert torch.allclose(a["boxes"] * scale, b["boxes"], atol=1e-6) and b["boxes"].max() <= 1
+    with pytest.raises(ValueError, match='boxes_relative_to must be "canvas" or "image", got \'pad\''):
+        DeformableDetrImageProcessor(boxes_relative_to="pad")

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from helpers import padded_batch, small_hf_model
-from test_model import tiny_model
 
 from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.box_ops import generalized_box_iou
 from deformable_detr.loss_deformable_detr import HungarianMatcher
+from deformable_detr.testing import padded_batch, small_hf_model
+from tests.support.models import tiny_model
 
 
 def labels():

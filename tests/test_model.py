@@ -5,26 +5,8 @@ import math
 import pytest
 import torch
 
-from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection
-
-TINY = dict(
-    backbone="resnet18",
-    d_model=64,
-    encoder_layers=1,
-    decoder_layers=2,
-    encoder_ffn_dim=32,
-    decoder_ffn_dim=32,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    num_queries=7,
-    two_stage_num_proposals=7,
-    num_labels=3,
-)
-
-
-def tiny_model(**overrides):
-    torch.manual_seed(0)
-    return DeformableDetrForObjectDetection(DeformableDetrConfig(**{**TINY, **overrides})).eval()
+from deformable_detr import DeformableDetrConfig
+from tests.support.models import tiny_model
 
 
 @pytest.mark.parametrize("levels", [1, 2, 3, 4, 5])

@@ -6,10 +6,17 @@ import re
 
 import pytest
 import torch
-from helpers import VARIANTS, hub_v4_state_dict, padded_batch, resnet50_hf_model, small_hf_model
 from safetensors.torch import save_file
 
 from deformable_detr import DeformableDetrForObjectDetection
+from deformable_detr.testing import (
+    VARIANTS,
+    hub_v4_state_dict,
+    padded_batch,
+    resnet50_hf_model,
+    small_hf_model,
+    torchvision_name,
+)
 
 TOLERANCE = 1e-4
 
@@ -81,8 +88,6 @@ def test_an_unmapped_key_is_an_error(tmp_path):
 
 def original_layout(hf_model):
     """transformers v5 names -> the fundamentalvision/Deformable-DETR names (written independently of ours)."""
-    from helpers import torchvision_name
-
     out = {}
     state = hf_model.state_dict()
     for key, value in state.items():

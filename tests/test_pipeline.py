@@ -2,26 +2,17 @@
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import torch
-from helpers import BCCD, bccd_example
-from test_model import tiny_model
 from transformers import pipeline
 
-from deformable_detr import DeformableDetrImageProcessor
+from tests.support.bccd import BCCD, bccd_example
+from tests.support.models import saved_detector
+from tests.support.processes import run_command
 
 IMAGE = str(BCCD / "JPEGImages" / "BloodImage_00000.jpg")
-
-
-def saved_detector(folder):
-    model = tiny_model(num_labels=3, id2label={0: "RBC", 1: "WBC", 2: "Platelets"})
-    processor = DeformableDetrImageProcessor(size={"shortest_edge": 128, "longest_edge": 200})
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model, processor
 
 
 def direct_detections(model, processor, threshold):
@@ -63,15 +54,9 @@ print(json.dumps(detector(sys.argv[2], threshold=0.01)))
 def test_pipeline_with_remote_code_where_our_package_is_missing(tmp_path):
     model, processor = saved_detector(tmp_path / "saved")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path / "saved"), IMAGE],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_command(
+        [sys.executable, "-c", textwrap.dedent(SCRIPT), tmp_path / "saved", IMAGE], cwd=tmp_path, env=env, timeout=300
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     expected = direct_detections(model, processor, 0.01)
     assert [(d["label"], d["box"]) for d in found] == [(d["label"], d["box"]) for d in expected]

@@ -1,22 +1,17 @@
-"""Pushing to the Hub and loading back, against the local fake Hub (fake_hub.py): from the training script and
-from the API. Clients run in subprocesses, since huggingface_hub reads HF_ENDPOINT when it is imported."""
+"""Pushing to the Hub and loading back, against the local fake Hub (tests/support/fake_hub.py): from the training
+script and from the API. Clients run in subprocesses, since huggingface_hub reads HF_ENDPOINT when it is imported."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
-from datasets_on_disk import write_coco
-from fake_hub import FakeHub, hub_env
 
 from deformable_detr import DeformableDetrForObjectDetection, DeformableDetrImageProcessor
-from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
-
-TINY = (
-    "d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
-    "encoder_attention_heads=2,decoder_attention_heads=2"
-)
+from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+from tests.support.fake_hub import hub_env
+from tests.support.models import TINY_OVERRIDES
+from tests.support.processes import run_command
 
 # loads a repo where only transformers is installed, and prints the outputs on an image as JSON
 LOAD_REMOTE = """
@@ -39,16 +34,8 @@ print(json.dumps({"logits": out.logits.tolist(), "boxes": out.pred_boxes.tolist(
 
 
 def run(hub, home, command, cwd=None):
-    result = subprocess.run(
-        command,
-        env=hub_env(hub.endpoint, home) | {"PYTHONPATH": ""},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    """Runs `command` against `hub`, with its Hub cache in `home` and without our checkout on PYTHONPATH: its stdout."""
+    return run_command(command, env=hub_env(hub.endpoint, home) | {"PYTHONPATH": ""}, cwd=cwd, timeout=300).stdout
 
 
 def local_outputs(folder, image_path):
@@ -78,63 +65,58 @@ def check_remote_load(hub, tmp_path, repo_id, local_folder, image):
     assert len(loaded["detections"]) == 5 and loaded["detections"][0]["label"] in CLASS_NAMES
 
 
-def test_training_script_pushes_and_the_repo_loads_anywhere(tmp_path, image):
-    data = write_coco(
-        {"train": shapes_dataset(4, 64, seed=1), "valid": shapes_dataset(2, 64, seed=2)},
-        CLASS_NAMES,
-        str(tmp_path / "data"),
-    )
+def test_training_script_pushes_and_the_repo_loads_anywhere(tmp_path, image, shapes_coco, hub):
+    data = shapes_coco(4, 2)
     output_dir = tmp_path / "run"
-    with FakeHub() as hub:
-        run(
-            hub,
-            tmp_path / "home",
-            [
-                sys.executable,
-                "-m",
-                "deformable_detr.train",
-                "--dataset",
-                data,
-                "--output_dir",
-                str(output_dir),
-                "--config_name",
-                "tiny",
-                "--config_overrides",
-                TINY,
-                "--image_size",
-                "64",
-                "--max_image_size",
-                "96",
-                "--max_steps",
-                "2",
-                "--num_workers",
-                "0",
-                "--checkpointing_steps",
-                "1",
-                "--push_to_hub",
-                "--hub_model_id",
-                "user/shapes-detr",
-                "--hub_token",
-                "hf_given_token",
-                "--hub_private_repo",
-            ],
-        )
-        files = hub.files("user/shapes-detr")
-        assert {
-            "model.safetensors",
-            "config.json",
-            "preprocessor_config.json",
-            "README.md",
-            "eval_results.json",
-            "modeling_deformable_detr.py",
-            "image_processing_deformable_detr.py",
-        } <= set(files)
-        assert not any(name.startswith("checkpoint-") for name in files)
-        assert files["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
-        assert "hf_given_token" in hub.tokens
-        assert "mAP@[.5:.95]" in files["README.md"].decode()
-        assert "hf_given_token" not in files["README.md"].decode()  # the command in the card hides it
-        check_remote_load(hub, tmp_path, "user/shapes-detr", output_dir, image)
+    run(
+        hub,
+        tmp_path / "home",
+        [
+            sys.executable,
+            "-m",
+            "deformable_detr.training",
+            "--dataset",
+            data,
+            "--output_dir",
+            str(output_dir),
+            "--config_name",
+            "tiny",
+            "--config_overrides",
+            TINY_OVERRIDES,
+            "--image_size",
+            "64",
+            "--max_image_size",
+            "96",
+            "--max_steps",
+            "2",
+            "--num_workers",
+            "0",
+            "--checkpointing_steps",
+            "1",
+            "--push_to_hub",
+            "--hub_model_id",
+            "user/shapes-detr",
+            "--hub_token",
+            "hf_given_token",
+            "--hub_private_repo",
+        ],
+    )
+    files = hub.files("user/shapes-detr")
+    assert {
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "eval_results.json",
+        "modeling_deformable_detr.py",
+        "image_processing_deformable_detr.py",
+    } <= set(files)
+    assert not any(name.startswith("checkpoint-") for name in files)
+    assert files["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
+    assert "hf_given_token" in hub.tokens
+    assert "mAP@[.5:.95]" in files["README.md"].decode()
+    assert "hf_given_token" not in files["README.md"].decode()  # the command in the card hides it
+    check_remote_load(hub, tmp_path, "user/shapes-detr", output_dir, image)
 
 
 PUSH_API = """
@@ -152,17 +134,16 @@ processor.save_pretrained(sys.argv[1])
 """
 
 
-def test_push_to_hub_from_the_api(tmp_path, image):
-    with FakeHub() as hub:
-        run(hub, tmp_path / "home", [sys.executable, "-c", PUSH_API, str(tmp_path / "local")], cwd="/")
-        files = hub.files("user/api-detr")
-        assert {
-            "model.safetensors",
-            "config.json",
-            "preprocessor_config.json",
-            "configuration_deformable_detr.py",
-            "modeling_deformable_detr.py",
-            "ms_deform_attn.py",
-            "image_processing_deformable_detr.py",
-        } <= set(files)
-        check_remote_load(hub, tmp_path, "user/api-detr", tmp_path / "local", image)
+def test_push_to_hub_from_the_api(tmp_path, image, hub):
+    run(hub, tmp_path / "home", [sys.executable, "-c", PUSH_API, str(tmp_path / "local")], cwd="/")
+    files = hub.files("user/api-detr")
+    assert {
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "configuration_deformable_detr.py",
+        "modeling_deformable_detr.py",
+        "ms_deform_attn.py",
+        "image_processing_deformable_detr.py",
+    } <= set(files)
+    check_remote_load(hub, tmp_path, "user/api-detr", tmp_path / "local", image)

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -10,51 +11,37 @@ import time
 
 import pytest
 import torch
-from datasets_on_disk import write_coco
-from helpers import small_hf_config
 from safetensors.torch import load_file
 
 from deformable_detr import DeformableDetrForObjectDetection
-from deformable_detr.evaluation import evaluate_command
-from deformable_detr.evaluation import main as evaluation_main
-from deformable_detr.shapes import CLASS_NAMES, shapes_dataset
-from deformable_detr.train import main, train
-
-TINY = (
-    "d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
-    "encoder_attention_heads=2,decoder_attention_heads=2"
-)
+from deformable_detr.cli import evaluate_main, train_main
+from deformable_detr.testing import small_hf_config
+from deformable_detr.training import TrainingOptions, train
+from deformable_detr.training.evaluation import evaluate_saved_model
+from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+from tests.support.datasets_on_disk import write_coco
+from tests.support.models import TINY_OVERRIDES
 
 
 @pytest.fixture(scope="module")
-def shapes_folder(tmp_path_factory):
-    return write_coco(
-        {"train": shapes_dataset(6, 64, seed=1), "valid": shapes_dataset(4, 64, seed=2)},
-        CLASS_NAMES,
-        str(tmp_path_factory.mktemp("shapes")),
+def shapes_folder(shapes_coco):
+    return shapes_coco(6, 4)
+
+
+def options(data, output_dir, overrides=TINY_OVERRIDES, **changes) -> TrainingOptions:
+    """A tiny fresh model (or changes["model_name_or_path"]) on small images, logging every step."""
+    fields = dict(
+        dataset=data,
+        output_dir=str(output_dir),
+        image_size=64,
+        max_image_size=96,
+        num_workers=0,
+        logging_steps=1,
+        per_device_train_batch_size=2,
     )
-
-
-def args(data, output_dir, *extra, overrides=TINY):
-    base = [
-        "--dataset",
-        data,
-        "--output_dir",
-        str(output_dir),
-        "--image_size",
-        "64",
-        "--max_image_size",
-        "96",
-        "--num_workers",
-        "0",
-        "--logging_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "2",
-    ]
-    if "--model_name_or_path" not in extra:
-        base += ["--config_name", "tiny", "--config_overrides", overrides]
-    return base + [str(e) for e in extra]
+    if "model_name_or_path" not in changes:
+        fields.update(config_name="tiny", config_overrides=overrides)
+    return TrainingOptions(**(fields | changes))
 
 
 def history(output_dir, key="loss"):
@@ -67,19 +54,15 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     same = shapes_dataset(4, 64, seed=1)
     data = write_coco({"train": same, "valid": same}, CLASS_NAMES, str(tmp_path / "data"))
     metrics = train(
-        args(
+        options(
             data,
             tmp_path / "run",
-            "--max_steps",
-            40,
-            "--no_augmentation",
-            "--per_device_train_batch_size",
-            4,
-            "--lr_drop",
-            1.0,
-            "--learning_rate",
-            1e-3,
-            overrides=TINY + ",dropout=0.0",
+            max_steps=40,
+            no_augmentation=True,
+            per_device_train_batch_size=4,
+            lr_drop=1.0,
+            learning_rate=1e-3,
+            overrides=TINY_OVERRIDES + ",dropout=0.0",
         )
     )
     losses = history(tmp_path / "run")
@@ -87,20 +70,20 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
     assert metrics["map_50"] > 0.1, metrics
     # the evaluation command scores the saved model the same way
-    again = evaluate_command(
-        ["--model", str(tmp_path / "run"), "--dataset", data, "--output", str(tmp_path / "m.json")]
-    )
+    again = evaluate_saved_model(str(tmp_path / "run"), data, output=str(tmp_path / "m.json"))
     assert again == metrics
     assert json.load(open(tmp_path / "m.json")) == json.loads(json.dumps(metrics))
+    evaluate_main(["--model", str(tmp_path / "run"), "--dataset", data, "--output", str(tmp_path / "cli.json")])
+    assert json.load(open(tmp_path / "cli.json")) == json.loads(json.dumps(metrics))
     # a split the data lacks: an error naming it from the library, one line from the command
     with pytest.raises(ValueError, match="has no split 'nope'; it has"):
-        evaluate_command(["--model", str(tmp_path / "run"), "--dataset", data, "--split", "nope"])
+        evaluate_saved_model(str(tmp_path / "run"), data, "nope")
     with pytest.raises(SystemExit, match="^deformable-detr-evaluate: error: .* has no split 'nope'"):
-        evaluation_main(["--model", str(tmp_path / "run"), "--dataset", data, "--split", "nope"])
+        evaluate_main(["--model", str(tmp_path / "run"), "--dataset", data, "--split", "nope"])
 
 
 def test_outputs_card_and_evaluate_command(shapes_folder, tmp_path):
-    metrics = train(args(shapes_folder, tmp_path, "--max_steps", 3, "--with_tracking"))
+    metrics = train(options(shapes_folder, tmp_path, max_steps=3, with_tracking=True))
     for name in (
         "model.safetensors",
         "config.json",
@@ -123,28 +106,18 @@ def test_outputs_card_and_evaluate_command(shapes_folder, tmp_path):
 def test_resume_continues_exactly(shapes_folder, tmp_path):
     """Four steps, a checkpoint in the middle of the second epoch (three steps each), two more: the same weights
     as six steps in one go. Augmentation, dropout, gradient accumulation and the lr drop are all on."""
-    common = [
-        "--max_steps",
-        6,
-        "--gradient_accumulation_steps",
-        2,
-        "--per_device_train_batch_size",
-        1,
-        "--eval_every_epochs",
-        0,
-        "--lr_drop",
-        0.75,
-    ]
-    train(args(shapes_folder, tmp_path / "whole", *common, "--checkpointing_steps", 4))
+    common = dict(
+        max_steps=6, gradient_accumulation_steps=2, per_device_train_batch_size=1, eval_every_epochs=0, lr_drop=0.75
+    )
+    train(options(shapes_folder, tmp_path / "whole", **common, checkpointing_steps=4))
     state = json.load(open(tmp_path / "whole" / "checkpoint-4" / "trainer_state.json"))
     assert (state["epoch"], state["batches_in_epoch"]) == (1, 2)
     train(
-        args(
+        options(
             shapes_folder,
             tmp_path / "resumed",
-            *common,
-            "--resume_from_checkpoint",
-            tmp_path / "whole" / "checkpoint-4",
+            **common,
+            resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"),
         )
     )
     whole, resumed = (
@@ -170,7 +143,7 @@ def test_non_finite_loss_skips_the_step(shapes_folder, tmp_path, monkeypatch):
         return (loss * float("nan"), terms) if len(calls) == 2 else (loss, terms)
 
     monkeypatch.setattr(loss_deformable_detr.DeformableDetrLoss, "forward", nan_on_second_call)
-    train(args(shapes_folder, tmp_path, "--max_steps", 3, "--eval_every_epochs", 0))
+    train(options(shapes_folder, tmp_path, max_steps=3, eval_every_epochs=0))
     log = open(tmp_path / "train.log").read()
     assert "step 2: non-finite loss or gradient norm (nan); the step is skipped, 1 so far" in log
     assert "1 skipped step(s)" in log
@@ -184,15 +157,12 @@ def test_new_labels_from_our_model_and_from_transformers(shapes_folder, tmp_path
     hf = HFModel(small_hf_config(num_labels=5))
     hf.save_pretrained(tmp_path / "hf")
     train(
-        args(
+        options(
             shapes_folder,
             tmp_path / "from_hf",
-            "--model_name_or_path",
-            tmp_path / "hf",
-            "--max_steps",
-            1,
-            "--eval_every_epochs",
-            0,
+            model_name_or_path=str(tmp_path / "hf"),
+            max_steps=1,
+            eval_every_epochs=0,
         )
     )
     model = DeformableDetrForObjectDetection.from_pretrained(tmp_path / "from_hf")
@@ -200,19 +170,14 @@ def test_new_labels_from_our_model_and_from_transformers(shapes_folder, tmp_path
     assert model.class_embed.weight.shape == (3, 64)
     # the same labels again: the trained class head is kept
     train(
-        args(
+        options(
             shapes_folder,
             tmp_path / "again",
-            "--model_name_or_path",
-            tmp_path / "from_hf",
-            "--max_steps",
-            1,
-            "--eval_every_epochs",
-            0,
-            "--learning_rate",
-            0,
-            "--backbone_learning_rate",
-            0,
+            model_name_or_path=str(tmp_path / "from_hf"),
+            max_steps=1,
+            eval_every_epochs=0,
+            learning_rate=0,
+            backbone_learning_rate=0,
         )
     )
     again = load_file(tmp_path / "again" / "model.safetensors")
@@ -221,22 +186,22 @@ def test_new_labels_from_our_model_and_from_transformers(shapes_folder, tmp_path
 
 def test_bad_arguments_are_named(shapes_folder, tmp_path, capsys):
     """The library raises ValueError naming the option; the command turns it into one line, no traceback."""
-    with pytest.raises(ValueError, match="neither a config file/folder nor a preset"):
-        train(["--dataset", shapes_folder, "--config_name", "huge", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="--config_overrides 'd_model=oops'"):
-        train(args(shapes_folder, tmp_path, overrides="d_model=oops"))
-    with pytest.raises(ValueError, match="exactly one of --model_name_or_path"):
-        train(["--dataset", shapes_folder])
-    with pytest.raises(SystemExit, match="^deformable-detr-train: error: give exactly one of --model_name_or_path"):
-        main(["--dataset", shapes_folder])
+    with pytest.raises(ValueError, match="config_name 'huge' is neither a config file/folder nor a preset"):
+        train(TrainingOptions(dataset=shapes_folder, config_name="huge", output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="config_overrides 'd_model=oops'"):
+        train(options(shapes_folder, tmp_path, overrides="d_model=oops"))
+    with pytest.raises(ValueError, match="exactly one of model_name_or_path"):
+        TrainingOptions(dataset=shapes_folder)
+    with pytest.raises(SystemExit, match="^deformable-detr-train: error: give exactly one of model_name_or_path"):
+        train_main(["--dataset", shapes_folder])
 
 
 def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "deformable_detr.train",
-        *args(shapes_folder, tmp_path, "--max_steps", 10000, "--checkpointing_steps", "no"),
+        "deformable_detr.training",
+        *shlex.split(options(shapes_folder, tmp_path, max_steps=10000, checkpointing_steps="no").command())[1:],
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "train.log"
@@ -252,17 +217,14 @@ def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path):
     assert state["global_step"] >= 2
     assert "continue with --resume_from_checkpoint latest" in log.read_text()
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
-        train(args(shapes_folder, tmp_path, "--max_steps", 3))
+        train(options(shapes_folder, tmp_path, max_steps=3))
     train(
-        args(
+        options(
             shapes_folder,
             tmp_path,
-            "--max_steps",
-            state["global_step"] + 1,
-            "--resume_from_checkpoint",
-            "latest",
-            "--eval_every_epochs",
-            0,
+            max_steps=state["global_step"] + 1,
+            resume_from_checkpoint="latest",
+            eval_every_epochs=0,
         )
     )
     assert len(history(tmp_path)) == state["global_step"] + 1  # one logged loss per step, carried on

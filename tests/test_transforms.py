@@ -3,7 +3,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from deformable_detr.transforms import DetrAugmentation, crop, hflip, resize
+from deformable_detr.training.transforms import DetrAugmentation, crop, hflip, resize
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 BOXES = np.asarray([[10, 20, 70, 60], [100, 5, 190, 150], [30, 90, 60, 140], [150, 120, 198, 158]], dtype=np.float32)

@@ -1,12 +1,39 @@
-"""Small transformers models and inputs shared by the tests."""
+"""The oracle for tests and checks, as transformers.testing_utils is for transformers: transformers' own Deformable
+DETR (DeformableDetrForObjectDetection) built with random, perturbed weights, in the variants and layouts that ours
+must match or convert from.
 
+The tests (tests/) and the scripts that compare ours with transformers (scripts/benchmark.py, scripts/gpu_check.py)
+import it; the library never does. It is no part of the model's code: no module of the Hub set (the files that
+save_pretrained copies beside the weights) imports it, so a saved model never holds it. It needs transformers'
+ResNet and Deformable DETR classes and safetensors, which are dependencies of this package anyway.
+"""
+
+import json
+import os
 import re
-from pathlib import Path
+import tempfile
 
 import torch
+from safetensors.torch import save_file
 from transformers import DeformableDetrConfig as HFConfig
 from transformers import DeformableDetrForObjectDetection as HFModel
 from transformers import ResNetConfig
+
+from . import DeformableDetrForObjectDetection
+
+__all__ = [
+    "RESNET50_LIKE",
+    "VARIANTS",
+    "full_size_pair",
+    "hub_v4_state_dict",
+    "padded_batch",
+    "perturb_",
+    "resnet50_hf_model",
+    "small_hf_config",
+    "small_hf_model",
+    "torchvision_name",
+    "untie_class_heads_",
+]
 
 VARIANTS = {
     "multi-scale": {},
@@ -18,6 +45,7 @@ VARIANTS = {
 
 
 def small_hf_config(num_feature_levels=4, **overrides):
+    """transformers' config of a small Deformable DETR on a small transformers ResNet (basic blocks)."""
     out_features = ["stage2", "stage3", "stage4"] if num_feature_levels > 1 else ["stage4"]
     backbone = ResNetConfig(
         embedding_size=16,
@@ -76,6 +104,7 @@ def untie_class_heads_(model):
 
 
 def small_hf_model(variant="multi-scale", seed=0, **overrides):
+    """transformers' small Deformable DETR (small_hf_config) of a VARIANTS entry, untied and perturbed, in eval mode."""
     torch.manual_seed(seed)
     model = untie_class_heads_(HFModel(small_hf_config(**VARIANTS[variant], **overrides)))
     return perturb_(model, seed).eval()
@@ -135,27 +164,23 @@ def padded_batch(seed=0):
     return pixel_values, pixel_mask
 
 
-BCCD = Path(__file__).resolve().parent / "data" / "bccd"  # 13 images of BCCD, vendored (see its README)
-BCCD_FULL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bccd"  # only beside this project's CI
-BCCD_CLASSES = ["RBC", "WBC", "Platelets"]
-
-
-def bccd_example(name: str, image_id: int = 0):
-    """A BCCD image and its Pascal VOC boxes as a COCO detection annotation."""
-    import xml.etree.ElementTree as ET
-
-    from PIL import Image
-
-    objects = []
-    for obj in ET.parse(BCCD / "Annotations" / f"{name}.xml").findall("object"):
-        box = obj.find("bndbox")
-        x0, y0, x1, y1 = (float(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
-        objects.append(
-            {
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "category_id": BCCD_CLASSES.index(obj.find("name").text.strip()),
-                "area": (x1 - x0) * (y1 - y0),
-                "iscrowd": 0,
-            }
+def full_size_pair(device):
+    """transformers' full-size Deformable DETR on a ResNet-50 and ours converted from it, as the SenseTime Hub
+    checkpoints convert: through their layout (timm names), onto our built-in ResNet-50."""
+    torch.manual_seed(0)
+    backbone = ResNetConfig(**RESNET50_LIKE, out_features=["stage2", "stage3", "stage4"])
+    hf = perturb_(
+        HFModel(HFConfig(use_timm_backbone=False, backbone_config=backbone, num_labels=91, auxiliary_loss=True)),
+        scale=0.01,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        config = hf.config.to_dict()
+        config.pop("backbone_config")
+        config.update(use_timm_backbone=True, backbone="resnet50")
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+        save_file(
+            {k: v.contiguous() for k, v in hub_v4_state_dict(hf).items()}, os.path.join(folder, "model.safetensors")
         )
-    return Image.open(BCCD / "JPEGImages" / f"{name}.jpg"), {"image_id": image_id, "annotations": objects}
+        ours = DeformableDetrForObjectDetection.from_transformers(folder)
+    return hf.to(device), ours.to(device)

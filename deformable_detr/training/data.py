@@ -27,6 +27,9 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from PIL import ImageOps
 
+from ..box_ops import box_area, box_xywh_to_xyxy, box_xyxy_to_xywh
+from ..image_processing_deformable_detr import DeformableDetrImageProcessor
+
 logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation", "test": "test"}
@@ -338,8 +341,7 @@ class DetectionSamples(torch.utils.data.Dataset):
         example = self.dataset[index]
         image = ImageOps.exif_transpose(example["image"]).convert("RGB")
         objects = objects_of(example)
-        boxes = np.asarray(objects["bbox"], dtype=np.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
+        boxes = box_xywh_to_xyxy(torch.from_numpy(np.asarray(objects["bbox"], dtype=np.float32).reshape(-1, 4))).numpy()
         categories, areas = (
             np.asarray(objects["category"], dtype=np.int64),
             np.asarray(objects["area"], dtype=np.float32),
@@ -351,9 +353,9 @@ class DetectionSamples(torch.utils.data.Dataset):
             categories, crowds, areas = (
                 categories[keep],
                 crowds[keep],
-                (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+                box_area(torch.from_numpy(boxes)).numpy(),
             )
-        boxes[:, 2:] -= boxes[:, :2]
+        boxes = box_xyxy_to_xywh(torch.from_numpy(boxes)).numpy()
         annotation = {
             "image_id": index,
             "annotations": [  # the processor leaves crowd regions out, as DETR
@@ -368,20 +370,16 @@ class DetectionCollator:
     """Samples -> the model's batch: `pixel_values`, `pixel_mask`, `labels` (per image `class_labels`,
     normalised `boxes` and the rest of the processor's labels), and `orig_sizes` (B, 2) as (h, w).
 
-    Label boxes are made relative to each image's own size, as the paper's code has them and as the model
-    predicts them; the processor, like transformers', gives them relative to the padded canvas."""
+    Label boxes are relative to each image's own size (the processor's `boxes_relative_to="image"`), as the
+    paper's code has them and as the model predicts them, whatever padding the batch needs."""
 
     def __init__(self, processor):
-        self.processor = processor
+        self.processor = DeformableDetrImageProcessor(**{**processor.to_dict(), "boxes_relative_to": "image"})
 
     def __call__(self, samples: list[dict]) -> dict:
         images = [s["image"] for s in samples]
         batch = self.processor(images, annotations=[s["annotation"] for s in samples], return_tensors="pt")
-        labels = []
-        for label, mask in zip(batch["labels"], batch["pixel_mask"]):
-            height, width = mask.any(1).sum(), mask.any(0).sum()  # the image's size inside the canvas
-            scale = torch.stack([mask.shape[1] / width, mask.shape[0] / height] * 2).float()
-            labels.append(dict(label) | {"boxes": label["boxes"] * scale})
+        labels = [dict(label) for label in batch["labels"]]
         return {
             "pixel_values": batch["pixel_values"],
             "pixel_mask": batch["pixel_mask"],

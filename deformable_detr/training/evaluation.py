@@ -2,7 +2,6 @@
 class; predictions are gathered from every process before scoring. Also the `deformable-detr-evaluate`
 command."""
 
-import argparse
 import contextlib
 import io
 import json
@@ -13,6 +12,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ..box_ops import box_xyxy_to_xywh
 from .data import objects_of
 
 SUMMARY_NAMES = [
@@ -147,8 +147,7 @@ def evaluate(model, processor, dataloader, accelerator, ground_truth: dict) -> d
         )
         for label, result in zip(batch["labels"], results):
             image_id = int(label["image_id"][0])
-            boxes = result["boxes"].float().cpu()
-            boxes[:, 2:] -= boxes[:, :2]
+            boxes = box_xyxy_to_xywh(result["boxes"].float().cpu())
             detections[image_id] = [
                 {
                     "image_id": image_id,
@@ -166,70 +165,49 @@ def evaluate(model, processor, dataloader, accelerator, ground_truth: dict) -> d
     return coco_metrics(ground_truth, [d for image_id in sorted(merged) for d in merged[image_id]])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deformable-detr-evaluate",
-        description="COCO mAP of a saved Deformable DETR on a detection dataset (any format the training "
-        "script reads). Prints the table and writes it as JSON.",
-    )
-    parser.add_argument("--model", required=True, help="a saved model folder or Hub id (ours or transformers')")
-    parser.add_argument(
-        "--dataset", required=True, help="Hub id, save_to_disk folder, COCO folder or Pascal VOC folder"
-    )
-    parser.add_argument("--split", default="validation", help="which split to score (default: validation)")
-    parser.add_argument("--batch_size", type=int, default=2, help="images per batch and process")
-    parser.add_argument("--num_workers", type=int, default=0, help="data loading processes")
-    parser.add_argument("--output", default=None, help="where to write the metrics JSON (default: print only)")
-    parser.add_argument(
-        "--validation_fraction",
-        type=float,
-        default=0.15,
-        help="as in training: the share of training images held out when the data has no validation split",
-    )
-    parser.add_argument("--seed", type=int, default=42, help="as in training: the seed of that held-out split")
-    return parser
-
-
-def main(argv=None):
-    """The command: a bad option or dataset becomes one line and exit status 1."""
-    try:
-        evaluate_command(argv)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"deformable-detr-evaluate: error: {error}") from None
-
-
-def evaluate_command(argv=None) -> dict:
-    """Runs the command; returns the metrics."""
+def evaluate_saved_model(
+    model_path: str,
+    dataset: str,
+    split: str = "validation",
+    batch_size: int = 2,
+    num_workers: int = 0,
+    output: str | None = None,
+    validation_fraction: float = 0.15,
+    seed: int = 42,
+) -> dict:
+    """The COCO metrics of a saved model (ours or transformers', a folder or a Hub id) on a split of `dataset`
+    (any source `load_detection_dataset` reads; validation_fraction and seed as in training, for data without a
+    validation split). Prints the table; writes it as JSON to `output` if given. Raises ValueError when the split
+    is missing or the model's classes are not the data's."""
     from accelerate import Accelerator
 
+    from ..detect import load_detector
     from .data import DetectionCollator, DetectionSamples, load_detection_dataset
-    from .detect import load_detector
 
-    args = build_parser().parse_args(argv)
     accelerator = Accelerator()
-    splits, class_names = load_detection_dataset(args.dataset, args.validation_fraction, args.seed)
-    if args.split not in splits:
-        raise ValueError(f"{args.dataset} has no split {args.split!r}; it has {sorted(splits)}")
-    model, processor = load_detector(args.model, accelerator.device)
+    splits, class_names = load_detection_dataset(dataset, validation_fraction, seed)
+    if split not in splits:
+        raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
+    model, processor = load_detector(model_path, accelerator.device)
     model_classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if model_classes != class_names:
-        raise ValueError(f"the model's classes {model_classes} are not {args.dataset}'s {class_names} (in that order)")
-    dataset = splits[args.split]
+        raise ValueError(f"the model's classes {model_classes} are not {dataset}'s {class_names} (in that order)")
+    examples = splits[split]
     loader = torch.utils.data.DataLoader(
-        DetectionSamples(dataset),
-        batch_size=args.batch_size,
+        DetectionSamples(examples),
+        batch_size=batch_size,
         collate_fn=DetectionCollator(processor),
-        num_workers=args.num_workers,
+        num_workers=num_workers,
     )
     metrics = evaluate(
-        model, processor, accelerator.prepare(loader), accelerator, coco_ground_truth(dataset, class_names)
+        model, processor, accelerator.prepare(loader), accelerator, coco_ground_truth(examples, class_names)
     )
     if accelerator.is_main_process:
-        print(f"{args.model} on {args.dataset} [{args.split}], {len(dataset)} images\n{format_metrics(metrics)}")
-        if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
+        print(f"{model_path} on {dataset} [{split}], {len(examples)} images\n{format_metrics(metrics)}")
+        if output:
+            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+            with open(output, "w") as f:
                 json.dump(metrics, f, indent=2)
-            print(f"metrics written to {args.output}")
+            print(f"metrics written to {output}")
     accelerator.end_training()
     return metrics

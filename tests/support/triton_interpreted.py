@@ -1,21 +1,19 @@
-"""Checks of the Triton kernels, run by test_ms_deform_attn_triton.py in a process with TRITON_INTERPRET=1 (set
-before Triton is imported), so that they run on the CPU. Exits non-zero on the first failure."""
+"""Checks of the Triton kernels, run by test_ms_deform_attn_triton.py as `python -m tests.support.triton_interpreted`
+from the repository root, in a process with TRITON_INTERPRET=1 (set before Triton is imported), so that they run on
+the CPU. Exits non-zero on the first failure."""
 
 import os
-import sys
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_ms_deform_attn import naive, random_inputs  # noqa: E402
 
 from deformable_detr.ms_deform_attn import (  # noqa: E402
     BACKENDS,
     _compare_triton_with_reference,
     available_backends,
 )
+from tests.support.op_inputs import naive, random_inputs  # noqa: E402
 
 # the interpreter runs the kernels when called directly, but the automatic choice never picks it on the CPU
 assert "triton" not in available_backends("cpu"), available_backends("cpu")

@@ -1,0 +1,132 @@
+"""The commands: `deformable-detr-train`, `deformable-detr-evaluate`, `deformable-detr-detect` (also
+`scripts/*.py`). Each turns its arguments into the library's call and the library's exceptions into one line and
+an exit status: bad options or data 1 (argparse's own errors 2), a training stopped by a signal 128 + its number."""
+
+import argparse
+import typing
+from dataclasses import MISSING, fields
+
+from .training.options import MIXED_PRECISION, TrainingOptions
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's lines and shows every default."""
+
+
+def _fail(prog: str, error: Exception):
+    raise SystemExit(f"{prog}: error: {error}") from None
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """One flag per TrainingOptions field, in its group, with its type, default and help."""
+    from .training import options as module
+
+    parser = argparse.ArgumentParser(
+        prog="deformable-detr-train", description=module.__doc__, formatter_class=HelpFormatter
+    )
+    groups = {}
+    for f in fields(TrainingOptions):
+        group_name = f.metadata["group"]
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
+        if kind is bool:
+            group.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        elif f.default is MISSING:
+            group.add_argument(f"--{f.name}", type=kind, required=True, help=f.metadata["help"])
+        else:
+            choices = MIXED_PRECISION if f.name == "mixed_precision" else None
+            group.add_argument(f"--{f.name}", type=kind, default=f.default, choices=choices, help=f.metadata["help"])
+    return parser
+
+
+def train_main(argv=None):
+    from .training.loop import TrainingStopped, train
+
+    try:
+        train(TrainingOptions(**vars(train_parser().parse_args(argv))))
+    except TrainingStopped as stopped:
+        raise SystemExit(128 + stopped.signum) from None
+    except (ValueError, FileNotFoundError) as error:
+        _fail("deformable-detr-train", error)
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deformable-detr-evaluate",
+        description="COCO mAP of a saved Deformable DETR on a detection dataset (any format the training "
+        "command reads). Prints the table and writes it as JSON.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="a saved model folder or Hub id (ours or transformers')")
+    parser.add_argument(
+        "--dataset", required=True, help="Hub id, save_to_disk folder, COCO folder or Pascal VOC folder"
+    )
+    parser.add_argument("--split", default="validation", help="which split to score")
+    parser.add_argument("--batch_size", type=int, default=2, help="images per batch and process")
+    parser.add_argument("--num_workers", type=int, default=0, help="data loading processes")
+    parser.add_argument("--output", default=None, help="where to write the metrics JSON (default: print only)")
+    parser.add_argument(
+        "--validation_fraction",
+        type=float,
+        default=0.15,
+        help="as in training: the share of training images held out when the data has no validation split",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="as in training: the seed of that held-out split")
+    return parser
+
+
+def evaluate_main(argv=None):
+    from .training.evaluation import evaluate_saved_model
+
+    args = evaluate_parser().parse_args(argv)
+    try:
+        evaluate_saved_model(
+            args.model,
+            args.dataset,
+            args.split,
+            args.batch_size,
+            args.num_workers,
+            args.output,
+            args.validation_fraction,
+            args.seed,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        _fail("deformable-detr-evaluate", error)
+
+
+def detect_parser() -> argparse.ArgumentParser:
+    from . import detect
+
+    parser = argparse.ArgumentParser(
+        prog="deformable-detr-detect", description=detect.__doc__, formatter_class=HelpFormatter
+    )
+    parser.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns (quote them)")
+    parser.add_argument(
+        "--model", required=True, help="a saved model folder or Hub id (ours, or transformers' Deformable DETR)"
+    )
+    parser.add_argument("--output_dir", default="detections", help="where the JSON files and pictures go")
+    parser.add_argument("--threshold", type=float, default=0.5, help="minimum score of a detection, in [0, 1]")
+    parser.add_argument("--top_k", type=int, default=100, help="at most this many detections per image")
+    parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    parser.add_argument("--image_format", choices=["jpg", "png"], default="jpg", help="format of the drawn pictures")
+    return parser
+
+
+def detect_main(argv=None):
+    from .detect import detect_files
+
+    args = detect_parser().parse_args(argv)
+    try:
+        detect_files(
+            args.inputs,
+            args.model,
+            args.output_dir,
+            args.threshold,
+            args.top_k,
+            args.batch_size,
+            args.device,
+            args.image_format,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        _fail("deformable-detr-detect", error)

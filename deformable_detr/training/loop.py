@@ -1,0 +1,465 @@
+"""The training loop: `train(TrainingOptions(...))` trains or fine-tunes Deformable DETR on a detection dataset
+with accelerate, on one or many devices (the `deformable-detr-train` command in cli.py runs it; with `accelerate
+launch -m deformable_detr.training` on several). It reads top to bottom as the paper's engine.py: `prepare`
+the model, optimiser, schedule and loaders, `resume_or_start`, then per epoch `run_epoch` (forward_backward,
+optimiser_step, after_step) and `evaluate`, and at the end `finish` (model, processor, card, history).
+Checkpoints hold everything needed to continue exactly; SIGTERM or Ctrl-C writes one first.
+"""
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+from ..loss_deformable_detr import MAIN_TERMS
+from .checkpoints import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .data import DetectionCollator, DetectionSamples, load_detection_dataset
+from .evaluation import coco_ground_truth, evaluate, format_metrics
+from .model_card import write_model_card
+from .options import CONFIG_PRESETS, TRACKING_DIR, TrainingOptions
+from .transforms import DetrAugmentation
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --sampling_lr_factor x the lr
+
+
+def build_config(name: str, overrides: str) -> DeformableDetrConfig:
+    if name in CONFIG_PRESETS:
+        config = DeformableDetrConfig(**CONFIG_PRESETS[name])
+    elif os.path.isfile(name) or os.path.isdir(name):
+        config = DeformableDetrConfig.from_pretrained(name)
+    else:
+        raise ValueError(
+            f"config_name {name!r} is neither a config file/folder nor a preset ({', '.join(CONFIG_PRESETS)})"
+        )
+    if overrides:
+        try:
+            config.update_from_string(overrides)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"config_overrides {overrides!r}: {error}") from error
+        config.validate()
+    return config
+
+
+def build_model(options, class_names: list[str]) -> DeformableDetrForObjectDetection:
+    if options.model_name_or_path:
+        from ..conversion import load_model
+
+        model = load_model(options.model_name_or_path)
+    else:
+        config = build_config(options.config_name, options.config_overrides)
+        overridden = {item.split("=", 1)[0].strip() for item in options.config_overrides.split(",") if item}
+        if not options.backbone_weights and "freeze_backbone_batch_norms" not in overridden:
+            config.freeze_backbone_batch_norms = False  # a random backbone must learn, batch norms included
+        config.id2label = dict(enumerate(class_names))
+        config.label2id = {name: i for i, name in enumerate(class_names)}
+        model = DeformableDetrForObjectDetection(config)
+        if options.backbone_weights:
+            model.model.load_backbone_weights(options.backbone_weights)
+    model.set_labels(class_names)
+    return model
+
+
+def parameter_groups(model, options) -> list[dict]:
+    """The paper's three learning rates: backbone, sampling offsets and reference points, everything else."""
+    groups = {"backbone": [], "sampling": [], "rest": []}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if ".backbone." in f".{name}":
+            groups["backbone"].append(parameter)
+        elif any(key in name for key in SAMPLING_PARAMETERS):
+            groups["sampling"].append(parameter)
+        else:
+            groups["rest"].append(parameter)
+    lrs = {
+        "backbone": options.backbone_learning_rate,
+        "sampling": options.learning_rate * options.sampling_lr_factor,
+        "rest": options.learning_rate,
+    }
+    return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
+
+
+class StopRequest:
+    """SIGTERM and the first Ctrl-C ask the loop to checkpoint and stop at the end of the step; a second Ctrl-C
+    stops at once."""
+
+    signum = signal.SIGTERM  # the last signal received (SIGTERM when another process received it)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, StopRequest.signum = True, signum
+        logger.warning("received %s: writing a checkpoint after this step, then stopping", signal.Signals(signum).name)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class TrainingStopped(Exception):
+    """Raised by `train` after a signal asked it to stop: the checkpoint it wrote is `checkpoint`."""
+
+    def __init__(self, signum: int, checkpoint: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; continue with --resume_from_checkpoint latest")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@dataclass
+class Run:
+    """The prepared pieces of one run, and the loss terms and bad-window flag carried between its steps."""
+
+    options: TrainingOptions
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_samples: DetectionSamples
+    train_loader: Any
+    max_steps: int
+    running: list[dict] = field(default_factory=list)  # loss terms since the last log line
+    window_bad: bool = False  # the accumulation window saw a non-finite loss
+
+
+def train(options: TrainingOptions) -> dict | None:
+    """Trains as `options` say; returns the final validation metrics. Bad data raise ValueError /
+    FileNotFoundError naming the file; a signal raises TrainingStopped after writing a checkpoint."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env, set_seed
+
+    os.makedirs(options.output_dir, exist_ok=True)
+    # the processes, known before the Accelerator (which needs the model's config) exists; as it, honour
+    # ACCELERATE_USE_CPU, which makes several CPU processes one gloo group
+    setup_logging(PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")), options.output_dir)
+    set_seed(options.seed)
+
+    splits, class_names = load_detection_dataset(options.dataset, options.validation_fraction, options.seed)
+    logger.info(
+        "data %s: %d training and %d validation images, classes %s",
+        options.dataset,
+        len(splits["train"]),
+        len(splits["validation"]),
+        class_names,
+    )
+    processor = DeformableDetrImageProcessor(
+        size={"shortest_edge": options.image_size, "longest_edge": options.max_image_size}
+    )
+    run, eval_loader = prepare(options, splits, class_names, processor)
+    accelerator = run.accelerator
+    ground_truth = coco_ground_truth(splits["validation"], class_names)
+    state = resume_or_start(run)
+    steps_per_epoch = math.ceil(len(run.train_loader) / options.gradient_accumulation_steps)
+    num_epochs = math.ceil(run.max_steps / steps_per_epoch)
+    logger.info(
+        "training %d steps (%d epochs of %d), %d images per step, on %d process(es), mixed precision %s",
+        run.max_steps,
+        num_epochs,
+        steps_per_epoch,
+        options.per_device_train_batch_size * options.gradient_accumulation_steps * accelerator.num_processes,
+        accelerator.num_processes,
+        accelerator.mixed_precision,
+    )
+    stop = StopRequest()
+    progress = tqdm(
+        total=run.max_steps,
+        initial=state.global_step,
+        desc="training",
+        disable=not accelerator.is_local_main_process,
+    )
+    metrics = None
+    started = time.time()
+    try:
+        for epoch in range(state.epoch, num_epochs):
+            if state.global_step >= run.max_steps:  # resumed from the last step
+                break
+            stopping = run_epoch(run, state, epoch, stop, progress)
+            finished = state.global_step >= run.max_steps
+            if stopping and not finished:
+                checkpoint = save_checkpoint(accelerator, options.output_dir, state, options.checkpoints_total_limit)
+                logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state.global_step)
+                accelerator.end_training()
+                raise TrainingStopped(StopRequest.signum, checkpoint)
+            if finished or (options.eval_every_epochs and (epoch + 1) % options.eval_every_epochs == 0):
+                metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth)
+                state.history.append({"step": state.global_step, "epoch": epoch + 1, "eval": metrics})
+                accelerator.log(
+                    {f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state.global_step
+                )
+                logger.info("epoch %d, step %d, validation:\n%s", epoch + 1, state.global_step, format_metrics(metrics))
+            if finished:
+                break
+            if options.checkpointing_steps == "epoch":
+                save_checkpoint(accelerator, options.output_dir, state, options.checkpoints_total_limit)
+    finally:
+        stop.restore()
+        progress.close()
+    minutes = (time.time() - started) / 60
+    finish(accelerator, run.model, processor, options, state, metrics, minutes)
+    accelerator.end_training()
+    return metrics
+
+
+def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, Any]:
+    """The model, optimiser, lr schedule and loaders, prepared by an Accelerator; -> (run, validation loader)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+    model = build_model(options, class_names)
+    # with box refinement but no auxiliary loss, the earlier layers' class heads get no gradient
+    unused = model.config.with_box_refine and not model.config.auxiliary_loss
+    accelerator = Accelerator(
+        mixed_precision=options.mixed_precision,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        log_with="tensorboard" if options.with_tracking else None,
+        project_dir=options.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=options.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+    )
+    train_samples, train_loader, eval_loader = make_loaders(options, splits, processor)
+    optimizer = torch.optim.AdamW(parameter_groups(model, options), weight_decay=options.weight_decay)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / options.gradient_accumulation_steps)
+    max_steps = options.max_steps or options.num_train_epochs * steps_per_epoch
+    drop_step = int(options.lr_drop * max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 if step >= drop_step else 1.0)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimiser step
+    run = Run(options, accelerator, model, optimizer, scheduler, train_samples, train_loader, max_steps)
+    return run, eval_loader
+
+
+def resume_or_start(run: Run) -> TrainState:
+    """The state of --resume_from_checkpoint, or a fresh one where --output_dir holds no earlier run's
+    checkpoints; opens the TensorBoard run."""
+    options = run.options
+    checkpoint = (
+        find_checkpoint(options.resume_from_checkpoint, options.output_dir) if options.resume_from_checkpoint else None
+    )
+    if checkpoint:
+        state = load_checkpoint(run.accelerator, checkpoint)
+    elif list_checkpoints(options.output_dir):
+        raise ValueError(
+            f"{options.output_dir} holds checkpoints of an earlier run: continue it with --resume_from_checkpoint "
+            "latest, or start afresh in another --output_dir"
+        )
+    else:
+        state = TrainState()
+    if options.with_tracking:
+        hyperparameters = {
+            k: v for k, v in asdict(options).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+        }
+        run.accelerator.init_trackers(TRACKING_DIR, hyperparameters)
+    return state
+
+
+def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progress) -> bool:
+    """One pass over the training batches (the rest of it, when resumed mid-epoch), ending early at the last
+    step or when a signal asked to stop (on every process together); -> whether one did."""
+    accelerator, model = run.accelerator, run.model
+    state.epoch = epoch
+    model.train()
+    run.train_samples.set_epoch(epoch)
+    run.train_loader.set_epoch(epoch)
+    batches = run.train_loader
+    if state.batches_in_epoch:
+        batches = accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+    for batch in batches:
+        with accelerator.accumulate(model):
+            outputs, finite, run.window_bad, stopping = forward_backward(
+                model, batch, accelerator, run.window_bad, stop.requested
+            )
+            if accelerator.sync_gradients:
+                optimiser_step(
+                    model, run.optimizer, run.scheduler, accelerator, run.options, state, run.window_bad, outputs.loss
+                )
+        state.batches_in_epoch += 1
+        if finite:
+            run.running.append({"loss": outputs.loss.item()} | main_terms(outputs.loss_dict))
+        if not accelerator.sync_gradients:
+            continue
+        run.window_bad = False
+        state.global_step += 1
+        after_step(run, state, epoch, progress)
+        if stopping or state.global_step >= run.max_steps:
+            return stopping
+    state.epoch, state.batches_in_epoch = epoch + 1, 0
+    return False
+
+
+def after_step(run: Run, state: TrainState, epoch: int, progress):
+    """The progress bar, a log line every --logging_steps, a checkpoint every --checkpointing_steps."""
+    options = run.options
+    progress.update(1)
+    lr = run.scheduler.get_last_lr()[-1]
+    if run.running:
+        progress.set_postfix(loss=f"{run.running[-1]['loss']:.3f}", lr=f"{lr:.1e}")
+    if state.global_step % options.logging_steps == 0 or state.global_step == run.max_steps:
+        log_training(run.accelerator, state, run.running, lr, epoch)
+        run.running = []
+    every = options.checkpoint_every()
+    if every and state.global_step % every == 0 and state.global_step < run.max_steps:
+        save_checkpoint(run.accelerator, options.output_dir, state, options.checkpoints_total_limit)
+
+
+def setup_logging(state, output_dir: str):
+    """INFO to the console and --output_dir/train.log from the main process; warnings from every process."""
+    handlers = [logging.StreamHandler()]
+    if state.is_main_process:
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    package = logging.getLogger("deformable_detr")  # this module's logger and data.py's report through it
+    package.handlers = handlers
+    package.setLevel(logging.INFO if state.is_main_process else logging.WARNING)
+    package.propagate = False
+
+
+def make_loaders(options, splits, processor):
+    """(training samples, whose epoch sets the augmentation; training loader; validation loader)."""
+    augmentation = None if options.no_augmentation else DetrAugmentation(options.image_size, options.max_image_size)
+    train_samples = DetectionSamples(splits["train"], augmentation, options.seed)
+    # augmented images come resized already; the processor normalises and pads them
+    train_processor = DeformableDetrImageProcessor(**{**processor.to_dict(), "do_resize": augmentation is None})
+    train_loader = torch.utils.data.DataLoader(
+        train_samples,
+        batch_size=options.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=DetectionCollator(train_processor),
+        num_workers=options.num_workers,
+        # its own generator: making a loader's iterator then leaves the global random state (dropout) alone
+        generator=torch.Generator().manual_seed(options.seed),
+        worker_init_fn=ignore_interrupts,
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        DetectionSamples(splits["validation"]),
+        batch_size=options.per_device_eval_batch_size,
+        collate_fn=DetectionCollator(processor),
+        num_workers=options.num_workers,
+        worker_init_fn=ignore_interrupts,
+    )
+    return train_samples, train_loader, eval_loader
+
+
+def forward_backward(model, batch, accelerator, window_bad: bool, stop_requested: bool):
+    """The loss of one batch, and its backward pass unless the accumulation window already saw a non-finite
+    loss. Non-finite losses and stop requests are summed over processes, so that all of them skip or stop
+    together. Returns (outputs, finite on every process, window_bad, stopping)."""
+    outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+    flags = torch.tensor([float(not torch.isfinite(outputs.loss)), float(stop_requested)], device=accelerator.device)
+    flags = accelerator.reduce(flags, "sum")
+    finite = not flags[0]
+    window_bad = window_bad or not finite
+    if not window_bad:
+        accelerator.backward(outputs.loss)
+    return outputs, finite, window_bad, bool(flags[1])
+
+
+def optimiser_step(model, optimizer, scheduler, accelerator, options, state: TrainState, window_bad: bool, loss):
+    """At the end of an accumulation window: clip and apply the gradients, or skip (and count) the step when the
+    window saw a non-finite loss or the gradients are not finite (in fp16 the grad scaler skips such steps itself
+    and lowers its scale). The lr schedule advances either way."""
+    if not window_bad:
+        norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm or float("inf"))
+        if accelerator.mixed_precision != "fp16" and not torch.isfinite(norm):
+            window_bad, loss = True, norm
+    if window_bad:
+        state.skipped_steps += 1
+        logger.warning(
+            "step %d: non-finite loss or gradient norm (%s); the step is skipped, %d so far",
+            state.global_step + 1,
+            loss.item(),
+            state.skipped_steps,
+        )
+    else:
+        optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+
+
+def main_terms(loss_dict: dict) -> dict:
+    """The last layer's loss terms (loss_ce, loss_bbox, loss_giou) and cardinality_error, without the auxiliary
+    and encoder ones."""
+    return {k: v.item() for k, v in loss_dict.items() if k in MAIN_TERMS}
+
+
+def ignore_interrupts(worker_id: int):
+    """Data loading workers leave Ctrl-C to the main process, which checkpoints before stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def log_training(accelerator, state: TrainState, running: list[dict], lr: float, epoch: int):
+    """Logs the loss terms averaged over the steps since the last log and over the processes (every process
+    holds as many, since they skip steps together)."""
+    if not running:
+        return
+    local = torch.tensor([[r[k] for k in running[0]] for r in running], device=accelerator.device).mean(0)
+    means = dict(zip(running[0], accelerator.reduce(local, "mean").tolist()))
+    state.history.append({"step": state.global_step, "epoch": epoch + 1, "lr": lr} | means)
+    accelerator.log({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr}, step=state.global_step)
+    logger.info(
+        "step %d, epoch %d: %s, lr %.2e%s",
+        state.global_step,
+        epoch + 1,
+        ", ".join(f"{k} {v:.4f}" for k, v in means.items()),
+        lr,
+        f", {state.skipped_steps} skipped step(s)" if state.skipped_steps else "",
+    )
+
+
+def finish(accelerator, model, processor, options, state, metrics, minutes):
+    """The trained model, processor, history, metrics and model card in --output_dir."""
+    accelerator.wait_for_everyone()
+    weights = accelerator.get_state_dict(model)  # every process takes part: FSDP and DeepSpeed gather shards
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(model)
+    model.save_pretrained(options.output_dir, state_dict=weights)
+    processor.save_pretrained(options.output_dir)
+    with open(os.path.join(options.output_dir, "history.json"), "w") as f:
+        json.dump(state.history, f, indent=1)
+    if metrics is not None:
+        with open(os.path.join(options.output_dir, "eval_results.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    write_model_card(
+        options.output_dir,
+        model.config,
+        metrics,
+        dataset=options.dataset,
+        command=options.command(),
+        steps=state.global_step,
+        skipped_steps=state.skipped_steps,
+        minutes=minutes,
+        processes=accelerator.num_processes,
+    )
+    logger.info("model, processor and model card saved to %s", options.output_dir)
+    if options.push_to_hub:
+        push_to_hub(options)
+
+
+def push_to_hub(options) -> str:
+    """Uploads --output_dir without its checkpoints and TensorBoard runs; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=options.hub_token)
+    repo_id = options.hub_model_id or os.path.basename(os.path.normpath(options.output_dir))
+    repo_id = api.create_repo(repo_id, private=options.hub_private_repo, exist_ok=True).repo_id
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=options.output_dir,
+        commit_message="Training run",
+        ignore_patterns=["checkpoint-*", f"{TRACKING_DIR}/*", "train.log"],
+    )
+    logger.info("pushed to %s (%s)", repo_id, commit.commit_url)
+    return commit.commit_url

@@ -1,0 +1,171 @@
+"""The options of a training run: `TrainingOptions`, one typed object that `train` takes and checks as a whole.
+The `deformable-detr-train` command makes its flags from these fields (name, type, default, help, group), so the
+two cannot drift apart.
+
+The defaults are the paper's recipe: AdamW, lr 2e-4, backbone lr 2e-5, 0.1x lr for the sampling offsets and
+reference points, weight decay 1e-4, gradient norm clipped at 0.1, lr x0.1 after 80% of the steps, and DETR's
+augmentation.
+"""
+
+import shlex
+from dataclasses import MISSING, dataclass, field, fields
+
+# config_name presets; "paper" is the paper's Deformable DETR (ResNet-50, 6+6 layers, 300 queries)
+CONFIG_PRESETS = {
+    "paper": {},
+    "tiny": {
+        "backbone": "resnet18",
+        "d_model": 128,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_ffn_dim": 512,
+        "decoder_ffn_dim": 512,
+        "num_queries": 100,
+        "two_stage_num_proposals": 100,
+        "num_feature_levels": 3,
+    },
+}
+TRACKING_DIR = "deformable-detr"  # TensorBoard runs, under output_dir
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def option(default, group: str, help: str):
+    """A field with its command-line group and help."""
+    return field(default=default, metadata={"group": group, "help": help})
+
+
+@dataclass
+class TrainingOptions:
+    dataset: str = field(
+        metadata={
+            "group": "data",
+            "help": "a Hub dataset id (cppe-5 schema), a save_to_disk folder, a COCO folder (Roboflow's "
+            "{split}/_annotations.coco.json or annotations/instances_{split}.json) or a Pascal VOC folder",
+        }
+    )
+    validation_fraction: float = option(
+        0.15, "data", "share of the training images held out when the data has no validation split"
+    )
+    image_size: int = option(
+        800, "data", "shortest image side for evaluation; training scales 0.6x..1x of it (DETR: 480..800)"
+    )
+    max_image_size: int = option(1333, "data", "longest image side")
+    no_augmentation: bool = option(False, "data", "train on plain resized images")
+    num_workers: int = option(2, "data", "data loading processes per device")
+
+    model_name_or_path: str | None = option(
+        None,
+        "model",
+        "a saved model folder or Hub id: ours, or transformers' Deformable DETR (converted on the fly). A new "
+        "label set gets fresh class heads.",
+    )
+    config_name: str | None = option(
+        None, "model", f"a fresh model: a config.json, or a preset: {', '.join(CONFIG_PRESETS)}"
+    )
+    config_overrides: str = option("", "model", 'with config_name, e.g. "d_model=64,encoder_layers=1"')
+    backbone_weights: str | None = option(
+        None,
+        "model",
+        "with config_name: ResNet weights for the built-in backbone (a .safetensors/.pth file with torchvision "
+        "names, or a Hub id)",
+    )
+
+    learning_rate: float = option(2e-4, "optimisation", "AdamW lr of the transformer and heads")
+    backbone_learning_rate: float = option(2e-5, "optimisation", "AdamW lr of the backbone")
+    sampling_lr_factor: float = option(
+        0.1, "optimisation", "lr multiplier of the sampling offsets and reference points"
+    )
+    weight_decay: float = option(1e-4, "optimisation", "AdamW weight decay, for every parameter")
+    max_grad_norm: float = option(0.1, "optimisation", "gradient norm clip (0: none)")
+    lr_drop: float = option(
+        0.8, "optimisation", "share of the steps after which the lr is x0.1 (paper: 40 of 50 epochs)"
+    )
+    per_device_train_batch_size: int = option(2, "optimisation", "images per step and process")
+    per_device_eval_batch_size: int = option(2, "optimisation", "images per evaluation batch and process")
+    gradient_accumulation_steps: int = option(1, "optimisation", "batches summed into one optimiser step")
+    num_train_epochs: int = option(50, "optimisation", "passes over the training split (paper: 50)")
+    max_steps: int | None = option(None, "optimisation", "optimiser steps; overrides num_train_epochs")
+    mixed_precision: str | None = option(
+        None, "optimisation", f"one of {', '.join(MIXED_PRECISION)}; default: what `accelerate config` chose, else no"
+    )
+    seed: int = option(42, "optimisation", "initialisation, data order, augmentation, validation split")
+
+    output_dir: str = option("outputs/deformable-detr", "outputs and checkpoints", "model, card, log, checkpoints")
+    checkpointing_steps: str = option("epoch", "outputs and checkpoints", '"epoch", a number of steps, or "no"')
+    checkpoints_total_limit: int = option(2, "outputs and checkpoints", "older checkpoints are deleted")
+    resume_from_checkpoint: str | None = option(
+        None, "outputs and checkpoints", 'a checkpoint folder, or "latest" (in output_dir)'
+    )
+    eval_every_epochs: int = option(1, "outputs and checkpoints", "COCO evaluation every N epochs (0: only at the end)")
+    logging_steps: int = option(10, "outputs and checkpoints", "steps between log lines (mean loss terms, lr)")
+    with_tracking: bool = option(False, "outputs and checkpoints", f"log to TensorBoard in output_dir/{TRACKING_DIR}")
+
+    push_to_hub: bool = option(False, "the Hub", "upload the trained model, processor, code and card at the end")
+    hub_model_id: str | None = option(
+        None, "the Hub", "the repo to push to, e.g. user/deformable-detr-bccd (default: the name of output_dir)"
+    )
+    hub_token: str | None = option(
+        None, "the Hub", "a Hub token with write access (default: the one `hf auth login` stored)"
+    )
+    hub_private_repo: bool = option(False, "the Hub", "create the repo private")
+
+    def __post_init__(self):
+        self.checkpointing_steps = str(self.checkpointing_steps)
+        self.check()
+
+    def check(self):
+        """Raises ValueError naming the option where the options do not fit together."""
+        if bool(self.model_name_or_path) == bool(self.config_name):
+            raise ValueError(
+                "give exactly one of model_name_or_path (start from a saved model) and config_name (a fresh one)"
+            )
+        if self.config_overrides and not self.config_name:
+            raise ValueError("config_overrides changes a fresh model's config; it needs config_name")
+        if self.backbone_weights and not self.config_name:
+            raise ValueError("backbone_weights is for a fresh model (config_name); a saved model has its own")
+        if (self.hub_model_id or self.hub_token or self.hub_private_repo) and not self.push_to_hub:
+            raise ValueError("hub_model_id, hub_token and hub_private_repo need push_to_hub")
+        for name in (
+            "image_size",
+            "max_image_size",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "num_train_epochs",
+            "logging_steps",
+            "checkpoints_total_limit",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.mixed_precision not in (None, *MIXED_PRECISION):
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.checkpointing_steps not in ("epoch", "no") and not self.checkpointing_steps.isdigit():
+            raise ValueError(
+                f'checkpointing_steps must be "epoch", "no" or a number of steps, got {self.checkpointing_steps!r}'
+            )
+        if self.with_tracking:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "with_tracking logs to TensorBoard, which is not installed: pip install tensorboard"
+                ) from None
+
+    def checkpoint_every(self) -> int:
+        """Steps between checkpoints when checkpointing_steps is a number, else 0."""
+        return int(self.checkpointing_steps) if self.checkpointing_steps.isdigit() else 0
+
+    def command(self) -> str:
+        """The command line that runs these options (for the model card and the log), without the hub token."""
+        words = ["deformable-detr-train"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.default is not MISSING and value == f.default:
+                continue
+            if isinstance(value, bool):
+                words.append(f"--{f.name}")
+            else:
+                words += [f"--{f.name}", "***" if f.name == "hub_token" else str(value)]
+        return shlex.join(words)

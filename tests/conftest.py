@@ -1,0 +1,26 @@
+"""Fixtures that several test files use: generated shapes data written to disk, and the local fake Hub."""
+
+import pytest
+
+from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+from tests.support.datasets_on_disk import write_coco
+from tests.support.fake_hub import FakeHub
+
+
+@pytest.fixture(scope="session")
+def shapes_coco(tmp_path_factory):
+    """`shapes_coco(train, valid)` writes a fresh COCO folder (Roboflow layout) of generated 64x64 shapes images,
+    `train` of them (seed 1) in train/ and `valid` (seed 2) in valid/, and returns its path."""
+
+    def write(train: int, valid: int) -> str:
+        splits = {"train": shapes_dataset(train, 64, seed=1), "valid": shapes_dataset(valid, 64, seed=2)}
+        return write_coco(splits, CLASS_NAMES, str(tmp_path_factory.mktemp("shapes")))
+
+    return write
+
+
+@pytest.fixture
+def hub():
+    """The local fake Hub (tests/support/fake_hub.py), serving during one test."""
+    with FakeHub() as hub:
+        yield hub

@@ -1,0 +1,40 @@
+"""Tiny models of ours for the tests: built in memory, saved as a detector, or as training overrides."""
+
+import torch
+
+from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+
+TINY = dict(
+    backbone="resnet18",
+    d_model=64,
+    encoder_layers=1,
+    decoder_layers=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    num_queries=7,
+    two_stage_num_proposals=7,
+    num_labels=3,
+)
+
+# the training command's --config_overrides (on its "tiny" preset) of the tests that train
+TINY_OVERRIDES = (
+    "d_model=32,encoder_layers=1,decoder_layers=2,encoder_ffn_dim=64,decoder_ffn_dim=64,num_queries=10,"
+    "encoder_attention_heads=2,decoder_attention_heads=2"
+)
+
+
+def tiny_model(**overrides):
+    """Our model with the TINY config (and `overrides`), seeded, in eval mode."""
+    torch.manual_seed(0)
+    return DeformableDetrForObjectDetection(DeformableDetrConfig(**{**TINY, **overrides})).eval()
+
+
+def saved_detector(folder):
+    """A tiny model with BCCD's three labels and a processor for small images, saved in `folder`."""
+    model = tiny_model(num_labels=3, id2label={0: "RBC", 1: "WBC", 2: "Platelets"})
+    processor = DeformableDetrImageProcessor(size={"shortest_edge": 128, "longest_edge": 200})
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
