@@ -237,6 +237,7 @@ def compare_op(report, name, value, shapes, locations, weights, dtype, forward_l
 
 
 def op_correctness(report, device, quick):
+    """The self-check, and Triton against the reference at the encoder and decoder shapes, in each type."""
     from deformable_detr.ms_deform_attn import (
         _compare_triton_with_reference,
         triton_self_check,
@@ -278,6 +279,12 @@ def op_correctness(report, device, quick):
                 report, name, value, shapes, locations, weights, dtype, 1e-5 if exact else 1e-2, 1e-4 if exact else 1e-2
             )
 
+
+def op_edge_cases(report, device, quick):
+    """Points on pixel edges and map borders, padded values, non-contiguous inputs, an empty batch."""
+    section = "op: Triton vs reference"
+    heads = 2 if quick else 8
+    encoder = QUICK_SHAPES if quick else ENCODER_SHAPES
     # borders: every location on a pixel edge or centre of its level, or on / just past the map's edges
     shapes = [(5, 7), (3, 4)]
     value, locations, weights = op_inputs(shapes, 2, 40, device, heads=heads, points=3)
@@ -333,9 +340,12 @@ def op_correctness(report, device, quick):
     ]
     report.add(section, "empty batch", f"output (0, 7, {heads * 32}) and gradients of the inputs' shapes", "pass")
 
-    # exact gradients in fp64 (tiny: gradcheck perturbs every input element)
+
+def op_gradcheck(report, device, quick):
+    """Exact gradients in fp64 (tiny shapes: gradcheck perturbs every input element)."""
     from deformable_detr.ms_deform_attn import multi_scale_deformable_attention_triton
 
+    section = "op: Triton vs reference"
     shapes, queries, heads, dim, points = ([(2, 2), (1, 2)], 2, 1, 2, 1) if quick else ([(3, 4), (2, 2)], 3, 2, 4, 2)
     value, locations, weights = op_inputs(shapes, 1, queries, device, torch.float64, heads, dim, points)
     inputs = tuple(t.double().requires_grad_(True) for t in (value, locations, weights))
@@ -584,70 +594,73 @@ def compiled_inference(report, device, quick, ours):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def training(report, device, quick):
-    """30 optimiser steps of the training loop's step, ours and transformers', each from the same weights."""
+def training_steps(model, batches, precision: str, device, steps: int) -> tuple[list[float], list[float], int, float]:
+    """`steps` optimiser steps of the training loop's own step functions on a copy of `model`, from a fresh
+    Accelerator in `precision`. -> (losses, seconds per step, steps skipped, peak GPU MiB or NaN)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from deformable_detr import DeformableDetrImageProcessor
     from deformable_detr.training.checkpoints import TrainState
-    from deformable_detr.training.data import DetectionCollator, DetectionSamples
     from deformable_detr.training.loop import forward_backward, optimiser_step, parameter_groups
     from deformable_detr.training.options import TrainingOptions
+
+    options = TrainingOptions(dataset="shapes", config_name="paper")  # the paper's recipe
+    model = copy.deepcopy(model)  # accelerate wraps a prepared model's forward in its autocast
+    AcceleratorState._reset_state()  # each run its own mixed precision and grad scaler
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    optimizer = torch.optim.AdamW(parameter_groups(model, options), weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = accelerator.prepare(model.train(), optimizer)
+    state, losses, times = TrainState(), [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        batch = {
+            "pixel_values": batch["pixel_values"].to(device),
+            "pixel_mask": batch["pixel_mask"].to(device),
+            "labels": [{k: v.to(device) for k, v in label.items()} for label in batch["labels"]],
+        }
+        synchronize(device)
+        started = time.perf_counter()
+        with accelerator.accumulate(model):
+            outputs, _, bad, _ = forward_backward(model, batch, accelerator, False, False)
+            optimiser_step(model, optimizer, scheduler, accelerator, options, state, bad, outputs.loss)
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+        losses.append(outputs.loss.item())
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    AcceleratorState._reset_state()
+    return losses, times, state.skipped_steps, peak
+
+
+def training(report, device, quick):
+    """30 optimiser steps, ours and transformers', each from the same weights, in bf16 and in fp16."""
+    from deformable_detr import DeformableDetrImageProcessor
+    from deformable_detr.training.data import DetectionCollator, DetectionSamples
     from deformable_detr.training.shapes import shapes_records
 
     batch_size, steps, size = (2, 6, 128) if quick else (8, 30, 512)
     section = f"training, batch {batch_size} of {size}x{size} shapes, {steps} steps"
-    samples = DetectionSamples(
-        shapes_records(batch_size * 10, image_size=size, max_objects=6, seed=0)
-    )  # no `datasets` needed
+    samples = DetectionSamples(shapes_records(batch_size * 10, size, max_objects=6))  # no `datasets` needed
     processor = DeformableDetrImageProcessor(size={"shortest_edge": size, "longest_edge": size})
-    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=DetectionCollator(processor))
-    batches = list(loader)
-    args = TrainingOptions(dataset="shapes", config_name="paper")  # the paper's recipe
+    batches = list(torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=DetectionCollator(processor)))
     hf, ours = model_pair(torch.device("cpu"), quick)
-    results = {}
     for precision in ("bf16", "fp16"):
-        for name, pristine in (("ours", ours), ("transformers", hf)):
-            model = copy.deepcopy(pristine)  # accelerate wraps a prepared model's forward in its autocast
-            AcceleratorState._reset_state()  # each run its own mixed precision and grad scaler
-            accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-            optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-            trained, optimizer = accelerator.prepare(model.train(), optimizer)
-            state = TrainState()
-            losses, times = [], []
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            for step in range(steps):
-                batch = batches[step % len(batches)]
-                batch = {
-                    "pixel_values": batch["pixel_values"].to(device),
-                    "pixel_mask": batch["pixel_mask"].to(device),
-                    "labels": [{k: v.to(device) for k, v in label.items()} for label in batch["labels"]],
-                }
-                synchronize(device)
-                started = time.perf_counter()
-                with accelerator.accumulate(trained):
-                    outputs, finite, bad, _ = forward_backward(trained, batch, accelerator, False, False)
-                    optimiser_step(trained, optimizer, scheduler, accelerator, args, state, bad, outputs.loss)
-                synchronize(device)
-                times.append(time.perf_counter() - started)
-                losses.append(outputs.loss.item())
-            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-            step_time = statistics.median(times[2:])
-            window = max(1, steps // 3)
+        results = {}
+        for name, model in (("ours", ours), ("transformers", hf)):
+            losses, times, skipped, peak = training_steps(model, batches, precision, device, steps)
+            step_time, window = statistics.median(times[2:]), max(1, steps // 3)
             first, last = statistics.mean(losses[:window]), statistics.mean(losses[-window:])
-            finite = all(math.isfinite(v) for v in losses)
-            results[name, precision] = step_time, peak
+            falling = all(math.isfinite(v) for v in losses) and last < first
+            results[name] = step_time, peak
             report.add(
                 section,
                 f"{name}, {precision}: loss",
-                f"{first:.3f} (first {window} steps) -> {last:.3f} (last {window}), "
-                f"{state.skipped_steps} skipped step(s)",
-                "pass" if finite and last < first else "fail",
+                f"{first:.3f} (first {window} steps) -> {last:.3f} (last {window}), {skipped} skipped step(s)",
+                "pass" if falling else "fail",
                 losses=losses,
-                skipped=state.skipped_steps,
+                skipped=skipped,
             )
             report.add(
                 section,
@@ -656,21 +669,16 @@ def training(report, device, quick):
                 step_ms=step_time * 1e3,
                 peak_mib=peak,
             )
-            del model, trained, optimizer, accelerator
-        (ours_time, ours_peak), (hf_time, hf_peak) = results["ours", precision], results["transformers", precision]
+        (ours_time, ours_peak), (hf_time, hf_peak) = results["ours"], results["transformers"]
         speedup = hf_time / ours_time
         text = f"{speedup:.2f}x transformers' step, peak memory {ours_peak:.0f} vs {hf_peak:.0f} MiB"
         if precision == "bf16":
+            met = speedup >= 1.5 and not ours_peak > hf_peak
             report.target(
-                section,
-                "bf16: ours vs transformers",
-                speedup >= 1.5 and not ours_peak > hf_peak,
-                text + " (target: >= 1.5x, less memory)",
-                speedup=speedup,
+                section, "bf16: ours vs transformers", met, text + " (target: >= 1.5x, less memory)", speedup=speedup
             )
         else:
             report.add(section, "fp16: ours vs transformers", text, speedup=speedup)
-    AcceleratorState._reset_state()
 
 
 def environment(device) -> dict:
@@ -710,7 +718,8 @@ def main(argv=None) -> int:
     report = Report(args.out, environment(device))
     parts = args.only or ["op", "speed", "model", "train", "compile"]
     if "op" in parts:
-        guarded(report, "op: Triton vs reference")(op_correctness)(report, device, args.quick)
+        for check in (op_correctness, op_edge_cases, op_gradcheck):
+            guarded(report, "op: Triton vs reference")(check)(report, device, args.quick)
     if "speed" in parts:
         bandwidth = copy_bandwidth(device, args.quick)
         report.add(

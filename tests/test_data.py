@@ -131,7 +131,7 @@ def test_bad_coco_files_are_named(shapes, tmp_path):
     json.dump(coco, open(path, "w"))
     with pytest.raises(FileNotFoundError, match="train_000.jpg"):
         load_detection_dataset(root)
-    with pytest.raises(FileNotFoundError, match="--dataset ./no/such/folder: no such folder"):
+    with pytest.raises(FileNotFoundError, match="dataset ./no/such/folder: no such folder"):
         load_detection_dataset("./no/such/folder")
 
 

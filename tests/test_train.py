@@ -215,7 +215,7 @@ def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path):
     assert len(checkpoints) == 1
     state = json.load(open(checkpoints[0]))
     assert state["global_step"] >= 2
-    assert "continue with --resume_from_checkpoint latest" in log.read_text()
+    assert 'continue with resume_from_checkpoint="latest" (--resume_from_checkpoint latest)' in log.read_text()
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         train(options(shapes_folder, tmp_path, max_steps=3))
     train(

@@ -59,7 +59,7 @@ def dataset_format(source: str) -> str:
     """'save_to_disk', 'coco', 'voc', or 'load_dataset' (Hub ids and folders that datasets reads itself)."""
     if not os.path.isdir(source):
         if source.startswith(("/", "./", "../", "~")) or os.path.isfile(source):
-            raise FileNotFoundError(f"--dataset {source}: no such folder (a dataset is a folder or a Hub id)")
+            raise FileNotFoundError(f"dataset {source}: no such folder (a dataset is a folder or a Hub id)")
         return "load_dataset"
     entries = set(os.listdir(source))
     if entries & {"dataset_dict.json", "state.json"}:

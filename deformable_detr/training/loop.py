@@ -110,11 +110,14 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+RESUME_HINT = 'resume_from_checkpoint="latest" (--resume_from_checkpoint latest)'
+
+
 class TrainingStopped(Exception):
     """Raised by `train` after a signal asked it to stop: the checkpoint it wrote is `checkpoint`."""
 
     def __init__(self, signum: int, checkpoint: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; continue with --resume_from_checkpoint latest")
+        super().__init__(f"stopped by {signal.Signals(signum).name}; continue with {RESUME_HINT}")
         self.signum, self.checkpoint = signum, checkpoint
 
 
@@ -189,7 +192,7 @@ def train(options: TrainingOptions) -> dict | None:
             finished = state.global_step >= run.max_steps
             if stopping and not finished:
                 checkpoint = save_checkpoint(accelerator, options.output_dir, state, options.checkpoints_total_limit)
-                logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state.global_step)
+                logger.warning("stopped at step %d; continue with %s", state.global_step, RESUME_HINT)
                 accelerator.end_training()
                 raise TrainingStopped(StopRequest.signum, checkpoint)
             if finished or (options.eval_every_epochs and (epoch + 1) % options.eval_every_epochs == 0):
@@ -251,8 +254,8 @@ def resume_or_start(run: Run) -> TrainState:
         state = load_checkpoint(run.accelerator, checkpoint)
     elif list_checkpoints(options.output_dir):
         raise ValueError(
-            f"{options.output_dir} holds checkpoints of an earlier run: continue it with --resume_from_checkpoint "
-            "latest, or start afresh in another --output_dir"
+            f"output_dir {options.output_dir} holds checkpoints of an earlier run: continue it with "
+            'resume_from_checkpoint="latest", or start afresh in another output_dir'
         )
     else:
         state = TrainState()
@@ -299,7 +302,7 @@ def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progre
 
 
 def after_step(run: Run, state: TrainState, epoch: int, progress):
-    """The progress bar, a log line every --logging_steps, a checkpoint every --checkpointing_steps."""
+    """The progress bar, a log line every logging_steps, a checkpoint every checkpointing_steps."""
     options = run.options
     progress.update(1)
     lr = run.scheduler.get_last_lr()[-1]
@@ -314,7 +317,7 @@ def after_step(run: Run, state: TrainState, epoch: int, progress):
 
 
 def setup_logging(state, output_dir: str):
-    """INFO to the console and --output_dir/train.log from the main process; warnings from every process."""
+    """INFO to the console and output_dir/train.log from the main process; warnings from every process."""
     handlers = [logging.StreamHandler()]
     if state.is_main_process:
         handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
@@ -419,7 +422,7 @@ def log_training(accelerator, state: TrainState, running: list[dict], lr: float,
 
 
 def finish(accelerator, model, processor, options, state, metrics, minutes):
-    """The trained model, processor, history, metrics and model card in --output_dir."""
+    """The trained model, processor, history, metrics and model card in output_dir."""
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model)  # every process takes part: FSDP and DeepSpeed gather shards
     if not accelerator.is_main_process:
@@ -449,7 +452,7 @@ def finish(accelerator, model, processor, options, state, metrics, minutes):
 
 
 def push_to_hub(options) -> str:
-    """Uploads --output_dir without its checkpoints and TensorBoard runs; returns the commit URL."""
+    """Uploads output_dir without its checkpoints and TensorBoard runs; returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=options.hub_token)
