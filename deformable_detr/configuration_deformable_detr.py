@@ -5,6 +5,7 @@ Field names follow transformers' `DeformableDetrConfig`, so that its users feel 
 """
 
 from transformers import CONFIG_MAPPING, PretrainedConfig
+from transformers.activations import ACT2FN
 
 # Built-in ResNets: name -> (block type, blocks per stage). Their parameter names are torchvision's.
 RESNET_SPECS = {
@@ -94,9 +95,10 @@ class DeformableDetrConfig(PretrainedConfig):
             raise ValueError(
                 f"num_feature_levels must be between 1 and {MAX_FEATURE_LEVELS}, got {self.num_feature_levels}"
             )
-        if self.d_model % 32:
+        if self.d_model < 32 or self.d_model % 32:
             raise ValueError(
-                f"d_model must be a multiple of 32 (GroupNorm(32) in the input projections), got {self.d_model}"
+                f"d_model must be a positive multiple of 32 (GroupNorm(32) in the input projections), "
+                f"got {self.d_model}"
             )
         for heads in ("encoder_attention_heads", "decoder_attention_heads"):
             if getattr(self, heads) < 1 or self.d_model % getattr(self, heads):
@@ -116,6 +118,8 @@ class DeformableDetrConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.encoder_layers < 0:
             raise ValueError(f"encoder_layers must be at least 0, got {self.encoder_layers}")
+        if self.activation_function not in ACT2FN:
+            raise ValueError(f"activation_function {self.activation_function!r} is not one of {sorted(ACT2FN)}")
         if self.position_embedding_type not in ("sine", "learned"):
             raise ValueError(
                 f"position_embedding_type must be 'sine' or 'learned', got {self.position_embedding_type!r}"

@@ -220,6 +220,11 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         return None if stride is None else stride * 2 ** (self.config.num_feature_levels - len(self.backbone.channels))
 
     def _check_inputs(self, pixel_values, pixel_mask):
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor (images rescaled and normalised, as the image "
+                f"processor gives them), got {pixel_values.dtype}"
+            )
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"

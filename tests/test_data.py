@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import warnings
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -206,3 +208,95 @@ def test_crowd_regions_are_kept_for_evaluation_only(shapes, tmp_path):
     metrics = coco_metrics(truth, detections)
     assert metrics["map"] == pytest.approx(1.0)
     assert sum(c["objects"] for c in metrics["per_class"].values()) == len(truth["annotations"]) - 1
+
+
+def test_duplicate_coco_image_ids_are_refused(shapes, tmp_path):
+    """Two entries with one id would share their boxes: images[5] would get the boxes of images[1]."""
+    root = write_coco({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path), "instances")
+    path = os.path.join(root, "annotations", "instances_train.json")
+    coco = json.load(open(path))
+    coco["images"].append(coco["images"][1] | {"file_name": coco["images"][2]["file_name"]})
+    json.dump(coco, open(path, "w"))
+    with pytest.raises(ValueError, match=r"instances_train.json: images\[1\] and images\[5\] have the same id 101"):
+        load_detection_dataset(root)
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "value", "message"),
+    [
+        ("annotations", ("bbox", 2), float("inf"), "annotations[2] (id 2): bbox[2] is inf, not a finite number"),
+        ("annotations", ("bbox", 0), float("nan"), "annotations[2] (id 2): bbox[0] is nan, not a finite number"),
+        ("annotations", ("bbox", 3), "100", "annotations[2] (id 2): bbox[3] is '100', not a finite number"),
+        ("annotations", ("bbox", 1), "abc", "annotations[2] (id 2): bbox[1] is 'abc', not a finite number"),
+        ("images", ("width",), None, "images[2]: width is None, not a finite number"),
+        ("images", ("height",), "64", "images[2]: height is '64', not a finite number"),
+        ("images", ("width",), float("inf"), "images[2]: width is inf, not a finite number"),
+    ],
+)
+def test_coco_numbers_must_be_finite(shapes, tmp_path, entry, key, value, message):
+    root = write_coco({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path), "instances")
+    path = os.path.join(root, "annotations", "instances_train.json")
+    coco = json.load(open(path))
+    *parents, last = key
+    target = coco[entry][2]
+    for k in parents:
+        target = target[k]
+    target[last] = value
+    json.dump(coco, open(path, "w"))  # inf and nan as JSON's usual Infinity and NaN
+    with pytest.raises(ValueError, match=re.escape(f"instances_train.json, {message}")):
+        load_detection_dataset(root)
+
+
+@pytest.mark.parametrize(
+    ("tag", "value", "message"),
+    [
+        ("xmax", "inf", "object 0 ('square'): xmax is inf, not a finite number"),
+        ("ymin", "nan", "object 0 ('square'): ymin is nan, not a finite number"),
+        ("xmin", "abc", "object 0 ('square'): xmin is 'abc', not a finite number"),
+        ("width", "inf", "size: width is inf, not a finite number"),
+        ("height", "x", "size: height is 'x', not a finite number"),
+    ],
+)
+def test_voc_numbers_must_be_finite(shapes, tmp_path, tag, value, message):
+    root = write_voc({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path))
+    path = os.path.join(root, "Annotations", "train_000.xml")
+    xml = re.sub(f"<{tag}>[^<]*</{tag}>", f"<{tag}>{value}</{tag}>", open(path).read(), count=1)
+    open(path, "w").write(xml)
+    with pytest.raises(ValueError, match=re.escape(f"train_000.xml, {message}")):
+        load_detection_dataset(root)
+
+
+def test_training_split_without_boxes_is_refused(shapes, tmp_path):
+    root = write_coco({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path), "instances")
+    path = os.path.join(root, "annotations", "instances_train.json")
+    coco = json.load(open(path))
+    first_image = coco["images"][0]["id"]
+    json.dump(coco | {"annotations": [a for a in coco["annotations"] if a["image_id"] != first_image]}, open(path, "w"))
+    splits, _ = load_detection_dataset(root)  # an image without objects beside others: a negative example
+    assert [len(o["bbox"]) for o in splits["train"]["objects"]][0] == 0
+    json.dump(coco | {"annotations": [a | {"iscrowd": 1} for a in coco["annotations"]]}, open(path, "w"))
+    with pytest.raises(ValueError, match=f"{re.escape(root)} has no boxes in its training split"):
+        load_detection_dataset(root)  # crowd regions are not trained on
+    json.dump(coco | {"annotations": []}, open(path, "w"))
+    with pytest.raises(ValueError, match=f"{re.escape(root)} has no boxes in its training split"):
+        load_detection_dataset(root)
+    empty = shapes["train"].map(lambda e: {"objects": {k: [] for k in e["objects"]}})
+    DatasetDict(train=empty).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="saved has no boxes in its training split: none of its 5 images"):
+        load_detection_dataset(str(tmp_path / "saved"))
+
+
+def test_voc_class_names_differing_only_in_case_warn(shapes, tmp_path):
+    root = write_voc({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_detection_dataset(root)
+    path = os.path.join(root, "Annotations", "train_000.xml")
+    xml = open(path).read().replace("<name>square</name>", "<name> Triangle </name>", 1)
+    open(path, "w").write(xml)
+    with pytest.warns(UserWarning, match="differ only in case") as caught:
+        _, names = load_detection_dataset(root)
+    assert names == ["Triangle", "circle", "square", "triangle"]  # kept apart, as before
+    assert str(caught[0].message).endswith(
+        "'Triangle' in train_000.xml; 'triangle' in train_001.xml, train_002.xml, train_003.xml and 1 more"
+    )

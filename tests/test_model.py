@@ -123,6 +123,8 @@ def test_backbone_weights_that_cannot_be_had_say_so(tmp_path, monkeypatch):
         (dict(position_embedding_type="rope"), "position_embedding_type"),
         (dict(decoder_layers=0), "decoder_layers"),
         (dict(dropout=1.5), "dropout"),
+        (dict(d_model=0), "d_model must be a positive multiple of 32 .*got 0"),
+        (dict(activation_function="gelux"), "activation_function 'gelux' is not one of"),
     ],
 )
 def test_a_config_that_cannot_work_is_refused(fields, message):
@@ -144,6 +146,8 @@ def test_bad_inputs_get_clear_errors():
         model(torch.randn(2, 3, 64, 64), mask)
     with pytest.raises(ValueError, match="batch, channels, height, width"):
         model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="pixel_values must be a floating-point tensor .*got torch.uint8"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
     two_stage = tiny_model(with_box_refine=True, two_stage=True, two_stage_num_proposals=500, num_feature_levels=1)
     with pytest.raises(ValueError, match="two_stage_num_proposals=500"):
         two_stage(torch.randn(1, 3, 64, 64))

@@ -196,19 +196,23 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path, capsys):
         train_main(["--dataset", shapes_folder])
 
 
-def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "deformable_detr.training",
-        *shlex.split(options(shapes_folder, tmp_path, max_steps=10000, checkpointing_steps="no").command())[1:],
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("workers, whole_group", [(0, False), (2, True)])
+def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path, workers, whole_group):
+    """SIGTERM to the process, or (as timeout, SLURM, Kubernetes and systemd send it) to its whole process group,
+    data workers included: a checkpoint, exit status 143, and the run continues from it."""
+    run = options(shapes_folder, tmp_path, max_steps=10000, checkpointing_steps="no", num_workers=workers)
+    command = [sys.executable, "-m", "deformable_detr.training", *shlex.split(run.command())[1:]]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=whole_group
+    )
     log = tmp_path / "train.log"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and "step 2," in log.read_text()):
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    if whole_group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     checkpoints = glob.glob(str(tmp_path / "checkpoint-*" / "trainer_state.json"))

@@ -26,19 +26,32 @@ class TrainState:
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints (with trainer_state.json), oldest first."""
+    """Complete checkpoints (with a readable trainer_state.json), oldest first; an unreadable one (a crash or a
+    full disk while it was written) is left out with a warning naming it."""
     if not os.path.isdir(output_dir):
         return []
     names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.split("-")[-1].isdigit()]
     paths = [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[-1]))]
-    return [p for p in paths if os.path.isfile(os.path.join(p, STATE_FILE))]
+    return [p for p in paths if os.path.isfile(os.path.join(p, STATE_FILE)) and _readable(p)]
+
+
+def _readable(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            TrainState(**json.load(f))
+        return True
+    except (OSError, ValueError, TypeError) as error:
+        logger.warning("%s is incomplete (%s: %s); it is ignored", folder, STATE_FILE, error)
+        return False
 
 
 def find_checkpoint(resume_from: str, output_dir: str) -> str | None:
     """`resume_from` is a checkpoint folder or "latest" (the newest complete one in output_dir; None if none)."""
     if resume_from != "latest":
-        if not os.path.isfile(os.path.join(resume_from, STATE_FILE)):
-            raise FileNotFoundError(f"resume_from_checkpoint {resume_from}: not a checkpoint (no {STATE_FILE})")
+        if not os.path.isfile(os.path.join(resume_from, STATE_FILE)) or not _readable(resume_from):
+            raise FileNotFoundError(
+                f"resume_from_checkpoint {resume_from}: not a complete checkpoint (no readable {STATE_FILE})"
+            )
         return resume_from
     found = list_checkpoints(output_dir)
     if not found:
@@ -52,8 +65,13 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, keep: int) 
     folder = os.path.join(output_dir, f"checkpoint-{state.global_step}")
     accelerator.save_state(folder)
     if accelerator.is_main_process:
-        with open(os.path.join(folder, STATE_FILE), "w") as f:
+        # written to a temporary file, then renamed: the marker of a complete checkpoint is never half-written
+        temporary = os.path.join(folder, STATE_FILE + ".tmp")
+        with open(temporary, "w") as f:
             json.dump(asdict(state), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, os.path.join(folder, STATE_FILE))
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint written to %s", folder)

@@ -15,6 +15,7 @@ and evaluation ignores detections on them). Sources:
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -90,6 +91,23 @@ def objects_of_boxes(boxes: list, categories: list) -> dict:
     }
 
 
+def _number(value, where: str):
+    """`value` if it is a finite int or float (not a bool, nor a string holding a number), else a ValueError."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    raise ValueError(f"{where} is {value!r}, not a finite number")
+
+
+def _voc_number(parent, key: str, where: str) -> float:
+    """The number in `parent`'s `key` element; a missing element is a TypeError (`float(None)`)."""
+    text = parent.findtext(key)
+    try:
+        number = float(text)
+    except ValueError:
+        number = text
+    return _number(number, f"{where}: {key}")
+
+
 def _keep_box(box, where: str) -> bool:
     if box[2] > 0 and box[3] > 0:
         return True
@@ -113,6 +131,7 @@ def load_voc(folder: str) -> tuple[dict[str, Dataset], list[str]]:
             stems = [line.split()[0] for line in f if line.strip()]
         parsed[split] = [_parse_voc_xml(folder, stem) for stem in stems]
     class_names = sorted({name for items in parsed.values() for item in items for name, _ in item["objects"]})
+    _warn_of_case_variants(class_names, [item for items in parsed.values() for item in items], folder)
     index = {name: i for i, name in enumerate(class_names)}
     splits, image_id = {}, 0
     for split, items in parsed.items():
@@ -134,18 +153,41 @@ def load_voc(folder: str) -> tuple[dict[str, Dataset], list[str]]:
     return splits, class_names
 
 
+def _warn_of_case_variants(class_names: list[str], items: list[dict], folder: str):
+    """Warns of class names that differ only in case ('rbc', 'RBC'): they stay separate classes."""
+    variants = {}
+    for name in class_names:
+        variants.setdefault(name.casefold(), []).append(name)
+    clashes = [names for names in variants.values() if len(names) > 1]
+    if not clashes:
+        return
+    files = {name: [] for names in clashes for name in names}
+    for item in items:
+        for name in dict.fromkeys(name for name, _ in item["objects"] if name in files):
+            files[name].append(os.path.basename(item["xml"]))
+    described = "; ".join(
+        f"{name!r} in {', '.join(found[:3])}" + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        for name, found in files.items()
+    )
+    warnings.warn(
+        f"{folder}: class names that differ only in case are separate classes: {described}",
+        stacklevel=1,  # about the data, not the caller
+    )
+
+
 def _parse_voc_xml(folder: str, stem: str) -> dict:
     path = os.path.join(folder, "Annotations", f"{stem}.xml")
     try:
         root = ElementTree.parse(path).getroot()
         size = root.find("size")
-        width, height = int(size.findtext("width")), int(size.findtext("height"))
+        width, height = (int(_voc_number(size, key, f"{path}, size")) for key in ("width", "height"))
         objects = []
-        for obj in root.iter("object"):
-            box = obj.find("bndbox")
-            x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-            objects.append((obj.findtext("name").strip(), [x0, y0, x1 - x0, y1 - y0]))
-    except (OSError, ElementTree.ParseError, AttributeError, TypeError, ValueError) as error:
+        for i, obj in enumerate(root.iter("object")):
+            name, box = obj.findtext("name").strip(), obj.find("bndbox")
+            where = f"{path}, object {i} ({name!r})"
+            x0, y0, x1, y1 = (_voc_number(box, key, where) for key in ("xmin", "ymin", "xmax", "ymax"))
+            objects.append((name, [x0, y0, x1 - x0, y1 - y0]))
+    except (OSError, ElementTree.ParseError, AttributeError, TypeError) as error:
         raise ValueError(
             f"{path}: not a readable Pascal VOC annotation (needs size/width, size/height and "
             f"object/name, object/bndbox/xmin..ymax): {error}"
@@ -208,24 +250,35 @@ def _used_categories(cocos) -> list[tuple[int, str]]:
 
 
 def _coco_split(coco: dict, image_folder: str, path: str, index: dict, class_names: list[str]) -> Dataset:
-    by_image = {image.get("id"): [] for image in coco["images"]}
-    for j, a in enumerate(coco["annotations"]):
-        where = f"{path}, annotations[{j}] (id {a.get('id')})"
-        if a.get("image_id") not in by_image:
-            raise ValueError(f"{where}: image_id {a.get('image_id')!r} is not in 'images'")
-        if a.get("category_id") not in index:
-            raise ValueError(f"{where}: category_id {a.get('category_id')!r} is not in 'categories'")
-        if len(a.get("bbox", ())) != 4:
-            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {a.get('bbox')!r}")
-        if _keep_box(a["bbox"], where):
-            by_image[a["image_id"]].append(a)
-    records = []
+    entries = {}  # image id -> its index in 'images'
     for j, image in enumerate(coco["images"]):
         missing = {"id", "file_name", "width", "height"} - set(image)
         if missing:
             raise ValueError(
                 f"{path}, images[{j}]: needs 'id', 'file_name', 'width' and 'height'; {sorted(missing)} missing"
             )
+        if image["id"] in entries:
+            raise ValueError(f"{path}: images[{entries[image['id']]}] and images[{j}] have the same id {image['id']!r}")
+        entries[image["id"]] = j
+        for key in ("width", "height"):
+            _number(image[key], f"{path}, images[{j}]: {key}")
+    by_image = {image_id: [] for image_id in entries}
+    for j, a in enumerate(coco["annotations"]):
+        where = f"{path}, annotations[{j}] (id {a.get('id')})"
+        if a.get("image_id") not in by_image:
+            raise ValueError(f"{where}: image_id {a.get('image_id')!r} is not in 'images'")
+        if a.get("category_id") not in index:
+            raise ValueError(f"{where}: category_id {a.get('category_id')!r} is not in 'categories'")
+        if not isinstance(a.get("bbox"), list) or len(a["bbox"]) != 4:
+            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {a.get('bbox')!r}")
+        for k, value in enumerate(a["bbox"]):
+            _number(value, f"{where}: bbox[{k}]")
+        if "area" in a:
+            _number(a["area"], f"{where}: area")
+        if _keep_box(a["bbox"], where):
+            by_image[a["image_id"]].append(a)
+    records = []
+    for image in coco["images"]:
         file = os.path.join(image_folder, image["file_name"])
         if not os.path.exists(file):
             raise FileNotFoundError(f"{path}: image {image['id']} is {file}, which does not exist")
@@ -307,6 +360,12 @@ def load_detection_dataset(
         class_names = category_names(splits["train"], source)
     if "train" not in splits:
         raise ValueError(f"{source} has no train split; it has {sorted(splits)}")
+    # images without objects are fine beside others, but training on none learns nothing (loss 0, metrics n/a)
+    if not any(0 in objects_of(row)["iscrowd"] for row in splits["train"].select_columns("objects")):  # a non-crowd box
+        raise ValueError(
+            f"{source} has no boxes in its training split: none of its {len(splits['train'])} images has an "
+            "object to train on (crowd regions are not trained on)"
+        )
     if "validation" not in splits:
         if not 0 < validation_fraction < 1:
             raise ValueError(

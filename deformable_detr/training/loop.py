@@ -398,8 +398,10 @@ def main_terms(loss_dict: dict) -> dict:
 
 
 def ignore_interrupts(worker_id: int):
-    """Data loading workers leave Ctrl-C to the main process, which checkpoints before stopping."""
+    """Data loading workers leave Ctrl-C and SIGTERM to the main process, which checkpoints before stopping:
+    `timeout`, SLURM, Kubernetes and systemd signal the whole process group, workers included."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def log_training(accelerator, state: TrainState, running: list[dict], lr: float, epoch: int):

@@ -1,0 +1,50 @@
+"""Checkpoints: the marker of a complete one is written atomically, and a half-written one is ignored, named."""
+
+import json
+import logging
+import os
+
+import pytest
+
+from deformable_detr.training.checkpoints import (
+    STATE_FILE,
+    TrainState,
+    find_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
+
+
+class FakeAccelerator:
+    """What save_checkpoint uses of accelerate's Accelerator: one main process that writes a state folder."""
+
+    is_main_process = True
+
+    def save_state(self, folder):
+        os.makedirs(folder)
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_the_state_file_is_written_whole(tmp_path):
+    state = TrainState(global_step=3, epoch=1, history=[{"step": 3, "loss": 1.5}])
+    folder = save_checkpoint(FakeAccelerator(), str(tmp_path), state, keep=2)
+    assert sorted(os.listdir(folder)) == [STATE_FILE]  # no temporary file left beside it
+    assert TrainState(**json.load(open(os.path.join(folder, STATE_FILE)))) == state
+
+
+def test_a_half_written_checkpoint_is_ignored_and_named(tmp_path, caplog, monkeypatch):
+    """A disk that filled while checkpoint-4 was written left an empty trainer_state.json: `latest` resumes from
+    checkpoint-2, with a warning naming checkpoint-4; asked for by name, it is refused."""
+    monkeypatch.setattr(logging.getLogger("deformable_detr"), "propagate", True)  # a training run may have unset it
+    save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=2), keep=5)
+    os.makedirs(tmp_path / "checkpoint-4")
+    (tmp_path / "checkpoint-4" / STATE_FILE).write_text("")
+    with caplog.at_level(logging.WARNING, logger="deformable_detr"):
+        assert find_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert "checkpoint-4 is incomplete" in caplog.text
+    with pytest.raises(FileNotFoundError, match="checkpoint-4: not a complete checkpoint"):
+        find_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path))
+    (tmp_path / "checkpoint-2" / STATE_FILE).write_text('{"global_step": ')
+    assert list_checkpoints(str(tmp_path)) == []  # nothing complete: a fresh start is not refused
