@@ -104,7 +104,13 @@ def detect_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", required=True, help="a saved model folder or Hub id (ours, or transformers' Deformable DETR)"
     )
-    parser.add_argument("--output_dir", default="detections", help="where the JSON files and pictures go")
+    parser.add_argument(
+        "--output_dir",
+        default="detections",
+        help="where the JSON files and pictures go: a/x.jpg gives a/x.jpg.detections.json and "
+        "a/x.jpg.detections.<image_format>, a/ being its folder relative to the images' common folder; an input is "
+        "never overwritten (an error if one would be)",
+    )
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum score of a detection, in [0, 1]")
     parser.add_argument("--top_k", type=int, default=100, help="at most this many detections per image")
     parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass")

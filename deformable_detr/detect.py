@@ -1,6 +1,10 @@
 """Detect objects in images with a saved Deformable DETR: one JSON of detections and one picture with the
 boxes drawn per image (`detect_files`; the `deformable-detr-detect` command in cli.py). Unreadable images are
-reported by name and skipped."""
+reported by name and skipped.
+
+Outputs keep each image's full name and its path relative to the inputs' common folder, under --output_dir:
+a/x.jpg and b/x.png give a/x.jpg.detections.json, a/x.jpg.detections.jpg, b/x.png.detections.json and
+b/x.png.detections.jpg. Inputs are never overwritten, and these outputs are left out of folders and globs."""
 
 import colorsys
 import glob
@@ -13,22 +17,50 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+OUTPUT_SUFFIX = ".detections"  # x.jpg -> x.jpg.detections.json and x.jpg.detections.<image_format>
+
+
+def is_output(path: str) -> bool:
+    """A file this command wrote (x.jpg.detections.png, x.jpg.detections.json)."""
+    return os.path.splitext(path)[0].lower().endswith(tuple(s + OUTPUT_SUFFIX for s in IMAGE_SUFFIXES))
 
 
 def find_images(inputs: list[str]) -> list[str]:
-    """Files, folders (their images, sorted) and glob patterns -> image paths, in order, without repeats."""
+    """Files, folders (their images, sorted) and glob patterns -> image paths, in order, without repeats. Folders and
+    globs leave out the files this command wrote."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            paths += sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES))
+            names = [f for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES) and not is_output(f)]
+            paths += sorted(os.path.join(item, f) for f in names)
         elif os.path.exists(item):
             paths.append(item)
         else:
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise FileNotFoundError(f"no image, folder or glob match for {item!r}")
-            paths += matches
-    return list(dict.fromkeys(paths))
+            paths += [path for path in matches if not is_output(path)]
+    unique = {}
+    for path in paths:
+        unique.setdefault(os.path.abspath(path), path)
+    return list(unique.values())
+
+
+def output_paths(paths: list[str], output_dir: str, image_format: str) -> dict[str, tuple[str, str]]:
+    """Each image's JSON and picture: its path relative to the images' common folder, under output_dir, with
+    ".detections.json" and ".detections.<image_format>" added. ValueError, naming it, if one would be an input."""
+    if not paths:
+        return {}
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in paths])
+    inputs = {os.path.realpath(path): path for path in paths}
+    outputs = {}
+    for path in paths:
+        base = os.path.join(output_dir, os.path.relpath(os.path.abspath(path), common)) + OUTPUT_SUFFIX
+        outputs[path] = (base + ".json", f"{base}.{image_format}")
+        for output in outputs[path]:
+            if os.path.realpath(output) in inputs:
+                raise ValueError(f"{output} would overwrite the input {inputs[os.path.realpath(output)]}")
+    return outputs
 
 
 def class_colour(label: int) -> tuple[int, int, int]:
@@ -107,7 +139,10 @@ def detect_files(
     image_format: str = "jpg",
 ) -> dict:
     """Detections of a saved model (folder or Hub id) in image files, folders or glob patterns: one JSON and one
-    picture per image in output_dir. -> {"written": [...], "skipped": {path: reason}}."""
+    picture per image in output_dir, named as `output_paths` says (a/x.jpg -> a/x.jpg.detections.json and
+    a/x.jpg.detections.jpg, a/ relative to the images' common folder), so no two images share an output and no
+    input is overwritten (ValueError before anything is written if one would be).
+    -> {"written": [...], "skipped": {path: reason}}."""
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     if top_k < 1 or batch_size < 1:
@@ -115,6 +150,7 @@ def detect_files(
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be jpg or png, got {image_format!r}")
     paths = find_images(inputs)
+    outputs = output_paths(paths, output_dir, image_format)
     model, processor = load_detector(model_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(output_dir, exist_ok=True)
     written, skipped = [], {}
@@ -131,12 +167,13 @@ def detect_files(
         if not images:
             continue
         for path, image, found in zip(names, images, detect(model, processor, images, threshold, top_k)):
-            stem = os.path.splitext(os.path.basename(path))[0]
-            with open(os.path.join(output_dir, f"{stem}.json"), "w") as f:
+            json_path, picture_path = outputs[path]
+            os.makedirs(os.path.dirname(json_path), exist_ok=True)
+            with open(json_path, "w") as f:
                 json.dump(
                     {"image": path, "width": image.width, "height": image.height, "detections": found}, f, indent=1
                 )
-            draw_detections(image, found).save(os.path.join(output_dir, f"{stem}.{image_format}"))
+            draw_detections(image, found).save(picture_path)
             written.append(path)
     print(f"{len(written)} image(s) written to {output_dir}" + (f"; {len(skipped)} skipped" if skipped else ""))
     return {"written": written, "skipped": skipped}

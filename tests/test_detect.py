@@ -1,4 +1,5 @@
-"""The detect command: folders and globs in, a JSON and a drawn picture per image out, bad files skipped."""
+"""The detect command: folders and globs in, a JSON and a drawn picture per image out, bad files skipped, inputs
+never overwritten and every input its own outputs."""
 
 import json
 import shutil
@@ -45,13 +46,13 @@ def test_a_folder_gives_json_and_pictures_and_skips_the_broken_file(tmp_path, fo
     err = capsys.readouterr().err
     assert "skipped" in err and "broken.jpg" in err
     for name in ("BloodImage_00000", "BloodImage_00001", "BloodImage_00002"):
-        result = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        result = json.loads((tmp_path / "out" / f"{name}.jpg.detections.json").read_text())
         assert (result["width"], result["height"]) == (640, 480)
         assert 0 < len(result["detections"]) <= 5
         for det in result["detections"]:
             assert det["label"] in ("RBC", "WBC", "Platelets") and det["score"] >= 0.01 and len(det["box"]) == 4
-        assert Image.open(tmp_path / "out" / f"{name}.jpg").size == (640, 480)
-    assert not (tmp_path / "out" / "broken.json").exists()
+        assert Image.open(tmp_path / "out" / f"{name}.jpg.detections.jpg").size == (640, 480)
+    assert not (tmp_path / "out" / "broken.jpg.detections.json").exists()
 
 
 def test_globs_and_the_console_command(tmp_path, folder_of_images):
@@ -73,11 +74,66 @@ def test_globs_and_the_console_command(tmp_path, folder_of_images):
         timeout=300,
     )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "BloodImage_00000.json",
-        "BloodImage_00000.png",
-        "BloodImage_00001.json",
-        "BloodImage_00001.png",
+        "BloodImage_00000.jpg.detections.json",
+        "BloodImage_00000.jpg.detections.png",
+        "BloodImage_00001.jpg.detections.json",
+        "BloodImage_00001.jpg.detections.png",
     ]
+
+
+def test_the_input_folder_as_output_dir_leaves_every_input_intact(tmp_path):
+    saved_detector(tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(BCCD / "JPEGImages" / "BloodImage_00000.jpg", images / "x.jpg")
+    Image.open(BCCD / "JPEGImages" / "BloodImage_00001.jpg").save(images / "x.png")  # same stem, same format as out
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    for _ in range(2):  # a second run leaves the first run's pictures out of the folder and replaces them
+        result = detect_files([str(images)], str(tmp_path / "model"), str(images), threshold=0.01, image_format="png")
+        assert result["written"] == [str(images / "x.jpg"), str(images / "x.png")]
+        assert {p.name: p.read_bytes() for p in images.iterdir() if p.name in before} == before
+        assert sorted(p.name for p in images.iterdir() if p.name not in before) == [
+            "x.jpg.detections.json",
+            "x.jpg.detections.png",
+            "x.png.detections.json",
+            "x.png.detections.png",
+        ]
+
+
+def test_an_output_that_would_be_an_input_is_refused_before_anything_is_written(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("x.jpg", "x.jpg.detections.png", "y.jpg", "y.jpg.detections.json"):  # named by hand as inputs
+        shutil.copy(BCCD / "JPEGImages" / "BloodImage_00000.jpg", images / name)
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    for image, clash in (("x.jpg", "x.jpg.detections.png"), ("y.jpg", "y.jpg.detections.json")):
+        paths = [str(images / image), str(images / clash)]
+        with pytest.raises(ValueError, match=f"would overwrite the input {images / clash}"):
+            detect_files(paths, str(tmp_path / "no-model"), str(images), image_format="png")
+        with pytest.raises(SystemExit, match=f"^deformable-detr-detect: error: .*{clash}"):
+            main([*paths, "--model", str(tmp_path / "no-model"), "--output_dir", str(images), "--image_format", "png"])
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+
+
+def test_same_stems_in_different_folders_and_formats_get_one_output_each(tmp_path):
+    saved_detector(tmp_path / "model")
+    for folder in ("x", "y"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        shutil.copy(BCCD / "JPEGImages" / "BloodImage_00000.jpg", tmp_path / "in" / folder / "img.jpg")
+    Image.open(BCCD / "JPEGImages" / "BloodImage_00001.jpg").resize((320, 240)).save(tmp_path / "in/x/img.png")
+    inputs = [str(tmp_path / "in" / name) for name in ("x/img.jpg", "x/img.png", "y/img.jpg")]
+    result = detect_files(
+        [str(tmp_path / "in/x"), str(tmp_path / "in/y")], str(tmp_path / "model"), str(tmp_path / "out")
+    )
+    assert result == {"written": inputs, "skipped": {}}
+    on_disk = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert on_disk == sorted(
+        f"{name}.detections.{ext}" for name in ("x/img.jpg", "x/img.png", "y/img.jpg") for ext in ("json", "jpg")
+    )
+    for name, path in zip(("x/img.jpg", "x/img.png", "y/img.jpg"), inputs):
+        assert json.loads((tmp_path / "out" / f"{name}.detections.json").read_text())["image"] == path
+        size = (320, 240) if name.endswith("png") else (640, 480)
+        assert Image.open(tmp_path / "out" / f"{name}.detections.jpg").size == size
 
 
 def test_bad_arguments_are_named(tmp_path):
