@@ -278,14 +278,33 @@ def from_original_checkpoint(path, **config_overrides):
 
 
 def load_model(source: str):
-    """A saved model folder or Hub id, ours or transformers' Deformable DETR (converted) -> our detector."""
+    """A saved model folder or Hub id, ours or transformers' Deformable DETR (converted) -> our detector.
+
+    Raises FileNotFoundError when `source` is neither a folder here nor a model on the Hub, and ValueError naming
+    the file or the parameter when the weights cannot be read or hold NaN or infinity."""
+    from safetensors import SafetensorError
     from transformers import PretrainedConfig
 
     from .modeling_deformable_detr import DeformableDetrForObjectDetection
 
-    model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
-    if model_type == "deformable_detr":  # transformers' own checkpoint
-        return DeformableDetrForObjectDetection.from_transformers(source)
-    if model_type != DeformableDetrConfig.model_type:
+    try:
+        model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
+    except OSError as error:
+        if os.path.exists(source):
+            raise
+        summary = str(error).strip().splitlines()[0]
+        raise FileNotFoundError(f"model {source}: no such folder here, and no model on the Hub ({summary})") from None
+    if model_type not in ("deformable_detr", DeformableDetrConfig.model_type):
         raise ValueError(f"{source} holds a {model_type!r} model, not a Deformable DETR")
-    return DeformableDetrForObjectDetection.from_pretrained(source)
+    try:
+        if model_type == "deformable_detr":  # transformers' own checkpoint
+            model = DeformableDetrForObjectDetection.from_transformers(source)
+        else:
+            model = DeformableDetrForObjectDetection.from_pretrained(source)
+    except SafetensorError as error:
+        weights = os.path.join(source, "model.safetensors") if os.path.isdir(source) else source
+        raise ValueError(f"{weights} cannot be read: {error}") from None
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: the weights {name} hold NaN or infinity; the model cannot detect anything")
+    return model

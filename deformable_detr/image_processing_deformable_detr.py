@@ -151,6 +151,13 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         arrays, targets, dropped = [], [], {}
         for index, image in enumerate(images):
             array = to_rgb_array(image, index)
+            if self.do_rescale and np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1:
+                warnings.warn(
+                    f"image {index} is floating point with values in [0, 1]: it looks already rescaled, and "
+                    f"rescaling it by {self.rescale_factor:g} again leaves it nearly black; pass uint8 images or "
+                    "create the processor with do_rescale=False",
+                    stacklevel=2,
+                )
             target = None
             if annotations is not None:
                 target, dropped[index] = self.prepare_annotation(annotations[index], *array.shape[:2], index)

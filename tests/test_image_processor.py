@@ -163,3 +163,14 @@ def test_boxes_relative_to_each_image_instead_of_the_canvas():
         assert torch.allclose(a["boxes"] * scale, b["boxes"], atol=1e-6) and b["boxes"].max() <= 1
     with pytest.raises(ValueError, match='boxes_relative_to must be "canvas" or "image", got \'pad\''):
         DeformableDetrImageProcessor(boxes_relative_to="pad")
+
+
+def test_float_images_already_in_0_1_warn():
+    """transformers warns the same way: rescaling an already rescaled image makes it nearly black."""
+    image = np.random.default_rng(0).random((32, 48, 3), dtype=np.float32)
+    with pytest.warns(UserWarning, match="image 0 is floating point with values in \\[0, 1\\]: it looks already"):
+        DeformableDetrImageProcessor()(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DeformableDetrImageProcessor(do_rescale=False)(image)
+        DeformableDetrImageProcessor()((image * 255).astype(np.uint8))

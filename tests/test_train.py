@@ -232,3 +232,16 @@ def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path, workers, whole_gro
         )
     )
     assert len(history(tmp_path)) == state["global_step"] + 1  # one logged loss per step, carried on
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(shapes_folder, tmp_path, monkeypatch):
+    from deformable_detr.training import loop
+
+    (tmp_path / "avx2").write_text("flags : fpu sse avx avx2 fma")
+    (tmp_path / "sapphire").write_text("flags : fpu avx2 avx512f avx512_bf16 amx_bf16")
+    assert loop.cpu_lacks_bf16(str(tmp_path / "avx2")) == f"no avx512_bf16 or amx_bf16 in {tmp_path / 'avx2'}"
+    assert loop.cpu_lacks_bf16(str(tmp_path / "sapphire")) is None
+    monkeypatch.setattr(loop, "cpu_lacks_bf16", lambda: "no avx512_bf16 or amx_bf16 in /proc/cpuinfo")
+    train(options(shapes_folder, tmp_path / "run", max_steps=1, mixed_precision="bf16", eval_every_epochs=0))
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "mixed precision bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo)" in log

@@ -1,0 +1,34 @@
+"""Loading a saved model for detection or evaluation: what cannot be loaded is named, nothing fails deep inside."""
+
+import pytest
+import torch
+
+from deformable_detr.cli import detect_main
+from deformable_detr.conversion import load_model
+from tests.support.bccd import BCCD
+from tests.support.models import tiny_model
+
+
+def test_a_missing_folder_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no retries against an unreachable Hub
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match="no-such-model: no such folder here, and no model on the Hub"):
+        load_model(missing)
+    with pytest.raises(SystemExit, match="^deformable-detr-detect: error: model .*no-such-model: no such folder"):
+        detect_main([str(BCCD / "JPEGImages" / "BloodImage_00000.jpg"), "--model", missing])
+
+
+def test_corrupt_weights_name_the_file(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 20)
+    with pytest.raises(ValueError, match=r"model\.safetensors cannot be read"):
+        load_model(str(tmp_path))
+
+
+def test_weights_holding_nan_are_refused_naming_the_parameter(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.class_embed.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="the weights class_embed.weight hold NaN or infinity"):
+        load_model(str(tmp_path))
