@@ -162,12 +162,7 @@ def train(options: TrainingOptions) -> dict | None:
     )
     run, eval_loader = prepare(options, splits, class_names, processor)
     accelerator = run.accelerator
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16" and (missing := cpu_lacks_bf16()):
-        logger.warning(
-            "mixed precision bf16 on a CPU without native bf16 (%s): convolutions take a slow path, up to 40x "
-            "slower than fp32 (measured at 320x416); mixed_precision no is faster here",
-            missing,
-        )
+    warn_of_slow_bf16(accelerator)
     ground_truth = coco_ground_truth(splits["validation"], class_names)
     state = resume_or_start(run)
     steps_per_epoch = math.ceil(len(run.train_loader) / options.gradient_accumulation_steps)
@@ -224,11 +219,15 @@ def train(options: TrainingOptions) -> dict | None:
 def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, Any]:
     """The model, optimiser, lr schedule and loaders, prepared by an Accelerator; -> (run, validation loader)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
     model = build_model(options, class_names)
     # with box refinement but no auxiliary loss, the earlier layers' class heads get no gradient
     unused = model.config.with_box_refine and not model.config.auxiliary_loss
+    # accelerate keeps one state per process, fixed by its first Accelerator: a later run in the same process
+    # (a notebook, the tests) may want another mixed precision, so that state starts afresh with each run
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=options.mixed_precision,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
@@ -401,6 +400,16 @@ def main_terms(loss_dict: dict) -> dict:
     """The last layer's loss terms (loss_ce, loss_bbox, loss_giou) and cardinality_error, without the auxiliary
     and encoder ones."""
     return {k: v.item() for k, v in loss_dict.items() if k in MAIN_TERMS}
+
+
+def warn_of_slow_bf16(accelerator):
+    """bf16 autocast on a CPU without native bf16 is far slower than fp32: say so at the start."""
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16" and (missing := cpu_lacks_bf16()):
+        logger.warning(
+            "mixed precision bf16 on a CPU without native bf16 (%s): convolutions take a slow path, up to 40x "
+            "slower than fp32 (measured at 320x416); mixed_precision no is faster here",
+            missing,
+        )
 
 
 def cpu_lacks_bf16(cpuinfo: str = "/proc/cpuinfo") -> str | None:
