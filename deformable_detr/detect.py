@@ -122,10 +122,10 @@ def detect(model, processor, images: list[Image.Image], threshold: float, top_k:
 
 
 def read_image(path: str) -> Image.Image:
-    from PIL import ImageOps
+    from .image_processing_deformable_detr import to_rgb_image
 
     with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return to_rgb_image(image)
 
 
 def detect_files(

@@ -18,16 +18,27 @@ from .box_ops import box_cxcywh_to_xyxy, box_xywh_to_xyxy, box_xyxy_to_cxcywh
 SIZE_KINDS = ({"shortest_edge", "longest_edge"}, {"max_height", "max_width"}, {"height", "width"})
 
 
+def to_rgb_image(image: Image.Image) -> Image.Image:
+    """A PIL image as people see it, in RGB: JPEG EXIF orientation applied, 16-bit gray scaled to 8 bits (PIL's
+    own conversion would clip it to white), transparency composited onto white (as transformers does). The one
+    rule for the processor, the training data and the detect command."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # 16-bit PNGs open as I;16 (or I): scale 0..65535 to 0..255
+        values = np.asarray(image).astype(np.float64)
+        if image.mode != "I" or values.max() > 255:
+            values = values / 257
+        image = Image.fromarray(values.round().clip(0, 255).astype(np.uint8), mode="L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
 def to_rgb_array(image, index: int = 0) -> np.ndarray:
     """A PIL image, numpy array or torch tensor (channels first or last; gray, RGB or RGBA) -> (h, w, 3) array
-    (uint8 stays uint8). JPEG EXIF orientation is applied, so the array is the picture as people see it."""
+    (uint8 stays uint8). PIL images go through `to_rgb_image`."""
     if isinstance(image, Image.Image):
-        image = ImageOps.exif_transpose(image)
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            # transparency goes onto white, as transformers does
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb_image(image))
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):

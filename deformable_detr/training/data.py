@@ -26,10 +26,9 @@ import datasets
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
-from PIL import ImageOps
 
 from ..box_ops import box_area, box_xywh_to_xyxy, box_xyxy_to_xywh
-from ..image_processing_deformable_detr import DeformableDetrImageProcessor
+from ..image_processing_deformable_detr import DeformableDetrImageProcessor, to_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +397,7 @@ class DetectionSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         example = self.dataset[index]
-        image = ImageOps.exif_transpose(example["image"]).convert("RGB")
+        image = to_rgb_image(example["image"])
         objects = objects_of(example)
         boxes = box_xywh_to_xyxy(torch.from_numpy(np.asarray(objects["bbox"], dtype=np.float32).reshape(-1, 4))).numpy()
         categories, areas = (

@@ -1,0 +1,55 @@
+"""One rule for every way an image comes in (processor, training data, detect): 16-bit gray scaled to 8 bits,
+transparency composited onto white, EXIF orientation applied."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deformable_detr import DeformableDetrImageProcessor
+from deformable_detr.detect import read_image
+from deformable_detr.image_processing_deformable_detr import to_rgb_array
+from deformable_detr.training.data import DetectionSamples
+
+
+def sixteen_bit_png(path) -> np.ndarray:
+    """A 16-bit gray PNG with a horizontal ramp 0..65535; -> the 8-bit values it stands for."""
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (16, 1))
+    Image.fromarray(ramp).save(path)  # mode I;16
+    return (ramp / 257).round().astype(np.uint8)
+
+
+def transparent_png(path):
+    """Red pixels, hidden behind alpha 0 on the left half, visible on the right half."""
+    rgba = np.zeros((16, 32, 4), dtype=np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, 16:, 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(path)
+
+
+def samples_image(path):
+    record = {"image": Image.open(path), "objects": {"bbox": [], "category": []}}
+    return DetectionSamples([record])[0]["image"]
+
+
+@pytest.mark.parametrize("read", [lambda p: to_rgb_array(Image.open(p)), read_image, samples_image])
+def test_16_bit_gray_is_scaled_not_clipped(tmp_path, read):
+    expected = sixteen_bit_png(tmp_path / "ramp.png")
+    rgb = np.asarray(read(tmp_path / "ramp.png"))
+    assert rgb.shape == (16, 64, 3) and np.abs(rgb.astype(int) - expected[..., None]).max() <= 1
+    assert rgb.min() == 0 and rgb.max() == 255  # a ramp, not pure white
+
+
+@pytest.mark.parametrize("read", [lambda p: to_rgb_array(Image.open(p)), read_image, samples_image])
+def test_transparency_is_white_everywhere(tmp_path, read):
+    transparent_png(tmp_path / "rgba.png")
+    rgb = np.asarray(read(tmp_path / "rgba.png"))
+    assert (rgb[:, :16] == 255).all()  # hidden red became white
+    assert (rgb[:, 16:] == [255, 0, 0]).all()
+
+
+def test_the_processor_sees_the_same_pixels_as_detect(tmp_path):
+    sixteen_bit_png(tmp_path / "ramp.png")
+    processor = DeformableDetrImageProcessor(do_resize=False)
+    a = processor(Image.open(tmp_path / "ramp.png"), return_tensors="np")["pixel_values"]
+    b = processor(read_image(tmp_path / "ramp.png"), return_tensors="np")["pixel_values"]
+    assert np.array_equal(a, b)
