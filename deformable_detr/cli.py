@@ -17,6 +17,14 @@ def _fail(prog: str, error: Exception):
     raise SystemExit(f"{prog}: error: {error}") from None
 
 
+def _run(prog: str, function, args: argparse.Namespace):
+    """function(**args): the parser's destinations are the function's parameter names."""
+    try:
+        function(**vars(args))
+    except (ValueError, FileNotFoundError) as error:
+        _fail(prog, error)
+
+
 def train_parser() -> argparse.ArgumentParser:
     """One flag per TrainingOptions field, in its group, with its type, default and help."""
     from .training import options as module
@@ -57,7 +65,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "command reads). Prints the table and writes it as JSON.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="a saved model folder or Hub id (ours or transformers')")
+    parser.add_argument(
+        "--model", dest="model_path", required=True, help="a saved model folder or Hub id (ours or transformers')"
+    )
     parser.add_argument(
         "--dataset", required=True, help="Hub id, save_to_disk folder, COCO folder or Pascal VOC folder"
     )
@@ -78,20 +88,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def evaluate_main(argv=None):
     from .training.evaluation import evaluate_saved_model
 
-    args = evaluate_parser().parse_args(argv)
-    try:
-        evaluate_saved_model(
-            args.model,
-            args.dataset,
-            args.split,
-            args.batch_size,
-            args.num_workers,
-            args.output,
-            args.validation_fraction,
-            args.seed,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        _fail("deformable-detr-evaluate", error)
+    _run("deformable-detr-evaluate", evaluate_saved_model, evaluate_parser().parse_args(argv))
 
 
 def detect_parser() -> argparse.ArgumentParser:
@@ -102,7 +99,10 @@ def detect_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns (quote them)")
     parser.add_argument(
-        "--model", required=True, help="a saved model folder or Hub id (ours, or transformers' Deformable DETR)"
+        "--model",
+        dest="model_path",
+        required=True,
+        help="a saved model folder or Hub id (ours, or transformers' Deformable DETR)",
     )
     parser.add_argument(
         "--output_dir",
@@ -122,17 +122,4 @@ def detect_parser() -> argparse.ArgumentParser:
 def detect_main(argv=None):
     from .detect import detect_files
 
-    args = detect_parser().parse_args(argv)
-    try:
-        detect_files(
-            args.inputs,
-            args.model,
-            args.output_dir,
-            args.threshold,
-            args.top_k,
-            args.batch_size,
-            args.device,
-            args.image_format,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        _fail("deformable-detr-detect", error)
+    _run("deformable-detr-detect", detect_files, detect_parser().parse_args(argv))

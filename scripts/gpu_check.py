@@ -596,7 +596,8 @@ def compiled_inference(report, device, quick, ours):
 
 def training_steps(model, batches, precision: str, device, steps: int) -> tuple[list[float], list[float], int, float]:
     """`steps` optimiser steps of the training loop's own step functions on a copy of `model`, from a fresh
-    Accelerator in `precision`. -> (losses, seconds per step, steps skipped, peak GPU MiB or NaN)."""
+    Accelerator in `precision`. -> (losses, seconds per step, steps skipped, peak GPU MiB or NaN). The peak counts
+    what the run adds to the memory already in use: its copy of the model, the optimiser state and activations."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -605,6 +606,9 @@ def training_steps(model, batches, precision: str, device, steps: int) -> tuple[
     from deformable_detr.training.options import TrainingOptions
 
     options = TrainingOptions(dataset="shapes", config_name="paper")  # the paper's recipe
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     model = copy.deepcopy(model)  # accelerate wraps a prepared model's forward in its autocast
     AcceleratorState._reset_state()  # each run its own mixed precision and grad scaler
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
@@ -612,8 +616,6 @@ def training_steps(model, batches, precision: str, device, steps: int) -> tuple[
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer = accelerator.prepare(model.train(), optimizer)
     state, losses, times = TrainState(), [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     for step in range(steps):
         batch = batches[step % len(batches)]
         batch = {
@@ -629,12 +631,12 @@ def training_steps(model, batches, precision: str, device, steps: int) -> tuple[
         synchronize(device)
         times.append(time.perf_counter() - started)
         losses.append(outputs.loss.item())
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else float("nan")
     AcceleratorState._reset_state()
     return losses, times, state.skipped_steps, peak
 
 
-def training(report, device, quick):
+def training(report, device, quick, hf, ours):
     """30 optimiser steps, ours and transformers', each from the same weights, in bf16 and in fp16."""
     from deformable_detr import DeformableDetrImageProcessor
     from deformable_detr.training.data import DetectionCollator, DetectionSamples
@@ -645,7 +647,6 @@ def training(report, device, quick):
     samples = DetectionSamples(shapes_records(batch_size * 10, size, max_objects=6))  # no `datasets` needed
     processor = DeformableDetrImageProcessor(size={"shortest_edge": size, "longest_edge": size})
     batches = list(torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=DetectionCollator(processor)))
-    hf, ours = model_pair(torch.device("cpu"), quick)
     for precision in ("bf16", "fp16"):
         results = {}
         for name, model in (("ours", ours), ("transformers", hf)):
@@ -731,15 +732,13 @@ def main(argv=None) -> int:
         guarded(report, "op speed, one encoder layer")(op_speed)(report, device, args.quick, bandwidth)
     if args.sweep:
         guarded(report, "launch settings")(sweep)(report, device, args.quick)
-    hf = ours = None
-    if "model" in parts or "compile" in parts:
+    if {"model", "train", "compile"} & set(parts):  # one pair, built once, serves all three
         hf, ours = model_pair(device, args.quick)
         hf.eval(), ours.eval()
     if "model" in parts:
         guarded(report, inference_section(args.quick))(inference)(report, device, args.quick, hf, ours)
-    del hf
     if "train" in parts:
-        guarded(report, "training")(training)(report, device, args.quick)
+        guarded(report, "training")(training)(report, device, args.quick, hf, ours)
     if "compile" in parts:
         guarded(report, inference_section(args.quick))(compiled_inference)(report, device, args.quick, ours)
     failed = report.failed()

@@ -132,6 +132,7 @@ class Run:
     scheduler: Any
     train_samples: DetectionSamples
     train_loader: Any
+    steps_per_epoch: int  # optimiser steps
     max_steps: int
     running: list[dict] = field(default_factory=list)  # loss terms since the last log line
     window_bad: bool = False  # the accumulation window saw a non-finite loss
@@ -165,13 +166,12 @@ def train(options: TrainingOptions) -> dict | None:
     warn_of_slow_bf16(accelerator)
     ground_truth = coco_ground_truth(splits["validation"], class_names)
     state = resume_or_start(run)
-    steps_per_epoch = math.ceil(len(run.train_loader) / options.gradient_accumulation_steps)
-    num_epochs = math.ceil(run.max_steps / steps_per_epoch)
+    num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
     logger.info(
         "training %d steps (%d epochs of %d), %d images per step, on %d process(es), mixed precision %s",
         run.max_steps,
         num_epochs,
-        steps_per_epoch,
+        run.steps_per_epoch,
         options.per_device_train_batch_size * options.gradient_accumulation_steps * accelerator.num_processes,
         accelerator.num_processes,
         accelerator.mixed_precision,
@@ -244,7 +244,9 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     drop_step = int(options.lr_drop * max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 if step >= drop_step else 1.0)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimiser step
-    run = Run(options, accelerator, model, optimizer, scheduler, train_samples, train_loader, max_steps)
+    run = Run(
+        options, accelerator, model, optimizer, scheduler, train_samples, train_loader, steps_per_epoch, max_steps
+    )
     return run, eval_loader
 
 
