@@ -48,7 +48,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv=None):
-    from .training.loop import TrainingStopped, train
+    from .training.loop import train
+    from .training.signals import TrainingStopped
 
     try:
         train(TrainingOptions(**vars(train_parser().parse_args(argv))))

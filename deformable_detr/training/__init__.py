@@ -1,21 +1,22 @@
 """Everything a training run needs beyond the model: data in one schema (data.py), DETR's augmentation
 (transforms.py), COCO evaluation (evaluation.py), the options (options.py), the loop (loop.py), checkpoints
-(checkpoints.py), the model card (model_card.py) and synthetic data (shapes.py). None of it is saved with a
-model; it may use the training dependencies (datasets, accelerate, pycocotools, scipy).
+(checkpoints.py), stopping on signals (signals.py), the model card (model_card.py) and synthetic data
+(shapes.py). None of it is saved with a model; it may use the training dependencies (datasets, accelerate,
+pycocotools, scipy).
 
     from deformable_detr.training import TrainingOptions, train
     metrics = train(TrainingOptions(dataset="cppe-5", model_name_or_path="SenseTime/deformable-detr"))
 """
 
 from .options import TrainingOptions
+from .signals import TrainingStopped
 
 __all__ = ["TrainingOptions", "TrainingStopped", "train"]
 
 
 def __getattr__(name: str):
-    """train and TrainingStopped, imported on first use: the options alone (the commands' flags) need no
-    datasets or accelerate."""
-    if name in ("train", "TrainingStopped"):
+    """train, imported on first use: the options alone (the commands' flags) need no datasets or accelerate."""
+    if name == "train":
         from . import loop
 
         return getattr(loop, name)

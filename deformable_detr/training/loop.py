@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from .data import DetectionCollator, DetectionSamples, load_detection_dataset
 from .evaluation import coco_ground_truth, evaluate, format_metrics
 from .model_card import write_model_card
 from .options import CONFIG_PRESETS, TRACKING_DIR, TrainingOptions
+from .signals import RESUME_HINT, StopRequest, TrainingStopped, ignore_stop_signals, worker_context
 from .transforms import DetrAugmentation
 
 logger = logging.getLogger(__name__)
@@ -89,38 +89,6 @@ def parameter_groups(model, options) -> list[dict]:
     return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
 
 
-class StopRequest:
-    """SIGTERM and the first Ctrl-C ask the loop to checkpoint and stop at the end of the step; a second Ctrl-C
-    stops at once."""
-
-    signum = signal.SIGTERM  # the last signal received (SIGTERM when another process received it)
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested, StopRequest.signum = True, signum
-        logger.warning("received %s: writing a checkpoint after this step, then stopping", signal.Signals(signum).name)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-RESUME_HINT = 'resume_from_checkpoint="latest" (--resume_from_checkpoint latest)'
-
-
-class TrainingStopped(Exception):
-    """Raised by `train` after a signal asked it to stop: the checkpoint it wrote is `checkpoint`."""
-
-    def __init__(self, signum: int, checkpoint: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; continue with {RESUME_HINT}")
-        self.signum, self.checkpoint = signum, checkpoint
-
-
 @dataclass
 class Run:
     """The prepared pieces of one run, and the loss terms and bad-window flag carried between its steps."""
@@ -176,7 +144,7 @@ def train(options: TrainingOptions) -> dict | None:
         accelerator.num_processes,
         accelerator.mixed_precision,
     )
-    stop = StopRequest()
+    stop = StopRequest(logger)
     progress = tqdm(
         total=run.max_steps,
         initial=state.global_step,
@@ -350,14 +318,16 @@ def make_loaders(options, splits, processor):
         num_workers=options.num_workers,
         # its own generator: making a loader's iterator then leaves the global random state (dropout) alone
         generator=torch.Generator().manual_seed(options.seed),
-        worker_init_fn=ignore_interrupts,
+        worker_init_fn=ignore_stop_signals,
+        multiprocessing_context=worker_context() if options.num_workers else None,
     )
     eval_loader = torch.utils.data.DataLoader(
         DetectionSamples(splits["validation"]),
         batch_size=options.per_device_eval_batch_size,
         collate_fn=DetectionCollator(processor),
         num_workers=options.num_workers,
-        worker_init_fn=ignore_interrupts,
+        worker_init_fn=ignore_stop_signals,
+        multiprocessing_context=worker_context() if options.num_workers else None,
     )
     return train_samples, train_loader, eval_loader
 
@@ -423,13 +393,6 @@ def cpu_lacks_bf16(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     except OSError:
         return None
     return None if flags & {"avx512_bf16", "amx_bf16"} else f"no avx512_bf16 or amx_bf16 in {cpuinfo}"
-
-
-def ignore_interrupts(worker_id: int):
-    """Data loading workers leave Ctrl-C and SIGTERM to the main process, which checkpoints before stopping:
-    `timeout`, SLURM, Kubernetes and systemd signal the whole process group, workers included."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def log_training(accelerator, state: TrainState, running: list[dict], lr: float, epoch: int):
