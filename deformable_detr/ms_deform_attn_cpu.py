@@ -19,12 +19,28 @@ import warnings
 
 logger = logging.getLogger(__name__)
 
-CPP_SOURCE = r"""
+HEADER = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <vector>
 
+// Element strides of the value maps: (B, S, M, D) as given, or (B, M, S, D), one head after the other, where a
+// head's maps stay in cache; the copy into the latter pays off when queries are many (the encoder).
+struct Layout {
+  int64_t batch, head, pixel;
+};
+
+std::pair<torch::Tensor, Layout> choose_layout(const torch::Tensor& value, int64_t Q) {
+  const int64_t S = value.size(1), M = value.size(2), D = value.size(3);
+  if (4 * Q >= S) return {value.permute({0, 2, 1, 3}).contiguous(), Layout{M * S * D, S * D, D}};
+  return {value, Layout{S * M * D, D, M * D}};
+}
+
+"""
+
+# compiled twice, in namespace avx2 (for x86-64 CPUs with AVX2 and FMA) and in namespace portable
+KERNELS = r"""
 // Bilinear corners of one sampling point: x = loc_x * W - 0.5, y = loc_y * H - 0.5 (grid_sample,
 // align_corners=False); corners outside the map count as zeros.
 template <typename T>
@@ -58,18 +74,6 @@ struct Corners {
     }
   }
 };
-
-// Element strides of the value maps: (B, S, M, D) as given, or (B, M, S, D), one head after the other, where a
-// head's maps stay in cache; the copy into the latter pays off when queries are many (the encoder).
-struct Layout {
-  int64_t batch, head, pixel;
-};
-
-std::pair<torch::Tensor, Layout> choose_layout(const torch::Tensor& value, int64_t Q) {
-  const int64_t S = value.size(1), M = value.size(2), D = value.size(3);
-  if (4 * Q >= S) return {value.permute({0, 2, 1, 3}).contiguous(), Layout{M * S * D, S * D, D}};
-  return {value, Layout{S * M * D, D, M * D}};
-}
 
 // Forward for one head dimension D (a compile-time DC lets the accumulator live in registers; DC = 0: any D).
 // Each point is one pass over D, its four corners together.
@@ -173,6 +177,32 @@ void backward_impl(const T* go, const T* v, const Layout& lay, const int64_t* sh
   });
 }
 
+// The kernel for a head dimension D: a compile-time D where it is a common one, else any D.
+template <typename T>
+decltype(&forward_impl<T, 0>) forward_for(int64_t D) {
+  return D == 32 ? &forward_impl<T, 32> : D == 64 ? &forward_impl<T, 64> : D == 16 ? &forward_impl<T, 16>
+                                                                                    : &forward_impl<T, 0>;
+}
+
+template <typename T>
+decltype(&backward_impl<T, 0>) backward_for(int64_t D) {
+  return D == 32 ? &backward_impl<T, 32> : D == 64 ? &backward_impl<T, 64> : D == 16 ? &backward_impl<T, 16>
+                                                                                      : &backward_impl<T, 0>;
+}
+"""
+
+ENTRY = r"""
+// The AVX2 + FMA build of the kernels where the CPU has both, else the portable one: the binary runs on every
+// CPU of its architecture, as a cached build shared across machines (one home folder) must.
+bool use_avx2() {
+#if defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
 // value (B, S, M, D), shapes (L, 2), starts (L), loc (B, Q, M, L, K, 2), attn (B, Q, M, L, K) -> (B, Q, M, D)
 torch::Tensor forward(torch::Tensor value, torch::Tensor shapes, torch::Tensor starts, torch::Tensor loc,
                       torch::Tensor attn) {
@@ -181,14 +211,9 @@ torch::Tensor forward(torch::Tensor value, torch::Tensor shapes, torch::Tensor s
   auto out = torch::empty({B, Q, M, D}, value.options());
   auto [maps, layout] = choose_layout(value, Q);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward", [&] {
-    auto run = [&](auto kernel) {
-      kernel(maps.data_ptr<scalar_t>(), layout, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-             loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, M, D, Q, L, K);
-    };
-    if (D == 32) run(forward_impl<scalar_t, 32>);
-    else if (D == 64) run(forward_impl<scalar_t, 64>);
-    else if (D == 16) run(forward_impl<scalar_t, 16>);
-    else run(forward_impl<scalar_t, 0>);
+    auto kernel = use_avx2() ? avx2::forward_for<scalar_t>(D) : portable::forward_for<scalar_t>(D);
+    kernel(maps.data_ptr<scalar_t>(), layout, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+           loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, M, D, Q, L, K);
   });
   return out;
 }
@@ -203,21 +228,26 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor value,
   auto grad_loc = torch::empty_like(loc);  // every entry is written
   auto grad_attn = torch::empty_like(attn);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward", [&] {
-    auto run = [&](auto kernel) {
-      kernel(grad_out.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), layout, shapes.data_ptr<int64_t>(),
-             starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
-             grad_maps.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(),
-             B, M, D, Q, L, K);
-    };
-    if (D == 32) run(backward_impl<scalar_t, 32>);
-    else if (D == 64) run(backward_impl<scalar_t, 64>);
-    else if (D == 16) run(backward_impl<scalar_t, 16>);
-    else run(backward_impl<scalar_t, 0>);
+    auto kernel = use_avx2() ? avx2::backward_for<scalar_t>(D) : portable::backward_for<scalar_t>(D);
+    kernel(grad_out.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), layout, shapes.data_ptr<int64_t>(),
+           starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
+           grad_maps.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(),
+           B, M, D, Q, L, K);
   });
   auto grad_value = maps.data_ptr() == value.data_ptr() ? grad_maps : grad_maps.permute({0, 2, 1, 3}).contiguous();
   return {grad_value, grad_loc, grad_attn};
 }
 """
+
+CPP_SOURCE = (
+    HEADER
+    + '#if defined(__x86_64__)\n#pragma GCC push_options\n#pragma GCC target("avx2,fma")\n'
+    + f"namespace avx2 {{{KERNELS}}}\n"
+    + "#pragma GCC pop_options\n#endif\n"
+    + f"namespace portable {{{KERNELS}}}\n"
+    + "#if !defined(__x86_64__)\nnamespace avx2 = portable;\n#endif\n"
+    + ENTRY
+)
 
 _lock = threading.Lock()
 _state = {"tried": False, "module": None}
@@ -230,6 +260,25 @@ def error_summary(error: BaseException, lines: int = 6, width: int = 200) -> str
     if len(text) > lines:
         text = text[: lines // 2] + ["[...]"] + text[-(lines - lines // 2) :]
     return "\n".join(line if len(line) <= width else line[:width] + " [...]" for line in text)
+
+
+CFLAGS = ["-O3", "-fopenmp"]  # no -march: the kernels pick their instruction set at run time
+
+
+def build_folder() -> str:
+    """Where the extension is built and cached: torch's extensions folder (TORCH_EXTENSIONS_DIR, by default
+    ~/.cache/torch_extensions), one subfolder per Python, torch and source + flags, so that environments with
+    another torch on the same machine keep their own build instead of rebuilding in turn."""
+    import hashlib
+    import sys
+
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    digest = hashlib.sha256((CPP_SOURCE + " ".join(CFLAGS)).encode()).hexdigest()[:12]
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return os.path.join(root, "deformable_detr", f"{python}_torch{torch.__version__}_{digest}")
 
 
 def load():
@@ -246,13 +295,16 @@ def load():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            logger.info("compiling the fused CPU multi-scale deformable attention kernel (once per machine)")
+            folder = build_folder()
+            os.makedirs(folder, exist_ok=True)
+            logger.info("compiling the fused CPU multi-scale deformable attention kernel into %s (once)", folder)
             _state["module"] = load_inline(
                 name="deformable_detr_ms_deform_attn_cpu",
                 cpp_sources=[CPP_SOURCE],
                 functions=["forward", "backward"],
-                extra_cflags=["-O3", "-fopenmp", "-march=native"],
+                extra_cflags=CFLAGS,
                 extra_ldflags=["-fopenmp"],
+                build_directory=folder,
                 verbose=False,
             )
         except Exception as error:  # noqa: BLE001 -- no compiler, no headers: the reference takes over

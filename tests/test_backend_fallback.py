@@ -136,3 +136,16 @@ def test_error_summary_keeps_the_cause_at_the_end():
     summary = ms_deform_attn_cpu.error_summary(error)
     assert summary.startswith("RuntimeError: at 19:16:") and summary.endswith("constexpr cannot be reassigned.')")
     assert len(summary.splitlines()) == 7 and "line 10 of" not in summary
+
+
+def test_the_cpu_kernel_is_built_portable_and_kept_per_torch(monkeypatch, tmp_path):
+    """No flag ties the cached binary to the CPU that built it (a home folder may be shared across machines; the
+    kernels choose AVX2 + FMA at run time), and another torch builds into another folder instead of
+    rebuilding the same one in turn."""
+    assert not [flag for flag in ms_deform_attn_cpu.CFLAGS if flag.startswith(("-march", "-mtune", "-mavx"))]
+    assert "__builtin_cpu_supports" in ms_deform_attn_cpu.CPP_SOURCE
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = ms_deform_attn_cpu.build_folder()
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    there = ms_deform_attn_cpu.build_folder()
+    assert here != there and here.startswith(str(tmp_path)) and there.startswith(str(tmp_path))
