@@ -1,8 +1,10 @@
-"""Checkpoints: the marker of a complete one is written atomically, and a half-written one is ignored, named."""
+"""Checkpoints: the marker of a complete one is written atomically, a half-written one is ignored, named, and
+nothing in a checkpoint folder is unpickled as code."""
 
 import json
 import logging
 import os
+import pickle
 
 import pytest
 
@@ -11,6 +13,7 @@ from deformable_detr.training.checkpoints import (
     TrainState,
     find_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     save_checkpoint,
 )
 
@@ -19,9 +22,13 @@ class FakeAccelerator:
     """What save_checkpoint uses of accelerate's Accelerator: one main process that writes a state folder."""
 
     is_main_process = True
+    process_index = 0
 
     def save_state(self, folder):
         os.makedirs(folder)
+
+    def load_state(self, folder):
+        self.loaded = folder
 
     def wait_for_everyone(self):
         pass
@@ -48,3 +55,26 @@ def test_a_half_written_checkpoint_is_ignored_and_named(tmp_path, caplog, monkey
         find_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path))
     (tmp_path / "checkpoint-2" / STATE_FILE).write_text('{"global_step": ')
     assert list_checkpoints(str(tmp_path)) == []  # nothing complete: a fresh start is not refused
+
+
+class MakesAFolder:
+    """Unpickling this runs os.mkdir(path): the code a hostile checkpoint could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_pickled_objects_in_a_checkpoint_are_refused_not_run(tmp_path):
+    folder = save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=2), keep=1)
+    hostile = pickle.dumps(MakesAFolder(str(tmp_path / "ran")), protocol=2)
+    (tmp_path / "checkpoint-2" / "custom_checkpoint_0.pkl").write_bytes(hostile)
+    with pytest.raises(ValueError, match="custom_checkpoint_0.pkl: a pickled object, which loading would run"):
+        load_checkpoint(FakeAccelerator(), folder)
+    os.remove(tmp_path / "checkpoint-2" / "custom_checkpoint_0.pkl")
+    (tmp_path / "checkpoint-2" / "random_states_0.pkl").write_bytes(hostile)
+    with pytest.warns(UserWarning, match="random_states_0.pkl cannot be read safely .*not repeat an uninterrupted"):
+        assert load_checkpoint(FakeAccelerator(), folder).global_step == 2
+    assert not (tmp_path / "ran").exists()

@@ -1,11 +1,14 @@
-"""Training checkpoints: accelerate's state (model, optimiser, scheduler, random states, grad scaler) in
-`checkpoint-{step}/`, plus `trainer_state.json` with the loop's position (`TrainState`), written last, so that
-a checkpoint without it is incomplete and ignored."""
+"""Training checkpoints: accelerate's state (model weights as safetensors; optimiser, random states and grad
+scaler read back with torch.load(weights_only=True)) in `checkpoint-{step}/`, plus `trainer_state.json` with the
+loop's position and the lr schedule (`TrainState`), written last, so that a checkpoint without it is incomplete
+and ignored. Nothing in a checkpoint is unpickled as code: a checkpoint folder from elsewhere is data."""
 
+import glob
 import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -16,13 +19,15 @@ STATE_FILE = "trainer_state.json"
 @dataclass
 class TrainState:
     """Where a run is: optimiser steps done, the epoch and the batches of it already seen, steps skipped for
-    non-finite losses or gradients, and the logged history (loss means, evaluations)."""
+    non-finite losses or gradients, the logged history (loss means, evaluations) and the lr scheduler's
+    state_dict (plain numbers)."""
 
     global_step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
     skipped_steps: int = 0
     history: list[dict] = field(default_factory=list)
+    lr_schedule: dict = field(default_factory=dict)
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -80,7 +85,26 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, keep: int) 
 
 
 def load_checkpoint(accelerator, folder: str) -> TrainState:
-    """Restores accelerate's state from `folder` and returns the loop's."""
+    """Restores accelerate's state from `folder` and returns the loop's. Refuses a folder holding pickled objects
+    that accelerate would load with weights_only=False (custom_checkpoint_*.pkl, which can run code); warns
+    when the random states cannot be read safely (the run then goes on, but not as it would have)."""
+    pickled = sorted(glob.glob(os.path.join(folder, "custom_checkpoint_*.pkl")))
+    if pickled:
+        raise ValueError(
+            f"{pickled[0]}: a pickled object, which loading would run as code; this package does not write such "
+            "files (an earlier version or another tool did). Delete it only if you trust where the folder came from"
+        )
+    random_states = os.path.join(folder, f"random_states_{accelerator.process_index}.pkl")
+    try:
+        from accelerate.utils import load
+
+        load(random_states)  # as accelerate reads it (weights_only=True), which only logs a failure
+    except Exception as error:  # noqa: BLE001 -- missing, corrupt or refused: all mean the same here
+        warnings.warn(
+            f"{random_states} cannot be read safely ({type(error).__name__}: {str(error).splitlines()[0][:200]}): "
+            "the run continues with the current random states, so it will not repeat an uninterrupted run exactly",
+            stacklevel=2,
+        )
     accelerator.load_state(folder)
     with open(os.path.join(folder, STATE_FILE)) as f:
         state = TrainState(**json.load(f))

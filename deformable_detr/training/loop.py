@@ -160,7 +160,7 @@ def train(options: TrainingOptions) -> dict | None:
             stopping = run_epoch(run, state, epoch, stop, progress)
             finished = state.global_step >= run.max_steps
             if stopping and not finished:
-                checkpoint = save_checkpoint(accelerator, options.output_dir, state, options.checkpoints_total_limit)
+                checkpoint = write_checkpoint(run, state)
                 logger.warning("stopped at step %d; continue with %s", state.global_step, RESUME_HINT)
                 accelerator.end_training()
                 raise TrainingStopped(StopRequest.signum, checkpoint)
@@ -174,7 +174,7 @@ def train(options: TrainingOptions) -> dict | None:
             if finished:
                 break
             if options.checkpointing_steps == "epoch":
-                save_checkpoint(accelerator, options.output_dir, state, options.checkpoints_total_limit)
+                write_checkpoint(run, state)
     finally:
         stop.restore()
         progress.close()
@@ -211,7 +211,6 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     max_steps = options.max_steps or options.num_train_epochs * steps_per_epoch
     drop_step = int(options.lr_drop * max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 if step >= drop_step else 1.0)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimiser step
     run = Run(
         options, accelerator, model, optimizer, scheduler, train_samples, train_loader, steps_per_epoch, max_steps
     )
@@ -227,6 +226,7 @@ def resume_or_start(run: Run) -> TrainState:
     )
     if checkpoint:
         state = load_checkpoint(run.accelerator, checkpoint)
+        run.scheduler.load_state_dict(state.lr_schedule)
     elif list_checkpoints(options.output_dir):
         raise ValueError(
             f"output_dir {options.output_dir} holds checkpoints of an earlier run: continue it with "
@@ -288,7 +288,13 @@ def after_step(run: Run, state: TrainState, epoch: int, progress):
         run.running = []
     every = options.checkpoint_every()
     if every and state.global_step % every == 0 and state.global_step < run.max_steps:
-        save_checkpoint(run.accelerator, options.output_dir, state, options.checkpoints_total_limit)
+        write_checkpoint(run, state)
+
+
+def write_checkpoint(run: Run, state: TrainState) -> str:
+    """Writes checkpoint-{global_step}/ with the lr schedule's state; -> its folder."""
+    state.lr_schedule = run.scheduler.state_dict()
+    return save_checkpoint(run.accelerator, run.options.output_dir, state, run.options.checkpoints_total_limit)
 
 
 def setup_logging(state, output_dir: str):
