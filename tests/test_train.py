@@ -198,30 +198,41 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path, capsys):
         train_main(["--dataset", shapes_folder])
 
 
+def signalled_run(run: TrainingOptions, after: str, whole_group: bool = False) -> str:
+    """Runs the training command of `run` in a fresh process, sends it SIGTERM (to its whole process group if
+    `whole_group`) once train.log holds `after`, asserts that it exits with status 143; -> train.log."""
+    command = [sys.executable, "-m", "deformable_detr.training", *shlex.split(run.command())[1:]]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    log = os.path.join(run.output_dir, "train.log")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and after in open(log).read()):
+        time.sleep(0.1)
+    try:
+        if whole_group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    return open(log).read()
+
+
 @pytest.mark.parametrize("workers, whole_group", [(0, False), (2, True)])
 def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path, workers, whole_group):
     """SIGTERM to the process, or (as timeout, SLURM, Kubernetes and systemd send it) to its whole process group,
     data workers included: a checkpoint, exit status 143, and the run continues from it."""
     run = options(shapes_folder, tmp_path, max_steps=10000, checkpointing_steps="no", num_workers=workers)
-    command = [sys.executable, "-m", "deformable_detr.training", *shlex.split(run.command())[1:]]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=whole_group
-    )
-    log = tmp_path / "train.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and "step 2," in log.read_text()):
-        time.sleep(0.2)
-    if whole_group:
-        os.killpg(process.pid, signal.SIGTERM)
-    else:
-        process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    log = signalled_run(run, "step 2,", whole_group)
     checkpoints = glob.glob(str(tmp_path / "checkpoint-*" / "trainer_state.json"))
     assert len(checkpoints) == 1
     state = json.load(open(checkpoints[0]))
     assert state["global_step"] >= 2
-    assert 'continue with resume_from_checkpoint="latest" (--resume_from_checkpoint latest)' in log.read_text()
+    assert 'continue with resume_from_checkpoint="latest" (--resume_from_checkpoint latest)' in log
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         train(options(shapes_folder, tmp_path, max_steps=3))
     train(
@@ -234,6 +245,16 @@ def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path, workers, whole_gro
         )
     )
     assert len(history(tmp_path)) == state["global_step"] + 1  # one logged loss per step, carried on
+
+
+def test_sigterm_during_evaluation_stops_it(shapes_coco, tmp_path):
+    """SIGTERM while the first epoch's 300 validation images are scored: the evaluation stops at the next batch
+    (it used to run to its end, past a scheduler's grace period), then a checkpoint, exit status 143."""
+    folder = shapes_coco(6, 300)
+    run = options(folder, tmp_path, max_steps=6, checkpointing_steps="no", per_device_eval_batch_size=1)
+    log = signalled_run(run, "step 3,")
+    assert "the evaluation after epoch 1 was stopped" in log and "validation:" not in log
+    assert [os.path.basename(c) for c in glob.glob(str(tmp_path / "checkpoint-*"))] == ["checkpoint-3"]
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(shapes_folder, tmp_path, monkeypatch):

@@ -134,13 +134,17 @@ def format_metrics(metrics: dict) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, processor, dataloader, accelerator, ground_truth: dict) -> dict:
+def evaluate(model, processor, dataloader, accelerator, ground_truth: dict, stop=None) -> dict | None:
     """Runs `model` over a prepared `dataloader` of `DetectionCollator` batches (image ids = row indices) in
-    every process, gathers the top-100 detections per image, and scores them with `coco_metrics`."""
+    every process, gathers the top-100 detections per image, and scores them with `coco_metrics`. With `stop`
+    (whose `requested` a signal sets), it returns None at the next batch once any process was asked to stop."""
     was_training = model.training
     model.eval()
     detections = {}
     for batch in tqdm(dataloader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
+        if stop is not None and accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device)):
+            model.train(was_training)
+            return None
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
         results = processor.post_process_object_detection(
             outputs, threshold=0.0, target_sizes=batch["orig_sizes"], top_k=100

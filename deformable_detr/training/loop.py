@@ -160,12 +160,12 @@ def train(options: TrainingOptions) -> dict | None:
             stopping = run_epoch(run, state, epoch, stop, progress)
             finished = state.global_step >= run.max_steps
             if stopping and not finished:
-                checkpoint = write_checkpoint(run, state)
-                logger.warning("stopped at step %d; continue with %s", state.global_step, RESUME_HINT)
-                accelerator.end_training()
-                raise TrainingStopped(StopRequest.signum, checkpoint)
+                stop_here(run, state)
             if finished or (options.eval_every_epochs and (epoch + 1) % options.eval_every_epochs == 0):
-                metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth)
+                metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth, stop)
+                if metrics is None:
+                    logger.warning("the evaluation after epoch %d was stopped; it is not repeated", epoch + 1)
+                    stop_here(run, state)
                 state.history.append({"step": state.global_step, "epoch": epoch + 1, "eval": metrics})
                 accelerator.log(
                     {f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state.global_step
@@ -289,6 +289,14 @@ def after_step(run: Run, state: TrainState, epoch: int, progress):
     every = options.checkpoint_every()
     if every and state.global_step % every == 0 and state.global_step < run.max_steps:
         write_checkpoint(run, state)
+
+
+def stop_here(run: Run, state: TrainState):
+    """After a signal: a checkpoint, then TrainingStopped."""
+    checkpoint = write_checkpoint(run, state)
+    logger.warning("stopped at step %d; continue with %s", state.global_step, RESUME_HINT)
+    run.accelerator.end_training()
+    raise TrainingStopped(StopRequest.signum, checkpoint)
 
 
 def write_checkpoint(run: Run, state: TrainState) -> str:
