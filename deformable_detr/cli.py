@@ -83,6 +83,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
         help="as in training: the share of training images held out when the data has no validation split",
     )
     parser.add_argument("--seed", type=int, default=42, help="as in training: the seed of that held-out split")
+    parser.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="leave out (and list) images that cannot be read instead of refusing the dataset",
+    )
     return parser
 
 

@@ -26,9 +26,11 @@ import datasets
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+from PIL import Image
 
 from ..box_ops import box_area, box_xywh_to_xyxy, box_xyxy_to_xywh
 from ..image_processing_deformable_detr import DeformableDetrImageProcessor, to_rgb_image
+from .image_files import UNREADABLE, check_images, image_name
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +116,9 @@ def _keep_box(box, where: str) -> bool:
     return False
 
 
-def load_voc(folder: str) -> tuple[dict[str, Dataset], list[str]]:
-    """Pascal VOC: one split per `ImageSets/Main/{train,val,test}.txt`; classes sorted by name."""
+def load_voc(folder: str, skip_bad_images: bool = False) -> tuple[dict[str, Dataset], list[str]]:
+    """Pascal VOC: one split per `ImageSets/Main/{train,val,test}.txt`; classes sorted by name; images checked
+    by `check_images`."""
     split_files = {}
     main = os.path.join(folder, "ImageSets", "Main")
     for name in sorted(os.listdir(main)) if os.path.isdir(main) else []:
@@ -148,6 +151,7 @@ def load_voc(folder: str) -> tuple[dict[str, Dataset], list[str]]:
                 }
             )
             image_id += 1
+        records = check_images(records, f"{folder} [{split}]", skip_bad_images)
         splits[split] = records_to_dataset(records, class_names)
     return splits, class_names
 
@@ -198,8 +202,9 @@ def _parse_voc_xml(folder: str, stem: str) -> dict:
     return {"xml": path, "image": image, "width": width, "height": height, "objects": objects}
 
 
-def load_coco(folder: str) -> tuple[dict[str, Dataset], list[str]]:
-    """A COCO folder in Roboflow's layout or the standard one; contiguous class ids in order of COCO id."""
+def load_coco(folder: str, skip_bad_images: bool = False) -> tuple[dict[str, Dataset], list[str]]:
+    """A COCO folder in Roboflow's layout or the standard one; contiguous class ids in order of COCO id; images
+    checked by `check_images`."""
     files = {}
     for entry in sorted(os.listdir(folder)):
         if os.path.isfile(os.path.join(folder, entry, "_annotations.coco.json")):
@@ -230,7 +235,8 @@ def load_coco(folder: str) -> tuple[dict[str, Dataset], list[str]]:
     class_names = [name for _, name in categories]
     index = {coco_id: i for i, (coco_id, _) in enumerate(categories)}
     splits = {
-        split: _coco_split(coco, files[split][1], files[split][0], index, class_names) for split, coco in loaded.items()
+        split: _coco_split(coco, files[split][1], files[split][0], index, class_names, skip_bad_images)
+        for split, coco in loaded.items()
     }
     return splits, class_names
 
@@ -248,7 +254,9 @@ def _used_categories(cocos) -> list[tuple[int, str]]:
     return [(i, name) for i, name in sorted(categories.items()) if i in used or name not in supercategories]
 
 
-def _coco_split(coco: dict, image_folder: str, path: str, index: dict, class_names: list[str]) -> Dataset:
+def _coco_split(
+    coco: dict, image_folder: str, path: str, index: dict, class_names: list[str], skip_bad_images: bool
+) -> Dataset:
     entries = {}  # image id -> its index in 'images'
     for j, image in enumerate(coco["images"]):
         missing = {"id", "file_name", "width", "height"} - set(image)
@@ -297,7 +305,7 @@ def _coco_split(coco: dict, image_folder: str, path: str, index: dict, class_nam
                 },
             }
         )
-    return records_to_dataset(records, class_names, crowds=True)
+    return records_to_dataset(check_images(records, path, skip_bad_images), class_names, crowds=True)
 
 
 def category_names(dataset: Dataset, source: str) -> list[str]:
@@ -340,15 +348,16 @@ def objects_of(example: dict) -> dict:
 
 
 def load_detection_dataset(
-    source: str, validation_fraction: float = 0.15, seed: int = 0
+    source: str, validation_fraction: float = 0.15, seed: int = 0, skip_bad_images: bool = False
 ) -> tuple[DatasetDict, list[str]]:
     """Any supported source -> (DatasetDict with 'train' and 'validation', and maybe 'test'; class names).
-    Without a validation split, `validation_fraction` of 'train' becomes one (by `seed`)."""
+    Without a validation split, `validation_fraction` of 'train' becomes one (by `seed`). Every image's header
+    is read: unreadable images raise ValueError listing them, or are left out with `skip_bad_images`."""
     kind = dataset_format(source)
     if kind == "voc":
-        splits, class_names = load_voc(source)
+        splits, class_names = load_voc(source, skip_bad_images)
     elif kind == "coco":
-        splits, class_names = load_coco(source)
+        splits, class_names = load_coco(source, skip_bad_images)
     else:
         loaded = datasets.load_from_disk(source) if kind == "save_to_disk" else datasets.load_dataset(source)
         if isinstance(loaded, Dataset):
@@ -357,6 +366,7 @@ def load_detection_dataset(
         if "train" not in splits:
             raise ValueError(f"{source} has no 'train' split; its splits are {sorted(loaded)}")
         class_names = category_names(splits["train"], source)
+        splits = {name: _readable_rows(split, f"{source} [{name}]", skip_bad_images) for name, split in splits.items()}
     if "train" not in splits:
         raise ValueError(f"{source} has no train split; it has {sorted(splits)}")
     # images without objects are fine beside others, but training on none learns nothing (loss 0, metrics n/a)
@@ -381,13 +391,27 @@ def load_detection_dataset(
     return DatasetDict(splits), class_names
 
 
+def _readable_rows(split: Dataset, where: str, skip_bad_images: bool) -> Dataset:
+    """`split` without the rows whose image cannot be read (with skip_bad_images; else ValueError naming them)."""
+    images = split.cast_column("image", datasets.Image(decode=False))["image"]
+    records = check_images(
+        [{"image": image, "row": i} for i, image in enumerate(images)], where, skip_bad_images, False
+    )
+    return split if len(records) == len(split) else split.select([r["row"] for r in records])
+
+
 class DetectionSamples(torch.utils.data.Dataset):
     """Examples of a detection dataset as (image, COCO annotation) pairs for the image processor, the image id
     being the row index. With an `augmentation`, each sample is augmented by a generator seeded with
-    (seed, epoch, index): the same epoch gives the same images in any process, worker or resumed run."""
+    (seed, epoch, index): the same epoch gives the same images in any process, worker or resumed run.
 
-    def __init__(self, dataset: Dataset, augmentation=None, seed: int = 0):
+    An image that cannot be decoded (its header was fine when the dataset was loaded: a truncated file, one
+    changed since) raises ValueError naming it; with `skip_unreadable` (training) it is skipped with a warning
+    naming it and counting the skips so far, and the next image takes its place."""
+
+    def __init__(self, dataset: Dataset, augmentation=None, seed: int = 0, skip_unreadable: bool = False):
         self.dataset, self.augmentation, self.seed, self.epoch = dataset, augmentation, seed, 0
+        self.skip_unreadable, self.skipped = skip_unreadable, 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -395,9 +419,35 @@ class DetectionSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def decoded(self, index: int) -> tuple[int, dict, Image.Image]:
+        """(index, example, RGB image) of the first image from `index` on that decodes."""
+        for attempt in range(len(self)):
+            row = (index + attempt) % len(self)
+            try:
+                example = self.dataset[row]
+                return row, example, to_rgb_image(example["image"])
+            except UNREADABLE as error:
+                name = self.image_name(row)
+                if not self.skip_unreadable:
+                    raise ValueError(f"{name}: cannot be decoded ({type(error).__name__}: {error})") from error
+                self.skipped += 1
+                logger.warning(
+                    "%s cannot be decoded (%s: %s): skipped, the next image instead (%d skip(s) in this process)",
+                    name,
+                    type(error).__name__,
+                    error,
+                    self.skipped,
+                )
+        raise ValueError("no image of the dataset can be decoded")
+
+    def image_name(self, row: int) -> str:
+        rows = self.dataset
+        if isinstance(rows, Dataset):  # the path, without decoding
+            rows = rows.cast_column("image", datasets.Image(decode=False))
+        return image_name(rows[row]["image"])
+
     def __getitem__(self, index: int) -> dict:
-        example = self.dataset[index]
-        image = to_rgb_image(example["image"])
+        index, example, image = self.decoded(index)
         objects = objects_of(example)
         boxes = box_xywh_to_xyxy(torch.from_numpy(np.asarray(objects["bbox"], dtype=np.float32).reshape(-1, 4))).numpy()
         categories, areas = (

@@ -178,6 +178,7 @@ def evaluate_saved_model(
     output: str | None = None,
     validation_fraction: float = 0.15,
     seed: int = 42,
+    skip_bad_images: bool = False,
 ) -> dict:
     """The COCO metrics of a saved model (ours or transformers', a folder or a Hub id) on a split of `dataset`
     (any source `load_detection_dataset` reads; validation_fraction and seed as in training, for data without a
@@ -189,7 +190,7 @@ def evaluate_saved_model(
     from .data import DetectionCollator, DetectionSamples, load_detection_dataset
 
     accelerator = Accelerator()
-    splits, class_names = load_detection_dataset(dataset, validation_fraction, seed)
+    splits, class_names = load_detection_dataset(dataset, validation_fraction, seed, skip_bad_images)
     if split not in splits:
         raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
     model, processor = load_detector(model_path, accelerator.device)

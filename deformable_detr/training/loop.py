@@ -118,7 +118,9 @@ def train(options: TrainingOptions) -> dict | None:
     setup_logging(PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")), options.output_dir)
     set_seed(options.seed)
 
-    splits, class_names = load_detection_dataset(options.dataset, options.validation_fraction, options.seed)
+    splits, class_names = load_detection_dataset(
+        options.dataset, options.validation_fraction, options.seed, options.skip_bad_images
+    )
     logger.info(
         "data %s: %d training and %d validation images, classes %s",
         options.dataset,
@@ -321,7 +323,7 @@ def setup_logging(state, output_dir: str):
 def make_loaders(options, splits, processor):
     """(training samples, whose epoch sets the augmentation; training loader; validation loader)."""
     augmentation = None if options.no_augmentation else DetrAugmentation(options.image_size, options.max_image_size)
-    train_samples = DetectionSamples(splits["train"], augmentation, options.seed)
+    train_samples = DetectionSamples(splits["train"], augmentation, options.seed, skip_unreadable=True)
     # augmented images come resized already; the processor normalises and pads them
     train_processor = DeformableDetrImageProcessor(**{**processor.to_dict(), "do_resize": augmentation is None})
     train_loader = torch.utils.data.DataLoader(

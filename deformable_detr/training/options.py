@@ -51,6 +51,12 @@ class TrainingOptions:
     )
     max_image_size: int = option(1333, "data", "longest image side")
     no_augmentation: bool = option(False, "data", "train on plain resized images")
+    skip_bad_images: bool = option(
+        False,
+        "data",
+        "leave out images that cannot be read (listed in one warning) instead of refusing the dataset; every "
+        "image's header is checked when the data is loaded, and one that fails to decode later is skipped, named",
+    )
     num_workers: int = option(2, "data", "data loading processes per device")
 
     model_name_or_path: str | None = option(

@@ -1,0 +1,111 @@
+"""The image files of a dataset, checked when it is loaded. Every header is read (size and EXIF orientation only:
+fast); unreadable files are refused, or left out with `skip_bad_images`; and the boxes of a JPEG whose EXIF
+orientation turns it are moved to the frame people see, which training, evaluation and detect all use
+(`to_rgb_image` applies the orientation), when the annotation was made on the stored pixels."""
+
+import io
+import warnings
+
+from PIL import Image
+
+EXIF_ORIENTATION = 0x0112
+SWAPS_AXES = {5, 6, 7, 8}  # transpose, rotate 270, transverse, rotate 90
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad files
+SHOWN = 5  # files named in a message
+
+
+def image_name(image) -> str:
+    """A readable name for an image column's value: its path, or "<bytes>"."""
+    if isinstance(image, dict):
+        return image.get("path") or "<bytes>"
+    return str(image)
+
+
+def read_header(image) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation 1..8) of an image file as stored, from its header; `image` is a path or a
+    datasets Image value ({"bytes", "path"}). Raises one of UNREADABLE for a file that PIL cannot identify or
+    that is above its decompression-bomb limit."""
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(image) as opened:
+        orientation = opened.getexif().get(EXIF_ORIENTATION, 1)
+        return opened.width, opened.height, orientation if orientation in range(1, 9) else 1
+
+
+def turn_box(box: list, orientation: int, width: int, height: int) -> list:
+    """A COCO box [x, y, w, h] on the stored pixels (width x height) -> on the image that the EXIF
+    `orientation` shows (PIL's exif_transpose)."""
+    x, y, w, h = box
+    corners = [(x, y), (x + w, y + h)]
+    turn = {
+        1: lambda u, v: (u, v),
+        2: lambda u, v: (width - u, v),
+        3: lambda u, v: (width - u, height - v),
+        4: lambda u, v: (u, height - v),
+        5: lambda u, v: (v, u),
+        6: lambda u, v: (height - v, u),
+        7: lambda u, v: (height - v, width - u),
+        8: lambda u, v: (v, width - u),
+    }[orientation]
+    (u0, v0), (u1, v1) = (turn(*corner) for corner in corners)
+    return [min(u0, u1), min(v0, v1), abs(u1 - u0), abs(v1 - v0)]
+
+
+def check_images(records: list[dict], where: str, skip_bad_images: bool = False, frames: bool = True) -> list[dict]:
+    """Reads the header of every record's image; -> the records, each with its image as shown: `width` and
+    `height` those people see and, for a JPEG turned by EXIF whose annotation gives the stored size, its boxes
+    turned likewise (a square image, a 180-degree turn or a mirror cannot tell: the stored frame is assumed, as
+    COCO tools write it). Warns once for the turned images and once for images whose size is not their
+    annotation's. Unreadable images raise ValueError listing them, or with `skip_bad_images` are left out with
+    one warning listing them. `frames=False` checks readability only (the records come back as they are)."""
+    kept, bad, turned, as_shown, other_size = [], [], [], 0, []
+    for record in records:
+        try:
+            width, height, orientation = read_header(record["image"])
+        except UNREADABLE as error:
+            bad.append(f"{image_name(record['image'])} ({type(error).__name__}: {error})")
+            continue
+        if not frames:
+            kept.append(record)
+            continue
+        shown = (height, width) if orientation in SWAPS_AXES else (width, height)
+        annotated = (record.get("width"), record.get("height"))
+        if None in annotated:
+            annotated = shown
+        if orientation != 1 and annotated == (width, height):
+            objects = dict(record["objects"])
+            objects["bbox"] = [turn_box(box, orientation, width, height) for box in objects["bbox"]]
+            record = {**record, "objects": objects}
+            turned.append(image_name(record["image"]))
+        elif orientation != 1 and annotated == shown:
+            as_shown += 1
+        elif annotated != shown:
+            other_size.append(
+                f"{image_name(record['image'])} (annotated {annotated[0]}x{annotated[1]}, image {shown[0]}x{shown[1]})"
+            )
+        kept.append({**record, "width": shown[0], "height": shown[1]})
+    if bad and not skip_bad_images:
+        raise ValueError(
+            f"{where}: {len(bad)} unreadable image(s): {_listed(bad)}; leave them out with skip_bad_images=True "
+            "(--skip_bad_images)"
+        )
+    if bad:
+        warnings.warn(f"{where}: {len(bad)} unreadable image(s) left out: {_listed(bad)}", stacklevel=2)
+    if turned or as_shown:
+        warnings.warn(
+            f"{where}: {len(turned) + as_shown} JPEG(s) are turned by their EXIF orientation and are used as shown; "
+            f"{len(turned)} annotated on the stored pixels had their boxes turned too ({_listed(turned)}), "
+            f"{as_shown} were annotated as shown",
+            stacklevel=2,
+        )
+    if other_size:
+        warnings.warn(
+            f"{where}: {len(other_size)} image(s) are not the size their annotation gives; their boxes are used as "
+            f"they are: {_listed(other_size)}",
+            stacklevel=2,
+        )
+    return kept
+
+
+def _listed(items: list[str]) -> str:
+    return ", ".join(items[:SHOWN]) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
