@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import sys
+import warnings
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
@@ -100,14 +101,34 @@ def load_detector(model_path: str, device: str):
     return model.to(device).eval(), processor
 
 
-def detect(model, processor, images: list[Image.Image], threshold: float, top_k: int) -> list[list[dict]]:
+def not_finite(outputs) -> list[int]:
+    """The images of a batch whose class logits or boxes hold a NaN or an infinity (NaN pixels, NaN weights, an
+    overflow in half precision): their detections would silently be none."""
+    finite = outputs.logits.isfinite().flatten(1).all(1) & outputs.pred_boxes.isfinite().flatten(1).all(1)
+    return [i for i, ok in enumerate(finite.tolist()) if not ok]
+
+
+def warn_of_non_finite_outputs(names: list[str]):
+    """One warning naming the images whose outputs were not finite."""
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(
+            f"the model's outputs for {len(names)} image(s) are not finite (NaN or inf), so they have no "
+            f"detections: {shown}; check these images and the model's weights",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def detect(model, processor, images: list[Image.Image], threshold: float, top_k: int) -> tuple[list[list[dict]], list]:
+    """-> (the detections of each image, the indices of images whose outputs were not finite)."""
     inputs = processor(images, return_tensors="pt").to(model.device)
     with torch.no_grad():
         outputs = model(**inputs)
     sizes = [(im.height, im.width) for im in images]
     results = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes, top_k=top_k)
     id2label = model.config.id2label
-    return [
+    detections = [
         [
             {
                 "label": id2label.get(label, str(label)),
@@ -119,6 +140,7 @@ def detect(model, processor, images: list[Image.Image], threshold: float, top_k:
         ]
         for r in results
     ]
+    return detections, not_finite(outputs)
 
 
 def read_image(path: str) -> Image.Image:
@@ -153,7 +175,7 @@ def detect_files(
     outputs = output_paths(paths, output_dir, image_format)
     model, processor = load_detector(model_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(output_dir, exist_ok=True)
-    written, skipped = [], {}
+    written, skipped, broken = [], {}, []
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     for batch in tqdm(batches, desc="detecting", unit="batch", disable=len(paths) <= 1):
         images, names = [], []
@@ -166,7 +188,9 @@ def detect_files(
                 tqdm.write(f"skipped {path}: cannot read it as an image ({error})", file=sys.stderr)
         if not images:
             continue
-        for path, image, found in zip(names, images, detect(model, processor, images, threshold, top_k)):
+        detections, not_finite_rows = detect(model, processor, images, threshold, top_k)
+        broken += [names[i] for i in not_finite_rows]
+        for path, image, found in zip(names, images, detections):
             json_path, picture_path = outputs[path]
             os.makedirs(os.path.dirname(json_path), exist_ok=True)
             with open(json_path, "w") as f:
@@ -175,5 +199,6 @@ def detect_files(
                 )
             draw_detections(image, found).save(picture_path)
             written.append(path)
+    warn_of_non_finite_outputs(broken)
     print(f"{len(written)} image(s) written to {output_dir}" + (f"; {len(skipped)} skipped" if skipped else ""))
     return {"written": written, "skipped": skipped}

@@ -105,7 +105,8 @@ def main():
     os.makedirs(pictures_dir, exist_ok=True)
     model, processor = load_detector(model_dir, "cpu")
     images = [row["image"] for row in load_from_disk(data_dir)["test"].select(range(min(8, count)))]
-    for index, (image, found) in enumerate(zip(images, detect(model, processor, images, threshold=0.5, top_k=30))):
+    detections, _ = detect(model, processor, images, threshold=0.5, top_k=30)
+    for index, (image, found) in enumerate(zip(images, detections)):
         draw_detections(
             image.resize((4 * size, 4 * size), Image.NEAREST), [d | {"box": [4 * v for v in d["box"]]} for d in found]
         ).save(os.path.join(pictures_dir, f"test_{index}.png"))

@@ -150,3 +150,28 @@ def test_bad_arguments_are_named(tmp_path):
 def test_classes_get_distinct_colours():
     colours = [class_colour(i) for i in range(12)]
     assert len(set(colours)) == 12
+
+
+def test_non_finite_outputs_warn_once_naming_the_images(tmp_path, folder_of_images, monkeypatch):
+    """Weights (or pixels) that make the outputs NaN give no detections: detect and evaluate say so once, naming
+    the images, instead of reporting an empty result as a success."""
+    from deformable_detr import DeformableDetrImageProcessor
+    from deformable_detr import detect as detect_module
+    from deformable_detr.training.evaluation import evaluate_saved_model
+    from tests.support.models import tiny_model
+
+    model = tiny_model(num_labels=3, id2label={0: "Platelets", 1: "RBC", 2: "WBC"})  # BCCD's classes, sorted
+    model.save_pretrained(tmp_path / "model")
+    DeformableDetrImageProcessor(size={"shortest_edge": 96, "longest_edge": 128}).save_pretrained(tmp_path / "model")
+    load = detect_module.load_detector
+
+    def poisoned(path, device):  # what the load-time check would refuse: poisoned after it
+        model, processor = load(path, device)
+        model.model.input_proj[0][0].bias.data[0] = float("nan")
+        return model, processor
+
+    monkeypatch.setattr(detect_module, "load_detector", poisoned)
+    with pytest.warns(RuntimeWarning, match=r"outputs for 3 image\(s\) are not finite .*BloodImage_0000"):
+        detect_files([str(folder_of_images)], str(tmp_path / "model"), str(tmp_path / "out"))
+    with pytest.warns(RuntimeWarning, match=r"outputs for 2 image\(s\) are not finite .*BloodImage_00"):
+        evaluate_saved_model(str(tmp_path / "model"), str(BCCD), "test")

@@ -13,6 +13,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..box_ops import box_xyxy_to_xywh
+from ..detect import not_finite, warn_of_non_finite_outputs
 from .data import objects_of
 
 SUMMARY_NAMES = [
@@ -141,11 +142,13 @@ def evaluate(model, processor, dataloader, accelerator, ground_truth: dict, stop
     was_training = model.training
     model.eval()
     detections = {}
+    broken = []  # rows whose outputs were not finite
     for batch in tqdm(dataloader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
         if stop is not None and accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device)):
             model.train(was_training)
             return None
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+        broken += [int(batch["labels"][i]["image_id"][0]) for i in not_finite(outputs)]
         results = processor.post_process_object_detection(
             outputs, threshold=0.0, target_sizes=batch["orig_sizes"], top_k=100
         )
@@ -161,6 +164,7 @@ def evaluate(model, processor, dataloader, accelerator, ground_truth: dict, stop
                 }
                 for c, box, s in zip(result["labels"], boxes, result["scores"].float())
             ]
+    warn_of_non_finite_outputs([dataloader.dataset.image_name(row) for row in broken])
     # every process holds some images (repeated ones pad the last batch); each image is counted once
     merged = {}
     for part in gather_object([detections]):
