@@ -1,11 +1,13 @@
 """The commands: `deformable-detr-train`, `deformable-detr-evaluate`, `deformable-detr-detect` (also
 `scripts/*.py`). Each turns its arguments into the library's call and the library's exceptions into one line and
-an exit status: bad options or data 1 (argparse's own errors 2), a training stopped by a signal 128 + its number."""
+an exit status: bad options or data, or a full disk, 1 (argparse's own errors 2), a training stopped by a signal
+128 + its number."""
 
 import argparse
 import typing
 from dataclasses import MISSING, fields
 
+from .disk_space import is_disk_full
 from .training.options import MIXED_PRECISION, TrainingOptions
 
 
@@ -17,11 +19,15 @@ def _fail(prog: str, error: Exception):
     raise SystemExit(f"{prog}: error: {error}") from None
 
 
-def _run(prog: str, function, args: argparse.Namespace):
-    """function(**args): the parser's destinations are the function's parameter names."""
+def _run(prog: str, call):
+    """call(), with the library's errors about its input (and a full disk) printed as one line, exit status 1."""
     try:
-        function(**vars(args))
+        call()
     except (ValueError, FileNotFoundError) as error:
+        _fail(prog, error)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
         _fail(prog, error)
 
 
@@ -51,12 +57,11 @@ def train_main(argv=None):
     from .training.loop import train
     from .training.signals import TrainingStopped
 
+    args = train_parser().parse_args(argv)
     try:
-        train(TrainingOptions(**vars(train_parser().parse_args(argv))))
+        _run("deformable-detr-train", lambda: train(TrainingOptions(**vars(args))))
     except TrainingStopped as stopped:
         raise SystemExit(128 + stopped.signum) from None
-    except (ValueError, FileNotFoundError) as error:
-        _fail("deformable-detr-train", error)
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -94,7 +99,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def evaluate_main(argv=None):
     from .training.evaluation import evaluate_saved_model
 
-    _run("deformable-detr-evaluate", evaluate_saved_model, evaluate_parser().parse_args(argv))
+    args = evaluate_parser().parse_args(argv)  # its destinations are the function's parameter names
+    _run("deformable-detr-evaluate", lambda: evaluate_saved_model(**vars(args)))
 
 
 def detect_parser() -> argparse.ArgumentParser:
@@ -128,4 +134,5 @@ def detect_parser() -> argparse.ArgumentParser:
 def detect_main(argv=None):
     from .detect import detect_files
 
-    _run("deformable-detr-detect", detect_files, detect_parser().parse_args(argv))
+    args = detect_parser().parse_args(argv)  # its destinations are the function's parameter names
+    _run("deformable-detr-detect", lambda: detect_files(**vars(args)))

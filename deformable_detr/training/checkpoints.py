@@ -11,6 +11,8 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 
+from ..disk_space import reporting_full_disk
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
@@ -65,18 +67,22 @@ def find_checkpoint(resume_from: str, output_dir: str) -> str | None:
     return found[-1]
 
 
-def save_checkpoint(accelerator, output_dir: str, state: TrainState, keep: int) -> str:
-    """Writes checkpoint-{step}/ (every process takes part), deletes all but the newest `keep`; -> its folder."""
+def save_checkpoint(accelerator, output_dir: str, state: TrainState, keep: int, needed: int = 0) -> str:
+    """Writes checkpoint-{step}/ (every process takes part), deletes all but the newest `keep`; -> its folder.
+    A disk that fills meanwhile raises DiskFullError (saying that it needs about `needed` bytes), and the
+    half-written folder is removed."""
     folder = os.path.join(output_dir, f"checkpoint-{state.global_step}")
-    accelerator.save_state(folder)
+    with reporting_full_disk(folder, needed, remove_on_failure=accelerator.is_main_process):
+        accelerator.save_state(folder)
+        if accelerator.is_main_process:
+            # written to a temporary file, then renamed: the marker of a complete checkpoint is never half-written
+            temporary = os.path.join(folder, STATE_FILE + ".tmp")
+            with open(temporary, "w") as f:
+                json.dump(asdict(state), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, os.path.join(folder, STATE_FILE))
     if accelerator.is_main_process:
-        # written to a temporary file, then renamed: the marker of a complete checkpoint is never half-written
-        temporary = os.path.join(folder, STATE_FILE + ".tmp")
-        with open(temporary, "w") as f:
-            json.dump(asdict(state), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, os.path.join(folder, STATE_FILE))
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint written to %s", folder)

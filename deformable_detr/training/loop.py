@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+from ..disk_space import reporting_full_disk
 from ..loss_deformable_detr import MAIN_TERMS
 from .checkpoints import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import DetectionCollator, DetectionSamples, load_detection_dataset
@@ -304,7 +305,12 @@ def stop_here(run: Run, state: TrainState):
 def write_checkpoint(run: Run, state: TrainState) -> str:
     """Writes checkpoint-{global_step}/ with the lr schedule's state; -> its folder."""
     state.lr_schedule = run.scheduler.state_dict()
-    return save_checkpoint(run.accelerator, run.options.output_dir, state, run.options.checkpoints_total_limit)
+    needed = 3 * weight_bytes(run.model)  # the weights and AdamW's two moments
+    return save_checkpoint(run.accelerator, run.options.output_dir, state, run.options.checkpoints_total_limit, needed)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def setup_logging(state, output_dir: str):
@@ -437,24 +443,25 @@ def finish(accelerator, model, processor, options, state, metrics, minutes):
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)
-    model.save_pretrained(options.output_dir, state_dict=weights)
-    processor.save_pretrained(options.output_dir)
-    with open(os.path.join(options.output_dir, "history.json"), "w") as f:
-        json.dump(state.history, f, indent=1)
-    if metrics is not None:
-        with open(os.path.join(options.output_dir, "eval_results.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-    write_model_card(
-        options.output_dir,
-        model.config,
-        metrics,
-        dataset=options.dataset,
-        command=options.command(),
-        steps=state.global_step,
-        skipped_steps=state.skipped_steps,
-        minutes=minutes,
-        processes=accelerator.num_processes,
-    )
+    with reporting_full_disk(options.output_dir, weight_bytes(model)):
+        model.save_pretrained(options.output_dir, state_dict=weights)
+        processor.save_pretrained(options.output_dir)
+        with open(os.path.join(options.output_dir, "history.json"), "w") as f:
+            json.dump(state.history, f, indent=1)
+        if metrics is not None:
+            with open(os.path.join(options.output_dir, "eval_results.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+        write_model_card(
+            options.output_dir,
+            model.config,
+            metrics,
+            dataset=options.dataset,
+            command=options.command(),
+            steps=state.global_step,
+            skipped_steps=state.skipped_steps,
+            minutes=minutes,
+            processes=accelerator.num_processes,
+        )
     logger.info("model, processor and model card saved to %s", options.output_dir)
     if options.push_to_hub:
         push_to_hub(options)

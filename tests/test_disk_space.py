@@ -1,0 +1,89 @@
+"""A disk that fills while a checkpoint is written: one line naming the folder, the free space and the space
+needed; the half-written checkpoint removed, the earlier one kept and resumable."""
+
+import os
+import shlex
+import subprocess
+import sys
+import uuid
+
+import pytest
+from safetensors import SafetensorError
+
+from deformable_detr.cli import train_main
+from deformable_detr.disk_space import is_disk_full
+from deformable_detr.training.checkpoints import list_checkpoints
+from tests.support.processes import run_command
+from tests.support.training import options
+
+SAFETENSORS_FULL = (
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
+
+
+@pytest.mark.parametrize(
+    "message, full",
+    [
+        (SAFETENSORS_FULL, True),
+        ("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 470", True),
+        ("PytorchStreamWriter failed writing file data/0: file write failed", True),
+        ("Error while serializing: shape mismatch", False),
+    ],
+)
+def test_the_writers_words_for_a_full_disk(message, full):
+    assert is_disk_full(RuntimeError(message)) is full
+    assert is_disk_full(OSError(28, "No space left on device"))
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_removed(shapes_folder, tmp_path, monkeypatch):
+    """The second checkpoint's weights meet a full disk (safetensors' own error, injected): the command ends with
+    one line naming checkpoint-4, and only checkpoint-2 is left."""
+    import accelerate.utils.other
+
+    written = []
+
+    def save_file(tensors, path, metadata=None):
+        if "checkpoint-4" in str(path):
+            raise SafetensorError(SAFETENSORS_FULL)
+        written.append(path)
+        return real(tensors, path, metadata=metadata)
+
+    real = accelerate.utils.other.safe_save_file
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", save_file)
+    run = options(shapes_folder, tmp_path, max_steps=6, checkpointing_steps="2", eval_every_epochs=0)
+    with pytest.raises(SystemExit, match=r"^deformable-detr-train: error: .*checkpoint-4: the disk is full \(.* free"):
+        train_main(shlex.split(run.command())[1:])
+    assert [os.path.basename(c) for c in list_checkpoints(str(tmp_path))] == ["checkpoint-2"]
+    assert not os.path.exists(tmp_path / "checkpoint-4")
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(shapes_coco):
+    return shapes_coco(6, 4)
+
+
+def small_disk(size: str):
+    """A tmpfs of `size` mounted on a fresh folder, or a skip where mounting is not permitted."""
+    folder = f"/tmp/deformable-detr-small-disk-{uuid.uuid4().hex[:8]}"
+    os.makedirs(folder)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True)
+    if mounted.returncode != 0:
+        os.rmdir(folder)
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()[:200]}")
+    return folder
+
+
+def test_training_onto_a_small_disk_says_so_in_one_line(shapes_folder):
+    """End to end, as a user meets it: the output folder on a 20 MiB disk, the first checkpoint does not fit."""
+    folder = small_disk("20m")
+    try:
+        run = options(shapes_folder, folder, max_steps=4, checkpointing_steps="2", eval_every_epochs=0)
+        command = [sys.executable, "-m", "deformable_detr.training", *shlex.split(run.command())[1:]]
+        result = run_command(command, returncode=1, timeout=300)
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("deformable-detr-train: error: ") and "checkpoint-2: the disk is full" in last, last
+        assert "Traceback" not in result.stderr
+        assert not os.path.exists(os.path.join(folder, "checkpoint-2"))
+    finally:
+        subprocess.run(["umount", folder])
+        os.rmdir(folder)
