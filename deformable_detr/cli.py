@@ -1,7 +1,7 @@
-"""The commands: `deformable-detr-train`, `deformable-detr-evaluate`, `deformable-detr-detect` (also
-`scripts/*.py`). Each turns its arguments into the library's call and the library's exceptions into one line and
-an exit status: bad options or data, or a full disk, 1 (argparse's own errors 2), a training stopped by a signal
-128 + its number."""
+"""The commands: `deformable-detr-train`, `deformable-detr-evaluate`, `deformable-detr-detect` and
+`deformable-detr-export` (also `scripts/*.py`). Each turns its arguments into the library's call and the library's
+exceptions into one line and an exit status: bad options or data, or a full disk, 1 (argparse's own errors 2), a
+training stopped by a signal 128 + its number."""
 
 import argparse
 import typing
@@ -114,7 +114,8 @@ def detect_parser() -> argparse.ArgumentParser:
         "--model",
         dest="model_path",
         required=True,
-        help="a saved model folder or Hub id (ours, or transformers' Deformable DETR)",
+        help="a saved model folder or Hub id (ours, or transformers' Deformable DETR), or an .onnx file written by "
+        "deformable-detr-export (run in onnxruntime)",
     )
     parser.add_argument(
         "--output_dir",
@@ -136,3 +137,46 @@ def detect_main(argv=None):
 
     args = detect_parser().parse_args(argv)  # its destinations are the function's parameter names
     _run("deformable-detr-detect", lambda: detect_files(**vars(args)))
+
+
+def export_parser() -> argparse.ArgumentParser:
+    from . import onnx_export
+
+    parser = argparse.ArgumentParser(
+        prog="deformable-detr-export", description=onnx_export.__doc__, formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        dest="model_path",
+        required=True,
+        help="a saved model folder or Hub id (ours, or transformers' Deformable DETR)",
+    )
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=onnx_export.OPSET,
+        help="ONNX opset: 18 runs in onnxruntime >= 1.14, OpenVINO >= 2023.0 and TensorRT >= 8.6",
+    )
+    parser.add_argument(
+        "--no_check",
+        dest="check",
+        action="store_false",
+        help=f"skip the check: the file run in onnxruntime on an image of another size and on a padded batch of "
+        f"two, logits and boxes within {onnx_export.TOLERANCE:.0e} of PyTorch",
+    )
+    return parser
+
+
+def export_main(argv=None):
+    from .onnx_export import export_onnx
+
+    args = export_parser().parse_args(argv)
+
+    def export():
+        report = export_onnx(**vars(args))
+        print(f"{args.output} written in {report['seconds']} s")
+        for case, difference in report["max_abs_difference"].items():
+            print(f"  onnxruntime vs PyTorch, {case}: max abs difference {difference:.1e}")
+
+    _run("deformable-detr-export", export)

@@ -96,9 +96,10 @@ class DeformableEncoder(nn.Module):
         """
         points = []
         for level, (height, width) in enumerate(spatial_shapes):
+            # arange, not linspace: the same values, and sizes stay symbolic under torch.export
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=valid_ratios.dtype, device=valid_ratios.device),
-                torch.linspace(0.5, width - 0.5, width, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                torch.arange(height, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                torch.arange(width, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
@@ -190,8 +191,8 @@ def encoder_proposals(memory, padding_mask, spatial_shapes):
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, height - 1, height, dtype=memory.dtype, device=memory.device),
-            torch.linspace(0, width - 1, width, dtype=memory.dtype, device=memory.device),
+            torch.arange(height, dtype=memory.dtype, device=memory.device),
+            torch.arange(width, dtype=memory.dtype, device=memory.device),
             indexing="ij",
         )
         grid = torch.stack([grid_x, grid_y], -1)

@@ -89,10 +89,18 @@ def draw_detections(image: Image.Image, detections: list[dict]) -> Image.Image:
 
 
 def load_detector(model_path: str, device: str):
-    """Our detector (converted when the folder or Hub id holds transformers' model) and its processor."""
+    """Our detector (converted when the folder or Hub id holds transformers' model) and its processor; for an
+    .onnx file, an `OnnxDetector` (onnxruntime, on the CPU) and the processor stored in it."""
     from . import DeformableDetrImageProcessor
     from .conversion import load_model
 
+    if model_path.endswith(".onnx"):
+        from .onnx_detector import OnnxDetector
+
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"model {model_path}: no such file")
+        detector = OnnxDetector(model_path)
+        return detector, detector.image_processor()
     model = load_model(model_path)
     try:
         processor = DeformableDetrImageProcessor.from_pretrained(model_path)

@@ -23,9 +23,10 @@ from .ms_deform_attn_triton import forward as triton_forward
 
 
 def _shapes_as_list(spatial_shapes) -> list[tuple[int, int]]:
+    """[(H_l, W_l)]; sizes given as a list stay as they are (symbolic under torch.export)."""
     if isinstance(spatial_shapes, torch.Tensor):
         return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+    return [(h, w) for h, w in spatial_shapes]
 
 
 def _checked_shapes(spatial_shapes, value) -> list[tuple[int, int]]:
@@ -276,11 +277,14 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights, backend="auto"):
     """Multi-scale deformable attention; shapes as in `multi_scale_deformable_attention_reference`.
 
-    `backend` is "auto" (the fastest available for the inputs' device) or a name in `BACKENDS`; a backend that
-    cannot run here falls back to the reference.
+    `backend` is "auto" (the fastest available for the inputs' device; under torch.export the reference, made of
+    standard ops) or a name in `BACKENDS`; a backend that cannot run here falls back to the reference.
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown multi-scale deformable attention backend {backend!r}; available: {sorted(BACKENDS)}")
+    if backend == "auto" and torch.compiler.is_exporting():
+        # torch.export (and so ONNX export) records standard ops, which run anywhere, not the fused kernels
+        backend = "reference"
     usable = available_backends(value.device)
     if backend not in usable:
         backend = usable[0]

@@ -18,10 +18,11 @@ class PositionEmbeddingSine(nn.Module):
 
     def forward(self, mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         eps = 1e-6
-        y_embed = mask.to(dtype).cumsum(1)
-        x_embed = mask.to(dtype).cumsum(2)
-        y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-        x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+        mask = mask.to(dtype)
+        y_embed, x_embed = mask.cumsum(1), mask.cumsum(2)
+        # the sums are the cumulative sums' last entries (sums of 0s and 1s: exact), without slicing a symbolic size
+        y_embed = (y_embed - 0.5) / (mask.sum(1, keepdim=True) + eps) * self.scale
+        x_embed = (x_embed - 0.5) / (mask.sum(2, keepdim=True) + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.int64, device=mask.device).to(dtype)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
         pos_x = x_embed[:, :, :, None] / dim_t

@@ -1,0 +1,127 @@
+"""ONNX export (onnx_export.py) and running the file (onnx_detector.py): every variant exports with dynamic sizes
+and matches PyTorch in onnxruntime (and OpenVINO where installed), detect gives the same detections from the file,
+the metadata round-trips, and what cannot be exported or run says why."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+
+from deformable_detr import DeformableDetrImageProcessor  # noqa: E402
+from deformable_detr.cli import export_main  # noqa: E402
+from deformable_detr.detect import detect_files  # noqa: E402
+from deformable_detr.onnx_detector import OnnxDetector  # noqa: E402
+from deformable_detr.onnx_export import TOLERANCE, _example_inputs, export_onnx  # noqa: E402
+from tests.support.bccd import BCCD  # noqa: E402
+from tests.support.models import saved_detector, tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(model folder, .onnx file) of the tiny four-level detector with BCCD's labels, exported by the command."""
+    folder = tmp_path_factory.mktemp("onnx")
+    saved_detector(folder / "model")
+    export_main(["--model", str(folder / "model"), "--output", str(folder / "model.onnx")])
+    return folder / "model", folder / "model.onnx"
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(num_feature_levels=1),  # single-scale
+        dict(with_box_refine=True),
+        dict(with_box_refine=True, two_stage=True),
+    ],
+    ids=["single-scale", "box-refine", "two-stage"],
+)
+def test_every_variant_exports_and_matches_pytorch(tmp_path, variant):
+    """The export's own check (an image of a size it was not traced at, a padded batch of two) within 1e-4."""
+    tiny_model(**variant).save_pretrained(tmp_path / "model")
+    report = export_onnx(str(tmp_path / "model"), str(tmp_path / "model.onnx"))
+    assert len(report["max_abs_difference"]) == 2
+    assert all(difference <= TOLERANCE for difference in report["max_abs_difference"].values()), report
+
+
+def test_the_command_reports_its_check_and_writes_metadata(exported, capsys):
+    model_folder, path = exported
+    detector = OnnxDetector(str(path))
+    assert detector.config.id2label == {0: "RBC", 1: "WBC", 2: "Platelets"}
+    saved = DeformableDetrImageProcessor.from_pretrained(model_folder).to_dict()
+    assert detector.image_processor().to_dict() == saved
+    assert detector.metadata["deformable_detr_version"]
+
+
+def test_sizes_batches_and_padding_match_pytorch(exported):
+    """Three sizes (none the traced one) and a padded batch: logits and boxes within 1e-4 of PyTorch."""
+    from deformable_detr.conversion import load_model
+
+    model_folder, path = exported
+    model, detector = load_model(str(model_folder)).eval(), OnnxDetector(str(path))
+    for batch, size, padded in [(1, (128, 128), False), (3, (200, 328), True), (1, (480, 256), False)]:
+        pixel_values, pixel_mask = _example_inputs(batch, size, padded, seed=batch)
+        with torch.no_grad():
+            expected = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        got = detector(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        assert torch.allclose(got.logits, expected.logits, atol=TOLERANCE, rtol=0), (batch, size)
+        assert torch.allclose(got.pred_boxes, expected.pred_boxes, atol=TOLERANCE, rtol=0), (batch, size)
+
+
+def test_detect_from_the_file_equals_detect_from_pytorch(exported, tmp_path):
+    model_folder, path = exported
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("BloodImage_00000", "BloodImage_00001", "BloodImage_00002"):
+        shutil.copy(BCCD / "JPEGImages" / f"{name}.jpg", images / f"{name}.jpg")
+    for model, out in ((model_folder, "torch"), (path, "onnx")):
+        detect_files([str(images)], str(model), str(tmp_path / out), threshold=0.01, batch_size=2)
+    for name in ("BloodImage_00000", "BloodImage_00001", "BloodImage_00002"):
+        torch_result, onnx_result = (
+            json.load(open(tmp_path / out / f"{name}.jpg.detections.json"))["detections"] for out in ("torch", "onnx")
+        )
+        assert len(torch_result) == len(onnx_result) > 0
+        for a, b in zip(torch_result, onnx_result):
+            assert a["label"] == b["label"] and abs(a["score"] - b["score"]) <= 1e-4
+            assert np.allclose(a["box"], b["box"], atol=0.05)  # pixels (of 640x480), rounded to 0.01
+
+
+def test_the_file_runs_in_openvino(exported):
+    openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    from deformable_detr.conversion import load_model
+
+    model_folder, path = exported
+    # f32: on CPUs with native bf16, OpenVINO otherwise computes in bf16 by default
+    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    pixel_values, pixel_mask = _example_inputs(2, (160, 224), padded=True, seed=7)
+    results = compiled({"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()})
+    with torch.no_grad():
+        expected = load_model(str(model_folder)).eval()(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    logits, boxes = (torch.from_numpy(results[compiled.output(name)]) for name in ("logits", "pred_boxes"))
+    assert torch.allclose(logits, expected.logits, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(boxes, expected.pred_boxes, atol=TOLERANCE, rtol=0)
+
+
+def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch):
+    from deformable_detr import onnx_export
+
+    with pytest.raises(FileNotFoundError, match="no such folder here"):
+        export_onnx(str(tmp_path / "missing"), str(tmp_path / "x.onnx"))
+    with pytest.raises(ValueError, match="must end in .onnx"):
+        export_onnx(str(exported[0]), str(tmp_path / "x.bin"))
+    (tmp_path / "text.onnx").write_text("not a model")
+    with pytest.raises(ValueError, match="text.onnx: not an ONNX model onnxruntime can load"):
+        OnnxDetector(str(tmp_path / "text.onnx"))
+    with pytest.raises(SystemExit, match="^deformable-detr-detect: error: model .*absent.onnx: no such file"):
+        from deformable_detr.cli import detect_main
+
+        detect_main([str(BCCD / "JPEGImages"), "--model", str(tmp_path / "absent.onnx")])
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("Failed to export the model with torch.export.\\nunsupported op\\n(details)")
+
+    monkeypatch.setattr(onnx_export.torch.onnx, "export", refuses)
+    with pytest.raises(ValueError, match="cannot be exported to ONNX \\(RuntimeError: Failed to export"):
+        export_onnx(str(exported[0]), str(tmp_path / "x.onnx"))
