@@ -100,6 +100,13 @@ def _example_inputs(batch: int, size: tuple[int, int], padded: bool, seed: int =
     return pixel_values, pixel_mask
 
 
+def max_abs_difference(got, expected) -> float:
+    """The largest absolute difference of logits and boxes between two models' outputs."""
+    return max(
+        float((got.logits - expected.logits).abs().max()), float((got.pred_boxes - expected.pred_boxes).abs().max())
+    )
+
+
 def check_export(model, path: str, smallest: int) -> dict:
     """Max abs differences of logits and boxes, onnxruntime vs PyTorch (fp32), on one image of a size the export
     was not traced at and on a padded batch of two; raises ExportCheckError above TOLERANCE."""
@@ -115,9 +122,7 @@ def check_export(model, path: str, smallest: int) -> dict:
         with torch.no_grad():
             expected = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
         got = detector(pixel_values=pixel_values, pixel_mask=pixel_mask)
-        differences[case] = max(
-            float((got.logits - expected.logits).abs().max()), float((got.pred_boxes - expected.pred_boxes).abs().max())
-        )
+        differences[case] = max_abs_difference(got, expected)
     worst = max(differences, key=differences.get)
     if not differences[worst] <= TOLERANCE:  # NaN fails too
         raise ExportCheckError(

@@ -4,7 +4,10 @@
       800x1066 image and at decoder shapes (300 queries, batch 2): our fastest backend vs the grid_sample reference;
   (b) full-size inference (ResNet-50, 6+6 layers, 300 queries, one 800x1066 image): ours vs transformers'
       DeformableDetrForObjectDetection with the same weights (their outputs must agree to 1e-4);
-  (c) one training step (forward + backward + AdamW) at batch 2: ours vs transformers.
+  (c) one training step (forward + backward + AdamW) at batch 2: ours vs transformers;
+  (d) ONNX (`--only export`, CPU): the export of (b)'s model (its time, and the file's outputs against PyTorch at
+      three sizes, for it and for the single-scale, box-refinement and two-stage variants), then inference of one
+      800x1066 image in onnxruntime against our PyTorch model and transformers'.
 
 Peak memory is the growth of the process's peak resident memory during one call (Linux: VmHWM after
 resetting it); on a GPU, torch.cuda.max_memory_allocated.
@@ -187,12 +190,82 @@ def bench_model(device, repeats, train_repeats):
     )
 
 
+def bench_export(repeats):
+    import tempfile
+
+    import onnxruntime
+
+    from deformable_detr import DeformableDetrForObjectDetection
+    from deformable_detr.onnx_detector import OnnxDetector
+    from deformable_detr.onnx_export import _example_inputs, export_onnx, max_abs_difference
+
+    device = torch.device("cpu")
+    hf, ours = full_size_pair(device)
+    hf.eval(), ours.eval()
+    print(f"\n(d) ONNX, ResNet-50, 6+6 layers, 300 queries; onnxruntime {onnxruntime.__version__}")
+    sizes = [(800, 1066), (640, 480), (512, 704)]
+    variants = {
+        "default": ours,
+        "single-scale": dict(num_feature_levels=1),
+        "box refinement": dict(with_box_refine=True),
+        "two-stage": dict(with_box_refine=True, two_stage=True),
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        for name, variant in variants.items():
+            if isinstance(variant, dict):
+                torch.manual_seed(0)
+                variant = DeformableDetrForObjectDetection(
+                    ours.config.__class__(**{**ours.config.to_dict(), **variant})
+                )
+            variant.eval().save_pretrained(os.path.join(folder, name))
+            path = os.path.join(folder, f"{name}.onnx")
+            report = export_onnx(os.path.join(folder, name), path, check=False)
+            detector, differences = OnnxDetector(path), []
+            for index, size in enumerate(sizes):
+                pixel_values, pixel_mask = _example_inputs(1, size, padded=False, seed=index)
+                with torch.no_grad():
+                    expected = variant(pixel_values=pixel_values, pixel_mask=pixel_mask)
+                got = detector(pixel_values=pixel_values, pixel_mask=pixel_mask)
+                differences.append(max_abs_difference(got, expected))
+            print(
+                f"{name:16s} export {report['seconds']:5.1f} s, max abs difference from PyTorch at "
+                + ", ".join(f"{h}x{w} {d:.1e}" for (h, w), d in zip(sizes, differences)),
+                flush=True,
+            )
+        detector = OnnxDetector(os.path.join(folder, "default.onnx"))
+        x = torch.randn(1, 3, 800, 1066, generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(1, 800, 1066, dtype=torch.int64)
+
+        def infer(model, **kwargs):
+            with torch.no_grad():
+                return model(**kwargs)
+
+        compare(
+            "inference, 800x1066",
+            lambda: detector(pixel_values=x, pixel_mask=mask),
+            lambda: infer(ours, pixel_values=x, pixel_mask=mask),
+            device,
+            repeats,
+            ("onnxruntime", "ours (PyTorch)"),
+        )
+        compare(
+            "inference, 800x1066",
+            lambda: detector(pixel_values=x, pixel_mask=mask),
+            lambda: infer(hf, pixel_values=x, pixel_mask=mask),
+            device,
+            repeats,
+            ("onnxruntime", "transformers"),
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side for (a) and (b) (default 5)")
     parser.add_argument("--train_repeats", type=int, default=2, help="timed runs of each side for (c) (default 2)")
-    parser.add_argument("--only", choices=["op", "model"], help="run only part (a), or only (b) and (c)")
+    parser.add_argument(
+        "--only", choices=["op", "model", "export"], help="run only part (a), only (b) and (c), or only (d)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -205,6 +278,8 @@ def main():
         bench_op(device, args.repeats)
     if args.only in (None, "model"):
         bench_model(device, args.repeats, args.train_repeats)
+    if args.only == "export" or (args.only is None and device.type == "cpu"):
+        bench_export(args.repeats)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
