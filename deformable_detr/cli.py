@@ -9,6 +9,7 @@ from dataclasses import MISSING, fields
 
 from .disk_space import is_disk_full
 from .training.options import MIXED_PRECISION, TrainingOptions
+from .training.schedule import SCHEDULES
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -48,7 +49,7 @@ def train_parser() -> argparse.ArgumentParser:
         elif f.default is MISSING:
             group.add_argument(f"--{f.name}", type=kind, required=True, help=f.metadata["help"])
         else:
-            choices = MIXED_PRECISION if f.name == "mixed_precision" else None
+            choices = {"mixed_precision": MIXED_PRECISION, "lr_scheduler": SCHEDULES}.get(f.name)
             group.add_argument(f"--{f.name}", type=kind, default=f.default, choices=choices, help=f.metadata["help"])
     return parser
 

@@ -48,6 +48,8 @@ def export_onnx(model_path: str, output: str, check: bool = True, opset: int = O
 
     if not output.endswith(".onnx"):
         raise ValueError(f"output {output!r} must end in .onnx")
+    if opset < 16:
+        raise ValueError(f"opset {opset}: GridSample, which the attention needs, came in opset 16")
     model, processor = load_detector(model_path, "cpu")
     smallest = 2 * (model.model.min_image_size or 32)  # the coarsest map at least 2x2: a real, not a special, size
     batch = torch.export.Dim("batch", min=1, max=64)

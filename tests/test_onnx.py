@@ -111,6 +111,8 @@ def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch
         export_onnx(str(tmp_path / "missing"), str(tmp_path / "x.onnx"))
     with pytest.raises(ValueError, match="must end in .onnx"):
         export_onnx(str(exported[0]), str(tmp_path / "x.bin"))
+    with pytest.raises(ValueError, match="opset 13: GridSample, which the attention needs, came in opset 16"):
+        export_onnx(str(exported[0]), str(tmp_path / "x.onnx"), opset=13)
     (tmp_path / "text.onnx").write_text("not a model")
     with pytest.raises(ValueError, match="text.onnx: not an ONNX model onnxruntime can load"):
         OnnxDetector(str(tmp_path / "text.onnx"))

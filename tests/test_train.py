@@ -118,6 +118,17 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
     assert history(tmp_path / "whole") == history(tmp_path / "resumed")  # the log carries on from the checkpoint
 
 
+def test_freeze_backbone_trains_only_the_transformer_and_heads(shapes_folder, tmp_path):
+    """--freeze_backbone with a cosine schedule and warm-up: the backbone's saved weights are its initial ones;
+    the rest moved."""
+    run = options(shapes_folder, tmp_path, max_steps=2, eval_every_epochs=0, checkpointing_steps="1")
+    train(run.__class__(**{**run.__dict__, "freeze_backbone": True, "lr_scheduler": "cosine", "warmup_steps": 1}))
+    start, end = load_file(tmp_path / "checkpoint-1" / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    backbone = [k for k in end if ".backbone." in f".{k}"]
+    assert backbone and all(torch.equal(start[k], end[k]) for k in backbone)
+    assert any(not torch.equal(start[k], end[k]) for k in end if k not in backbone)
+
+
 def test_non_finite_loss_skips_the_step(shapes_folder, tmp_path, monkeypatch):
     from deformable_detr import loss_deformable_detr
 

@@ -25,6 +25,7 @@ from .data import DetectionCollator, DetectionSamples, load_detection_dataset
 from .evaluation import coco_ground_truth, evaluate, format_metrics
 from .model_card import write_model_card
 from .options import CONFIG_PRESETS, TRACKING_DIR, TrainingOptions
+from .schedule import lr_factor
 from .signals import RESUME_HINT, StopRequest, TrainingStopped, ignore_stop_signals, worker_context
 from .transforms import DetrAugmentation
 
@@ -194,6 +195,8 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
     model = build_model(options, class_names)
+    if options.freeze_backbone:
+        model.model.backbone.requires_grad_(False)
     # with box refinement but no auxiliary loss, the earlier layers' class heads get no gradient
     unused = model.config.with_box_refine and not model.config.auxiliary_loss
     # accelerate keeps one state per process, fixed by its first Accelerator: a later run in the same process
@@ -212,8 +215,8 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     steps_per_epoch = math.ceil(len(train_loader) / options.gradient_accumulation_steps)
     max_steps = options.max_steps or options.num_train_epochs * steps_per_epoch
-    drop_step = int(options.lr_drop * max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 if step >= drop_step else 1.0)
+    factor = lr_factor(options.lr_scheduler, max_steps, options.warmup_steps, options.lr_drop)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     run = Run(
         options, accelerator, model, optimizer, scheduler, train_samples, train_loader, steps_per_epoch, max_steps
     )
@@ -251,6 +254,8 @@ def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progre
     accelerator, model = run.accelerator, run.model
     state.epoch = epoch
     model.train()
+    if run.options.freeze_backbone:  # its batch norms keep their statistics too
+        accelerator.unwrap_model(model).model.backbone.eval()
     run.train_samples.set_epoch(epoch)
     run.train_loader.set_epoch(epoch)
     batches = run.train_loader

@@ -10,6 +10,8 @@ augmentation.
 import shlex
 from dataclasses import MISSING, dataclass, field, fields
 
+from .schedule import SCHEDULES
+
 # config_name presets; "paper" is the paper's Deformable DETR (ResNet-50, 6+6 layers, 300 queries)
 CONFIG_PRESETS = {
     "paper": {},
@@ -76,6 +78,10 @@ class TrainingOptions:
         "names, or a Hub id)",
     )
 
+    freeze_backbone: bool = option(
+        False, "model", "train only the transformer and the heads; the backbone's weights stay as they are"
+    )
+
     learning_rate: float = option(2e-4, "optimisation", "AdamW lr of the transformer and heads")
     backbone_learning_rate: float = option(2e-5, "optimisation", "AdamW lr of the backbone")
     sampling_lr_factor: float = option(
@@ -83,9 +89,13 @@ class TrainingOptions:
     )
     weight_decay: float = option(1e-4, "optimisation", "AdamW weight decay, for every parameter")
     max_grad_norm: float = option(0.1, "optimisation", "gradient norm clip (0: none)")
+    lr_scheduler: str = option(
+        "step", "optimisation", '"step": x0.1 after lr_drop of the steps (the paper\'s); "cosine": down to 0 at the end'
+    )
     lr_drop: float = option(
         0.8, "optimisation", "share of the steps after which the lr is x0.1 (paper: 40 of 50 epochs)"
     )
+    warmup_steps: int = option(0, "optimisation", "steps over which the lr rises linearly to its value first")
     per_device_train_batch_size: int = option(2, "optimisation", "images per step and process")
     per_device_eval_batch_size: int = option(2, "optimisation", "images per evaluation batch and process")
     gradient_accumulation_steps: int = option(1, "optimisation", "batches summed into one optimiser step")
@@ -145,6 +155,10 @@ class TrainingOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.lr_scheduler not in SCHEDULES:
+            raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
         if self.mixed_precision not in (None, *MIXED_PRECISION):
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.checkpointing_steps not in ("epoch", "no") and not self.checkpointing_steps.isdigit():
