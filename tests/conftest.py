@@ -19,6 +19,12 @@ def shapes_coco(tmp_path_factory):
     return write
 
 
+@pytest.fixture(scope="module")
+def shapes_folder(shapes_coco):
+    """A COCO folder of 6 training and 4 validation shapes images, for the tests that train."""
+    return shapes_coco(6, 4)
+
+
 @pytest.fixture
 def hub():
     """The local fake Hub (tests/support/fake_hub.py), serving during one test."""

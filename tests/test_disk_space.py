@@ -57,11 +57,6 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_and_removed(shapes_folder, tmp_
     assert not os.path.exists(tmp_path / "checkpoint-4")
 
 
-@pytest.fixture(scope="module")
-def shapes_folder(shapes_coco):
-    return shapes_coco(6, 4)
-
-
 def small_disk(size: str):
     """A tmpfs of `size` mounted on a fresh folder, or a skip where mounting is not permitted."""
     folder = f"/tmp/deformable-detr-small-disk-{uuid.uuid4().hex[:8]}"

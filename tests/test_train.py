@@ -24,11 +24,6 @@ from tests.support.models import TINY_OVERRIDES
 from tests.support.training import options
 
 
-@pytest.fixture(scope="module")
-def shapes_folder(shapes_coco):
-    return shapes_coco(6, 4)
-
-
 def history(output_dir, key="loss"):
     with open(os.path.join(output_dir, "history.json")) as f:
         return [h[key] for h in json.load(f) if key in h]

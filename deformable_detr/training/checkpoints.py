@@ -30,6 +30,7 @@ class TrainState:
     skipped_steps: int = 0
     history: list[dict] = field(default_factory=list)
     lr_schedule: dict = field(default_factory=dict)
+    ema_updates: int = 0
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -67,14 +68,18 @@ def find_checkpoint(resume_from: str, output_dir: str) -> str | None:
     return found[-1]
 
 
-def save_checkpoint(accelerator, output_dir: str, state: TrainState, keep: int, needed: int = 0) -> str:
-    """Writes checkpoint-{step}/ (every process takes part), deletes all but the newest `keep`; -> its folder.
-    A disk that fills meanwhile raises DiskFullError (saying that it needs about `needed` bytes), and the
-    half-written folder is removed."""
+def save_checkpoint(
+    accelerator, output_dir: str, state: TrainState, keep: int, needed: int = 0, write_more=None
+) -> str:
+    """Writes checkpoint-{step}/ (every process takes part; the main one also calls `write_more(folder)`, before
+    the marker), deletes all but the newest `keep`; -> its folder. A disk that fills meanwhile raises
+    DiskFullError (saying that it needs about `needed` bytes), and the half-written folder is removed."""
     folder = os.path.join(output_dir, f"checkpoint-{state.global_step}")
     with reporting_full_disk(folder, needed, remove_on_failure=accelerator.is_main_process):
         accelerator.save_state(folder)
         if accelerator.is_main_process:
+            if write_more is not None:
+                write_more(folder)
             # written to a temporary file, then renamed: the marker of a complete checkpoint is never half-written
             temporary = os.path.join(folder, STATE_FILE + ".tmp")
             with open(temporary, "w") as f:

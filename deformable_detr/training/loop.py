@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..disk_space import reporting_full_disk
 from ..loss_deformable_detr import MAIN_TERMS
 from .checkpoints import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import DetectionCollator, DetectionSamples, load_detection_dataset
+from .ema import WeightAverage
 from .evaluation import coco_ground_truth, evaluate, format_metrics
 from .model_card import write_model_card
 from .options import CONFIG_PRESETS, TRACKING_DIR, TrainingOptions
@@ -104,6 +106,7 @@ class Run:
     train_loader: Any
     steps_per_epoch: int  # optimiser steps
     max_steps: int
+    ema: WeightAverage | None = None  # with --ema_decay
     running: list[dict] = field(default_factory=list)  # loss terms since the last log line
     window_bad: bool = False  # the accumulation window saw a non-finite loss
 
@@ -166,7 +169,8 @@ def train(options: TrainingOptions) -> dict | None:
             if stopping and not finished:
                 stop_here(run, state)
             if finished or (options.eval_every_epochs and (epoch + 1) % options.eval_every_epochs == 0):
-                metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth, stop)
+                with averaged(run):
+                    metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth, stop)
                 if metrics is None:
                     logger.warning("the evaluation after epoch %d was stopped; it is not repeated", epoch + 1)
                     stop_here(run, state)
@@ -183,7 +187,7 @@ def train(options: TrainingOptions) -> dict | None:
         stop.restore()
         progress.close()
     minutes = (time.time() - started) / 60
-    finish(accelerator, run.model, processor, options, state, metrics, minutes)
+    finish(run, processor, state, metrics, minutes)
     accelerator.end_training()
     return metrics
 
@@ -217,8 +221,11 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     max_steps = options.max_steps or options.num_train_epochs * steps_per_epoch
     factor = lr_factor(options.lr_scheduler, max_steps, options.warmup_steps, options.lr_drop)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    ema = None
+    if options.ema_decay:
+        ema = WeightAverage(accelerator.unwrap_model(model), options.ema_decay, options.ema_warmup_steps)
     run = Run(
-        options, accelerator, model, optimizer, scheduler, train_samples, train_loader, steps_per_epoch, max_steps
+        options, accelerator, model, optimizer, scheduler, train_samples, train_loader, steps_per_epoch, max_steps, ema
     )
     return run, eval_loader
 
@@ -233,6 +240,8 @@ def resume_or_start(run: Run) -> TrainState:
     if checkpoint:
         state = load_checkpoint(run.accelerator, checkpoint)
         run.scheduler.load_state_dict(state.lr_schedule)
+        if run.ema is not None:
+            run.ema.load(checkpoint, state.ema_updates, run.accelerator.unwrap_model(run.model))
     elif list_checkpoints(options.output_dir):
         raise ValueError(
             f"output_dir {options.output_dir} holds checkpoints of an earlier run: continue it with "
@@ -270,6 +279,8 @@ def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progre
                 optimiser_step(
                     model, run.optimizer, run.scheduler, accelerator, run.options, state, run.window_bad, outputs.loss
                 )
+                if run.ema is not None:
+                    run.ema.update(accelerator.unwrap_model(model))
         state.batches_in_epoch += 1
         if finite:
             run.running.append({"loss": outputs.loss.item()} | main_terms(outputs.loss_dict))
@@ -310,8 +321,27 @@ def stop_here(run: Run, state: TrainState):
 def write_checkpoint(run: Run, state: TrainState) -> str:
     """Writes checkpoint-{global_step}/ with the lr schedule's state; -> its folder."""
     state.lr_schedule = run.scheduler.state_dict()
-    needed = 3 * weight_bytes(run.model)  # the weights and AdamW's two moments
-    return save_checkpoint(run.accelerator, run.options.output_dir, state, run.options.checkpoints_total_limit, needed)
+    needed = (3 + bool(run.ema)) * weight_bytes(run.model)  # the weights, AdamW's two moments, the average
+    if run.ema is not None:
+        state.ema_updates = run.ema.updates
+    return save_checkpoint(
+        run.accelerator,
+        run.options.output_dir,
+        state,
+        run.options.checkpoints_total_limit,
+        needed,
+        run.ema.save if run.ema is not None else None,
+    )
+
+
+@contextmanager
+def averaged(run: Run):
+    """Within the block the model holds the weight average (with --ema_decay), else its own weights."""
+    if run.ema is None:
+        yield
+    else:
+        with run.ema.applied(run.accelerator.unwrap_model(run.model)):
+            yield
 
 
 def weight_bytes(model) -> int:
@@ -441,13 +471,17 @@ def log_training(accelerator, state: TrainState, running: list[dict], lr: float,
     )
 
 
-def finish(accelerator, model, processor, options, state, metrics, minutes):
-    """The trained model, processor, history, metrics and model card in output_dir."""
+def finish(run: Run, processor, state, metrics, minutes):
+    """The trained model (the weight average, with --ema_decay), processor, history, metrics and model card in
+    output_dir."""
+    accelerator, options = run.accelerator, run.options
     accelerator.wait_for_everyone()
-    weights = accelerator.get_state_dict(model)  # every process takes part: FSDP and DeepSpeed gather shards
+    weights = accelerator.get_state_dict(run.model)  # every process takes part: FSDP and DeepSpeed gather shards
     if not accelerator.is_main_process:
         return
-    model = accelerator.unwrap_model(model)
+    if run.ema is not None:
+        weights = run.ema.average
+    model = accelerator.unwrap_model(run.model)
     with reporting_full_disk(options.output_dir, weight_bytes(model)):
         model.save_pretrained(options.output_dir, state_dict=weights)
         processor.save_pretrained(options.output_dir)

@@ -96,6 +96,15 @@ class TrainingOptions:
         0.8, "optimisation", "share of the steps after which the lr is x0.1 (paper: 40 of 50 epochs)"
     )
     warmup_steps: int = option(0, "optimisation", "steps over which the lr rises linearly to its value first")
+    ema_decay: float = option(
+        0.0,
+        "optimisation",
+        "keep an exponential moving average of the weights with this decay (e.g. 0.9997, as RF-DETR; 0: off, the "
+        "paper's recipe); evaluation and the saved model use it",
+    )
+    ema_warmup_steps: int = option(
+        2000, "optimisation", "the average's decay grows as decay * (1 - exp(-step / this)): early steps weigh little"
+    )
     per_device_train_batch_size: int = option(2, "optimisation", "images per step and process")
     per_device_eval_batch_size: int = option(2, "optimisation", "images per evaluation batch and process")
     gradient_accumulation_steps: int = option(1, "optimisation", "batches summed into one optimiser step")
@@ -157,6 +166,10 @@ class TrainingOptions:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.lr_scheduler not in SCHEDULES:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_warmup_steps < 1:
+            raise ValueError(f"ema_warmup_steps must be at least 1, got {self.ema_warmup_steps}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
         if self.mixed_precision not in (None, *MIXED_PRECISION):
