@@ -259,3 +259,28 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(shapes_folder, tmp_path, monkey
     train(options(shapes_folder, tmp_path / "run", max_steps=1, mixed_precision="bf16", eval_every_epochs=0))
     log = (tmp_path / "run" / "train.log").read_text()
     assert "mixed precision bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo)" in log
+
+
+def test_the_best_model_is_kept_apart_and_early_stopping_stops(shapes_folder, tmp_path):
+    """map_large is -1 on these 64x64 images (no large objects): the first evaluation is the best, no later one
+    is better, so patience 2 stops after the third epoch of ten; best/ holds epoch 1's model through checkpoint
+    rotation, and with load_best_model_at_end it is the saved model."""
+    run = options(
+        shapes_folder,
+        tmp_path,
+        num_train_epochs=10,
+        checkpoints_total_limit=1,
+        metric_for_best_model="map_large",
+        early_stopping_patience=2,
+        load_best_model_at_end=True,
+    )
+    train(run)
+    best = json.load(open(tmp_path / "best" / "best.json"))
+    assert best == {"metric": "map_large", "value": -1.0, "step": 3}  # 3 steps per epoch
+    log = open(tmp_path / "train.log").read()
+    assert "no better map_large in 2 evaluations: stopping early at step 9" in log
+    assert [os.path.basename(c) for c in glob.glob(str(tmp_path / "checkpoint-*"))] == ["checkpoint-6"]  # 3 rotated
+    saved, kept = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "best" / "model.safetensors")
+    assert all(torch.equal(saved[k], kept[k]) for k in kept)
+    with pytest.raises(ValueError, match="metric_for_best_model must be one of"):
+        options(shapes_folder, tmp_path, metric_for_best_model="accuracy")

@@ -16,13 +16,14 @@ from ..disk_space import reporting_full_disk
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+BEST_DIR = "best"  # the model of the best evaluation, beside the checkpoints and never rotated
 
 
 @dataclass
 class TrainState:
     """Where a run is: optimiser steps done, the epoch and the batches of it already seen, steps skipped for
-    non-finite losses or gradients, the logged history (loss means, evaluations) and the lr scheduler's
-    state_dict (plain numbers)."""
+    non-finite losses or gradients, the logged history (loss means, evaluations), the lr scheduler's state_dict
+    (plain numbers), the weight average's updates, and the best evaluation so far (for early stopping)."""
 
     global_step: int = 0
     epoch: int = 0
@@ -31,6 +32,9 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     lr_schedule: dict = field(default_factory=dict)
     ema_updates: int = 0
+    best_metric: float | None = None  # metric_for_best_model at its best so far, and the step
+    best_step: int | None = None
+    evaluations_without_improvement: int = 0
 
 
 def list_checkpoints(output_dir: str) -> list[str]:

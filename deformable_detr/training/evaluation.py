@@ -15,35 +15,8 @@ from tqdm.auto import tqdm
 from ..box_ops import box_xyxy_to_xywh
 from ..detect import not_finite, warn_of_non_finite_outputs
 from .data import objects_of
+from .metric_names import SUMMARY_LABELS, SUMMARY_NAMES
 
-SUMMARY_NAMES = [
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-]
-SUMMARY_LABELS = [
-    "mAP@[.5:.95]",
-    "mAP@.50",
-    "mAP@.75",
-    "mAP small",
-    "mAP medium",
-    "mAP large",
-    "mAR@1",
-    "mAR@10",
-    "mAR@100",
-    "mAR small",
-    "mAR medium",
-    "mAR large",
-]
 AREA_RANGES = {"all": (0, 1e10), "small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}  # COCO's
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
 from ..disk_space import reporting_full_disk
 from ..loss_deformable_detr import MAIN_TERMS
-from .checkpoints import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoints import BEST_DIR, TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import DetectionCollator, DetectionSamples, load_detection_dataset
 from .ema import WeightAverage
 from .evaluation import coco_ground_truth, evaluate, format_metrics
@@ -179,6 +180,14 @@ def train(options: TrainingOptions) -> dict | None:
                     {f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state.global_step
                 )
                 logger.info("epoch %d, step %d, validation:\n%s", epoch + 1, state.global_step, format_metrics(metrics))
+                if keep_best(run, processor, state, metrics):
+                    logger.info(
+                        "no better %s in %d evaluations: stopping early at step %d",
+                        options.metric_for_best_model,
+                        state.evaluations_without_improvement,
+                        state.global_step,
+                    )
+                    break
             if finished:
                 break
             if options.checkpointing_steps == "epoch":
@@ -308,6 +317,34 @@ def after_step(run: Run, state: TrainState, epoch: int, progress):
     every = options.checkpoint_every()
     if every and state.global_step % every == 0 and state.global_step < run.max_steps:
         write_checkpoint(run, state)
+
+
+def keep_best(run: Run, processor, state: TrainState, metrics: dict) -> bool:
+    """After an evaluation: a better metric_for_best_model saves the model (the average, with --ema_decay) and
+    processor in output_dir/best/, which checkpoint rotation leaves alone; -> whether early stopping ends the run
+    (early_stopping_patience evaluations in a row without a better value)."""
+    options = run.options
+    value = metrics[options.metric_for_best_model]
+    if state.best_metric is not None and not value > state.best_metric:
+        state.evaluations_without_improvement += 1
+        patience = options.early_stopping_patience
+        return bool(patience) and state.evaluations_without_improvement >= patience
+    state.best_metric, state.best_step, state.evaluations_without_improvement = value, state.global_step, 0
+    if run.accelerator.is_main_process:
+        best, partial = (
+            os.path.join(options.output_dir, BEST_DIR),
+            os.path.join(options.output_dir, BEST_DIR + ".partial"),
+        )
+        with averaged(run), reporting_full_disk(partial, weight_bytes(run.model), remove_on_failure=True):
+            run.accelerator.unwrap_model(run.model).save_pretrained(partial)
+            processor.save_pretrained(partial)
+            with open(os.path.join(partial, "best.json"), "w") as f:
+                json.dump({"metric": options.metric_for_best_model, "value": value, "step": state.global_step}, f)
+        shutil.rmtree(best, ignore_errors=True)  # a whole new best replaces the old one
+        os.replace(partial, best)
+        logger.info("best %s so far, %.4f: model saved to %s", options.metric_for_best_model, value, best)
+    run.accelerator.wait_for_everyone()
+    return False
 
 
 def stop_here(run: Run, state: TrainState):
@@ -481,6 +518,11 @@ def finish(run: Run, processor, state, metrics, minutes):
         return
     if run.ema is not None:
         weights = run.ema.average
+    if options.load_best_model_at_end and state.best_step is not None:
+        best = DeformableDetrForObjectDetection.from_pretrained(os.path.join(options.output_dir, BEST_DIR))
+        weights = best.state_dict()
+        metrics = next(h["eval"] for h in state.history if h.get("step") == state.best_step and "eval" in h)
+        logger.info("the saved model is the best one, from step %d", state.best_step)
     model = accelerator.unwrap_model(run.model)
     with reporting_full_disk(options.output_dir, weight_bytes(model)):
         model.save_pretrained(options.output_dir, state_dict=weights)

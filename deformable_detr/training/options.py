@@ -10,6 +10,7 @@ augmentation.
 import shlex
 from dataclasses import MISSING, dataclass, field, fields
 
+from .metric_names import SUMMARY_NAMES
 from .schedule import SCHEDULES
 
 # config_name presets; "paper" is the paper's Deformable DETR (ResNet-50, 6+6 layers, 300 queries)
@@ -122,6 +123,20 @@ class TrainingOptions:
         None, "outputs and checkpoints", 'a checkpoint folder, or "latest" (in output_dir)'
     )
     eval_every_epochs: int = option(1, "outputs and checkpoints", "COCO evaluation every N epochs (0: only at the end)")
+    metric_for_best_model: str = option(
+        "map",
+        "outputs and checkpoints",
+        "the validation metric (higher is better) whose best value's model is kept in output_dir/best/, never "
+        "deleted by checkpoints_total_limit",
+    )
+    load_best_model_at_end: bool = option(
+        False, "outputs and checkpoints", "the saved model is the best one (output_dir/best/), not the last"
+    )
+    early_stopping_patience: int = option(
+        0,
+        "outputs and checkpoints",
+        "stop after this many evaluations without a better metric_for_best_model (0: never)",
+    )
     logging_steps: int = option(10, "outputs and checkpoints", "steps between log lines (mean loss terms, lr)")
     with_tracking: bool = option(False, "outputs and checkpoints", f"log to TensorBoard in output_dir/{TRACKING_DIR}")
 
@@ -166,6 +181,12 @@ class TrainingOptions:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.lr_scheduler not in SCHEDULES:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
+        if self.metric_for_best_model not in SUMMARY_NAMES:
+            raise ValueError(
+                f"metric_for_best_model must be one of {SUMMARY_NAMES}, got {self.metric_for_best_model!r}"
+            )
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience must be at least 0, got {self.early_stopping_patience}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.ema_warmup_steps < 1:
