@@ -4,6 +4,7 @@ backbone, with frozen batch norm; it returns up to three feature maps (strides 8
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoBackbone
 
 from .configuration_deformable_detr import RESNET_SPECS
@@ -125,11 +126,13 @@ class ResNet(nn.Module):
             self.channels.append(in_channels)
             self.strides.append(stride_so_far)
 
+    gradient_checkpointing = False  # set by set_gradient_checkpointing
+
     def forward(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
         outputs = []
         for index in range(1, 5):
-            x = getattr(self, f"layer{index}")(x)
+            x = run_layer(self, getattr(self, f"layer{index}"), x)
             outputs.append(x)
         return outputs
 
@@ -247,3 +250,20 @@ def load_backbone_weights(body: ResNet, source: str):
             f"this ResNet wants {tuple(expected[wrong[0]].shape)} (another depth?)"
         )
     body.load_state_dict(state, strict=False)  # strict but for num_batches_tracked, checked above
+
+
+def run_layer(owner: nn.Module, layer, *args):
+    """layer(*args); with `owner.gradient_checkpointing` while training with gradients, its activations are not
+    kept but recomputed in the backward pass (torch.utils.checkpoint, random state preserved: the same
+    gradients), trading time for memory."""
+    if owner.gradient_checkpointing and owner.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
+def set_gradient_checkpointing(model: nn.Module, enable: bool = True):
+    """Activation checkpointing of the backbone stages and the encoder and decoder layers (the modules with a
+    `gradient_checkpointing` flag)."""
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = enable

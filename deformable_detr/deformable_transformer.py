@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .backbone import run_layer
 from .ms_deform_attn import MultiScaleDeformableAttention
 
 
@@ -83,6 +84,8 @@ class DeformableEncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
+    gradient_checkpointing = False  # set by set_gradient_checkpointing
+
     def __init__(self, config):
         super().__init__()
         self.layers = nn.ModuleList(DeformableEncoderLayer(config) for _ in range(config.encoder_layers))
@@ -112,7 +115,7 @@ class DeformableEncoder(nn.Module):
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
         hidden_states = []
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, padding_mask)
+            src = run_layer(self, layer, src, pos, reference_points, spatial_shapes, padding_mask)
             hidden_states.append(src)
         return src, tuple(hidden_states)
 
@@ -148,6 +151,8 @@ class DeformableDecoderLayer(nn.Module):
 class DeformableDecoder(nn.Module):
     """The decoder; with `bbox_embed` (one box head per layer) each layer refines the reference boxes."""
 
+    gradient_checkpointing = False  # set by set_gradient_checkpointing
+
     def __init__(self, config):
         super().__init__()
         self.layers = nn.ModuleList(DeformableDecoderLayer(config) for _ in range(config.decoder_layers))
@@ -168,8 +173,15 @@ class DeformableDecoder(nn.Module):
         hidden_states, references = [], []
         for index, layer in enumerate(self.layers):
             scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
-            tgt = layer(
-                tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory, spatial_shapes, padding_mask
+            tgt = run_layer(
+                self,
+                layer,
+                tgt,
+                query_pos,
+                reference_points[:, :, None] * scale[:, None],
+                memory,
+                spatial_shapes,
+                padding_mask,
             )
             if self.bbox_embed is not None:
                 reference_points = refine_boxes(reference_points, self.bbox_embed[index](tgt)).detach()

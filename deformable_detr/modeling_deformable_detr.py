@@ -106,6 +106,7 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
     config_class = DeformableDetrConfig
     config: DeformableDetrConfig
     base_model_prefix = "model"
+    supports_gradient_checkpointing = True  # transformers' switch sets the flags that backbone.run_layer reads
     main_input_name = "pixel_values"
     input_modalities = ("image",)
 

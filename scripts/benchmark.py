@@ -7,7 +7,9 @@
   (c) one training step (forward + backward + AdamW) at batch 2: ours vs transformers;
   (d) ONNX (`--only export`, CPU): the export of (b)'s model (its time, and the file's outputs against PyTorch at
       three sizes, for it and for the single-scale, box-refinement and two-stage variants), then inference of one
-      800x1066 image in onnxruntime against our PyTorch model and transformers'.
+      800x1066 image in onnxruntime against our PyTorch model and transformers';
+  (e) memory (`--only memory`): one training step of (c) with and without gradient checkpointing (the backbone
+      stages and the encoder and decoder layers recomputed in the backward pass).
 
 Peak memory is the growth of the process's peak resident memory during one call (Linux: VmHWM after
 resetting it); on a GPU, torch.cuda.max_memory_allocated.
@@ -159,17 +161,7 @@ def bench_model(device, repeats, train_repeats):
     )
 
     print("\n(c) one training step (forward + backward + AdamW), batch 2 of 800x1066: ours vs transformers")
-    batch = torch.randn(2, 3, 800, 1066, generator=g).to(device)
-    labels = [
-        {
-            "class_labels": torch.tensor([1, 5, 17], device=device),
-            "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4], [0.8, 0.2, 0.1, 0.1]], device=device),
-        },
-        {
-            "class_labels": torch.tensor([3], device=device),
-            "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.6]], device=device),
-        },
-    ]
+    batch, labels = training_batch(device)
     for model in (hf, ours):
         model.train()
         model.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -187,6 +179,49 @@ def bench_model(device, repeats, train_repeats):
         device,
         train_repeats,
         ("ours", "transformers"),
+    )
+
+
+def training_batch(device, batch_size=2):
+    """A batch of 800x1066 images with a few boxes each, for a training step."""
+    g = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(batch_size, 3, 800, 1066, generator=g).to(device)
+    labels = [
+        {
+            "class_labels": torch.tensor([1, 5, 17], device=device),
+            "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4], [0.8, 0.2, 0.1, 0.1]], device=device),
+        },
+        {
+            "class_labels": torch.tensor([3], device=device),
+            "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.6]], device=device),
+        },
+    ][:batch_size]
+    return pixel_values, labels
+
+
+def bench_memory(device, repeats):
+    import copy
+
+    from deformable_detr.backbone import set_gradient_checkpointing
+
+    _, plain = full_size_pair(device)
+    checkpointed = copy.deepcopy(plain)
+    set_gradient_checkpointing(checkpointed)
+    pixel_values, labels = training_batch(device)
+    print("\n(e) one training step (forward + backward), batch 2 of 800x1066: gradient checkpointing on vs off")
+
+    def step(model):
+        model.train()
+        model.zero_grad()
+        model(pixel_values=pixel_values, labels=labels).loss.backward()
+
+    compare(
+        "training step",
+        lambda: step(checkpointed),
+        lambda: step(plain),
+        device,
+        repeats,
+        ("checkpointing", "without"),
     )
 
 
@@ -264,7 +299,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side for (a) and (b) (default 5)")
     parser.add_argument("--train_repeats", type=int, default=2, help="timed runs of each side for (c) (default 2)")
     parser.add_argument(
-        "--only", choices=["op", "model", "export"], help="run only part (a), only (b) and (c), or only (d)"
+        "--only",
+        choices=["op", "model", "export", "memory"],
+        help="run only part (a), only (b) and (c), only (d) or only (e)",
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -280,6 +317,8 @@ def main():
         bench_model(device, args.repeats, args.train_repeats)
     if args.only == "export" or (args.only is None and device.type == "cpu"):
         bench_export(args.repeats)
+    if args.only in (None, "memory"):
+        bench_memory(device, args.train_repeats)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+from ..backbone import set_gradient_checkpointing
 from ..disk_space import reporting_full_disk
 from ..loss_deformable_detr import MAIN_TERMS
 from .checkpoints import BEST_DIR, TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -210,6 +211,7 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     model = build_model(options, class_names)
     if options.freeze_backbone:
         model.model.backbone.requires_grad_(False)
+    set_gradient_checkpointing(model, options.gradient_checkpointing)
     # with box refinement but no auxiliary loss, the earlier layers' class heads get no gradient
     unused = model.config.with_box_refine and not model.config.auxiliary_loss
     # accelerate keeps one state per process, fixed by its first Accelerator: a later run in the same process

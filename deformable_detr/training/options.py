@@ -106,6 +106,12 @@ class TrainingOptions:
     ema_warmup_steps: int = option(
         2000, "optimisation", "the average's decay grows as decay * (1 - exp(-step / this)): early steps weigh little"
     )
+    gradient_checkpointing: bool = option(
+        False,
+        "optimisation",
+        "recompute the backbone stages' and the encoder and decoder layers' activations in the backward pass "
+        "instead of keeping them: less memory, more time, the same gradients",
+    )
     per_device_train_batch_size: int = option(2, "optimisation", "images per step and process")
     per_device_eval_batch_size: int = option(2, "optimisation", "images per evaluation batch and process")
     gradient_accumulation_steps: int = option(1, "optimisation", "batches summed into one optimiser step")
