@@ -123,7 +123,8 @@ def train(options: TrainingOptions) -> dict | None:
     # the processes, known before the Accelerator (which needs the model's config) exists; as it, honour
     # ACCELERATE_USE_CPU, which makes several CPU processes one gloo group
     setup_logging(PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")), options.output_dir)
-    set_seed(options.seed)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    set_seed(options.seed, deterministic=options.deterministic)
 
     splits, class_names = load_detection_dataset(
         options.dataset, options.validation_fraction, options.seed, options.skip_bad_images
@@ -140,6 +141,11 @@ def train(options: TrainingOptions) -> dict | None:
     )
     run, eval_loader = prepare(options, splits, class_names, processor)
     accelerator = run.accelerator
+    if options.deterministic and accelerator.device.type != "cpu":
+        raise ValueError(
+            f"deterministic training runs on the CPU only for now, not on {accelerator.device}: the GPU kernels' "
+            "backward sums with atomics"
+        )
     warn_of_slow_bf16(accelerator)
     ground_truth = coco_ground_truth(splits["validation"], class_names)
     state = resume_or_start(run)
@@ -196,6 +202,7 @@ def train(options: TrainingOptions) -> dict | None:
     finally:
         stop.restore()
         progress.close()
+        torch.use_deterministic_algorithms(deterministic_before)
     minutes = (time.time() - started) / 60
     finish(run, processor, state, metrics, minutes)
     accelerator.end_training()

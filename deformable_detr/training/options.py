@@ -121,6 +121,12 @@ class TrainingOptions:
         None, "optimisation", f"one of {', '.join(MIXED_PRECISION)}; default: what `accelerate config` chose, else no"
     )
     seed: int = option(42, "optimisation", "initialisation, data order, augmentation, validation split")
+    deterministic: bool = option(
+        False,
+        "optimisation",
+        "bitwise-repeatable training (torch.use_deterministic_algorithms): the same weights run after run; CPU only "
+        "for now (the GPU kernels' backward sums with atomics)",
+    )
 
     output_dir: str = option("outputs/deformable-detr", "outputs and checkpoints", "model, card, log, checkpoints")
     checkpointing_steps: str = option("epoch", "outputs and checkpoints", '"epoch", a number of steps, or "no"')
