@@ -31,10 +31,12 @@ from .model_card import write_model_card
 from .options import CONFIG_PRESETS, TRACKING_DIR, TrainingOptions
 from .schedule import lr_factor
 from .signals import RESUME_HINT, StopRequest, TrainingStopped, ignore_stop_signals, worker_context
+from .tracking import detections_picture, log_picture, tracker_names
 from .transforms import DetrAugmentation
 
 logger = logging.getLogger(__name__)
 
+PICTURED = 4  # validation images drawn for the trackers after each evaluation
 SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --sampling_lr_factor x the lr
 
 
@@ -110,6 +112,7 @@ class Run:
     max_steps: int
     ema: WeightAverage | None = None  # with --ema_decay
     running: list[dict] = field(default_factory=list)  # loss terms since the last log line
+    grad_norms: list[float] = field(default_factory=list)  # gradient norms of the steps since then
     window_bad: bool = False  # the accumulation window saw a non-finite loss
 
 
@@ -187,6 +190,12 @@ def train(options: TrainingOptions) -> dict | None:
                     {f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state.global_step
                 )
                 logger.info("epoch %d, step %d, validation:\n%s", epoch + 1, state.global_step, format_metrics(metrics))
+                if accelerator.trackers and accelerator.is_main_process:
+                    samples = eval_loader.dataset
+                    images = [samples[i]["image"] for i in range(min(PICTURED, len(samples)))]
+                    with averaged(run):
+                        picture = detections_picture(accelerator.unwrap_model(run.model), processor, images)
+                    log_picture(accelerator, "eval/detections", picture, state.global_step)
                 if keep_best(run, processor, state, metrics):
                     logger.info(
                         "no better %s in %d evaluations: stopping early at step %d",
@@ -227,7 +236,7 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     accelerator = Accelerator(
         mixed_precision=options.mixed_precision,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
-        log_with="tensorboard" if options.with_tracking else None,
+        log_with=tracker_names(options.report_to),
         project_dir=options.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=options.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
@@ -267,7 +276,7 @@ def resume_or_start(run: Run) -> TrainState:
         )
     else:
         state = TrainState()
-    if options.with_tracking:
+    if options.report_to != "none":
         hyperparameters = {
             k: v for k, v in asdict(options).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
         }
@@ -294,9 +303,11 @@ def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progre
                 model, batch, accelerator, run.window_bad, stop.requested
             )
             if accelerator.sync_gradients:
-                optimiser_step(
+                norm = optimiser_step(
                     model, run.optimizer, run.scheduler, accelerator, run.options, state, run.window_bad, outputs.loss
                 )
+                if norm is not None:
+                    run.grad_norms.append(norm)
                 if run.ema is not None:
                     run.ema.update(accelerator.unwrap_model(model))
         state.batches_in_epoch += 1
@@ -321,8 +332,8 @@ def after_step(run: Run, state: TrainState, epoch: int, progress):
     if run.running:
         progress.set_postfix(loss=f"{run.running[-1]['loss']:.3f}", lr=f"{lr:.1e}")
     if state.global_step % options.logging_steps == 0 or state.global_step == run.max_steps:
-        log_training(run.accelerator, state, run.running, lr, epoch)
-        run.running = []
+        log_training(run.accelerator, state, run.running, lr, epoch, run.grad_norms)
+        run.running, run.grad_norms = [], []
     every = options.checkpoint_every()
     if every and state.global_step % every == 0 and state.global_step < run.max_steps:
         write_checkpoint(run, state)
@@ -452,7 +463,9 @@ def forward_backward(model, batch, accelerator, window_bad: bool, stop_requested
 def optimiser_step(model, optimizer, scheduler, accelerator, options, state: TrainState, window_bad: bool, loss):
     """At the end of an accumulation window: clip and apply the gradients, or skip (and count) the step when the
     window saw a non-finite loss or the gradients are not finite (in fp16 the grad scaler skips such steps itself
-    and lowers its scale). The lr schedule advances either way."""
+    and lowers its scale). The lr schedule advances either way. -> the gradient norm before clipping, or None for
+    a skipped step."""
+    norm = None
     if not window_bad:
         norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm or float("inf"))
         if accelerator.mixed_precision != "fp16" and not torch.isfinite(norm):
@@ -469,6 +482,7 @@ def optimiser_step(model, optimizer, scheduler, accelerator, options, state: Tra
         optimizer.step()
     optimizer.zero_grad()
     scheduler.step()
+    return None if window_bad or norm is None or not torch.isfinite(norm) else norm.item()
 
 
 def main_terms(loss_dict: dict) -> dict:
@@ -498,13 +512,15 @@ def cpu_lacks_bf16(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     return None if flags & {"avx512_bf16", "amx_bf16"} else f"no avx512_bf16 or amx_bf16 in {cpuinfo}"
 
 
-def log_training(accelerator, state: TrainState, running: list[dict], lr: float, epoch: int):
+def log_training(accelerator, state: TrainState, running: list[dict], lr: float, epoch: int, grad_norms: list):
     """Logs the loss terms averaged over the steps since the last log and over the processes (every process
-    holds as many, since they skip steps together)."""
+    holds as many, since they skip steps together), and the mean gradient norm (the same on every process)."""
     if not running:
         return
     local = torch.tensor([[r[k] for k in running[0]] for r in running], device=accelerator.device).mean(0)
     means = dict(zip(running[0], accelerator.reduce(local, "mean").tolist()))
+    if grad_norms:
+        means["grad_norm"] = sum(grad_norms) / len(grad_norms)
     state.history.append({"step": state.global_step, "epoch": epoch + 1, "lr": lr} | means)
     accelerator.log({f"train/{k}": v for k, v in means.items()} | {"train/lr": lr}, step=state.global_step)
     logger.info(

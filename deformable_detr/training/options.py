@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from .metric_names import SUMMARY_NAMES
 from .schedule import SCHEDULES
+from .tracking import tracker_names
 
 # config_name presets; "paper" is the paper's Deformable DETR (ResNet-50, 6+6 layers, 300 queries)
 CONFIG_PRESETS = {
@@ -150,7 +151,14 @@ class TrainingOptions:
         "stop after this many evaluations without a better metric_for_best_model (0: never)",
     )
     logging_steps: int = option(10, "outputs and checkpoints", "steps between log lines (mean loss terms, lr)")
-    with_tracking: bool = option(False, "outputs and checkpoints", f"log to TensorBoard in output_dir/{TRACKING_DIR}")
+    report_to: str = option(
+        "none",
+        "outputs and checkpoints",
+        "experiment trackers, through accelerate: none, all, or some of tensorboard, wandb, mlflow, comet_ml "
+        f"(separated by commas); TensorBoard writes into output_dir/{TRACKING_DIR}. Logged: the loss terms, lr, "
+        "gradient norm, validation metrics and a picture of detections on validation images per evaluation",
+    )
+    with_tracking: bool = option(False, "outputs and checkpoints", "the same as report_to tensorboard")
 
     push_to_hub: bool = option(False, "the Hub", "upload the trained model, processor, code and card at the end")
     hub_model_id: str | None = option(
@@ -211,13 +219,9 @@ class TrainingOptions:
             raise ValueError(
                 f'checkpointing_steps must be "epoch", "no" or a number of steps, got {self.checkpointing_steps!r}'
             )
-        if self.with_tracking:
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise ValueError(
-                    "with_tracking logs to TensorBoard, which is not installed: pip install tensorboard"
-                ) from None
+        if self.with_tracking and self.report_to == "none":
+            self.report_to = "tensorboard"
+        tracker_names(self.report_to)  # raises naming an unknown tracker or a missing package
 
     def checkpoint_every(self) -> int:
         """Steps between checkpoints when checkpointing_steps is a number, else 0."""
