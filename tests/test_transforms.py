@@ -1,6 +1,7 @@
 import random
 
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
 
 from deformable_detr.training.transforms import DetrAugmentation, crop, hflip, resize
@@ -62,3 +63,18 @@ def test_flip_resize_crop_exact():
     assert keep.tolist() == [True, True, True, False]
     np.testing.assert_array_equal(cropped_boxes[0], [0, 0, 31, 31])
     np.testing.assert_array_equal(cropped_boxes[1], [60, 0, 100, 100])
+
+
+def test_multi_scale_sides_are_the_ones_given():
+    """--multi_scale "96,128": every augmented image's shortest side is one of them (the longest side allows it)."""
+    from deformable_detr.training import TrainingOptions
+
+    scales = TrainingOptions(dataset="x", config_name="tiny", multi_scale="96, 128").training_scales()
+    assert scales == [96, 128]
+    augmentation = DetrAugmentation(800, 1333, scales)
+    image, boxes = painted_image()
+    sides = {min(augmentation(image, boxes, random.Random(seed))[0].size) for seed in range(20)}
+    assert sides == {96, 128}
+    for bad in ("96,abc", "0,128"):
+        with pytest.raises(ValueError, match=f'multi_scale must be positive sides separated by commas, got "{bad}"'):
+            TrainingOptions(dataset="x", config_name="tiny", multi_scale=bad)

@@ -420,7 +420,9 @@ def setup_logging(state, output_dir: str):
 
 def make_loaders(options, splits, processor):
     """(training samples, whose epoch sets the augmentation; training loader; validation loader)."""
-    augmentation = None if options.no_augmentation else DetrAugmentation(options.image_size, options.max_image_size)
+    augmentation = None
+    if not options.no_augmentation:
+        augmentation = DetrAugmentation(options.image_size, options.max_image_size, options.training_scales())
     train_samples = DetectionSamples(splits["train"], augmentation, options.seed, skip_unreadable=True)
     # augmented images come resized already; the processor normalises and pads them
     train_processor = DeformableDetrImageProcessor(**{**processor.to_dict(), "do_resize": augmentation is None})

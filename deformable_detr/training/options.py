@@ -55,6 +55,12 @@ class TrainingOptions:
     )
     max_image_size: int = option(1333, "data", "longest image side")
     no_augmentation: bool = option(False, "data", "train on plain resized images")
+    multi_scale: str = option(
+        "",
+        "data",
+        'the shortest sides training picks from, e.g. "480,512,544,576,608,640" (default: DETR\'s 480..800 in steps '
+        "of 32, scaled by image_size/800)",
+    )
     skip_bad_images: bool = option(
         False,
         "data",
@@ -199,6 +205,7 @@ class TrainingOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        self.training_scales()  # raises naming a bad multi_scale
         if self.lr_scheduler not in SCHEDULES:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
         if self.metric_for_best_model not in SUMMARY_NAMES:
@@ -222,6 +229,16 @@ class TrainingOptions:
         if self.with_tracking and self.report_to == "none":
             self.report_to = "tensorboard"
         tracker_names(self.report_to)  # raises naming an unknown tracker or a missing package
+
+    def training_scales(self) -> list[int] | None:
+        """multi_scale as a list of sides, or None for the default."""
+        try:
+            scales = [int(side) for side in self.multi_scale.split(",") if side.strip()]
+        except ValueError:
+            scales = [0]
+        if any(side < 1 for side in scales):
+            raise ValueError(f'multi_scale must be positive sides separated by commas, got "{self.multi_scale}"')
+        return scales or None
 
     def checkpoint_every(self) -> int:
         """Steps between checkpoints when checkpointing_steps is a number, else 0."""

@@ -34,9 +34,12 @@ def crop(image: Image.Image, boxes: np.ndarray, left: int, top: int, width: int,
 
 
 class DetrAugmentation:
-    def __init__(self, image_size: int = 800, max_size: int = 1333):
+    """DETR's training augmentation; `scales`, the shortest sides to choose from, default to DETR's 480..800 in
+    steps of 32, scaled by image_size / 800."""
+
+    def __init__(self, image_size: int = 800, max_size: int = 1333, scales: list[int] | None = None):
         self.image_size, self.max_size = image_size, max_size
-        self.scales = list(range(image_size, int(0.6 * image_size) - 1, -32))[::-1]
+        self.scales = scales or list(range(image_size, int(0.6 * image_size) - 1, -32))[::-1]
         self.crop_resize = [round(s * image_size / 800) for s in (400, 500, 600)]
         self.crop_range = (round(384 * image_size / 800), round(600 * image_size / 800))
 
