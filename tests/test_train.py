@@ -284,3 +284,16 @@ def test_the_best_model_is_kept_apart_and_early_stopping_stops(shapes_folder, tm
     assert all(torch.equal(saved[k], kept[k]) for k in kept)
     with pytest.raises(ValueError, match="metric_for_best_model must be one of"):
         options(shapes_folder, tmp_path, metric_for_best_model="accuracy")
+
+
+def test_torch_compile_trains_and_saves_plain_weights(shapes_folder, tmp_path):
+    """--torch_compile: the losses are eager training's (to compile's rounding), and the saved model has the
+    model's own parameter names (not torch.compile's _orig_mod.) and loads."""
+    common = dict(max_steps=2, eval_every_epochs=0, checkpointing_steps="no", no_augmentation=True)
+    common["overrides"] = TINY_OVERRIDES + ",dropout=0.0"  # compiled dropout draws other random masks
+    train(options(shapes_folder, tmp_path / "compiled", torch_compile=True, **common))
+    train(options(shapes_folder, tmp_path / "eager", **common))
+    assert history(tmp_path / "compiled") == pytest.approx(history(tmp_path / "eager"), abs=1e-3)
+    compiled, eager = (load_file(tmp_path / name / "model.safetensors") for name in ("compiled", "eager"))
+    assert compiled.keys() == eager.keys()
+    DeformableDetrForObjectDetection.from_pretrained(tmp_path / "compiled")

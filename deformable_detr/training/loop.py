@@ -194,7 +194,7 @@ def train(options: TrainingOptions) -> dict | None:
                     samples = eval_loader.dataset
                     images = [samples[i]["image"] for i in range(min(PICTURED, len(samples)))]
                     with averaged(run):
-                        picture = detections_picture(accelerator.unwrap_model(run.model), processor, images)
+                        picture = detections_picture(bare(run), processor, images)
                     log_picture(accelerator, "eval/detections", picture, state.global_step)
                 if keep_best(run, processor, state, metrics):
                     logger.info(
@@ -237,6 +237,7 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
         mixed_precision=options.mixed_precision,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         log_with=tracker_names(options.report_to),
+        dynamo_backend="inductor" if options.torch_compile else None,  # None: what `accelerate config` chose
         project_dir=options.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=options.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
@@ -248,12 +249,11 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     max_steps = options.max_steps or options.num_train_epochs * steps_per_epoch
     factor = lr_factor(options.lr_scheduler, max_steps, options.warmup_steps, options.lr_drop)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    ema = None
-    if options.ema_decay:
-        ema = WeightAverage(accelerator.unwrap_model(model), options.ema_decay, options.ema_warmup_steps)
     run = Run(
-        options, accelerator, model, optimizer, scheduler, train_samples, train_loader, steps_per_epoch, max_steps, ema
+        options, accelerator, model, optimizer, scheduler, train_samples, train_loader, steps_per_epoch, max_steps
     )
+    if options.ema_decay:
+        run.ema = WeightAverage(bare(run), options.ema_decay, options.ema_warmup_steps)
     return run, eval_loader
 
 
@@ -268,7 +268,7 @@ def resume_or_start(run: Run) -> TrainState:
         state = load_checkpoint(run.accelerator, checkpoint)
         run.scheduler.load_state_dict(state.lr_schedule)
         if run.ema is not None:
-            run.ema.load(checkpoint, state.ema_updates, run.accelerator.unwrap_model(run.model))
+            run.ema.load(checkpoint, state.ema_updates, bare(run))
     elif list_checkpoints(options.output_dir):
         raise ValueError(
             f"output_dir {options.output_dir} holds checkpoints of an earlier run: continue it with "
@@ -291,7 +291,7 @@ def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progre
     state.epoch = epoch
     model.train()
     if run.options.freeze_backbone:  # its batch norms keep their statistics too
-        accelerator.unwrap_model(model).model.backbone.eval()
+        bare(run).model.backbone.eval()
     run.train_samples.set_epoch(epoch)
     run.train_loader.set_epoch(epoch)
     batches = run.train_loader
@@ -309,7 +309,7 @@ def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progre
                 if norm is not None:
                     run.grad_norms.append(norm)
                 if run.ema is not None:
-                    run.ema.update(accelerator.unwrap_model(model))
+                    run.ema.update(bare(run))
         state.batches_in_epoch += 1
         if finite:
             run.running.append({"loss": outputs.loss.item()} | main_terms(outputs.loss_dict))
@@ -356,7 +356,7 @@ def keep_best(run: Run, processor, state: TrainState, metrics: dict) -> bool:
             os.path.join(options.output_dir, BEST_DIR + ".partial"),
         )
         with averaged(run), reporting_full_disk(partial, weight_bytes(run.model), remove_on_failure=True):
-            run.accelerator.unwrap_model(run.model).save_pretrained(partial)
+            bare(run).save_pretrained(partial)
             processor.save_pretrained(partial)
             with open(os.path.join(partial, "best.json"), "w") as f:
                 json.dump({"metric": options.metric_for_best_model, "value": value, "step": state.global_step}, f)
@@ -373,6 +373,12 @@ def stop_here(run: Run, state: TrainState):
     logger.warning("stopped at step %d; continue with %s", state.global_step, RESUME_HINT)
     run.accelerator.end_training()
     raise TrainingStopped(StopRequest.signum, checkpoint)
+
+
+def bare(run: Run):
+    """Our model itself, out of accelerate's wrappers (DDP) and torch.compile's: its state_dict keys are the saved
+    model's."""
+    return run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
 
 
 def write_checkpoint(run: Run, state: TrainState) -> str:
@@ -397,7 +403,7 @@ def averaged(run: Run):
     if run.ema is None:
         yield
     else:
-        with run.ema.applied(run.accelerator.unwrap_model(run.model)):
+        with run.ema.applied(bare(run)):
             yield
 
 
@@ -541,6 +547,7 @@ def finish(run: Run, processor, state, metrics, minutes):
     accelerator, options = run.accelerator, run.options
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(run.model)  # every process takes part: FSDP and DeepSpeed gather shards
+    weights = {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}  # torch.compile's
     if not accelerator.is_main_process:
         return
     if run.ema is not None:
@@ -550,7 +557,7 @@ def finish(run: Run, processor, state, metrics, minutes):
         weights = best.state_dict()
         metrics = next(h["eval"] for h in state.history if h.get("step") == state.best_step and "eval" in h)
         logger.info("the saved model is the best one, from step %d", state.best_step)
-    model = accelerator.unwrap_model(run.model)
+    model = bare(run)
     with reporting_full_disk(options.output_dir, weight_bytes(model)):
         model.save_pretrained(options.output_dir, state_dict=weights)
         processor.save_pretrained(options.output_dir)

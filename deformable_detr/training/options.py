@@ -128,6 +128,12 @@ class TrainingOptions:
         None, "optimisation", f"one of {', '.join(MIXED_PRECISION)}; default: what `accelerate config` chose, else no"
     )
     seed: int = option(42, "optimisation", "initialisation, data order, augmentation, validation split")
+    torch_compile: bool = option(
+        False,
+        "optimisation",
+        "train the model under torch.compile (inductor, through accelerate); the fused kernels are custom ops in "
+        "the graph",
+    )
     deterministic: bool = option(
         False,
         "optimisation",
