@@ -43,15 +43,30 @@ def coco_ground_truth(dataset, class_names: list[str]) -> dict:
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def coco_metrics(ground_truth: dict, detections: list[dict]) -> dict:
+def coco_tools(tools: str = "auto"):
+    """(COCO, COCOeval) of `tools`: "pycocotools", "faster-coco-eval" (the same twelve numbers, 8x faster on 5,000
+    images x 100 detections; scripts/benchmark.py --only evaluation), or "auto", the latter where installed."""
+    if tools in ("auto", "faster-coco-eval"):
+        try:
+            from faster_coco_eval import COCO, COCOeval_faster
+
+            return COCO, COCOeval_faster
+        except ImportError:
+            if tools != "auto":
+                raise
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    return COCO, COCOeval
+
+
+def coco_metrics(ground_truth: dict, detections: list[dict], tools: str = "auto") -> dict:
     """COCOeval on bbox detections `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`.
 
     Returns the twelve summary numbers (`map`, `map_50`, ...; -1 where the data has no such objects) and
     per class `{"name": {"ap", "ap_50", "objects"}}` under `per_class` (ap is None for a class without objects).
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
+    COCO, COCOeval = coco_tools(tools)
     if not detections:  # pycocotools cannot load none: 0, or -1 where the data has no such objects, as it would say
         areas = [a["area"] for a in ground_truth["annotations"] if not a["iscrowd"]]
 
