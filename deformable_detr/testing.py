@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from transformers import DeformableDetrConfig as HFConfig
@@ -184,3 +185,40 @@ def full_size_pair(device):
         )
         ours = DeformableDetrForObjectDetection.from_transformers(folder)
     return hf.to(device), ours.to(device)
+
+
+def synthetic_coco(images=5000, detections_per_image=100, classes=20, seed=0):
+    """A COCO ground truth (7 boxes per image, 1-based annotation ids as pycocotools needs) and detections: most
+    boxes found with some noise, the rest of the detections random."""
+    rng = np.random.default_rng(seed)
+    gt = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in range(classes)]}
+    detections = []
+    for image in range(images):
+        gt["images"].append({"id": image, "width": 640, "height": 480})
+        boxes = [(rng.uniform(0, 500), rng.uniform(0, 380), rng.uniform(5, 140), rng.uniform(5, 100)) for _ in range(7)]
+        for x, y, w, h in boxes:
+            category = int(rng.integers(classes))
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": image,
+                    "category_id": category,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+            if rng.random() < 0.7:
+                noisy = [
+                    x + rng.normal(0, 4),
+                    y + rng.normal(0, 4),
+                    w * rng.uniform(0.8, 1.2),
+                    h * rng.uniform(0.8, 1.2),
+                ]
+                detections.append({"image_id": image, "category_id": category, "bbox": noisy, "score": rng.random()})
+        while len(detections) < (image + 1) * detections_per_image:
+            box = [rng.uniform(0, 500), rng.uniform(0, 380), rng.uniform(5, 140), rng.uniform(5, 100)]
+            detections.append(
+                {"image_id": image, "category_id": int(rng.integers(classes)), "bbox": box, "score": rng.random()}
+            )
+    return gt, detections

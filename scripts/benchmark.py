@@ -84,6 +84,11 @@ def compare(name, ours, theirs, device, repeats, labels=("ours", "baseline")):
     return b / a
 
 
+def infer(model, **kwargs):
+    with torch.no_grad():
+        return model(**kwargs)
+
+
 def op_inputs(shapes, queries, batch, device, requires_grad, heads=8, dim=32, points=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     S, L = sum(h * w for h, w in shapes), len(shapes)
@@ -148,10 +153,6 @@ def bench_model(device, repeats, train_repeats):
         a, b = ours(x), hf(pixel_values=x)
     diff = max((a.logits - b.logits).abs().max().item(), (a.pred_boxes - b.pred_boxes).abs().max().item())
     print(f"outputs agree: max abs diff {diff:.2e} ({'within' if diff <= 1e-4 else 'OUTSIDE'} 1e-4)")
-
-    def infer(model, **kwargs):
-        with torch.no_grad():
-            return model(**kwargs)
 
     compare(
         "inference",
@@ -227,46 +228,8 @@ def bench_memory(device, repeats):
     )
 
 
-def synthetic_coco(images=5000, detections_per_image=100, classes=20, seed=0):
-    """A COCO ground truth (7 boxes per image, 1-based annotation ids as pycocotools needs) and detections: most
-    boxes found with some noise, the rest of the detections random."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    gt = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in range(classes)]}
-    detections = []
-    for image in range(images):
-        gt["images"].append({"id": image, "width": 640, "height": 480})
-        boxes = [(rng.uniform(0, 500), rng.uniform(0, 380), rng.uniform(5, 140), rng.uniform(5, 100)) for _ in range(7)]
-        for x, y, w, h in boxes:
-            category = int(rng.integers(classes))
-            gt["annotations"].append(
-                {
-                    "id": len(gt["annotations"]) + 1,
-                    "image_id": image,
-                    "category_id": category,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
-            if rng.random() < 0.7:
-                noisy = [
-                    x + rng.normal(0, 4),
-                    y + rng.normal(0, 4),
-                    w * rng.uniform(0.8, 1.2),
-                    h * rng.uniform(0.8, 1.2),
-                ]
-                detections.append({"image_id": image, "category_id": category, "bbox": noisy, "score": rng.random()})
-        while len(detections) < (image + 1) * detections_per_image:
-            box = [rng.uniform(0, 500), rng.uniform(0, 380), rng.uniform(5, 140), rng.uniform(5, 100)]
-            detections.append(
-                {"image_id": image, "category_id": int(rng.integers(classes)), "bbox": box, "score": rng.random()}
-            )
-    return gt, detections
-
-
 def bench_evaluation():
+    from deformable_detr.testing import synthetic_coco
     from deformable_detr.training.evaluation import SUMMARY_NAMES, coco_metrics
 
     gt, detections = synthetic_coco()
@@ -329,27 +292,15 @@ def bench_export(repeats):
         detector = OnnxDetector(os.path.join(folder, "default.onnx"))
         x = torch.randn(1, 3, 800, 1066, generator=torch.Generator().manual_seed(0))
         mask = torch.ones(1, 800, 1066, dtype=torch.int64)
-
-        def infer(model, **kwargs):
-            with torch.no_grad():
-                return model(**kwargs)
-
-        compare(
-            "inference, 800x1066",
-            lambda: detector(pixel_values=x, pixel_mask=mask),
-            lambda: infer(ours, pixel_values=x, pixel_mask=mask),
-            device,
-            repeats,
-            ("onnxruntime", "ours (PyTorch)"),
-        )
-        compare(
-            "inference, 800x1066",
-            lambda: detector(pixel_values=x, pixel_mask=mask),
-            lambda: infer(hf, pixel_values=x, pixel_mask=mask),
-            device,
-            repeats,
-            ("onnxruntime", "transformers"),
-        )
+        for label, model in (("ours (PyTorch)", ours), ("transformers", hf)):
+            compare(
+                "inference, 800x1066",
+                lambda: detector(pixel_values=x, pixel_mask=mask),
+                lambda model=model: infer(model, pixel_values=x, pixel_mask=mask),
+                device,
+                repeats,
+                ("onnxruntime", label),
+            )
 
 
 def main():

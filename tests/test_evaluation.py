@@ -1,6 +1,6 @@
-import numpy as np
 import pytest
 
+from deformable_detr.testing import synthetic_coco
 from deformable_detr.training.evaluation import SUMMARY_NAMES, coco_ground_truth, coco_metrics, format_metrics
 from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
 
@@ -57,30 +57,10 @@ def test_wrong_class_and_no_detections(ground_truth):
 def test_faster_coco_eval_gives_pycocotools_numbers():
     """Where faster-coco-eval is installed the evaluation uses it: the same twelve numbers and per-class AP."""
     pytest.importorskip("faster_coco_eval", reason="faster-coco-eval is not installed")
-    rng = np.random.default_rng(1)
-    gt = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in range(3)]}
-    detections = []
-    for image in range(200):
-        gt["images"].append({"id": image})
-        for _ in range(4):
-            x, y, w, h = rng.uniform(0, 400), rng.uniform(0, 300), rng.uniform(4, 200), rng.uniform(4, 150)
-            category = int(rng.integers(3))
-            gt["annotations"].append(
-                {
-                    "id": len(gt["annotations"]) + 1,
-                    "image_id": image,
-                    "category_id": category,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": int(rng.random() < 0.05),
-                }
-            )
-            for _ in range(3):
-                box = [x + rng.normal(0, 5), y + rng.normal(0, 5), w * rng.uniform(0.7, 1.3), h * rng.uniform(0.7, 1.3)]
-                detections.append({"image_id": image, "category_id": category, "bbox": box, "score": rng.random()})
+    gt, detections = synthetic_coco(images=200, detections_per_image=20, classes=3, seed=1)
     faster, reference = (coco_metrics(gt, detections, tools) for tools in ("faster-coco-eval", "pycocotools"))
     for name in SUMMARY_NAMES:
         assert faster[name] == pytest.approx(reference[name], abs=1e-4), name
     for name in reference["per_class"]:
         assert faster["per_class"][name]["ap"] == pytest.approx(reference["per_class"][name]["ap"], abs=1e-4)
-    assert reference["map"] > 0.1
+    assert reference["map"] > 0.02  # not all noise: the comparison means something
