@@ -30,10 +30,10 @@ def save_initial(*args):
     return model
 t.build_model = save_initial
 finish = t.finish
-def save_every_rank(accelerator, model, *args, **kwargs):
-    weights = accelerator.unwrap_model(model).state_dict()
-    torch.save(weights, f"{sys.argv[1]}/rank{accelerator.process_index}.pt")
-    finish(accelerator, model, *args, **kwargs)
+def save_every_rank(run, *args, **kwargs):
+    weights = t.bare(run).state_dict()
+    torch.save(weights, f"{sys.argv[1]}/rank{run.accelerator.process_index}.pt")
+    finish(run, *args, **kwargs)
 t.finish = save_every_rank
 train_main(sys.argv[2:])
 """
