@@ -2,7 +2,8 @@
 with accelerate, on one or many devices (the `deformable-detr-train` command in cli.py runs it; with `accelerate
 launch -m deformable_detr.training` on several). It reads top to bottom as the paper's engine.py: `prepare`
 the model, optimiser, schedule and loaders, `resume_or_start`, then per epoch `run_epoch` (forward_backward,
-optimiser_step, after_step) and `evaluate`, and at the end `finish` (model, processor, card, history).
+optimiser_step, after_step), `evaluate_epoch` and `keep_best`, and at the end `finish` (model, processor, card,
+history).
 Checkpoints hold everything needed to continue exactly; SIGTERM or Ctrl-C writes one first.
 """
 
@@ -180,22 +181,7 @@ def train(options: TrainingOptions) -> dict | None:
             if stopping and not finished:
                 stop_here(run, state)
             if finished or (options.eval_every_epochs and (epoch + 1) % options.eval_every_epochs == 0):
-                with averaged(run):
-                    metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth, stop)
-                if metrics is None:
-                    logger.warning("the evaluation after epoch %d was stopped; it is not repeated", epoch + 1)
-                    stop_here(run, state)
-                state.history.append({"step": state.global_step, "epoch": epoch + 1, "eval": metrics})
-                accelerator.log(
-                    {f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state.global_step
-                )
-                logger.info("epoch %d, step %d, validation:\n%s", epoch + 1, state.global_step, format_metrics(metrics))
-                if accelerator.trackers and accelerator.is_main_process:
-                    samples = eval_loader.dataset
-                    images = [samples[i]["image"] for i in range(min(PICTURED, len(samples)))]
-                    with averaged(run):
-                        picture = detections_picture(bare(run), processor, images)
-                    log_picture(accelerator, "eval/detections", picture, state.global_step)
+                metrics = evaluate_epoch(run, processor, eval_loader, ground_truth, state, epoch, stop)
                 if keep_best(run, processor, state, metrics):
                     logger.info(
                         "no better %s in %d evaluations: stopping early at step %d",
@@ -337,6 +323,27 @@ def after_step(run: Run, state: TrainState, epoch: int, progress):
     every = options.checkpoint_every()
     if every and state.global_step % every == 0 and state.global_step < run.max_steps:
         write_checkpoint(run, state)
+
+
+def evaluate_epoch(run: Run, processor, eval_loader, ground_truth: dict, state: TrainState, epoch: int, stop) -> dict:
+    """The validation metrics after `epoch` (of the weight average, with --ema_decay), logged and kept in the
+    history, with a picture of detections for the trackers; a signal during the evaluation stops the run."""
+    accelerator = run.accelerator
+    with averaged(run):
+        metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth, stop)
+    if metrics is None:
+        logger.warning("the evaluation after epoch %d was stopped; it is not repeated", epoch + 1)
+        stop_here(run, state)
+    state.history.append({"step": state.global_step, "epoch": epoch + 1, "eval": metrics})
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state.global_step)
+    logger.info("epoch %d, step %d, validation:\n%s", epoch + 1, state.global_step, format_metrics(metrics))
+    if accelerator.trackers and accelerator.is_main_process:
+        samples = eval_loader.dataset
+        images = [samples[i]["image"] for i in range(min(PICTURED, len(samples)))]
+        with averaged(run):
+            picture = detections_picture(bare(run), processor, images)
+        log_picture(accelerator, "eval/detections", picture, state.global_step)
+    return metrics
 
 
 def keep_best(run: Run, processor, state: TrainState, metrics: dict) -> bool:
