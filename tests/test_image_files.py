@@ -107,3 +107,27 @@ def test_an_image_that_fails_to_decode_later_is_skipped_named(tmp_path, caplog):
     samples = DetectionSamples(splits["train"], skip_unreadable=True)
     assert white_box(samples[0]["image"]) == BOX and samples.skipped == 1
     assert "cut.jpg cannot be decoded" in caplog.text and "1 skip(s)" in caplog.text
+
+
+def test_unreadable_images_of_a_datasets_folder_are_listed_and_left_out(tmp_path):
+    """The same rule for a save_to_disk folder (images stored as bytes), its headers read one row at a time."""
+    from datasets import DatasetDict
+
+    from deformable_detr.training.data import records_to_dataset
+
+    picture(tmp_path / "a.jpg")
+    good = {"bytes": (tmp_path / "a.jpg").read_bytes(), "path": "good.jpg"}
+    bad = {"bytes": b"not an image", "path": "bad.jpg"}
+    objects = {"id": [0], "area": [360.0], "bbox": [BOX], "category": [0]}
+    rows = [
+        {"image": image, "image_id": i, "width": 80, "height": 48, "objects": objects}
+        for i, image in enumerate([good, bad, good])
+    ]
+    DatasetDict(
+        train=records_to_dataset(rows, ["thing"]), validation=records_to_dataset(rows[:1], ["thing"])
+    ).save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(ValueError, match=r"\[train\]: 1 unreadable image\(s\): bad.jpg \(UnidentifiedImageError"):
+        load_detection_dataset(str(tmp_path / "data"))
+    with pytest.warns(UserWarning, match=r"1 unreadable image\(s\) left out: bad.jpg"):
+        splits, _ = load_detection_dataset(str(tmp_path / "data"), skip_bad_images=True)
+    assert splits["train"]["image_id"] == [0, 2]

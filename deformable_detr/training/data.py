@@ -30,7 +30,7 @@ from PIL import Image
 
 from ..box_ops import box_area, box_xywh_to_xyxy, box_xyxy_to_xywh
 from ..image_processing_deformable_detr import DeformableDetrImageProcessor, to_rgb_image
-from .image_files import UNREADABLE, check_images, image_name
+from .image_files import UNREADABLE, check_images, header_or_error, image_name, report_unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -392,12 +392,16 @@ def load_detection_dataset(
 
 
 def _readable_rows(split: Dataset, where: str, skip_bad_images: bool) -> Dataset:
-    """`split` without the rows whose image cannot be read (with skip_bad_images; else ValueError naming them)."""
-    images = split.cast_column("image", datasets.Image(decode=False))["image"]
-    records = check_images(
-        [{"image": image, "row": i} for i, image in enumerate(images)], where, skip_bad_images, False
-    )
-    return split if len(records) == len(split) else split.select([r["row"] for r in records])
+    """`split` without the rows whose image cannot be read (with skip_bad_images; else ValueError naming them).
+    The images are read one row at a time, their headers only."""
+    undecoded = split.cast_column("image", datasets.Image(decode=False)).select_columns("image")
+    bad = {}  # row -> why
+    for row, example in enumerate(undecoded):
+        _, why = header_or_error(example["image"])
+        if why is not None:
+            bad[row] = why
+    report_unreadable(list(bad.values()), where, skip_bad_images)
+    return split.select([row for row in range(len(split)) if row not in bad]) if bad else split
 
 
 class DetectionSamples(torch.utils.data.Dataset):

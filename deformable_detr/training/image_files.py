@@ -51,23 +51,39 @@ def turn_box(box: list, orientation: int, width: int, height: int) -> list:
     return [min(u0, u1), min(v0, v1), abs(u1 - u0), abs(v1 - v0)]
 
 
-def check_images(records: list[dict], where: str, skip_bad_images: bool = False, frames: bool = True) -> list[dict]:
+def header_or_error(image) -> tuple[tuple[int, int, int] | None, str | None]:
+    """(read_header(image), None), or (None, why it cannot be read, naming the file)."""
+    try:
+        return read_header(image), None
+    except UNREADABLE as error:
+        return None, f"{image_name(image)} ({type(error).__name__}: {error})"
+
+
+def report_unreadable(bad: list[str], where: str, skip_bad_images: bool):
+    """Raises ValueError listing the unreadable images `bad`, or with `skip_bad_images` warns once listing them."""
+    if bad and not skip_bad_images:
+        raise ValueError(
+            f"{where}: {len(bad)} unreadable image(s): {_listed(bad)}; leave them out with skip_bad_images=True "
+            "(--skip_bad_images)"
+        )
+    if bad:
+        warnings.warn(f"{where}: {len(bad)} unreadable image(s) left out: {_listed(bad)}", stacklevel=3)
+
+
+def check_images(records: list[dict], where: str, skip_bad_images: bool = False) -> list[dict]:
     """Reads the header of every record's image; -> the records, each with its image as shown: `width` and
     `height` those people see and, for a JPEG turned by EXIF whose annotation gives the stored size, its boxes
     turned likewise (a square image, a 180-degree turn or a mirror cannot tell: the stored frame is assumed, as
     COCO tools write it). Warns once for the turned images and once for images whose size is not their
     annotation's. Unreadable images raise ValueError listing them, or with `skip_bad_images` are left out with
-    one warning listing them. `frames=False` checks readability only (the records come back as they are)."""
+    one warning listing them."""
     kept, bad, turned, as_shown, other_size = [], [], [], 0, []
     for record in records:
-        try:
-            width, height, orientation = read_header(record["image"])
-        except UNREADABLE as error:
-            bad.append(f"{image_name(record['image'])} ({type(error).__name__}: {error})")
+        header, why = header_or_error(record["image"])
+        if header is None:
+            bad.append(why)
             continue
-        if not frames:
-            kept.append(record)
-            continue
+        width, height, orientation = header
         shown = (height, width) if orientation in SWAPS_AXES else (width, height)
         annotated = (record.get("width"), record.get("height"))
         if None in annotated:
@@ -84,13 +100,7 @@ def check_images(records: list[dict], where: str, skip_bad_images: bool = False,
                 f"{image_name(record['image'])} (annotated {annotated[0]}x{annotated[1]}, image {shown[0]}x{shown[1]})"
             )
         kept.append({**record, "width": shown[0], "height": shown[1]})
-    if bad and not skip_bad_images:
-        raise ValueError(
-            f"{where}: {len(bad)} unreadable image(s): {_listed(bad)}; leave them out with skip_bad_images=True "
-            "(--skip_bad_images)"
-        )
-    if bad:
-        warnings.warn(f"{where}: {len(bad)} unreadable image(s) left out: {_listed(bad)}", stacklevel=2)
+    report_unreadable(bad, where, skip_bad_images)
     if turned or as_shown:
         warnings.warn(
             f"{where}: {len(turned) + as_shown} JPEG(s) are turned by their EXIF orientation and are used as shown; "
