@@ -32,6 +32,16 @@ def _run(prog: str, call):
         _fail(prog, error)
 
 
+def add_model_argument(parser: argparse.ArgumentParser, more: str = ""):
+    """--model (destination model_path, the functions' parameter): a saved model folder or Hub id, and `more`."""
+    parser.add_argument(
+        "--model",
+        dest="model_path",
+        required=True,
+        help=f"a saved model folder or Hub id (ours, or transformers' Deformable DETR){more}",
+    )
+
+
 def train_parser() -> argparse.ArgumentParser:
     """One flag per TrainingOptions field, in its group, with its type, default and help."""
     from .training import options as module
@@ -72,9 +82,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "command reads). Prints the table and writes it as JSON.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument(
-        "--model", dest="model_path", required=True, help="a saved model folder or Hub id (ours or transformers')"
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "--dataset", required=True, help="Hub id, save_to_disk folder, COCO folder or Pascal VOC folder"
     )
@@ -111,13 +119,7 @@ def detect_parser() -> argparse.ArgumentParser:
         prog="deformable-detr-detect", description=detect.__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns (quote them)")
-    parser.add_argument(
-        "--model",
-        dest="model_path",
-        required=True,
-        help="a saved model folder or Hub id (ours, or transformers' Deformable DETR), or an .onnx file written by "
-        "deformable-detr-export (run in onnxruntime)",
-    )
+    add_model_argument(parser, ", or an .onnx file written by deformable-detr-export (run in onnxruntime)")
     parser.add_argument(
         "--output_dir",
         default="detections",
@@ -146,12 +148,7 @@ def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deformable-detr-export", description=onnx_export.__doc__, formatter_class=HelpFormatter
     )
-    parser.add_argument(
-        "--model",
-        dest="model_path",
-        required=True,
-        help="a saved model folder or Hub id (ours, or transformers' Deformable DETR)",
-    )
+    add_model_argument(parser)
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument(
         "--opset",

@@ -27,6 +27,7 @@ import time
 import torch
 
 from deformable_detr.ms_deform_attn import available_backends, multi_scale_deformable_attention
+from deformable_detr.onnx_export import max_abs_difference
 from deformable_detr.testing import full_size_pair
 
 ENCODER_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
@@ -151,7 +152,7 @@ def bench_model(device, repeats, train_repeats):
     print("\n(b) full model inference, ResNet-50, 6+6 layers, 300 queries, one 800x1066 image: ours vs transformers")
     with torch.no_grad():
         a, b = ours(x), hf(pixel_values=x)
-    diff = max((a.logits - b.logits).abs().max().item(), (a.pred_boxes - b.pred_boxes).abs().max().item())
+    diff = max_abs_difference(a, b)
     print(f"outputs agree: max abs diff {diff:.2e} ({'within' if diff <= 1e-4 else 'OUTSIDE'} 1e-4)")
 
     compare(
@@ -254,7 +255,7 @@ def bench_export(repeats):
 
     from deformable_detr import DeformableDetrForObjectDetection
     from deformable_detr.onnx_detector import OnnxDetector
-    from deformable_detr.onnx_export import _example_inputs, export_onnx, max_abs_difference
+    from deformable_detr.onnx_export import _example_inputs, export_onnx
 
     device = torch.device("cpu")
     hf, ours = full_size_pair(device)

@@ -329,19 +329,20 @@ def evaluate_epoch(run: Run, processor, eval_loader, ground_truth: dict, state: 
     """The validation metrics after `epoch` (of the weight average, with --ema_decay), logged and kept in the
     history, with a picture of detections for the trackers; a signal during the evaluation stops the run."""
     accelerator = run.accelerator
+    picture = None
     with averaged(run):
         metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth, stop)
+        if metrics is not None and accelerator.trackers and accelerator.is_main_process:
+            samples = eval_loader.dataset
+            images = [samples[i]["image"] for i in range(min(PICTURED, len(samples)))]
+            picture = detections_picture(bare(run), processor, images)
     if metrics is None:
         logger.warning("the evaluation after epoch %d was stopped; it is not repeated", epoch + 1)
         stop_here(run, state)
     state.history.append({"step": state.global_step, "epoch": epoch + 1, "eval": metrics})
     accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state.global_step)
     logger.info("epoch %d, step %d, validation:\n%s", epoch + 1, state.global_step, format_metrics(metrics))
-    if accelerator.trackers and accelerator.is_main_process:
-        samples = eval_loader.dataset
-        images = [samples[i]["image"] for i in range(min(PICTURED, len(samples)))]
-        with averaged(run):
-            picture = detections_picture(bare(run), processor, images)
+    if picture is not None:
         log_picture(accelerator, "eval/detections", picture, state.global_step)
     return metrics
 
@@ -439,24 +440,25 @@ def make_loaders(options, splits, processor):
     train_samples = DetectionSamples(splits["train"], augmentation, options.seed, skip_unreadable=True)
     # augmented images come resized already; the processor normalises and pads them
     train_processor = DeformableDetrImageProcessor(**{**processor.to_dict(), "do_resize": augmentation is None})
+    workers = dict(
+        num_workers=options.num_workers,
+        worker_init_fn=ignore_stop_signals,
+        multiprocessing_context=worker_context() if options.num_workers else None,
+    )
     train_loader = torch.utils.data.DataLoader(
         train_samples,
         batch_size=options.per_device_train_batch_size,
         shuffle=True,
         collate_fn=DetectionCollator(train_processor),
-        num_workers=options.num_workers,
         # its own generator: making a loader's iterator then leaves the global random state (dropout) alone
         generator=torch.Generator().manual_seed(options.seed),
-        worker_init_fn=ignore_stop_signals,
-        multiprocessing_context=worker_context() if options.num_workers else None,
+        **workers,
     )
     eval_loader = torch.utils.data.DataLoader(
         DetectionSamples(splits["validation"]),
         batch_size=options.per_device_eval_batch_size,
         collate_fn=DetectionCollator(processor),
-        num_workers=options.num_workers,
-        worker_init_fn=ignore_stop_signals,
-        multiprocessing_context=worker_context() if options.num_workers else None,
+        **workers,
     )
     return train_samples, train_loader, eval_loader
 
