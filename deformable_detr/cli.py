@@ -32,6 +32,9 @@ def _run(prog: str, call):
         _fail(prog, error)
 
 
+ONNX_TOO = ", or an .onnx file written by deformable-detr-export (run in onnxruntime)"
+
+
 def add_model_argument(parser: argparse.ArgumentParser, more: str = ""):
     """--model (destination model_path, the functions' parameter): a saved model folder or Hub id, and `more`."""
     parser.add_argument(
@@ -82,7 +85,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "command reads). Prints the table and writes it as JSON.",
         formatter_class=HelpFormatter,
     )
-    add_model_argument(parser)
+    add_model_argument(parser, ONNX_TOO)
     parser.add_argument(
         "--dataset", required=True, help="Hub id, save_to_disk folder, COCO folder or Pascal VOC folder"
     )
@@ -119,7 +122,7 @@ def detect_parser() -> argparse.ArgumentParser:
         prog="deformable-detr-detect", description=detect.__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns (quote them)")
-    add_model_argument(parser, ", or an .onnx file written by deformable-detr-export (run in onnxruntime)")
+    add_model_argument(parser, ONNX_TOO)
     parser.add_argument(
         "--output_dir",
         default="detections",

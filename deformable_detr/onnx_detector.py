@@ -28,7 +28,7 @@ class OnnxOutputs:
 
 
 class OnnxDetector:
-    """An exported Deformable DETR in onnxruntime, called as the PyTorch model is:
+    """An exported Deformable DETR in onnxruntime, called as the PyTorch model is (by detect and evaluate):
     `detector(pixel_values=..., pixel_mask=None)` -> outputs with `logits` and `pred_boxes` (torch tensors).
     `detector.config.id2label` and `detector.image_processor()` come from the file's metadata.
 
@@ -65,7 +65,12 @@ class OnnxDetector:
 
         return DeformableDetrImageProcessor(**json.loads(self.metadata["image_processor"]))
 
+    training = False  # with eval() and train(), what `evaluate` uses of a torch module: the file only infers
+
     def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
         return self
 
     def __call__(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None, **_) -> OnnxOutputs:

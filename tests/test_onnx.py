@@ -127,3 +127,18 @@ def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch
     monkeypatch.setattr(onnx_export.torch.onnx, "export", refuses)
     with pytest.raises(ValueError, match="cannot be exported to ONNX \\(RuntimeError: Failed to export"):
         export_onnx(str(exported[0]), str(tmp_path / "x.onnx"))
+
+
+def test_evaluate_from_the_file_equals_evaluate_from_pytorch(tmp_path):
+    """The evaluate command takes the .onnx file too: the same metrics as the PyTorch model on BCCD's test split."""
+    from deformable_detr.training.evaluation import evaluate_saved_model
+
+    model = tiny_model(id2label={0: "Platelets", 1: "RBC", 2: "WBC"})  # BCCD's classes, as the VOC loader sorts them
+    model.save_pretrained(tmp_path / "model")
+    DeformableDetrImageProcessor(size={"shortest_edge": 128, "longest_edge": 200}).save_pretrained(tmp_path / "model")
+    export_onnx(str(tmp_path / "model"), str(tmp_path / "model.onnx"), check=False)
+    from_torch, from_onnx = (
+        evaluate_saved_model(str(path), str(BCCD), "test") for path in (tmp_path / "model", tmp_path / "model.onnx")
+    )
+    for name in ("map", "map_50", "mar_100"):
+        assert from_onnx[name] == pytest.approx(from_torch[name], abs=1e-4), name
