@@ -150,10 +150,12 @@ if triton is not None:
                 tl.store(grad_loc + 2 * p + 1, a * grad_y * H, mask=q_ok)
 
 
-# BLOCK_Q (queries per program) and num_warps. The forward's were measured by scripts/gpu_check.py --sweep on an
-# H200 (encoder of 8 images of 800x1333, fp32): 64 / 8 took 1.05 ms (the earlier 64 / 4: 1.54 ms); 32 / 8 and
-# 16 / 4 were within 2 % of it, the other pairs of 16..128 and 2..8 warps up to 2.8 ms. The backward's: not yet.
-LAUNCH = {"forward": dict(block_q=64, num_warps=8), "backward": dict(block_q=64, num_warps=4)}
+# BLOCK_Q (queries per program) and num_warps, measured on an H200 at the encoder shapes of 8 images of 800x1333 in
+# fp32 (scripts/gpu_check.py --sweep and by hand). Forward: 64 / 8 took 1.05 ms (64 / 4: 1.54 ms; 32 / 8 and 16 / 4
+# within 2 %, the other pairs of 16..128 and 2..8 warps up to 2.8 ms). Backward: 32 / 4 took 3.87 ms and 16 / 4
+# 3.82 ms, against 6.02 ms for 64 / 4 (162 registers a thread there, 80 at 32 / 4); its atomic adds are the
+# vectorised `atom.global.gpu.relaxed.add.v4.f32`.
+LAUNCH = {"forward": dict(block_q=64, num_warps=8), "backward": dict(block_q=32, num_warps=4)}
 
 
 def _launch_config(value, Q, block_q, num_warps):
