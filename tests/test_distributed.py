@@ -1,10 +1,7 @@
 """Data-parallel training on the CPU: two processes (gloo) through torchrun, as accelerate runs them."""
 
 import json
-import os
 import shlex
-import socket
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ from safetensors.torch import load_file
 from deformable_detr.training import TrainingOptions, train
 from deformable_detr.training.evaluation import evaluate_saved_model
 from tests.support.models import TINY_OVERRIDES
-from tests.support.processes import run_command
+from tests.support.processes import torchrun
 
 # frozen batch norms: trainable ones normalise over each process's own images, which differs by design
 TINY = TINY_OVERRIDES + ",dropout=0.0,freeze_backbone_batch_norms=true"
@@ -37,28 +34,6 @@ def save_every_rank(run, *args, **kwargs):
 t.finish = save_every_rank
 train_main(sys.argv[2:])
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(script: str, *args, processes: int = 2):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(processes),
-        "--master_port",
-        str(free_port()),
-        script,
-        *args,
-    ]
-    return run_command(command, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")

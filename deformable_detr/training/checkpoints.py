@@ -73,14 +73,18 @@ def find_checkpoint(resume_from: str, output_dir: str) -> str | None:
 
 
 def save_checkpoint(
-    accelerator, output_dir: str, state: TrainState, keep: int, needed: int = 0, write_more=None
+    accelerator, output_dir: str, state: TrainState, keep: int, needed: int = 0, write_more=None, write_shards=None
 ) -> str:
-    """Writes checkpoint-{step}/ (every process takes part; the main one also calls `write_more(folder)`, before
-    the marker), deletes all but the newest `keep`; -> its folder. A disk that fills meanwhile raises
-    DiskFullError (saying that it needs about `needed` bytes), and the half-written folder is removed."""
+    """Writes checkpoint-{step}/ (every process takes part, and calls `write_shards(folder)`; the main one also
+    calls `write_more(folder)`, before the marker), deletes all but the newest `keep`; -> its folder. A disk that
+    fills meanwhile raises DiskFullError (saying that it needs about `needed` bytes), and the half-written folder
+    is removed."""
     folder = os.path.join(output_dir, f"checkpoint-{state.global_step}")
     with reporting_full_disk(folder, needed, remove_on_failure=accelerator.is_main_process):
         accelerator.save_state(folder)
+        if write_shards is not None:
+            write_shards(folder)
+            accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if write_more is not None:
                 write_more(folder)

@@ -31,6 +31,7 @@ from .evaluation import coco_ground_truth, evaluate, format_metrics
 from .model_card import write_model_card
 from .options import CONFIG_PRESETS, TRACKING_DIR, TrainingOptions
 from .schedule import lr_factor
+from .sharding import check_launch, check_resumable, load_shards, save_shards, shard, sharding_requested, whole_weights
 from .signals import RESUME_HINT, StopRequest, TrainingStopped, ignore_stop_signals, worker_context
 from .tracking import detections_picture, log_picture, tracker_names
 from .transforms import DetrAugmentation
@@ -115,6 +116,7 @@ class Run:
     running: list[dict] = field(default_factory=list)  # loss terms since the last log line
     grad_norms: list[float] = field(default_factory=list)  # gradient norms of the steps since then
     window_bad: bool = False  # the accumulation window saw a non-finite loss
+    sharded: bool = False  # the model sharded by the loop itself (sharding.py), not by accelerate
 
 
 def train(options: TrainingOptions) -> dict | None:
@@ -208,7 +210,7 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     """The model, optimiser, lr schedule and loaders, prepared by an Accelerator; -> (run, validation loader)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
 
     model = build_model(options, class_names)
     if options.freeze_backbone:
@@ -228,9 +230,17 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=options.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
     )
+    check_launch(accelerator.num_processes)
+    # accelerate shards (FSDP) on GPUs only; asked to on CPU processes, it runs them as data parallel
+    sharded = sharding_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU
+    if sharded:
+        model = shard_for(accelerator, options, model)
     train_samples, train_loader, eval_loader = make_loaders(options, splits, processor)
     optimizer = torch.optim.AdamW(parameter_groups(model, options), weight_decay=options.weight_decay)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if sharded:  # the model and optimiser stay out of accelerate's hands: no DDP around the shards
+        train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
+    else:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     steps_per_epoch = math.ceil(len(train_loader) / options.gradient_accumulation_steps)
     max_steps = options.max_steps or options.num_train_epochs * steps_per_epoch
     factor = lr_factor(options.lr_scheduler, max_steps, options.warmup_steps, options.lr_drop)
@@ -238,9 +248,29 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     run = Run(
         options, accelerator, model, optimizer, scheduler, train_samples, train_loader, steps_per_epoch, max_steps
     )
+    run.sharded = sharded
     if options.ema_decay:
         run.ema = WeightAverage(bare(run), options.ema_decay, options.ema_warmup_steps)
     return run, eval_loader
+
+
+def shard_for(accelerator, options, model):
+    """The model sharded across the CPU processes (sharding.py), under bf16 autocast with mixed precision bf16."""
+    refused = {
+        "ema_decay": options.ema_decay,
+        "mixed_precision fp16": options.mixed_precision == "fp16",
+        "torch_compile": options.torch_compile,
+    }
+    if any(refused.values()):
+        raise ValueError(
+            f"{', '.join(k for k, v in refused.items() if v)}: not available with sharded (FSDP) training on CPUs "
+            "yet; leave it out, or train data-parallel without the FSDP config"
+        )
+    logger.info("sharding the model across %d CPU processes with torch's fully_shard", accelerator.num_processes)
+    model = shard(model.to(accelerator.device))
+    if accelerator.mixed_precision == "bf16":
+        model.forward = torch.autocast(accelerator.device.type, dtype=torch.bfloat16)(model.forward)
+    return model
 
 
 def resume_or_start(run: Run) -> TrainState:
@@ -251,7 +281,11 @@ def resume_or_start(run: Run) -> TrainState:
         find_checkpoint(options.resume_from_checkpoint, options.output_dir) if options.resume_from_checkpoint else None
     )
     if checkpoint:
+        check_resumable(checkpoint, run.sharded)
         state = load_checkpoint(run.accelerator, checkpoint)
+        if run.sharded:
+            accelerator = run.accelerator
+            load_shards(checkpoint, run.model, run.optimizer, accelerator.process_index, accelerator.num_processes)
         run.scheduler.load_state_dict(state.lr_schedule)
         if run.ema is not None:
             run.ema.load(checkpoint, state.ema_updates, bare(run))
@@ -332,7 +366,8 @@ def evaluate_epoch(run: Run, processor, eval_loader, ground_truth: dict, state: 
     picture = None
     with averaged(run):
         metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth, stop)
-        if metrics is not None and accelerator.trackers and accelerator.is_main_process:
+        # (sharded, every process would have to draw with the main one: no picture)
+        if metrics is not None and accelerator.trackers and accelerator.is_main_process and not run.sharded:
             samples = eval_loader.dataset
             images = [samples[i]["image"] for i in range(min(PICTURED, len(samples)))]
             picture = detections_picture(bare(run), processor, images)
@@ -358,13 +393,14 @@ def keep_best(run: Run, processor, state: TrainState, metrics: dict) -> bool:
         patience = options.early_stopping_patience
         return bool(patience) and state.evaluations_without_improvement >= patience
     state.best_metric, state.best_step, state.evaluations_without_improvement = value, state.global_step, 0
+    weights = whole_weights(run.model) if run.sharded else None  # every process takes part
     if run.accelerator.is_main_process:
         best, partial = (
             os.path.join(options.output_dir, BEST_DIR),
             os.path.join(options.output_dir, BEST_DIR + ".partial"),
         )
         with averaged(run), reporting_full_disk(partial, weight_bytes(run.model), remove_on_failure=True):
-            bare(run).save_pretrained(partial)
+            bare(run).save_pretrained(partial, state_dict=weights)
             processor.save_pretrained(partial)
             with open(os.path.join(partial, "best.json"), "w") as f:
                 json.dump({"metric": options.metric_for_best_model, "value": value, "step": state.global_step}, f)
@@ -395,13 +431,21 @@ def write_checkpoint(run: Run, state: TrainState) -> str:
     needed = (3 + bool(run.ema)) * weight_bytes(run.model)  # the weights, AdamW's two moments, the average
     if run.ema is not None:
         state.ema_updates = run.ema.updates
+    accelerator = run.accelerator
+    shards = None
+    if run.sharded:
+
+        def shards(folder):
+            save_shards(folder, run.model, run.optimizer, accelerator.process_index, accelerator.num_processes)
+
     return save_checkpoint(
-        run.accelerator,
+        accelerator,
         run.options.output_dir,
         state,
         run.options.checkpoints_total_limit,
         needed,
         run.ema.save if run.ema is not None else None,
+        shards,
     )
 
 
@@ -485,6 +529,8 @@ def optimiser_step(model, optimizer, scheduler, accelerator, options, state: Tra
     norm = None
     if not window_bad:
         norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm or float("inf"))
+        if hasattr(norm, "full_tensor"):  # sharded gradients give a DTensor
+            norm = norm.full_tensor()
         if accelerator.mixed_precision != "fp16" and not torch.isfinite(norm):
             window_bad, loss = True, norm
     if window_bad:
@@ -555,7 +601,8 @@ def finish(run: Run, processor, state, metrics, minutes):
     output_dir."""
     accelerator, options = run.accelerator, run.options
     accelerator.wait_for_everyone()
-    weights = accelerator.get_state_dict(run.model)  # every process takes part: FSDP and DeepSpeed gather shards
+    # every process takes part: FSDP and DeepSpeed gather shards
+    weights = whole_weights(run.model) if run.sharded else accelerator.get_state_dict(run.model)
     weights = {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}  # torch.compile's
     if not accelerator.is_main_process:
         return

@@ -1,7 +1,10 @@
 """Running a command (mostly a fresh Python: sys.executable) in a subprocess, as the tests of scripts, console
 commands, remote code and Hub clients do."""
 
+import os
+import socket
 import subprocess
+import sys
 
 
 def run_command(command, *, env=None, cwd=None, timeout=300, returncode=0) -> subprocess.CompletedProcess:
@@ -17,3 +20,18 @@ def run_command(command, *, env=None, cwd=None, timeout=300, returncode=0) -> su
         f"stdout: {result.stdout[-4000:]}\nstderr: {result.stderr[-4000:]}"
     )
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, *args, processes: int = 2, env: dict | None = None, returncode=0):
+    """`script` in `processes` CPU processes (gloo, one thread each) through torchrun, as accelerate runs them;
+    env: variables to add."""
+    environment = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1") | (env or {})
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    command += ["--master_port", str(free_port()), script, *args]
+    return run_command(command, env=environment, timeout=600, returncode=returncode)

@@ -1,0 +1,109 @@
+"""Sharded training (FSDP2) on CPUs: `accelerate launch` with an FSDP config and two gloo processes, which the loop
+shards itself (sharding.py) as accelerate shards on GPUs only."""
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deformable_detr import DeformableDetrForObjectDetection
+from deformable_detr.training import TrainingOptions, train
+from deformable_detr.training.checkpoints import TrainState
+from deformable_detr.training.loop import shard_for
+from deformable_detr.training.sharding import check_launch
+from tests.support.processes import free_port, run_command, torchrun
+from tests.test_distributed import command_line, training_options
+
+# the README's recipe, for two CPU processes in full precision
+FSDP_CONFIG = """\
+distributed_type: FSDP
+num_processes: 2
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: SIZE_BASED_WRAP
+  fsdp_min_num_params: 1000000
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+def accelerate_launch(config, options: TrainingOptions, env=None, returncode=0):
+    environment = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"} if env is None else env
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
+    command += ["--main_process_port", free_port(), "-m", "deformable_detr.training", *command_line(options)]
+    return run_command(command, env=dict(os.environ) | environment, timeout=600, returncode=returncode)
+
+
+@pytest.fixture(scope="module")
+def data(shapes_coco):
+    return shapes_coco(8, 4)
+
+
+def test_sharded_training_matches_data_parallel_resumes_and_saves_a_whole_model(data, tmp_path):
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG)
+    sharded = tmp_path / "sharded"
+    accelerate_launch(config, training_options(data, sharded, 1, checkpointing_steps="2"))
+    assert "sharding the model across 2 CPU processes" in (sharded / "train.log").read_text()
+    shards = sorted(p.name for p in (sharded / "checkpoint-2").glob("shards-*"))
+    assert shards == ["shards-0-of-2.safetensors", "shards-1-of-2.safetensors"]
+    weights = load_file(sharded / "model.safetensors")
+
+    # the same steps data-parallel (whole weights on each process): the same weights
+    parallel = tmp_path / "parallel"
+    driver = tmp_path / "train.py"
+    driver.write_text("import sys\nfrom deformable_detr.cli import train_main\ntrain_main(sys.argv[1:])\n")
+    torchrun(str(driver), *command_line(training_options(data, parallel, 1)))
+    reference = load_file(parallel / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    worst = max((weights[k] - reference[k]).abs().max().item() for k in weights)
+    print(f"largest weight difference, sharded vs data-parallel: {worst:.2e}")
+    assert worst < 1e-4, worst  # sums in another order (reduce-scatter against all-reduce)
+
+    # resumed from the step-2 checkpoint: the uninterrupted run's weights
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(sharded / "checkpoint-2", resumed / "checkpoint-2")
+    accelerate_launch(config, training_options(data, resumed, 1, resume_from_checkpoint="latest"))
+    again = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+    # the saved model loads whole and gives the data-parallel model's outputs
+    image = torch.rand(1, 3, 64, 64)
+    ours, theirs = (DeformableDetrForObjectDetection.from_pretrained(p).eval() for p in (sharded, parallel))
+    with torch.no_grad():
+        a, b = ours(pixel_values=image), theirs(pixel_values=image)
+    assert (a.logits - b.logits).abs().max() < 1e-4
+    assert (a.pred_boxes - b.pred_boxes).abs().max() < 1e-4
+
+
+def test_a_sharded_checkpoint_is_not_resumed_unsharded(data, tmp_path):
+    """One process (no FSDP launch) would find no weights in it and go on from fresh ones: refused, named."""
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps(asdict(TrainState(global_step=2))))
+    (checkpoint / "shards-0-of-2.safetensors").write_bytes(b"")
+    options = training_options(data, tmp_path, 1, resume_from_checkpoint=str(checkpoint))
+    with pytest.raises(ValueError, match=r"checkpoint-2 holds the shards of a sharded \(FSDP\) run over 2 processes"):
+        train(options)
+
+
+def test_processes_that_accelerate_does_not_see_are_refused(monkeypatch):
+    """accelerate launch on a machine without GPUs, without ACCELERATE_USE_CPU: each process would train alone."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2.*ACCELERATE_USE_CPU=1"):
+        check_launch(1)
+    check_launch(2)
+
+
+def test_options_that_sharding_does_not_take_are_named(tmp_path):
+    options = TrainingOptions(
+        dataset="shapes", config_name="tiny", output_dir=str(tmp_path), ema_decay=0.99, mixed_precision="fp16"
+    )
+    with pytest.raises(ValueError, match="ema_decay, mixed_precision fp16: not available with sharded"):
+        shard_for(None, options, None)
