@@ -4,7 +4,10 @@ One program handles BLOCK_Q queries of one (batch, head) pair and all D channels
 attention weight is read once per query and head (not once per channel, as in the original CUDA kernel), the
 four corners of every point are gathered as (BLOCK_Q, D) tiles, and sums run in fp32 (fp64 for fp64 inputs)
 whatever the input type (fp32, bf16, fp16). The backward scatters the value gradient with atomic adds into an
-fp32 buffer. With TRITON_INTERPRET=1 the same kernels run on the CPU, which is how the tests check them.
+fp32 buffer, whose sums therefore come in any order; under `torch.use_deterministic_algorithms(True)` it sums
+them in a fixed order instead: every (point, corner) is listed with its value row, the list is sorted by row
+(stably), and one program per block of rows adds its entries in that order. With TRITON_INTERPRET=1 the same
+kernels run on the CPU, which is how the tests check them.
 """
 
 import torch
@@ -116,7 +119,9 @@ if triton is not None:
         BLOCK_Q: tl.constexpr,
         BLOCK_D: tl.constexpr,
         ACC: tl.constexpr,
+        SCATTER: tl.constexpr,
     ):
+        """Gradients of the locations and weights; with SCATTER, also the value's, by atomic adds."""
         b, m, q, d, q_ok, d_ok = _tile(Q, M, D, BLOCK_Q, BLOCK_D)
         rows = ((b * Q + q) * M + m) * D
         g = tl.load(grad_out + rows[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
@@ -141,13 +146,83 @@ if triton is not None:
                     grad_a += w * dot
                     grad_x += w_x * dot
                     grad_y += w_y * dot
-                    # relaxed: the sums need atomicity, not ordering (the default, acq_rel, also orders memory)
-                    tl.atomic_add(
-                        grad_value + corner_rows[:, None] + d[None, :], (a * w)[:, None] * g, mask=tile, sem="relaxed"
-                    )
+                    if SCATTER:
+                        # relaxed: the sums need atomicity, not ordering (the default, acq_rel, also orders memory)
+                        tl.atomic_add(
+                            grad_value + corner_rows[:, None] + d[None, :],
+                            (a * w)[:, None] * g,
+                            mask=tile,
+                            sem="relaxed",
+                        )
                 tl.store(grad_attn + p, grad_a, mask=q_ok)
                 tl.store(grad_loc + 2 * p, a * grad_x * W, mask=q_ok)
                 tl.store(grad_loc + 2 * p + 1, a * grad_y * H, mask=q_ok)
+
+    @triton.jit
+    def _corners_kernel(
+        shapes,
+        starts,
+        loc,
+        attn,
+        target,
+        weight,
+        POINTS,
+        Q,
+        S,
+        M: tl.constexpr,
+        L: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
+        """For BLOCK of the B*Q*M*L*K sampling points, each of its 4 corners (entry 4 * point + corner): the value
+        row it reads, (b * S + pixel) * M + m (-1 outside the map), and its weight, attention x bilinear."""
+        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = p < POINTS
+        level = (p // K) % L
+        m = (p // (L * K)) % M
+        b = p // (L * K * M * Q)
+        H = tl.load(shapes + 2 * level, mask=ok, other=1)
+        W = tl.load(shapes + 2 * level + 1, mask=ok, other=1)
+        start = tl.load(starts + level, mask=ok, other=0)
+        a, x0, y0, fx, fy = _point(loc, attn, p, ok, W, H, ACC)
+        for c in tl.static_range(4):
+            idx, w, _, _, valid = _corner(x0, y0, c % 2, c // 2, W, H, fx, fy)
+            tl.store(target + 4 * p + c, tl.where(valid, (b * S + start + idx) * M + m, -1), mask=ok)
+            tl.store(weight + 4 * p + c, a * w, mask=ok)
+
+    @triton.jit
+    def _ordered_sum_kernel(
+        grad_out,
+        order,
+        weight,
+        begins,
+        ends,
+        grad_value,
+        ROWS,
+        D: tl.constexpr,
+        ENTRIES_PER_ROW: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
+        """The value gradient of BLOCK_R value rows: each row adds weight x grad_out row over its entries
+        order[begins[row]:ends[row]], one after the other, so the sum is the same in every run."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = tl.arange(0, BLOCK_D)
+        r_ok = r < ROWS
+        d_ok = d < D
+        begin = tl.load(begins + r, mask=r_ok, other=0)
+        end = tl.load(ends + r, mask=r_ok, other=0)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
+        for j in range(0, tl.max(end - begin, axis=0)):
+            live = r_ok & (begin + j < end)
+            entry = tl.load(order + begin + j, mask=live, other=0)
+            w = tl.load(weight + entry, mask=live, other=0.0)
+            source = entry // ENTRIES_PER_ROW  # the (b, q, m) row of grad_out that the entry's point belongs to
+            g = tl.load(grad_out + source[:, None] * D + d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
+            acc += w[:, None] * g.to(ACC)
+        tl.store(grad_value + r[:, None] * D + d[None, :], acc, mask=r_ok[:, None] & d_ok[None, :])
 
 
 # BLOCK_Q (queries per program) and num_warps, measured on an H200 at the encoder shapes of 8 images of 800x1333 in
@@ -196,6 +271,54 @@ def forward(
     return out
 
 
+def _value_gradient_in_order(grad_output, value, spatial_shapes, level_start_index, locations, weights, dtype):
+    """The value gradient (B, S, M, D) in `dtype`, summed in a fixed order: the same bits in every run. Its lists
+    take 16 bytes per point and corner (B*Q*M*L*K*4 of them), beside the sort's own memory."""
+    B, Q, M, L, K, _ = locations.shape
+    S, D = value.shape[1], value.shape[-1]
+    points, rows, block = B * Q * M * L * K, B * S * M, 256
+    target = torch.empty(4 * points, dtype=torch.int64, device=value.device)
+    weight = torch.empty(4 * points, dtype=dtype, device=value.device)
+    accumulate = tl.float64 if dtype == torch.float64 else tl.float32
+    _corners_kernel[(triton.cdiv(points, block),)](
+        spatial_shapes,
+        level_start_index,
+        locations,
+        weights,
+        target,
+        weight,
+        points,
+        Q,
+        S,
+        M=M,
+        L=L,
+        K=K,
+        BLOCK=block,
+        ACC=accumulate,
+    )
+    target, order = torch.sort(target, stable=True)  # a stable sort: each row's entries in their first order
+    row_ids = torch.arange(rows, device=value.device)
+    begins, ends = torch.searchsorted(target, row_ids), torch.searchsorted(target, row_ids, right=True)
+    grad_value = torch.empty(value.shape, dtype=dtype, device=value.device)
+    block_d = triton.next_power_of_2(D)
+    block_r = max(1, min(64, 4096 // block_d))
+    _ordered_sum_kernel[(triton.cdiv(rows, block_r),)](
+        grad_output,
+        order,
+        weight,
+        begins,
+        ends,
+        grad_value,
+        rows,
+        D=D,
+        ENTRIES_PER_ROW=L * K * 4,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        ACC=accumulate,
+    )
+    return grad_value
+
+
 def backward(
     grad_output,
     value,
@@ -206,10 +329,18 @@ def backward(
     block_q=None,
     num_warps=None,
 ):
-    """-> gradients of value, sampling_locations and attention_weights, each in its input's dtype."""
+    """-> gradients of value, sampling_locations and attention_weights, each in its input's dtype. The value's
+    is summed by atomic adds, or in a fixed order (the same bits in every run) under
+    torch.use_deterministic_algorithms(True)."""
     B, Q, M, L, K, _ = sampling_locations.shape
     accumulate = torch.float64 if value.dtype == torch.float64 else torch.float32
-    grad_value = torch.zeros(value.shape, dtype=accumulate, device=value.device)
+    deterministic = torch.are_deterministic_algorithms_enabled() and grad_output.numel() > 0
+    if deterministic:
+        grad_value = _value_gradient_in_order(
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, accumulate
+        )
+    else:
+        grad_value = torch.zeros(value.shape, dtype=accumulate, device=value.device)
     grad_loc = torch.empty(sampling_locations.shape, dtype=accumulate, device=value.device)
     grad_attn = torch.empty(attention_weights.shape, dtype=accumulate, device=value.device)
     if grad_output.numel() > 0:
@@ -230,6 +361,7 @@ def backward(
             value.shape[1],
             L=L,
             K=K,
+            SCATTER=not deterministic,
             **meta,
         )
     return grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype), grad_attn.to(attention_weights.dtype)

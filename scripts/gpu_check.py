@@ -3,7 +3,7 @@
   1. the op: the Triton kernels against the grid_sample reference (fp32, bf16, fp16; fp64 gradcheck) at the
      encoder shapes of an 800x1333 image (batch 1 and 8) and decoder shapes (300 queries, batch 8), points outside
      the maps and on their borders, padded values, non-contiguous inputs, an empty batch; the self-check that
-     guards the automatic backend choice;
+     guards the automatic backend choice; the deterministic backward (the same bits twice, and its cost);
   2. the op's speed per encoder layer: Triton against the reference, and as a multiple of the memory floor (the
      bytes that must move / the device-to-device copy bandwidth measured in this run);
   3. the model: ResNet-50 6+6 inference at 800x1333, batch 1 and 8, fp32 and bf16 autocast, ours against
@@ -278,6 +278,46 @@ def op_correctness(report, device, quick):
             compare_op(
                 report, name, value, shapes, locations, weights, dtype, 1e-5 if exact else 1e-2, 1e-4 if exact else 1e-2
             )
+
+
+def op_deterministic(report, device, quick):
+    """Under torch.use_deterministic_algorithms(True) the backward sums the value gradient in a fixed order: the
+    same bits twice, the atomic sums' values to rounding, and what it costs, at the encoder shapes (batch 8)."""
+    from deformable_detr import ms_deform_attn_triton as kernels
+
+    shapes = QUICK_SHAPES if quick else ENCODER_SHAPES
+    batch, heads = (2, 2) if quick else (8, 8)
+    S = sum(h * w for h, w in shapes)
+    sizes = [h * w for h, w in shapes]
+    inputs = (
+        torch.tensor(shapes, device=device),
+        torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], device=device),
+    )
+    value, locations, weights = op_inputs(shapes, batch, S, device, heads=heads)
+    grad_output = torch.randn(batch, S, heads, 32, device=device)
+    run = partial(kernels.backward, grad_output, value, *inputs, locations, weights)
+    atomic = run()
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        ordered, again = run(), run()
+        ordered_time = timed(run, device, 1 if quick else 5)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    atomic_time = timed(run, device, 1 if quick else 5)
+    section = "op: Triton vs reference"
+    same = all(torch.equal(a, b) for a, b in zip(ordered, again))
+    report.add(
+        section, "deterministic backward, run twice", "the same bits" if same else "differs", "pass" if same else "fail"
+    )
+    worst = max(relative(a, b) for a, b in zip(ordered, atomic))
+    report.check(
+        section,
+        f"deterministic backward vs atomic, batch {batch}",
+        worst,
+        1e-5,
+        f"({ordered_time * 1e3:.2f} ms against {atomic_time * 1e3:.2f} ms: {ordered_time / atomic_time:.1f}x the time)",
+    )
 
 
 def op_edge_cases(report, device, quick):
@@ -719,7 +759,7 @@ def main(argv=None) -> int:
     report = Report(args.out, environment(device))
     parts = args.only or ["op", "speed", "model", "train", "compile"]
     if "op" in parts:
-        for check in (op_correctness, op_edge_cases, op_gradcheck):
+        for check in (op_correctness, op_edge_cases, op_gradcheck, op_deterministic):
             guarded(report, "op: Triton vs reference")(check)(report, device, args.quick)
     if "speed" in parts:
         bandwidth = copy_bandwidth(device, args.quick)

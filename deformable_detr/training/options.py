@@ -137,8 +137,8 @@ class TrainingOptions:
     deterministic: bool = option(
         False,
         "optimisation",
-        "bitwise-repeatable training (torch.use_deterministic_algorithms): the same weights run after run; CPU only "
-        "for now (the GPU kernels' backward sums with atomics)",
+        "bitwise-repeatable training (torch.use_deterministic_algorithms): the same weights run after run; the op's "
+        "backward then sums in a fixed order on GPUs too (not yet timed on one)",
     )
 
     output_dir: str = option("outputs/deformable-detr", "outputs and checkpoints", "model, card, log, checkpoints")

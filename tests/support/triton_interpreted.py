@@ -78,4 +78,21 @@ for dtype in (torch.bfloat16, torch.float16):
     out.sum().backward()
     assert all(t.grad.dtype == dtype and torch.isfinite(t.grad.float()).all() for t in inputs), dtype
 
+# deterministic mode: the value gradient summed in a fixed order (no atomic adds), equal to the atomic sums to
+# rounding, and the same bits run after run; fp64 too, and points outside the maps (random_inputs has some)
+for dtype, limit in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+    value, spatial_shapes, locations, weights = random_inputs(SHAPES[:4], B=2, Q=5, M=2, D=12, K=3, dtype=dtype)
+    runs = []
+    for deterministic in (False, True, True):
+        torch.use_deterministic_algorithms(deterministic)
+        inputs = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+        out = op("triton", inputs[0], spatial_shapes, inputs[1], inputs[2])
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out))
+        runs.append([t.grad for t in inputs])
+    torch.use_deterministic_algorithms(False)
+    atomic, ordered, again = runs
+    for name, a, b, c in zip(("value", "locations", "weights"), atomic, ordered, again):
+        assert (a - b).abs().max() <= limit * max(1.0, a.abs().max().item()), (dtype, name)
+        assert torch.equal(b, c), (dtype, name)
+
 print("triton kernels: all checks passed")
