@@ -32,11 +32,14 @@ fsdp_config:
 """
 
 
-def accelerate_launch(config, options: TrainingOptions, env=None, returncode=0):
-    environment = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"} if env is None else env
+def accelerate_launch(config, options: TrainingOptions, use_cpu=True, returncode=0):
+    """The training command under `accelerate launch --config_file config`, one thread a process."""
+    environment = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
+    if use_cpu:
+        environment["ACCELERATE_USE_CPU"] = "1"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
     command += ["--main_process_port", free_port(), "-m", "deformable_detr.training", *command_line(options)]
-    return run_command(command, env=dict(os.environ) | environment, timeout=600, returncode=returncode)
+    return run_command(command, env=environment, timeout=600, returncode=returncode)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +94,17 @@ def test_a_sharded_checkpoint_is_not_resumed_unsharded(data, tmp_path):
     options = training_options(data, tmp_path, 1, resume_from_checkpoint=str(checkpoint))
     with pytest.raises(ValueError, match=r"checkpoint-2 holds the shards of a sharded \(FSDP\) run over 2 processes"):
         train(options)
+
+
+def test_cpu_processes_launched_without_accelerate_use_cpu_are_refused(data, tmp_path):
+    """Without ACCELERATE_USE_CPU=1, accelerate launch on a machine without GPUs starts 2 processes that accelerate
+    does not join: each would train alone over the same output_dir."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG)
+    result = accelerate_launch(config, training_options(data, tmp_path / "out", 1), use_cpu=False, returncode=1)
+    assert "2 processes were launched (WORLD_SIZE=2)" in result.stderr
+    assert "set ACCELERATE_USE_CPU=1" in result.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_processes_that_accelerate_does_not_see_are_refused(monkeypatch):
