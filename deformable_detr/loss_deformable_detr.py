@@ -41,9 +41,6 @@ class HungarianMatcher(nn.Module):
     def forward(self, logits, pred_boxes, targets):
         """logits (B, Q, N), pred_boxes (B, Q, 4), targets: per image {"class_labels" (T,), "boxes" (T, 4)}
         -> per image (query indices, object indices), each (min(Q, T),) int64."""
-        # by name: transformers' remote-code check scans the files for import statements, and people who only run
-        # inference from the Hub must not need scipy
-        linear_sum_assignment = importlib.import_module("scipy.optimize").linear_sum_assignment
 
         B, Q = logits.shape[:2]
         prob = logits.flatten(0, 1).float().sigmoid()
@@ -59,9 +56,18 @@ class HungarianMatcher(nn.Module):
         # a non-finite cost (a diverging prediction) must not break the assignment
         big = torch.finfo(cost.dtype).max
         cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big).view(B, Q, -1).cpu()
-        sizes = [len(t["boxes"]) for t in targets]
-        matches = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
-        return [(torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)) for q, t in matches]
+        return _assign(cost, [len(t["boxes"]) for t in targets])
+
+
+@torch.compiler.disable  # scipy on the CPU: left out of torch.compile's graphs on purpose, not by a failed trace
+def _assign(cost, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """cost (B, Q, sum(sizes)) on the CPU -> per image (query indices, object indices) of the cheapest
+    assignment of its sizes[i] objects."""
+    # by name: transformers' remote-code check scans the files for import statements, and people who only run
+    # inference from the Hub must not need scipy
+    linear_sum_assignment = importlib.import_module("scipy.optimize").linear_sum_assignment
+    matches = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
+    return [(torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)) for q, t in matches]
 
 
 def _num_boxes(targets, device) -> float:
