@@ -14,7 +14,8 @@
 
 Checks pass or fail (any failure: exit status 1); targets (speed) are met or missed; figures are reported.
 `--device cpu --quick` runs the same checks on small shapes on the CPU (the Triton kernels in Triton's
-interpreter) in a few minutes; its timings mean nothing. `--sweep` also times the kernels' launch settings.
+interpreter) in a few minutes; its timings mean nothing. `--sweep` also times the kernels' launch settings and
+torch.compile with Inductor's layout optimisation off.
 """
 
 import argparse
@@ -42,7 +43,12 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="gpu-check", help="folder for report.json and report.md (default: gpu-check)")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes and models, few repeats")
-    parser.add_argument("--sweep", action="store_true", help="also time the Triton kernels' BLOCK_Q and num_warps")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time the Triton kernels' BLOCK_Q and num_warps, and torch.compile with Inductor's layout "
+        "optimisation off",
+    )
     parser.add_argument(
         "--only",
         nargs="+",
@@ -495,7 +501,8 @@ def sweep(report, device, quick):
     shapes_tensor = torch.tensor(shapes, device=device)
     sizes = [h * w for h, w in shapes]
     starts = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], device=device)
-    settings = [(q, w) for q in ((32, 64) if quick else (16, 32, 64, 128)) for w in ((4,) if quick else (2, 4, 8))]
+    # the pairs near the best of earlier sweeps (each backward setting takes about 25 s to compile)
+    settings = [(32, 4), (64, 4)] if quick else [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
     for dtype, directions in ((torch.float32, ("backward", "forward")), (torch.bfloat16, ("forward",))):
         value, locations, weights = op_inputs(shapes, batch, S, device, dtype, heads)
         grad_output = torch.randn(batch, S, heads, 32, device=device, dtype=dtype)
@@ -605,8 +612,9 @@ def inference(report, device, quick, hf, ours):
         )
 
 
-def compiled_inference(report, device, quick, ours):
-    """torch.compile of our model against eager, fp32, the larger batch."""
+def compiled_inference(report, device, quick, ours, variants=False):
+    """torch.compile of our model against eager, fp32, the larger batch; with `variants`, also compiled with
+    Inductor's layout optimisation off (which turns convolutions channels-last)."""
     batch, height, width = (2, 96, 128) if quick else (8, 800, 1333)
     x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch)).to(device)
     compiled = torch.compile(ours)
@@ -629,6 +637,20 @@ def compiled_inference(report, device, quick, ours):
         eager_ms=eager * 1e3,
         compiled_ms=fast * 1e3,
     )
+    if variants:
+        import torch._inductor.config as inductor
+
+        torch._dynamo.reset()
+        with inductor.patch(layout_optimization=False), torch.no_grad():
+            compiled = torch.compile(ours)
+            compiled(pixel_values=x)  # compiles here, under the patched setting
+            plain = timed(lambda: compiled(pixel_values=x), device, 2 if quick else 5)
+        report.add(
+            inference_section(quick),
+            f"batch {batch}, fp32: torch.compile, layout optimisation off",
+            f"{plain * 1e3:.1f} ms: {eager / plain:.2f}x eager",
+            compiled_ms=plain * 1e3,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -780,7 +802,7 @@ def main(argv=None) -> int:
     if "train" in parts:
         guarded(report, "training")(training)(report, device, args.quick, hf, ours)
     if "compile" in parts:
-        guarded(report, inference_section(args.quick))(compiled_inference)(report, device, args.quick, ours)
+        guarded(report, inference_section(args.quick))(compiled_inference)(report, device, args.quick, ours, args.sweep)
     failed = report.failed()
     print(
         f"\nreport: {os.path.join(args.out, 'report.md')}; "
