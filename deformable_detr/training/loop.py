@@ -31,7 +31,15 @@ from .evaluation import coco_ground_truth, evaluate, format_metrics
 from .model_card import write_model_card
 from .options import CONFIG_PRESETS, TRACKING_DIR, TrainingOptions
 from .schedule import lr_factor
-from .sharding import check_launch, check_resumable, load_shards, save_shards, shard, sharding_requested, whole_weights
+from .sharding import (
+    check_launch,
+    check_resumable,
+    gathered_shards,
+    load_shards,
+    save_shards,
+    shard,
+    sharding_requested,
+)
 from .signals import RESUME_HINT, StopRequest, TrainingStopped, ignore_stop_signals, worker_context
 from .tracking import detections_picture, log_picture, tracker_names
 from .transforms import DetrAugmentation
@@ -237,6 +245,10 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     sharded = sharding_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU
     if sharded:
         model = shard_for(accelerator, options, model)
+    elif accelerator.distributed_type == DistributedType.FSDP and options.ema_decay:
+        raise ValueError(
+            "ema_decay: not available with sharded (FSDP) training yet; leave it out, or train without FSDP"
+        )
     train_samples, train_loader, eval_loader = make_loaders(options, splits, processor)
     optimizer = torch.optim.AdamW(parameter_groups(model, options), weight_decay=options.weight_decay)
     if sharded:  # the model and optimiser stay out of accelerate's hands: no DDP around the shards
@@ -364,12 +376,15 @@ def after_step(run: Run, state: TrainState, epoch: int, progress):
 def evaluate_epoch(run: Run, processor, eval_loader, ground_truth: dict, state: TrainState, epoch: int, stop) -> dict:
     """The validation metrics after `epoch` (of the weight average, with --ema_decay), logged and kept in the
     history, with a picture of detections for the trackers; a signal during the evaluation stops the run."""
+    from accelerate.utils import DistributedType
+
     accelerator = run.accelerator
     picture = None
     with averaged(run):
         metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth, stop)
         # (sharded, every process would have to draw with the main one: no picture)
-        if metrics is not None and accelerator.trackers and accelerator.is_main_process and not run.sharded:
+        sharded = run.sharded or accelerator.distributed_type == DistributedType.FSDP
+        if metrics is not None and accelerator.trackers and accelerator.is_main_process and not sharded:
             samples = eval_loader.dataset
             images = [samples[i]["image"] for i in range(min(PICTURED, len(samples)))]
             picture = detections_picture(bare(run), processor, images)
@@ -395,17 +410,16 @@ def keep_best(run: Run, processor, state: TrainState, metrics: dict) -> bool:
         patience = options.early_stopping_patience
         return bool(patience) and state.evaluations_without_improvement >= patience
     state.best_metric, state.best_step, state.evaluations_without_improvement = value, state.global_step, 0
-    weights = whole_weights(run.model) if run.sharded else None  # every process takes part
+    best, partial = os.path.join(options.output_dir, BEST_DIR), os.path.join(options.output_dir, BEST_DIR + ".partial")
+    with averaged(run):
+        weights = whole_weights(run)
+        if run.accelerator.is_main_process:
+            with reporting_full_disk(partial, weight_bytes(run.model), remove_on_failure=True):
+                bare(run).save_pretrained(partial, state_dict=weights)
+                processor.save_pretrained(partial)
+                with open(os.path.join(partial, "best.json"), "w") as f:
+                    json.dump({"metric": options.metric_for_best_model, "value": value, "step": state.global_step}, f)
     if run.accelerator.is_main_process:
-        best, partial = (
-            os.path.join(options.output_dir, BEST_DIR),
-            os.path.join(options.output_dir, BEST_DIR + ".partial"),
-        )
-        with averaged(run), reporting_full_disk(partial, weight_bytes(run.model), remove_on_failure=True):
-            bare(run).save_pretrained(partial, state_dict=weights)
-            processor.save_pretrained(partial)
-            with open(os.path.join(partial, "best.json"), "w") as f:
-                json.dump({"metric": options.metric_for_best_model, "value": value, "step": state.global_step}, f)
         shutil.rmtree(best, ignore_errors=True)  # a whole new best replaces the old one
         os.replace(partial, best)
         logger.info("best %s so far, %.4f: model saved to %s", options.metric_for_best_model, value, best)
@@ -419,6 +433,16 @@ def stop_here(run: Run, state: TrainState):
     logger.warning("stopped at step %d; continue with %s", state.global_step, RESUME_HINT)
     run.accelerator.end_training()
     raise TrainingStopped(StopRequest.signum, checkpoint)
+
+
+def whole_weights(run: Run) -> dict:
+    """The model's whole state dict under its own names, gathered where it is sharded (FSDP, ours or accelerate's;
+    DeepSpeed): every process takes part, and the main one gets it."""
+    if run.sharded:
+        weights = gathered_shards(run.model)
+    else:
+        weights = run.accelerator.get_state_dict(run.model)
+    return {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}  # torch.compile's prefix
 
 
 def bare(run: Run):
@@ -603,9 +627,7 @@ def finish(run: Run, processor, state, metrics, minutes):
     output_dir."""
     accelerator, options = run.accelerator, run.options
     accelerator.wait_for_everyone()
-    # every process takes part: FSDP and DeepSpeed gather shards
-    weights = whole_weights(run.model) if run.sharded else accelerator.get_state_dict(run.model)
-    weights = {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}  # torch.compile's
+    weights = whole_weights(run)
     if not accelerator.is_main_process:
         return
     if run.ema is not None:

@@ -109,7 +109,7 @@ def load_shards(folder: str, model, optimizer, process_index: int, num_processes
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
-def whole_weights(model) -> dict:
+def gathered_shards(model) -> dict:
     """The whole weights, gathered from every process (all take part) onto the main one, in CPU memory; the
     others get {}."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
