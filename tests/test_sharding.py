@@ -15,9 +15,9 @@ from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.training import TrainingOptions, train
 from deformable_detr.training.checkpoints import TrainState
 from deformable_detr.training.loop import shard_for
-from deformable_detr.training.sharding import check_launch
+from deformable_detr.training.sharding import check_launch, load_shards
 from tests.support.processes import free_port, run_command, torchrun
-from tests.test_distributed import command_line, training_options
+from tests.test_distributed import TINY, command_line, training_options
 
 # the README's recipe, for two CPU processes in full precision
 FSDP_CONFIG = """\
@@ -42,16 +42,21 @@ def accelerate_launch(config, options: TrainingOptions, use_cpu=True, returncode
     return run_command(command, env=environment, timeout=600, returncode=returncode)
 
 
+UNUSED = TINY + ",with_box_refine=true,auxiliary_loss=false"  # parameters without a gradient
+
+
 @pytest.fixture(scope="module")
 def data(shapes_coco):
     return shapes_coco(8, 4)
 
 
 def test_sharded_training_matches_data_parallel_resumes_and_saves_a_whole_model(data, tmp_path):
+    """With box refinement but no auxiliary loss, the earlier layers' class heads get no gradient, so no
+    optimiser state, which the checkpoint and the resume must handle too."""
     config = tmp_path / "fsdp.yaml"
     config.write_text(FSDP_CONFIG)
     sharded = tmp_path / "sharded"
-    accelerate_launch(config, training_options(data, sharded, 1, checkpointing_steps="2"))
+    accelerate_launch(config, training_options(data, sharded, 1, checkpointing_steps="2", config_overrides=UNUSED))
     assert "sharding the model across 2 CPU processes" in (sharded / "train.log").read_text()
     shards = sorted(p.name for p in (sharded / "checkpoint-2").glob("shards-*"))
     assert shards == ["shards-0-of-2.safetensors", "shards-1-of-2.safetensors"]
@@ -61,7 +66,7 @@ def test_sharded_training_matches_data_parallel_resumes_and_saves_a_whole_model(
     parallel = tmp_path / "parallel"
     driver = tmp_path / "train.py"
     driver.write_text("import sys\nfrom deformable_detr.cli import train_main\ntrain_main(sys.argv[1:])\n")
-    torchrun(str(driver), *command_line(training_options(data, parallel, 1)))
+    torchrun(str(driver), *command_line(training_options(data, parallel, 1, config_overrides=UNUSED)))
     reference = load_file(parallel / "model.safetensors")
     assert weights.keys() == reference.keys()
     worst = max((weights[k] - reference[k]).abs().max().item() for k in weights)
@@ -72,7 +77,9 @@ def test_sharded_training_matches_data_parallel_resumes_and_saves_a_whole_model(
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(sharded / "checkpoint-2", resumed / "checkpoint-2")
-    accelerate_launch(config, training_options(data, resumed, 1, resume_from_checkpoint="latest"))
+    accelerate_launch(
+        config, training_options(data, resumed, 1, resume_from_checkpoint="latest", config_overrides=UNUSED)
+    )
     again = load_file(resumed / "model.safetensors")
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
@@ -105,6 +112,11 @@ def test_cpu_processes_launched_without_accelerate_use_cpu_are_refused(data, tmp
     assert "2 processes were launched (WORLD_SIZE=2)" in result.stderr
     assert "set ACCELERATE_USE_CPU=1" in result.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_checkpoint_without_shards_is_not_resumed_sharded(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no shards: it was written without sharding"):
+        load_shards(str(tmp_path), None, None, 0, 2)
 
 
 def test_processes_that_accelerate_does_not_see_are_refused(monkeypatch):

@@ -438,11 +438,15 @@ def stop_here(run: Run, state: TrainState):
 def whole_weights(run: Run) -> dict:
     """The model's whole state dict under its own names, gathered where it is sharded (FSDP, ours or accelerate's;
     DeepSpeed): every process takes part, and the main one gets it."""
+    from accelerate.utils import DistributedType
+
     if run.sharded:
-        weights = gathered_shards(run.model)
-    else:
+        return gathered_shards(run.model)
+    if run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         weights = run.accelerator.get_state_dict(run.model)
-    return {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}  # torch.compile's prefix
+        return {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}  # torch.compile's
+    # (not get_state_dict here: on a compiled DDP model it would take the DDP wrapper out of the training model)
+    return bare(run).state_dict()
 
 
 def bare(run: Run):

@@ -52,25 +52,20 @@ def _shard_file(folder: str, process_index: int, num_processes: int) -> str:
     return os.path.join(folder, f"shards-{process_index}-of-{num_processes}.safetensors")
 
 
-def _sharded_state(model, optimizer) -> tuple[dict, dict, dict]:
-    """(model state, optimiser state, {name in the file: tensor of this process}), the states as torch's
-    distributed state-dict helpers give them (names of the unsharded model)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    tensors = {f"model.{name}": _local(value) for name, value in model_state.items()}
-    for name, values in optimizer_state["state"].items():
-        tensors |= {f"optimizer.{name}.{key}": _local(value) for key, value in values.items()}
-    return model_state, optimizer_state, tensors
-
-
 def save_shards(folder: str, model, optimizer, process_index: int, num_processes: int):
-    """Every process writes its shards of the weights and of the optimiser state to its own file in `folder`."""
-    _, optimizer_state, tensors = _sharded_state(model, optimizer)
+    """Every process writes its shards of the weights and of the optimiser state (for the parameters that have
+    some: none before their first gradient) to its own file in `folder`, the optimiser's settings as JSON."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    tensors = {f"model.{name}": _local(value) for name, value in get_model_state_dict(model).items()}
+    if optimizer.state:  # (with none at all, torch's helper would take a step of its own to make some)
+        for name, values in get_optimizer_state_dict(model, optimizer)["state"].items():
+            tensors |= {f"optimizer.{name}.{key}": _local(value) for key, value in values.items()}
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     save_file(
         {name: tensor.contiguous() for name, tensor in tensors.items()},
         _shard_file(folder, process_index, num_processes),
-        metadata={"param_groups": json.dumps(optimizer_state["param_groups"])},
+        metadata={"param_groups": json.dumps(settings)},
     )
 
 
@@ -87,26 +82,42 @@ def check_resumable(folder: str, sharded: bool):
 
 
 def load_shards(folder: str, model, optimizer, process_index: int, num_processes: int):
-    """Reads back what `save_shards` wrote, into the model's and the optimiser's shards. The run must have as many
-    processes as the one that wrote it."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    """Reads back what `save_shards` wrote into the model's shards and a fresh optimiser. The run must have as
+    many processes as the one that wrote it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     path = _shard_file(folder, process_index, num_processes)
     if not os.path.isfile(path):
         written = sorted(n for n in os.listdir(folder) if n.startswith("shards-"))
         raise FileNotFoundError(
-            f"{path} is missing: the checkpoint holds {', '.join(written) or 'no shards'}; resume a sharded "
-            "checkpoint with as many processes as wrote it"
+            f"{path} is missing: the checkpoint holds {', '.join(written)}; resume it with as many processes as "
+            "wrote it"
+            if written
+            else f"{folder} holds no shards: it was written without sharding; resume it without the FSDP config"
         )
-    model_state, optimizer_state, tensors = _sharded_state(model, optimizer)
+    # (the fresh optimiser gets state for every parameter here, by a step of lr 0, for the file's to go into)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
     with safe_open(path, "pt") as saved:
-        missing = sorted(set(tensors) - set(saved.keys()))
+        names = set(saved.keys())
+        missing = sorted(f"model.{name}" for name in model_state if f"model.{name}" not in names)
         if missing:
             raise ValueError(f"{path}: no {missing[0]} (and {len(missing) - 1} more); it is not this model's")
-        for name, tensor in tensors.items():
-            tensor.copy_(saved.get_tensor(name))
-        optimizer_state["param_groups"] = json.loads(saved.metadata()["param_groups"])
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        for name, value in model_state.items():
+            _local(value).copy_(saved.get_tensor(f"model.{name}"))
+        # parameters without a gradient so far had no optimiser state, and get none back
+        optimizer_state["state"] = {
+            name: values
+            for name, values in optimizer_state["state"].items()
+            if any(f"optimizer.{name}.{key}" in names for key in values)
+        }
+        for name, values in optimizer_state["state"].items():
+            for key, value in values.items():
+                _local(value).copy_(saved.get_tensor(f"optimizer.{name}.{key}"))
+        settings = json.loads(saved.metadata()["param_groups"])
+    options = StateDictOptions(strict=False)  # the model's names were checked above
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
+    for group, saved_settings in zip(optimizer.param_groups, settings, strict=True):
+        group.update(saved_settings)
 
 
 def gathered_shards(model) -> dict:
