@@ -5,6 +5,10 @@ two cannot drift apart.
 The defaults are the paper's recipe: AdamW, lr 2e-4, backbone lr 2e-5, 0.1x lr for the sampling offsets and
 reference points, weight decay 1e-4, gradient norm clipped at 0.1, lr x0.1 after 80% of the steps, and DETR's
 augmentation.
+
+Several devices or machines: run the command under `accelerate launch` (data parallel; FSDP or DeepSpeed from an
+accelerate config). CPU processes need ACCELERATE_USE_CPU=1; there, an FSDP config makes the training loop shard
+the model itself (torch's fully_shard), as accelerate shards on GPUs only.
 """
 
 import shlex
