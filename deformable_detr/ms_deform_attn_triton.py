@@ -158,7 +158,7 @@ if triton is not None:
                 tl.store(grad_loc + 2 * p, a * grad_x * W, mask=q_ok)
                 tl.store(grad_loc + 2 * p + 1, a * grad_y * H, mask=q_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["POINTS", "Q", "S"])
     def _corners_kernel(
         shapes,
         starts,
@@ -191,7 +191,7 @@ if triton is not None:
             tl.store(target + 4 * p + c, tl.where(valid, (b * S + start + idx) * M + m, -1), mask=ok)
             tl.store(weight + 4 * p + c, a * w, mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["ROWS"])
     def _ordered_sum_kernel(
         grad_out,
         order,
