@@ -45,6 +45,11 @@ def accelerate_launch(config, options: TrainingOptions, use_cpu=True, returncode
 UNUSED = TINY + ",with_box_refine=true,auxiliary_loss=false"  # parameters without a gradient
 
 
+def run_options(data, output_dir, **changes) -> TrainingOptions:
+    """The sharded runs' and their data-parallel reference's options: 4 steps with a weight average."""
+    return training_options(data, output_dir, 1, config_overrides=UNUSED, ema_decay=0.9, ema_warmup_steps=1, **changes)
+
+
 @pytest.fixture(scope="module")
 def data(shapes_coco):
     return shapes_coco(8, 4)
@@ -52,11 +57,12 @@ def data(shapes_coco):
 
 def test_sharded_training_matches_data_parallel_resumes_and_saves_a_whole_model(data, tmp_path):
     """With box refinement but no auxiliary loss, the earlier layers' class heads get no gradient, so no
-    optimiser state, which the checkpoint and the resume must handle too."""
+    optimiser state, which the checkpoint and the resume must handle too; the weight average (--ema_decay) is
+    sharded with the weights, and is what the model saves."""
     config = tmp_path / "fsdp.yaml"
     config.write_text(FSDP_CONFIG)
     sharded = tmp_path / "sharded"
-    accelerate_launch(config, training_options(data, sharded, 1, checkpointing_steps="2", config_overrides=UNUSED))
+    accelerate_launch(config, run_options(data, sharded, checkpointing_steps="2"))
     assert "sharding the model across 2 CPU processes" in (sharded / "train.log").read_text()
     shards = sorted(p.name for p in (sharded / "checkpoint-2").glob("shards-*"))
     assert shards == ["shards-0-of-2.safetensors", "shards-1-of-2.safetensors"]
@@ -66,7 +72,7 @@ def test_sharded_training_matches_data_parallel_resumes_and_saves_a_whole_model(
     parallel = tmp_path / "parallel"
     driver = tmp_path / "train.py"
     driver.write_text("import sys\nfrom deformable_detr.cli import train_main\ntrain_main(sys.argv[1:])\n")
-    torchrun(str(driver), *command_line(training_options(data, parallel, 1, config_overrides=UNUSED)))
+    torchrun(str(driver), *command_line(run_options(data, parallel)))
     reference = load_file(parallel / "model.safetensors")
     assert weights.keys() == reference.keys()
     worst = max((weights[k] - reference[k]).abs().max().item() for k in weights)
@@ -77,9 +83,7 @@ def test_sharded_training_matches_data_parallel_resumes_and_saves_a_whole_model(
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(sharded / "checkpoint-2", resumed / "checkpoint-2")
-    accelerate_launch(
-        config, training_options(data, resumed, 1, resume_from_checkpoint="latest", config_overrides=UNUSED)
-    )
+    accelerate_launch(config, run_options(data, resumed, resume_from_checkpoint="latest"))
     again = load_file(resumed / "model.safetensors")
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
@@ -129,7 +133,7 @@ def test_processes_that_accelerate_does_not_see_are_refused(monkeypatch):
 
 def test_options_that_sharding_does_not_take_are_named(tmp_path):
     options = TrainingOptions(
-        dataset="shapes", config_name="tiny", output_dir=str(tmp_path), ema_decay=0.99, mixed_precision="fp16"
+        dataset="shapes", config_name="tiny", output_dir=str(tmp_path), torch_compile=True, mixed_precision="fp16"
     )
-    with pytest.raises(ValueError, match="ema_decay, mixed_precision fp16: not available with sharded"):
+    with pytest.raises(ValueError, match="mixed_precision fp16, torch_compile: not available with sharded"):
         shard_for(None, options, None)

@@ -271,7 +271,6 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
 def shard_for(accelerator, options, model):
     """The model sharded across the CPU processes (sharding.py), under bf16 autocast with mixed precision bf16."""
     refused = {
-        "ema_decay": options.ema_decay,
         "mixed_precision fp16": options.mixed_precision == "fp16",
         "torch_compile": options.torch_compile,
     }
@@ -297,11 +296,15 @@ def resume_or_start(run: Run) -> TrainState:
     if checkpoint:
         check_resumable(checkpoint, run.sharded)
         state = load_checkpoint(run.accelerator, checkpoint)
-        if run.sharded:
-            accelerator = run.accelerator
-            load_shards(checkpoint, run.model, run.optimizer, accelerator.process_index, accelerator.num_processes)
         run.scheduler.load_state_dict(state.lr_schedule)
-        if run.ema is not None:
+        if run.sharded:
+            accelerator, average = run.accelerator, run.ema.average if run.ema is not None else None
+            found = load_shards(
+                checkpoint, run.model, run.optimizer, accelerator.process_index, accelerator.num_processes, average
+            )
+            if run.ema is not None:
+                run.ema.updates = state.ema_updates if found else 0
+        elif run.ema is not None:
             run.ema.load(checkpoint, state.ema_updates, bare(run))
     elif list_checkpoints(options.output_dir):
         raise ValueError(
@@ -466,7 +469,8 @@ def write_checkpoint(run: Run, state: TrainState) -> str:
     if run.sharded:
 
         def shards(folder):
-            save_shards(folder, run.model, run.optimizer, accelerator.process_index, accelerator.num_processes)
+            average = run.ema.average if run.ema is not None else None
+            save_shards(folder, run.model, run.optimizer, accelerator.process_index, accelerator.num_processes, average)
 
     return save_checkpoint(
         accelerator,
@@ -474,7 +478,7 @@ def write_checkpoint(run: Run, state: TrainState) -> str:
         state,
         run.options.checkpoints_total_limit,
         needed,
-        run.ema.save if run.ema is not None else None,
+        run.ema.save if run.ema is not None and not run.sharded else None,
         shards,
     )
 
@@ -631,11 +635,11 @@ def finish(run: Run, processor, state, metrics, minutes):
     output_dir."""
     accelerator, options = run.accelerator, run.options
     accelerator.wait_for_everyone()
-    weights = whole_weights(run)
+    with averaged(run):
+        # copies: the model's own weights come back after the block (every process takes part)
+        weights = {name: tensor.clone() for name, tensor in whole_weights(run).items()}
     if not accelerator.is_main_process:
         return
-    if run.ema is not None:
-        weights = run.ema.average
     if options.load_best_model_at_end and state.best_step is not None:
         best = DeformableDetrForObjectDetection.from_pretrained(os.path.join(options.output_dir, BEST_DIR))
         weights = best.state_dict()

@@ -6,6 +6,7 @@ it runs. Checkpoints hold one safetensors file of shards per process (no pickles
 
 import json
 import os
+import warnings
 
 import torch
 from safetensors import safe_open
@@ -52,15 +53,17 @@ def _shard_file(folder: str, process_index: int, num_processes: int) -> str:
     return os.path.join(folder, f"shards-{process_index}-of-{num_processes}.safetensors")
 
 
-def save_shards(folder: str, model, optimizer, process_index: int, num_processes: int):
-    """Every process writes its shards of the weights and of the optimiser state (for the parameters that have
-    some: none before their first gradient) to its own file in `folder`, the optimiser's settings as JSON."""
+def save_shards(folder: str, model, optimizer, process_index: int, num_processes: int, average: dict | None = None):
+    """Every process writes its shards of the weights, of the optimiser state (for the parameters that have some:
+    none before their first gradient) and of the weight `average` (--ema_decay) to its own file in `folder`, the
+    optimiser's settings as JSON."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     tensors = {f"model.{name}": _local(value) for name, value in get_model_state_dict(model).items()}
     if optimizer.state:  # (with none at all, torch's helper would take a step of its own to make some)
         for name, values in get_optimizer_state_dict(model, optimizer)["state"].items():
             tensors |= {f"optimizer.{name}.{key}": _local(value) for key, value in values.items()}
+    tensors |= {f"ema.{name}": _local(value) for name, value in (average or {}).items()}
     settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     save_file(
         {name: tensor.contiguous() for name, tensor in tensors.items()},
@@ -81,9 +84,12 @@ def check_resumable(folder: str, sharded: bool):
         )
 
 
-def load_shards(folder: str, model, optimizer, process_index: int, num_processes: int):
-    """Reads back what `save_shards` wrote into the model's shards and a fresh optimiser. The run must have as
-    many processes as the one that wrote it."""
+def load_shards(
+    folder: str, model, optimizer, process_index: int, num_processes: int, average: dict | None = None
+) -> bool:
+    """Reads back what `save_shards` wrote into the model's shards, a fresh optimiser and the weight `average`;
+    -> whether the file held an average (where it holds none, the average starts again from the resumed weights,
+    with a warning). The run must have as many processes as the one that wrote it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     path = _shard_file(folder, process_index, num_processes)
@@ -114,10 +120,16 @@ def load_shards(folder: str, model, optimizer, process_index: int, num_processes
             for key, value in values.items():
                 _local(value).copy_(saved.get_tensor(f"optimizer.{name}.{key}"))
         settings = json.loads(saved.metadata()["param_groups"])
+        found = average is not None and all(f"ema.{name}" in names for name in average)
+        for name, value in (average or {}).items():
+            _local(value).copy_(saved.get_tensor(f"ema.{name}") if found else _local(model_state[name]))
+    if average is not None and not found:
+        warnings.warn(f"{path} holds no weight average (ema.*): it starts from the resumed weights", stacklevel=2)
     options = StateDictOptions(strict=False)  # the model's names were checked above
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
     for group, saved_settings in zip(optimizer.param_groups, settings, strict=True):
         group.update(saved_settings)
+    return found
 
 
 def gathered_shards(model) -> dict:
