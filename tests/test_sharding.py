@@ -9,7 +9,8 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.training import TrainingOptions, train
@@ -86,6 +87,17 @@ def test_sharded_training_matches_data_parallel_resumes_and_saves_a_whole_model(
     accelerate_launch(config, run_options(data, resumed, resume_from_checkpoint="latest"))
     again = load_file(resumed / "model.safetensors")
     assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+    # a checkpoint without a weight average (as a run without --ema_decay writes): it starts again, with a warning
+    plain = tmp_path / "plain"
+    shutil.copytree(sharded / "checkpoint-2", plain / "checkpoint-2")
+    for path in (plain / "checkpoint-2").glob("shards-*"):
+        with safe_open(path, "pt") as f:
+            metadata, kept = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith("ema.")}
+        save_file(kept, path, metadata=metadata)
+    result = accelerate_launch(config, run_options(data, plain, resume_from_checkpoint="latest"))
+    assert "holds no weight average (ema.*): it starts from the resumed weights" in result.stderr
+    assert not torch.equal(load_file(plain / "model.safetensors")["class_embed.1.bias"], weights["class_embed.1.bias"])
 
     # the saved model loads whole and gives the data-parallel model's outputs
     image = torch.rand(1, 3, 64, 64)

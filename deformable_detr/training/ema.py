@@ -1,7 +1,8 @@
 """An exponential moving average of the weights (`--ema_decay`), as RF-DETR and detrex keep one: after each
 optimiser step, average = d * average + (1 - d) * weights with d = decay * (1 - exp(-updates / warmup_steps)),
 so that the first steps, far from where training goes, weigh little. Evaluation and the saved model use the
-average; it is saved with every checkpoint (`ema.safetensors`), so a resumed run continues it exactly."""
+average; it is saved with every checkpoint (`ema.safetensors`, or in the shard files of sharded training), so a
+resumed run continues it exactly."""
 
 import math
 import os

@@ -247,7 +247,7 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
         model = shard_for(accelerator, options, model)
     elif accelerator.distributed_type == DistributedType.FSDP and options.ema_decay:
         raise ValueError(
-            "ema_decay: not available with sharded (FSDP) training yet; leave it out, or train without FSDP"
+            "ema_decay: not available with accelerate's FSDP (on GPUs) yet; leave it out, or train without FSDP"
         )
     train_samples, train_loader, eval_loader = make_loaders(options, splits, processor)
     optimizer = torch.optim.AdamW(parameter_groups(model, options), weight_decay=options.weight_decay)
@@ -452,6 +452,21 @@ def whole_weights(run: Run) -> dict:
     return bare(run).state_dict()
 
 
+def final_weights(run: Run) -> dict:
+    """The weights to save (the average, with --ema_decay) on the main process, {} on the others; where they are
+    sharded, every process takes part in gathering them."""
+    from accelerate.utils import DistributedType
+
+    if run.sharded or run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with averaged(run):
+            weights = whole_weights(run)
+            # copies, where some of the gathered tensors are the model's own, which get its weights back after
+            return {name: tensor.clone() for name, tensor in weights.items()} if run.ema is not None else weights
+    if not run.accelerator.is_main_process:
+        return {}
+    return dict(run.ema.average) if run.ema is not None else bare(run).state_dict()
+
+
 def bare(run: Run):
     """Our model itself, out of accelerate's wrappers (DDP) and torch.compile's: its state_dict keys are the saved
     model's."""
@@ -635,9 +650,7 @@ def finish(run: Run, processor, state, metrics, minutes):
     output_dir."""
     accelerator, options = run.accelerator, run.options
     accelerator.wait_for_everyone()
-    with averaged(run):
-        # copies: the model's own weights come back after the block (every process takes part)
-        weights = {name: tensor.clone() for name, tensor in whole_weights(run).items()}
+    weights = final_weights(run)
     if not accelerator.is_main_process:
         return
     if options.load_best_model_at_end and state.best_step is not None:

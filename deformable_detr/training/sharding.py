@@ -120,7 +120,10 @@ def load_shards(
             for key, value in values.items():
                 _local(value).copy_(saved.get_tensor(f"optimizer.{name}.{key}"))
         settings = json.loads(saved.metadata()["param_groups"])
-        found = average is not None and all(f"ema.{name}" in names for name in average)
+        saved_average = {name.removeprefix("ema.") for name in names if name.startswith("ema.")}
+        found = average is not None and bool(saved_average)
+        if found and saved_average != set(average):
+            raise ValueError(f"{path}: its weight average (ema.*) is not this model's")
         for name, value in (average or {}).items():
             _local(value).copy_(saved.get_tensor(f"ema.{name}") if found else _local(model_state[name]))
     if average is not None and not found:
