@@ -147,12 +147,17 @@ _DTYPES = {
 }
 
 
+def kernel_shapes(shapes: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernels' view of the levels [(H_l, W_l)]: (spatial_shapes (L, 2), level_start_index (L,)), int64,
+    level l's positions starting at the sum of the earlier levels' H * W."""
+    sizes = [h * w for h, w in shapes]
+    starts = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))], dtype=torch.int64, device=device)
+    return torch.tensor(shapes, dtype=torch.int64, device=device), starts
+
+
 def _fused(backend, value, spatial_shapes, sampling_locations, attention_weights):
     """A fused kernel behind the op's signature; shapes as in `multi_scale_deformable_attention_reference`."""
-    shapes = _checked_shapes(spatial_shapes, value)
-    sizes = [h * w for h, w in shapes]
-    starts = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))], dtype=torch.int64, device=value.device)
-    shapes = torch.tensor(shapes, dtype=torch.int64, device=value.device)
+    shapes, starts = kernel_shapes(_checked_shapes(spatial_shapes, value), value.device)
     dtype = value.dtype if value.dtype in _DTYPES[backend] else torch.float32
     # locations and weights stay in the sums' precision: in bf16 a location on a 167-pixel-wide map would be
     # off by up to a third of a pixel

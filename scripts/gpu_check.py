@@ -290,15 +290,12 @@ def op_deterministic(report, device, quick):
     """Under torch.use_deterministic_algorithms(True) the backward sums the value gradient in a fixed order: the
     same bits twice, the atomic sums' values to rounding, and what it costs, at the encoder shapes (batch 8)."""
     from deformable_detr import ms_deform_attn_triton as kernels
+    from deformable_detr.ms_deform_attn import kernel_shapes
 
     shapes = QUICK_SHAPES if quick else ENCODER_SHAPES
     batch, heads = (2, 2) if quick else (8, 8)
     S = sum(h * w for h, w in shapes)
-    sizes = [h * w for h, w in shapes]
-    inputs = (
-        torch.tensor(shapes, device=device),
-        torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], device=device),
-    )
+    inputs = kernel_shapes(shapes, device)
     value, locations, weights = op_inputs(shapes, batch, S, device, heads=heads)
     grad_output = torch.randn(batch, S, heads, 32, device=device)
     run = partial(kernels.backward, grad_output, value, *inputs, locations, weights)
@@ -494,13 +491,12 @@ def op_speed(report, device, quick, bandwidth):
 def sweep(report, device, quick):
     """Times the kernels' launch settings at the encoder shapes (batch 8): BLOCK_Q x num_warps."""
     from deformable_detr import ms_deform_attn_triton as kernels
+    from deformable_detr.ms_deform_attn import kernel_shapes
 
     shapes = QUICK_SHAPES if quick else ENCODER_SHAPES
     batch, heads = (2, 2) if quick else (8, 8)
     S = sum(h * w for h, w in shapes)
-    shapes_tensor = torch.tensor(shapes, device=device)
-    sizes = [h * w for h, w in shapes]
-    starts = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], device=device)
+    shapes_tensor, starts = kernel_shapes(shapes, device)
     # the pairs near the best of earlier sweeps (each backward setting takes about 25 s to compile)
     settings = [(32, 4), (64, 4)] if quick else [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
     for dtype, directions in ((torch.float32, ("backward", "forward")), (torch.bfloat16, ("forward",))):

@@ -438,14 +438,20 @@ def stop_here(run: Run, state: TrainState):
     raise TrainingStopped(StopRequest.signum, checkpoint)
 
 
-def whole_weights(run: Run) -> dict:
-    """The model's whole state dict under its own names, gathered where it is sharded (FSDP, ours or accelerate's;
-    DeepSpeed): every process takes part, and the main one gets it."""
+def weights_spread(run: Run) -> bool:
+    """Whether the weights may be split across the processes (FSDP, ours or accelerate's; DeepSpeed), so that
+    every process must take part in gathering them."""
     from accelerate.utils import DistributedType
 
+    return run.sharded or run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def whole_weights(run: Run) -> dict:
+    """The model's whole state dict under its own names, gathered where it is spread (`weights_spread`): every
+    process takes part, and the main one gets it."""
     if run.sharded:
         return gathered_shards(run.model)
-    if run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if weights_spread(run):
         weights = run.accelerator.get_state_dict(run.model)
         return {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}  # torch.compile's
     # (not get_state_dict here: on a compiled DDP model it would take the DDP wrapper out of the training model)
@@ -455,9 +461,7 @@ def whole_weights(run: Run) -> dict:
 def final_weights(run: Run) -> dict:
     """The weights to save (the average, with --ema_decay) on the main process, {} on the others; where they are
     sharded, every process takes part in gathering them."""
-    from accelerate.utils import DistributedType
-
-    if run.sharded or run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if weights_spread(run):
         with averaged(run):
             weights = whole_weights(run)
             # copies, where some of the gathered tensors are the model's own, which get its weights back after

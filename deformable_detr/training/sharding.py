@@ -53,6 +53,11 @@ def _shard_file(folder: str, process_index: int, num_processes: int) -> str:
     return os.path.join(folder, f"shards-{process_index}-of-{num_processes}.safetensors")
 
 
+def _written_shards(folder: str) -> list[str]:
+    """The names of the shard files in checkpoint `folder`."""
+    return sorted(n for n in os.listdir(folder) if n.startswith("shards-"))
+
+
 def save_shards(folder: str, model, optimizer, process_index: int, num_processes: int, average: dict | None = None):
     """Every process writes its shards of the weights, of the optimiser state (for the parameters that have some:
     none before their first gradient) and of the weight `average` (--ema_decay) to its own file in `folder`, the
@@ -75,7 +80,7 @@ def save_shards(folder: str, model, optimizer, process_index: int, num_processes
 def check_resumable(folder: str, sharded: bool):
     """A checkpoint of sharded training holds no whole weights: resumed without sharding, the run would go on
     from fresh ones."""
-    written = sorted(n for n in os.listdir(folder) if n.startswith("shards-"))
+    written = _written_shards(folder)
     if written and not sharded:
         processes = written[0].removesuffix(".safetensors").split("-of-")[-1]
         raise ValueError(
@@ -94,7 +99,7 @@ def load_shards(
 
     path = _shard_file(folder, process_index, num_processes)
     if not os.path.isfile(path):
-        written = sorted(n for n in os.listdir(folder) if n.startswith("shards-"))
+        written = _written_shards(folder)
         raise FileNotFoundError(
             f"{path} is missing: the checkpoint holds {', '.join(written)}; resume it with as many processes as "
             "wrote it"
