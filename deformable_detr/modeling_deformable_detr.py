@@ -20,6 +20,7 @@ from .deformable_transformer import (
     MLP,
     DeformableDecoder,
     DeformableEncoder,
+    HeadLinear,
     encoder_proposals,
     proposal_position_embedding,
     refine_boxes,
@@ -195,7 +196,7 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         if config.two_stage:
             self.enc_output = nn.Linear(C, C)
             self.enc_output_norm = nn.LayerNorm(C)
-            self.enc_class_embed = nn.Linear(C, config.num_labels)
+            self.enc_class_embed = HeadLinear(C, config.num_labels)
             self.enc_bbox_embed = MLP(C, C, 4, 3)
             self.pos_trans = nn.Linear(2 * C, 2 * C)
             self.pos_trans_norm = nn.LayerNorm(2 * C)
@@ -345,9 +346,9 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
         self.model = DeformableDetrModel(config)
         C = config.d_model
         if config.with_box_refine:
-            self.class_embed = nn.ModuleList(nn.Linear(C, config.num_labels) for _ in range(config.decoder_layers))
+            self.class_embed = nn.ModuleList(HeadLinear(C, config.num_labels) for _ in range(config.decoder_layers))
         else:
-            self.class_embed = nn.Linear(C, config.num_labels)
+            self.class_embed = HeadLinear(C, config.num_labels)
             self.bbox_embed = MLP(C, C, 4, 3)
         self.post_init()
 
@@ -372,8 +373,8 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
         self.config.label2id = {name: i for i, name in self.config.id2label.items()}
         device = self.class_head(0).weight.device
 
-        def new_head() -> nn.Linear:
-            head = nn.Linear(self.config.d_model, len(class_names), device=device)
+        def new_head() -> HeadLinear:
+            head = HeadLinear(self.config.d_model, len(class_names), device=device)
             self._init_weights(head)
             init.copy_(head.bias, _class_bias(head))
             return head
@@ -385,7 +386,7 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
         if self.config.two_stage:
             self.model.enc_class_embed = new_head()
 
-    def class_head(self, layer: int) -> nn.Linear:
+    def class_head(self, layer: int) -> HeadLinear:
         return self.class_embed[layer] if self.config.with_box_refine else self.class_embed
 
     def box_head(self, layer: int) -> MLP:

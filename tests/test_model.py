@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deformable_detr import DeformableDetrConfig
+from deformable_detr.deformable_transformer import refine_boxes
 from tests.support.models import tiny_model
 
 
@@ -41,6 +42,24 @@ def test_variants_run_and_give_finite_outputs(variant):
             == out.enc_outputs_coord_logits.shape[:2]
             == out.encoder_last_hidden_state.shape[:2]
         )
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(with_box_refine=True, two_stage=True)])
+def test_prediction_heads_run_in_full_precision_under_autocast(variant):
+    """Scores and box deltas are not rounded to bf16 under autocast: the heads give what they give in fp32 on the
+    same hidden states (and two-stage proposals are ranked on fp32 scores)."""
+    model = tiny_model(**variant)
+    x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.logits.dtype == torch.float32
+    if variant:
+        assert out.enc_outputs_class.dtype == out.enc_outputs_coord_logits.dtype == torch.float32
+    hidden = out.intermediate_hidden_states[:, -1].float()
+    with torch.no_grad():
+        assert torch.equal(out.logits, model.class_head(1)(hidden))
+        delta = model.box_head(1)(hidden)
+    assert torch.equal(out.pred_boxes, refine_boxes(out.intermediate_reference_points[:, 0], delta))
 
 
 def test_dc5_halves_the_last_stride():
