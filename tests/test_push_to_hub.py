@@ -111,7 +111,8 @@ def test_training_script_pushes_and_the_repo_loads_anywhere(tmp_path, image, sha
         "modeling_deformable_detr.py",
         "image_processing_deformable_detr.py",
     } <= set(files)
-    assert not any(name.startswith("checkpoint-") for name in files)
+    assert (output_dir / "best" / "model.safetensors").exists()  # kept locally, not uploaded
+    assert not any(name.startswith(("checkpoint-", "best/", "best.partial/")) for name in files)
     assert files["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
     assert "hf_given_token" in hub.tokens
     assert "mAP@[.5:.95]" in files["README.md"].decode()

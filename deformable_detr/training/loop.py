@@ -688,7 +688,7 @@ def finish(run: Run, processor, state, metrics, minutes):
 
 
 def push_to_hub(options) -> str:
-    """Uploads output_dir without its checkpoints and TensorBoard runs; returns the commit URL."""
+    """Uploads output_dir without its checkpoints, best model copy, TensorBoard runs and log; -> the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=options.hub_token)
@@ -698,7 +698,7 @@ def push_to_hub(options) -> str:
         repo_id=repo_id,
         folder_path=options.output_dir,
         commit_message="Training run",
-        ignore_patterns=["checkpoint-*", f"{TRACKING_DIR}/*", "train.log"],
+        ignore_patterns=["checkpoint-*", f"{BEST_DIR}/*", f"{BEST_DIR}.partial/*", f"{TRACKING_DIR}/*", "train.log"],
     )
     logger.info("pushed to %s (%s)", repo_id, commit.commit_url)
     return commit.commit_url
