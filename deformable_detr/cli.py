@@ -109,10 +109,20 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv=None):
-    from .training.evaluation import evaluate_saved_model
+    from .training.evaluation import evaluate_saved_model, format_metrics
 
     args = evaluate_parser().parse_args(argv)  # its destinations are the function's parameter names
-    _run("deformable-detr-evaluate", lambda: evaluate_saved_model(**vars(args)))
+
+    def evaluate():
+        from accelerate import PartialState
+
+        metrics = evaluate_saved_model(**vars(args))
+        if PartialState().is_main_process:
+            print(f"{args.model_path} on {args.dataset} [{args.split}]\n{format_metrics(metrics)}")
+            if args.output:
+                print(f"metrics written to {args.output}")
+
+    _run("deformable-detr-evaluate", evaluate)
 
 
 def detect_parser() -> argparse.ArgumentParser:
@@ -142,7 +152,13 @@ def detect_main(argv=None):
     from .detect import detect_files
 
     args = detect_parser().parse_args(argv)  # its destinations are the function's parameter names
-    _run("deformable-detr-detect", lambda: detect_files(**vars(args)))
+
+    def detect():
+        result = detect_files(**vars(args))
+        skipped = f"; {len(result['skipped'])} skipped" if result["skipped"] else ""
+        print(f"{len(result['written'])} image(s) written to {args.output_dir}{skipped}")
+
+    _run("deformable-detr-detect", detect)
 
 
 def export_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,6 @@ import colorsys
 import glob
 import json
 import os
-import sys
 import warnings
 
 import torch
@@ -193,7 +192,7 @@ def detect_files(
                 names.append(path)
             except (OSError, UnidentifiedImageError, ValueError) as error:
                 skipped[path] = f"{type(error).__name__}: {error}"
-                tqdm.write(f"skipped {path}: cannot read it as an image ({error})", file=sys.stderr)
+                warnings.warn(f"skipped {path}: cannot read it as an image ({error})", stacklevel=2)
         if not images:
             continue
         detections, not_finite_rows = detect(model, processor, images, threshold, top_k)
@@ -208,5 +207,4 @@ def detect_files(
             draw_detections(image, found).save(picture_path)
             written.append(path)
     warn_of_non_finite_outputs(broken)
-    print(f"{len(written)} image(s) written to {output_dir}" + (f"; {len(skipped)} skipped" if skipped else ""))
     return {"written": written, "skipped": skipped}

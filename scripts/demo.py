@@ -17,7 +17,7 @@ from PIL import Image
 from deformable_detr.cli import HelpFormatter
 from deformable_detr.detect import detect, draw_detections, load_detector
 from deformable_detr.training import TrainingOptions, train
-from deformable_detr.training.evaluation import evaluate_saved_model
+from deformable_detr.training.evaluation import evaluate_saved_model, format_metrics
 from deformable_detr.training.shapes import shapes_dataset
 
 # the tiny preset with box refinement and 30 queries (at most 4 shapes per image), trained from scratch
@@ -100,6 +100,7 @@ def main():
     metrics = evaluate_saved_model(
         model_dir, data_dir, "test", output=os.path.join(args.output_dir, "test_results.json")
     )
+    print(format_metrics(metrics))
 
     print("4/4 drawing detections and the training curves")
     os.makedirs(pictures_dir, exist_ok=True)

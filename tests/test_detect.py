@@ -28,23 +28,27 @@ def folder_of_images(tmp_path):
 
 def test_a_folder_gives_json_and_pictures_and_skips_the_broken_file(tmp_path, folder_of_images, capsys):
     saved_detector(tmp_path / "model")
-    main(
-        [
-            str(folder_of_images),
-            "--model",
-            str(tmp_path / "model"),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--threshold",
-            "0.01",
-            "--batch_size",
-            "2",
-            "--top_k",
-            "5",
-        ]
-    )
-    err = capsys.readouterr().err
-    assert "skipped" in err and "broken.jpg" in err
+    with pytest.warns(UserWarning, match=r"skipped .*broken\.jpg: cannot read it as an image"):
+        main(
+            [
+                str(folder_of_images),
+                "--model",
+                str(tmp_path / "model"),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--threshold",
+                "0.01",
+                "--batch_size",
+                "2",
+                "--top_k",
+                "5",
+            ]
+        )
+    # the command prints the summary; the library prints nothing
+    assert capsys.readouterr().out == f"3 image(s) written to {tmp_path / 'out'}; 1 skipped\n"
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        result = detect_files([str(folder_of_images)], str(tmp_path / "model"), str(tmp_path / "again"))
+    assert capsys.readouterr().out == "" and list(result["skipped"]) == [str(folder_of_images / "broken.jpg")]
     for name in ("BloodImage_00000", "BloodImage_00001", "BloodImage_00002"):
         result = json.loads((tmp_path / "out" / f"{name}.jpg.detections.json").read_text())
         assert (result["width"], result["height"]) == (640, 480)

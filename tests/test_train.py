@@ -18,7 +18,7 @@ from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.cli import evaluate_main, train_main
 from deformable_detr.testing import small_hf_config
 from deformable_detr.training import TrainingOptions, train
-from deformable_detr.training.evaluation import evaluate_saved_model
+from deformable_detr.training.evaluation import evaluate_saved_model, format_metrics
 from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
 from tests.support.datasets_on_disk import write_coco
 from tests.support.models import TINY_OVERRIDES
@@ -30,7 +30,7 @@ def history(output_dir, key="loss"):
         return [h[key] for h in json.load(f) if key in h]
 
 
-def test_loss_falls_on_a_fixed_batch(tmp_path):
+def test_loss_falls_on_a_fixed_batch(tmp_path, capsys):
     """Training and validation on the same four images: the loss falls and the detections start to match."""
     same = shapes_dataset(4, 64, seed=1)
     data = write_coco({"train": same, "valid": same}, CLASS_NAMES, str(tmp_path / "data"))
@@ -51,11 +51,15 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
     assert metrics["map_50"] > 0.1, metrics
     # the evaluation command scores the saved model the same way
+    capsys.readouterr()
     again = evaluate_saved_model(str(tmp_path / "run"), data, output=str(tmp_path / "m.json"))
-    assert again == metrics
+    assert again == metrics and capsys.readouterr().out == ""  # the library prints nothing, the command does
     assert json.load(open(tmp_path / "m.json")) == json.loads(json.dumps(metrics))
     evaluate_main(["--model", str(tmp_path / "run"), "--dataset", data, "--output", str(tmp_path / "cli.json")])
     assert json.load(open(tmp_path / "cli.json")) == json.loads(json.dumps(metrics))
+    table = format_metrics(metrics)
+    written = f"metrics written to {tmp_path / 'cli.json'}"
+    assert capsys.readouterr().out == f"{tmp_path / 'run'} on {data} [validation]\n{table}\n{written}\n"
     # a split the data lacks: an error naming it from the library, one line from the command
     with pytest.raises(ValueError, match="has no split 'nope'; it has"):
         evaluate_saved_model(str(tmp_path / "run"), data, "nope")

@@ -174,8 +174,8 @@ def evaluate_saved_model(
 ) -> dict:
     """The COCO metrics of a saved model (ours or transformers', a folder or a Hub id) on a split of `dataset`
     (any source `load_detection_dataset` reads; validation_fraction and seed as in training, for data without a
-    validation split). Prints the table; writes it as JSON to `output` if given. Raises ValueError when the split
-    is missing or the model's classes are not the data's."""
+    validation split). Writes them as JSON to `output` if given. Raises ValueError when the split is missing or the
+    model's classes are not the data's."""
     from accelerate import Accelerator
 
     from ..detect import load_detector
@@ -199,12 +199,9 @@ def evaluate_saved_model(
     metrics = evaluate(
         model, processor, accelerator.prepare(loader), accelerator, coco_ground_truth(examples, class_names)
     )
-    if accelerator.is_main_process:
-        print(f"{model_path} on {dataset} [{split}], {len(examples)} images\n{format_metrics(metrics)}")
-        if output:
-            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-            with open(output, "w") as f:
-                json.dump(metrics, f, indent=2)
-            print(f"metrics written to {output}")
+    if accelerator.is_main_process and output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as f:
+            json.dump(metrics, f, indent=2)
     accelerator.end_training()
     return metrics
