@@ -208,21 +208,27 @@ if triton is not None:
     ):
         """The value gradient of BLOCK_R value rows: each row adds weight x grad_out row over its entries
         order[begins[row]:ends[row]], one after the other, so the sum is the same in every run."""
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        d = tl.arange(0, BLOCK_D)
+        # rows as a (BLOCK_R, 1) column: with (BLOCK_R,) vectors expanded in the loop, Triton 3.6 fails to compile
+        # the kernel for sm_90 (its RemoveLayoutConversions pass leaves a load's mask and pointers in two layouts)
+        r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
         r_ok = r < ROWS
         d_ok = d < D
         begin = tl.load(begins + r, mask=r_ok, other=0)
         end = tl.load(ends + r, mask=r_ok, other=0)
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
-        for j in range(0, tl.max(end - begin, axis=0)):
+        # a while loop: Triton 3.6's interpreter cannot take a tensor as a range() bound (with numpy >= 2.4)
+        most = tl.max(tl.max(end - begin, axis=1), axis=0)
+        j = 0
+        while j < most:
             live = r_ok & (begin + j < end)
             entry = tl.load(order + begin + j, mask=live, other=0)
             w = tl.load(weight + entry, mask=live, other=0.0)
             source = entry // ENTRIES_PER_ROW  # the (b, q, m) row of grad_out that the entry's point belongs to
-            g = tl.load(grad_out + source[:, None] * D + d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
-            acc += w[:, None] * g.to(ACC)
-        tl.store(grad_value + r[:, None] * D + d[None, :], acc, mask=r_ok[:, None] & d_ok[None, :])
+            g = tl.load(grad_out + source * D + d, mask=live & d_ok, other=0.0)
+            acc += w * g.to(ACC)
+            j += 1
+        tl.store(grad_value + r * D + d, acc, mask=r_ok & d_ok)
 
 
 # BLOCK_Q (queries per program) and num_warps, measured on an H200 at the encoder shapes of 8 images of 800x1333 in
