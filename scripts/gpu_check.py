@@ -46,8 +46,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--sweep",
         action="store_true",
-        help="also time the Triton kernels' BLOCK_Q and num_warps, and torch.compile with Inductor's layout "
-        "optimisation off",
+        help="also time the Triton kernels' BLOCK_Q and num_warps (with the speed part), and torch.compile with "
+        "Inductor's layout optimisation off (with the compile part)",
     )
     parser.add_argument(
         "--only",
@@ -788,7 +788,7 @@ def main(argv=None) -> int:
             bytes_per_second=bandwidth,
         )
         guarded(report, "op speed, one encoder layer")(op_speed)(report, device, args.quick, bandwidth)
-    if args.sweep:
+    if args.sweep and "speed" in parts:
         guarded(report, "launch settings")(sweep)(report, device, args.quick)
     if {"model", "train", "compile"} & set(parts):  # one pair, built once, serves all three
         hf, ours = model_pair(device, args.quick)

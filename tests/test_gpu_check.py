@@ -46,6 +46,14 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert "| pass |" in (tmp_path / "report.md").read_text()
 
 
+def test_only_runs_the_parts_asked_for(tmp_path):
+    """--sweep times the launch settings with the speed part only: `--only model --sweep` is the model's rows."""
+    command = [sys.executable, SCRIPT, "--device", "cpu", "--quick", "--sweep", "--only", "model", "--out", tmp_path]
+    run_command(command, timeout=600)
+    sections = {row["section"] for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    assert sections == {"inference, tiny model, 96x128"}
+
+
 def test_gpu_check_without_cuda_says_so(tmp_path):
     """Asked for CUDA where there is none: a clear message and exit status 2, no traceback."""
     import torch
