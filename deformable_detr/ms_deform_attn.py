@@ -29,13 +29,52 @@ def _shapes_as_list(spatial_shapes) -> list[tuple[int, int]]:
     return [(h, w) for h, w in spatial_shapes]
 
 
-def _checked_shapes(spatial_shapes, value) -> list[tuple[int, int]]:
-    """spatial_shapes as [(H_l, W_l)], after checking that they cover value's S positions."""
+def _checked_inputs(value, spatial_shapes, sampling_locations, attention_weights) -> list[tuple[int, int]]:
+    """spatial_shapes as [(H_l, W_l)], after checking that the op's inputs agree (shapes as in
+    `multi_scale_deformable_attention_reference`): the fused kernels trust them, and a mismatch would read outside
+    the tensors (on a GPU, an illegal memory access that ends the process's use of the device)."""
+    for name, tensor in (("value", value), ("sampling_locations", sampling_locations)):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor))}")
+    if not isinstance(attention_weights, torch.Tensor) or not attention_weights.is_floating_point():
+        raise TypeError(
+            f"attention_weights must be a floating-point tensor, got "
+            f"{getattr(attention_weights, 'dtype', type(attention_weights))}"
+        )
+    if isinstance(spatial_shapes, torch.Tensor):
+        well_formed = spatial_shapes.dim() == 2 and spatial_shapes.shape[1] == 2
+    else:
+        well_formed = isinstance(spatial_shapes, (list, tuple)) and all(
+            isinstance(level, (list, tuple)) and len(level) == 2 for level in spatial_shapes
+        )
+    if not well_formed or len(spatial_shapes) == 0:
+        raise ValueError(f"spatial_shapes must be (L, 2) sizes (H_l, W_l), got {spatial_shapes}")
     shapes = _shapes_as_list(spatial_shapes)
+    if any(isinstance(size, int) and size < 1 for level in shapes for size in level):
+        raise ValueError(f"spatial_shapes must be positive, got {shapes}")
+    if value.dim() != 4:
+        raise ValueError(f"value must be (B, S, M, D), got shape {tuple(value.shape)}")
     if sum(h * w for h, w in shapes) != value.shape[1]:
         raise ValueError(
             f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, value has {value.shape[1]}"
         )
+    B, _, M, _ = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(f"sampling_locations must be (B, Q, M, L, K, 2), got shape {tuple(sampling_locations.shape)}")
+    _, Q, _, L, K, _ = sampling_locations.shape
+    if (sampling_locations.shape[0], sampling_locations.shape[2], L) != (B, M, len(shapes)):
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} must be (B, Q, M, L, K, 2) with value's B={B}, "
+            f"M={M} and the L={len(shapes)} levels of spatial_shapes"
+        )
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(
+            f"attention_weights must be (B, Q, M, L, K) = {tuple(sampling_locations.shape[:-1])} as "
+            f"sampling_locations, got {tuple(attention_weights.shape)}"
+        )
+    devices = {t.device for t in (value, sampling_locations, attention_weights)}
+    if len(devices) > 1:
+        raise ValueError(f"value, sampling_locations and attention_weights are on different devices: {devices}")
     return shapes
 
 
@@ -51,7 +90,7 @@ def multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_l
     Returns:
         (B, Q, M * D)
     """
-    shapes = _checked_shapes(spatial_shapes, value)
+    shapes = _checked_inputs(value, spatial_shapes, sampling_locations, attention_weights)
     B, _, M, D = value.shape
     _, Q, _, L, K, _ = sampling_locations.shape
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
@@ -157,7 +196,8 @@ def kernel_shapes(shapes: list[tuple[int, int]], device) -> tuple[torch.Tensor, 
 
 def _fused(backend, value, spatial_shapes, sampling_locations, attention_weights):
     """A fused kernel behind the op's signature; shapes as in `multi_scale_deformable_attention_reference`."""
-    shapes, starts = kernel_shapes(_checked_shapes(spatial_shapes, value), value.device)
+    checked = _checked_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    shapes, starts = kernel_shapes(checked, value.device)
     dtype = value.dtype if value.dtype in _DTYPES[backend] else torch.float32
     # locations and weights stay in the sums' precision: in bf16 a location on a 167-pixel-wide map would be
     # off by up to a third of a pixel

@@ -43,6 +43,35 @@ def test_unknown_backend_and_mismatched_shapes_are_named():
         multi_scale_deformable_attention(value, torch.tensor([[2, 3]]), locations, weights)
 
 
+def _mismatched(value, locations, weights):
+    """Inputs that disagree, each with the words the error must have."""
+    return [
+        ((value, [(3, 4)], locations[:, :, :, :1], weights[:, :, :, :1]), "cover 12 positions, value has 16"),
+        ((value, [(3, 4), (2, 2)], locations[:, :, :, :1], weights[:, :, :, :1]), "the L=2 levels"),
+        ((value, [(3, 4), (2, 2)], locations, weights[:, :1]), r"attention_weights must be \(B, Q, M, L, K\)"),
+        ((value, [(3, 4), (2, 2)], locations, weights[..., :1]), "attention_weights must be"),
+        ((value, [(3, 4), (2, 2)], locations[..., :1], weights), r"sampling_locations must be \(B, Q, M, L, K, 2\)"),
+        ((value, [(3, 4), (2, 2)], locations[:1], weights[:1]), "value's B=2"),
+        ((value[:, :, :1], [(3, 4), (2, 2)], locations, weights), "M=1"),
+        ((value[0], [(3, 4), (2, 2)], locations, weights), r"value must be \(B, S, M, D\)"),
+        ((value, [(-4, -4), (2, 2), (2, 2), (2, 2)], locations, weights), "must be positive"),
+        ((value, torch.tensor([4, 4]), locations, weights), "must be \\(L, 2\\) sizes"),
+        ((value, [4, 4], locations, weights), "must be \\(L, 2\\) sizes"),
+        ((value.long(), [(3, 4), (2, 2)], locations, weights), "value must be a floating-point tensor"),
+        ((value, [(3, 4), (2, 2)], locations, weights.long()), "attention_weights must be a floating-point"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_inputs_that_disagree_are_refused_before_any_kernel_runs(backend):
+    """The fused kernels trust the shapes: a mismatch there read out of bounds (NaNs, or on a GPU an illegal memory
+    access); each backend now names the tensor and the shape it needs."""
+    value, _, locations, weights = random_inputs([(3, 4), (2, 2)], B=2, Q=5, M=2, D=4, K=3, dtype=torch.float32)
+    for inputs, message in _mismatched(value, locations, weights):
+        with pytest.raises((ValueError, TypeError), match=message):
+            multi_scale_deformable_attention(*inputs, backend=backend)
+
+
 def test_the_fused_cpu_kernel_builds_here():
     """CI has a compiler: the fast path must be there (users without one fall back to the reference)."""
     assert available_backends("cpu")[0] == "cpu"
