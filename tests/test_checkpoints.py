@@ -17,6 +17,8 @@ from deformable_detr.training.checkpoints import (
     save_checkpoint,
 )
 
+SETUP = {"class_names": ["circle", "square"], "dataset": "data/shapes", "images_per_step": 8}
+
 
 class FakeAccelerator:
     """What save_checkpoint uses of accelerate's Accelerator: one main process that writes a state folder."""
@@ -72,9 +74,41 @@ def test_pickled_objects_in_a_checkpoint_are_refused_not_run(tmp_path):
     hostile = pickle.dumps(MakesAFolder(str(tmp_path / "ran")), protocol=2)
     (tmp_path / "checkpoint-2" / "custom_checkpoint_0.pkl").write_bytes(hostile)
     with pytest.raises(ValueError, match="custom_checkpoint_0.pkl: a pickled object, which loading would run"):
-        load_checkpoint(FakeAccelerator(), folder)
+        load_checkpoint(FakeAccelerator(), folder, SETUP)
     os.remove(tmp_path / "checkpoint-2" / "custom_checkpoint_0.pkl")
     (tmp_path / "checkpoint-2" / "random_states_0.pkl").write_bytes(hostile)
     with pytest.warns(UserWarning, match="random_states_0.pkl cannot be read safely .*not repeat an uninterrupted"):
-        assert load_checkpoint(FakeAccelerator(), folder).global_step == 2
+        assert load_checkpoint(FakeAccelerator(), folder, SETUP).global_step == 2
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_run_on_other_classes_is_not_resumed_and_other_batches_are_warned_of(tmp_path):
+    """Resuming on other data trained the old class heads under the new names without a word; now other classes
+    are refused, and another dataset or batch layout (the epoch's position no longer matches) is warned of."""
+    folder = save_checkpoint(
+        FakeAccelerator(), str(tmp_path), TrainState(global_step=4, epoch=1, batches_in_epoch=2, setup=SETUP), keep=1
+    )
+    assert json.load(open(os.path.join(folder, STATE_FILE)))["setup"] == SETUP
+    with pytest.raises(ValueError, match=r"is a run on the classes \['circle', 'square'\], the data has \['RBC'\]"):
+        load_checkpoint(FakeAccelerator(), folder, SETUP | {"class_names": ["RBC"]})
+    with pytest.warns(
+        UserWarning, match="images per optimiser step 8, this run has 16: it resumes at batch 2 of epoch 2"
+    ):
+        state = load_checkpoint(FakeAccelerator(), folder, SETUP | {"images_per_step": 16})
+    assert state.setup["images_per_step"] == 16  # the next checkpoint records this run's
+    with pytest.warns(UserWarning, match="dataset 'data/shapes', this run has 'elsewhere'"):
+        load_checkpoint(FakeAccelerator(), folder, SETUP | {"dataset": "elsewhere"})
+
+
+def test_a_checkpoint_of_another_configuration_is_named(tmp_path):
+    folder = save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=2, setup=SETUP), keep=1)
+
+    class OtherModel(FakeAccelerator):
+        def load_state(self, folder):
+            raise RuntimeError(
+                "Error(s) in loading state_dict for DeformableDetrForObjectDetection:\n\tsize mismatch for "
+                "model.query_position_embeddings.weight: copying a param with shape [10, 64]"
+            )
+
+    with pytest.raises(ValueError, match="holds a model of another configuration .*size mismatch for model.query"):
+        load_checkpoint(OtherModel(), folder, SETUP)

@@ -23,7 +23,8 @@ BEST_DIR = "best"  # the model of the best evaluation, beside the checkpoints an
 class TrainState:
     """Where a run is: optimiser steps done, the epoch and the batches of it already seen, steps skipped for
     non-finite losses or gradients, the logged history (loss means, evaluations), the lr scheduler's state_dict
-    (plain numbers), the weight average's updates, and the best evaluation so far (for early stopping)."""
+    (plain numbers), the weight average's updates, the best evaluation so far (for early stopping), and what a
+    resumed run must share with it (`setup`: class names, dataset, images per step)."""
 
     global_step: int = 0
     epoch: int = 0
@@ -35,6 +36,7 @@ class TrainState:
     best_metric: float | None = None  # metric_for_best_model at its best so far, and the step
     best_step: int | None = None
     evaluations_without_improvement: int = 0
+    setup: dict = field(default_factory=dict)
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -103,10 +105,34 @@ def save_checkpoint(
     return folder
 
 
-def load_checkpoint(accelerator, folder: str) -> TrainState:
-    """Restores accelerate's state from `folder` and returns the loop's. Refuses a folder holding pickled objects
-    that accelerate would load with weights_only=False (custom_checkpoint_*.pkl, which can run code); warns
-    when the random states cannot be read safely (the run then goes on, but not as it would have)."""
+def check_setup(folder: str, state: TrainState, setup: dict):
+    """Refuses to resume a checkpoint of a run on other classes (its class heads would be trained, and saved, under
+    the new names); warns where the dataset or the images per step differ (the epoch's position, counted in
+    batches, then points elsewhere in the data). A checkpoint without a setup (an earlier version) is taken as is."""
+    saved = state.setup
+    if "class_names" in saved and saved["class_names"] != setup["class_names"]:
+        raise ValueError(
+            f"{folder} is a run on the classes {saved['class_names']}, the data has {setup['class_names']}: "
+            "resume it on its own data, or start afresh in another output_dir"
+        )
+    for key, what in (("dataset", "dataset"), ("images_per_step", "images per optimiser step")):
+        if key in saved and saved[key] != setup[key]:
+            warnings.warn(
+                f"{folder} was written with {what} {saved[key]!r}, this run has {setup[key]!r}: it resumes at batch "
+                f"{state.batches_in_epoch} of epoch {state.epoch + 1}, which is not where the earlier run stopped",
+                stacklevel=3,
+            )
+
+
+def load_checkpoint(accelerator, folder: str, setup: dict) -> TrainState:
+    """Restores accelerate's state from `folder` and returns the loop's, after `check_setup` against this run's
+    `setup`. Refuses a folder holding pickled objects that accelerate would load with weights_only=False
+    (custom_checkpoint_*.pkl, which can run code), and one whose weights are not this model's (another
+    configuration); warns when the random states cannot be read safely (the run then goes on, but not as it would
+    have)."""
+    with open(os.path.join(folder, STATE_FILE)) as f:
+        state = TrainState(**json.load(f))
+    check_setup(folder, state, setup)
     pickled = sorted(glob.glob(os.path.join(folder, "custom_checkpoint_*.pkl")))
     if pickled:
         raise ValueError(
@@ -124,8 +150,15 @@ def load_checkpoint(accelerator, folder: str) -> TrainState:
             "the run continues with the current random states, so it will not repeat an uninterrupted run exactly",
             stacklevel=2,
         )
-    accelerator.load_state(folder)
-    with open(os.path.join(folder, STATE_FILE)) as f:
-        state = TrainState(**json.load(f))
+    try:
+        accelerator.load_state(folder)
+    except RuntimeError as error:
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        raise ValueError(
+            f"{folder} holds a model of another configuration than this run's (--config_name, --config_overrides, "
+            f"--model_name_or_path): {str(error).splitlines()[0]} {str(error).splitlines()[1].strip()[:300]}"
+        ) from None
+    state.setup = setup
     logger.info("resumed from %s at step %d (epoch %d)", folder, state.global_step, state.epoch)
     return state

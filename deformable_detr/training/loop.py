@@ -293,9 +293,17 @@ def resume_or_start(run: Run) -> TrainState:
     checkpoint = (
         find_checkpoint(options.resume_from_checkpoint, options.output_dir) if options.resume_from_checkpoint else None
     )
+    config = bare(run).config
+    setup = {
+        "class_names": [config.id2label[i] for i in range(config.num_labels)],
+        "dataset": options.dataset,
+        "images_per_step": options.per_device_train_batch_size
+        * options.gradient_accumulation_steps
+        * run.accelerator.num_processes,
+    }
     if checkpoint:
         check_resumable(checkpoint, run.sharded)
-        state = load_checkpoint(run.accelerator, checkpoint)
+        state = load_checkpoint(run.accelerator, checkpoint, setup)
         run.scheduler.load_state_dict(state.lr_schedule)
         if run.sharded:
             accelerator, average = run.accelerator, run.ema.average if run.ema is not None else None
@@ -312,7 +320,7 @@ def resume_or_start(run: Run) -> TrainState:
             'resume_from_checkpoint="latest", or start afresh in another output_dir'
         )
     else:
-        state = TrainState()
+        state = TrainState(setup=setup)
     if options.report_to != "none":
         hyperparameters = {
             k: v for k, v in asdict(options).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
