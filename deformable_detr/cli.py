@@ -1,13 +1,12 @@
 """The commands: `deformable-detr-train`, `deformable-detr-evaluate`, `deformable-detr-detect` and
 `deformable-detr-export` (also `scripts/*.py`). Each turns its arguments into the library's call and the library's
-exceptions into one line and an exit status: bad options or data, or a full disk, 1 (argparse's own errors 2), a
-training stopped by a signal 128 + its number."""
+exceptions into one line and an exit status: bad options or data, files or folders that cannot be used, no network,
+or a full disk, 1 (argparse's own errors 2), a training stopped by a signal 128 + its number."""
 
 import argparse
 import typing
 from dataclasses import MISSING, fields
 
-from .disk_space import is_disk_full
 from .training.options import MIXED_PRECISION, TrainingOptions
 from .training.schedule import SCHEDULES
 
@@ -21,14 +20,11 @@ def _fail(prog: str, error: Exception):
 
 
 def _run(prog: str, call):
-    """call(), with the library's errors about its input (and a full disk) printed as one line, exit status 1."""
+    """call(), with the library's errors about its input and the machine's (files, folders, the network, a full
+    disk: OSError) printed as one line, exit status 1."""
     try:
         call()
-    except (ValueError, FileNotFoundError) as error:
-        _fail(prog, error)
-    except OSError as error:
-        if not is_disk_full(error):
-            raise
+    except (ValueError, OSError) as error:
         _fail(prog, error)
 
 

@@ -26,12 +26,17 @@ def is_output(path: str) -> bool:
 
 
 def find_images(inputs: list[str]) -> list[str]:
-    """Files, folders (their images, sorted) and glob patterns -> image paths, in order, without repeats. Folders and
-    globs leave out the files this command wrote."""
+    """Files, folders (their images, sorted; FileNotFoundError for a folder without any) and glob patterns -> image
+    paths, in order, without repeats. Folders and globs leave out the files this command wrote."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
             names = [f for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES) and not is_output(f)]
+            if not names:
+                raise FileNotFoundError(
+                    f"no images in the folder {item!r} (its subfolders are not searched: give a glob such as "
+                    f"'{os.path.join(item, '**', '*.jpg')}')"
+                )
             paths += sorted(os.path.join(item, f) for f in names)
         elif os.path.exists(item):
             paths.append(item)
@@ -150,6 +155,19 @@ def detect(model, processor, images: list[Image.Image], threshold: float, top_k:
     return detections, not_finite(outputs)
 
 
+def checked_device(device: str | None) -> torch.device:
+    """`device` as a torch.device (None: cuda if present, else cpu); ValueError naming one torch cannot use here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device (such as cpu, cuda or cuda:1)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
+    return parsed
+
+
 def read_image(path: str) -> Image.Image:
     from .image_processing_deformable_detr import to_rgb_image
 
@@ -178,9 +196,10 @@ def detect_files(
         raise ValueError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be jpg or png, got {image_format!r}")
+    device = checked_device(device)
     paths = find_images(inputs)
     outputs = output_paths(paths, output_dir, image_format)
-    model, processor = load_detector(model_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, processor = load_detector(model_path, device)
     os.makedirs(output_dir, exist_ok=True)
     written, skipped, broken = [], {}, []
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]

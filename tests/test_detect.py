@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from deformable_detr.cli import detect_main as main
@@ -149,6 +150,16 @@ def test_bad_arguments_are_named(tmp_path):
         detect_files(["x.jpg"], str(tmp_path), threshold=2)
     with pytest.raises(SystemExit, match="threshold must be in"):
         main(["x.jpg", "--model", str(tmp_path), "--threshold", "2"])
+    for device, message in (("gpu", "device 'gpu' is not a torch device"), ("cuda:0", "device 'cuda:0': CUDA is not")):
+        if device == "cuda:0" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit, match=f"^deformable-detr-detect: error: {message}"):
+            main(["x.jpg", "--model", str(tmp_path), "--device", device])
+    # a folder with no images of its own (they are in a subfolder): named, not "0 image(s) written"
+    (tmp_path / "photos" / "day").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "day" / "a.jpg")
+    with pytest.raises(SystemExit, match=r"error: no images in the folder .*photos'.*photos/\*\*/\*\.jpg"):
+        main([str(tmp_path / "photos"), "--model", str(tmp_path)])
 
 
 def test_classes_get_distinct_colours():

@@ -43,6 +43,12 @@ def test_the_command_line_round_trips_and_hides_the_token():
         ({"config_name": "tiny", "checkpointing_steps": "often"}, 'checkpointing_steps must be "epoch", "no"'),
         ({"config_name": "tiny", "mixed_precision": "fp8"}, "mixed_precision must be one of"),
         ({"config_name": "tiny", "hub_token": "t"}, "need push_to_hub"),
+        ({"config_name": "tiny", "learning_rate": -1.0}, "learning_rate must be at least 0, got -1.0"),
+        ({"config_name": "tiny", "backbone_learning_rate": float("nan")}, "backbone_learning_rate must be at least 0"),
+        ({"config_name": "tiny", "max_grad_norm": -1.0}, "max_grad_norm must be at least 0"),
+        ({"config_name": "tiny", "eval_every_epochs": -1}, "eval_every_epochs must be at least 0"),
+        ({"config_name": "tiny", "lr_drop": 2.0}, r"lr_drop must be a share of the steps, in \(0, 1\], got 2.0"),
+        ({"config_name": "tiny", "image_size": 320, "max_image_size": 100}, r"max_image_size \(100\) must be at"),
     ],
 )
 def test_options_that_cannot_work_are_named(fields, message):

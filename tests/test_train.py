@@ -193,6 +193,11 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path, capsys):
         TrainingOptions(dataset=shapes_folder)
     with pytest.raises(SystemExit, match="^deformable-detr-train: error: give exactly one of model_name_or_path"):
         train_main(["--dataset", shapes_folder])
+    # an output_dir that is a file: one line from the command (a FileExistsError traceback before)
+    (tmp_path / "a_file").write_text("")
+    command = ["--dataset", shapes_folder, "--config_name", "tiny", "--output_dir", str(tmp_path / "a_file")]
+    with pytest.raises(SystemExit, match="^deformable-detr-train: error: .*File exists: .*a_file"):
+        train_main(command)
 
 
 def signalled_run(run: TrainingOptions, after: str, whole_group: bool = False) -> str:

@@ -215,6 +215,13 @@ class TrainingOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.max_image_size < self.image_size:
+            raise ValueError(f"max_image_size ({self.max_image_size}) must be at least image_size ({self.image_size})")
+        for name in ("learning_rate", "backbone_learning_rate", "weight_decay", "max_grad_norm", "eval_every_epochs"):
+            if not getattr(self, name) >= 0:  # NaN included
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if not 0 < self.lr_drop <= 1:
+            raise ValueError(f"lr_drop must be a share of the steps, in (0, 1], got {self.lr_drop}")
         self.training_scales()  # raises naming a bad multi_scale
         if self.lr_scheduler not in SCHEDULES:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
