@@ -6,6 +6,7 @@ Shapes: B batch, Q queries, N classes, T objects in one image. Boxes are (cx, cy
 """
 
 import importlib
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +130,7 @@ class DeformableDetrLoss(nn.Module):
         Returns:
             the weighted total loss (scalar) and every term in a dict.
         """
-        self.check_targets(targets, logits.shape[-1])
+        self.check_targets(targets, logits.shape[-1], logits.shape[0])
         num_boxes = _num_boxes(targets, logits.device)
         prediction_sets = [("", logits, pred_boxes, targets)]
         prediction_sets += [
@@ -147,16 +148,48 @@ class DeformableDetrLoss(nn.Module):
         return total, terms
 
     @staticmethod
-    def check_targets(targets, num_labels):
+    def check_targets(targets, num_labels: int, batch: int):
+        """ValueError naming labels[i] unless the targets are one dict per image with (T,) integer class ids in
+        [0, num_labels) and (T, 4) boxes (cx, cy, w, h), finite and normalised to [0, 1]; the values are checked
+        together, with one device sync."""
+        if not isinstance(targets, (list, tuple)) or len(targets) != batch:
+            got = f"{len(targets)} of them" if isinstance(targets, (list, tuple)) else type(targets).__name__
+            raise ValueError(f"labels must be a list of {batch} dicts, one per image of the batch, got {got}")
         for i, target in enumerate(targets):
+            if not isinstance(target, Mapping):
+                raise ValueError(f"labels[{i}] must be a dict, got {type(target).__name__}")
             labels, boxes = target.get("class_labels"), target.get("boxes")
             if labels is None or boxes is None:
                 raise ValueError(f"labels[{i}] needs 'class_labels' and 'boxes', got keys {sorted(target)}")
-            if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(boxes) != len(labels):
-                raise ValueError(f"labels[{i}]: boxes must be ({len(labels)}, 4), got {tuple(boxes.shape)}")
-            bad = labels[(labels < 0) | (labels >= num_labels)]
+            if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point():
+                raise ValueError(f"labels[{i}]['class_labels'] must be a (T,) tensor of integer class ids")
+            if (
+                not isinstance(boxes, torch.Tensor)
+                or boxes.ndim != 2
+                or boxes.shape[-1] != 4
+                or len(boxes) != len(labels)
+            ):
+                raise ValueError(
+                    f"labels[{i}]: boxes must be a ({len(labels)}, 4) tensor, got {getattr(boxes, 'shape', boxes)}"
+                )
+        ids = torch.cat([t["class_labels"] for t in targets])
+        boxes = torch.cat([t["boxes"] for t in targets])
+        bad_ids = (ids < 0) | (ids >= num_labels)
+        bad_boxes = ~(torch.isfinite(boxes) & (boxes >= 0) & (boxes <= 1)).all(-1)
+        if not (bad_ids.any() | bad_boxes.any()):
+            return
+        for i, target in enumerate(targets):  # only on bad input: which image, which value
+            bad = target["class_labels"][(target["class_labels"] < 0) | (target["class_labels"] >= num_labels)]
             if len(bad):
                 raise ValueError(
                     f"labels[{i}] has class id {bad[0].item()}, "
                     f"outside the model's {num_labels} classes (config.num_labels)"
+                )
+            box = target["boxes"][
+                ~(torch.isfinite(target["boxes"]) & (target["boxes"] >= 0) & (target["boxes"] <= 1)).all(-1)
+            ]
+            if len(box):
+                raise ValueError(
+                    f"labels[{i}] has the box {box[0].tolist()}: boxes are (cx, cy, w, h) normalised to [0, 1] of "
+                    "the image (the image processor makes them from pixel boxes)"
                 )

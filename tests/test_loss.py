@@ -87,3 +87,19 @@ def test_bad_labels_are_named():
         model(torch.randn(2, 3, 64, 64), labels=labels())
     with pytest.raises(ValueError, match=r"labels\[0\]: boxes must be"):
         model(torch.randn(1, 3, 64, 64), labels=[{"class_labels": torch.tensor([0]), "boxes": torch.zeros(1, 2)}])
+    # these ran before: a loss from broadcast targets, a NaN loss, a loss of pixel boxes, truncated class ids
+    one = {"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    with pytest.raises(ValueError, match="labels must be a list of 2 dicts, one per image of the batch, got 1 of them"):
+        model(torch.randn(2, 3, 64, 64), labels=[one])
+    with pytest.raises(ValueError, match="labels must be a list of 1 dicts, one per image of the batch, got dict"):
+        model(torch.randn(1, 3, 64, 64), labels=one)
+    for boxes, shown in (
+        ([[5.0, 5.0, 2.0, 2.0]], r"\[5.0, 5.0, 2.0, 2.0\]"),
+        ([[0.5, float("nan"), 0.1, 0.1]], r"\[0.5, nan"),
+    ):
+        with pytest.raises(ValueError, match=rf"labels\[0\] has the box {shown}.*normalised to \[0, 1\]"):
+            model(torch.randn(1, 3, 64, 64), labels=[one | {"boxes": torch.tensor(boxes)}])
+    with pytest.raises(ValueError, match=r"labels\[0\]\['class_labels'\] must be a \(T,\) tensor of integer class ids"):
+        model(torch.randn(1, 3, 64, 64), labels=[one | {"class_labels": torch.tensor([1.7])}])
+    with pytest.raises(ValueError, match=r"labels\[0\] must be a dict, got list"):
+        model(torch.randn(1, 3, 64, 64), labels=[[0, 0.5, 0.5, 0.2, 0.2]])
