@@ -36,7 +36,8 @@ def to_rgb_image(image: Image.Image) -> Image.Image:
 
 def to_rgb_array(image, index: int = 0) -> np.ndarray:
     """A PIL image, numpy array or torch tensor (channels first or last; gray, RGB or RGBA) -> (h, w, 3) array
-    (uint8 stays uint8). PIL images go through `to_rgb_image`."""
+    (uint8 stays uint8; uint16 is scaled to 0..255, bool to 0 and 255, other integers must be in 0..255). PIL
+    images go through `to_rgb_image`."""
     if isinstance(image, Image.Image):
         return np.asarray(to_rgb_image(image))
     if isinstance(image, torch.Tensor):
@@ -52,8 +53,19 @@ def to_rgb_array(image, index: int = 0) -> np.ndarray:
     channels = image.shape[-1]
     if channels not in (1, 3, 4):
         raise ValueError(f"image {index} has {channels} channels (shape {image.shape}); expected 1, 3 or 4")
+    if image.dtype == np.bool_:
+        image = image.astype(np.uint8) * 255
+    elif image.dtype == np.uint16:  # 16 bits, as PIL's I;16: 0..65535 -> 0..255
+        image = image.astype(np.float32) / 257.0
+    elif np.issubdtype(image.dtype, np.integer) and image.dtype != np.uint8:
+        if image.size and (image.min() < 0 or image.max() > 255):
+            raise ValueError(
+                f"image {index} is {image.dtype} with values from {image.min()} to {image.max()}; give uint8 "
+                "(0..255), uint16 (0..65535) or floating-point images"
+            )
+        image = image.astype(np.uint8)
     if channels == 4:  # transparency onto white
-        white = 255.0 if image.dtype == np.uint8 else 1.0
+        white = 1.0 if image.dtype != np.uint8 and image.size and image.max() <= 1 else 255.0
         alpha = image[..., 3:].astype(np.float32) / white
         rgb = image[..., :3] * alpha + white * (1 - alpha)
         image = rgb.round().astype(np.uint8) if image.dtype == np.uint8 else rgb

@@ -53,3 +53,24 @@ def test_the_processor_sees_the_same_pixels_as_detect(tmp_path):
     a = processor(Image.open(tmp_path / "ramp.png"), return_tensors="np")["pixel_values"]
     b = processor(read_image(tmp_path / "ramp.png"), return_tensors="np")["pixel_values"]
     assert np.array_equal(a, b)
+
+
+def test_arrays_of_other_integer_types_mean_the_same_pixels():
+    """A uint16 array or tensor is 16-bit (it went through as 0..65535: pixel values 257 times too large), a bool
+    mask black and white, other integers 0..255 or an error naming the range."""
+    import torch
+
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 16, 3)).astype(np.uint8)
+    processor = DeformableDetrImageProcessor(do_resize=False)
+    expected = processor(rgb, return_tensors="np")["pixel_values"]
+    for image in (rgb.astype(np.uint16) * 257, torch.from_numpy(rgb.astype(np.uint16) * 257), rgb.astype(np.int64)):
+        assert np.abs(processor(image, return_tensors="np")["pixel_values"] - expected).max() < 1e-5
+    mask = np.zeros((12, 16), dtype=bool)
+    mask[:, 8:] = True
+    assert (to_rgb_array(mask)[:, :8] == 0).all() and (to_rgb_array(mask)[:, 8:] == 255).all()
+    with pytest.raises(ValueError, match="image 0 is int32 with values from -5 to 300; give uint8"):
+        processor(np.array([[-5, 300]], dtype=np.int32), return_tensors="np")
+    # RGBA floats in 0..255 (the scale float images have here): transparency onto white
+    rgba = np.zeros((4, 4, 4), dtype=np.float32)
+    rgba[..., 0], rgba[:, 2:, 3] = 255.0, 255.0
+    assert (to_rgb_array(rgba)[:, :2] == 255).all() and (to_rgb_array(rgba)[:, 2:] == [255, 0, 0]).all()
