@@ -323,7 +323,7 @@ def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, 
     """Multi-scale deformable attention; shapes as in `multi_scale_deformable_attention_reference`.
 
     `backend` is "auto" (the fastest available for the inputs' device; under torch.export the reference, made of
-    standard ops) or a name in `BACKENDS`; a backend that cannot run here falls back to the reference.
+    standard ops) or a name in `BACKENDS`; a backend that cannot run here falls back to the fastest one that can.
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown multi-scale deformable attention backend {backend!r}; available: {sorted(BACKENDS)}")

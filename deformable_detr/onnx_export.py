@@ -1,5 +1,5 @@
-"""ONNX export: `export_onnx(model, output)` writes a saved Deformable DETR (ours or transformers', a folder or a Hub
-id) as one ONNX file of standard operators (opset OPSET: onnxruntime, OpenVINO and TensorRT all run it) with a
+"""ONNX export: `export_onnx(model_path, output)` writes a saved Deformable DETR (ours or transformers', a folder or
+a Hub id) as one ONNX file of standard operators (opset OPSET: onnxruntime, OpenVINO and TensorRT all run it) with a
 dynamic batch, height and width, then checks it in onnxruntime against PyTorch. The `deformable-detr-export`
 command in cli.py runs it; onnx_detector.py runs the file.
 

@@ -8,9 +8,9 @@
      bytes that must move / the device-to-device copy bandwidth measured in this run);
   3. the model: ResNet-50 6+6 inference at 800x1333, batch 1 and 8, fp32 and bf16 autocast, ours against
      transformers' with the same weights; eager against torch.compile;
-  4. training: 30 steps of the training loop's step (train.forward_backward, train.optimiser_step, accelerate) on
-     the synthetic shapes data in bf16 and fp16: loss finite and falling, step time, peak memory, ours against
-     transformers' at the same precision.
+  4. training: 30 steps of the training loop's step (forward_backward and optimiser_step of training/loop.py,
+     accelerate) on the synthetic shapes data in bf16 and fp16: loss finite and falling, step time, peak memory,
+     ours against transformers' at the same precision.
 
 Checks pass or fail (any failure: exit status 1); targets (speed) are met or missed; figures are reported.
 `--device cpu --quick` runs the same checks on small shapes on the CPU (the Triton kernels in Triton's

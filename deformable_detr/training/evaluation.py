@@ -1,6 +1,6 @@
-"""COCO evaluation with pycocotools: mAP@[.5:.95], mAP50, mAP75, small/medium/large, recall, and AP per
-class; predictions are gathered from every process before scoring. Also the `deformable-detr-evaluate`
-command."""
+"""COCO evaluation with pycocotools (or faster-coco-eval, the same numbers, where installed): mAP@[.5:.95], mAP50,
+mAP75, small/medium/large, recall, and AP per class; predictions are gathered from every process before scoring.
+`evaluate_saved_model` is what the `deformable-detr-evaluate` command (cli.py) runs."""
 
 import contextlib
 import io

@@ -26,7 +26,7 @@ def write_model_card(
     results = (
         "Not evaluated."
         if metrics is None
-        else (f"COCO metrics (pycocotools) on the validation split:\n\n```\n{format_metrics(metrics)}\n```")
+        else (f"COCO metrics on the validation split:\n\n```\n{format_metrics(metrics)}\n```")
     )
     hub_dataset = "" if os.path.exists(dataset) else f"datasets:\n- {dataset}\n"
     text = f"""---
@@ -53,7 +53,7 @@ d_model {config.d_model}, {config.encoder_layers} encoder and {config.decoder_la
 ## Training
 
 {steps} optimiser steps in {minutes:.1f} minutes on {processes} process(es)\
-{f", {skipped_steps} step(s) skipped for a non-finite loss" if skipped_steps else ""}. Command:
+{f", {skipped_steps} step(s) skipped for a non-finite loss or gradient" if skipped_steps else ""}. Command:
 
 ```
 {command}
