@@ -536,18 +536,13 @@ def model_pair(device, quick):
     return hf.to(device), DeformableDetrForObjectDetection.from_transformers(hf).to(device)
 
 
-def outputs_difference(a, b) -> float:
-    return max(
-        (a.logits.float() - b.logits.float()).abs().max().item(),
-        (a.pred_boxes.float() - b.pred_boxes.float()).abs().max().item(),
-    )
-
-
 def inference_section(quick):
     return "inference, " + ("tiny model, 96x128" if quick else "ResNet-50 6+6, 800x1333")
 
 
 def inference(report, device, quick, hf, ours):
+    from deformable_detr.onnx_export import max_abs_difference
+
     section = inference_section(quick)
     height, width = (96, 128) if quick else (800, 1333)
     repeats = 2 if quick else 5
@@ -565,7 +560,7 @@ def inference(report, device, quick, hf, ours):
         report.check(
             section,
             f"batch {batch}, fp32: ours vs transformers, max abs diff of logits and boxes",
-            outputs_difference(fp32, run(hf)),
+            max_abs_difference(fp32, run(hf)),
             1e-4,
         )
         times = {
@@ -593,8 +588,8 @@ def inference(report, device, quick, hf, ours):
                 section, f"batch {batch}, fp32: speed", speedup >= 1.5, text + " (target: >= 1.5x)", **figures
             )
         gain = times["ours", False] / times["ours", True]
-        difference = outputs_difference(run(ours, True), fp32)
-        theirs = outputs_difference(run(hf, True), run(hf))
+        difference = max_abs_difference(run(ours, True), fp32)
+        theirs = max_abs_difference(run(hf, True), run(hf))
         report.target(
             section,
             f"batch {batch}, bf16 autocast vs our fp32",
@@ -611,6 +606,8 @@ def inference(report, device, quick, hf, ours):
 def compiled_inference(report, device, quick, ours, variants=False):
     """torch.compile of our model against eager, fp32, the larger batch; with `variants`, also compiled with
     Inductor's layout optimisation off (which turns convolutions channels-last)."""
+    from deformable_detr.onnx_export import max_abs_difference
+
     batch, height, width = (2, 96, 128) if quick else (8, 800, 1333)
     x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch)).to(device)
     compiled = torch.compile(ours)
@@ -621,7 +618,7 @@ def compiled_inference(report, device, quick, ours, variants=False):
         report.check(
             inference_section(quick),
             f"batch {batch}, fp32: torch.compile vs eager, max abs diff",
-            outputs_difference(out, ours(pixel_values=x)),
+            max_abs_difference(out, ours(pixel_values=x)),
             1e-4,
             f"(compiled in {seconds:.0f} s)",
         )
