@@ -53,7 +53,7 @@ def test_voc_folder(shapes, tmp_path):
         np.testing.assert_allclose(a["objects"]["bbox"], b["objects"]["bbox"])
 
 
-def test_save_to_disk_folder_and_validation_split(shapes, tmp_path):
+def test_save_to_disk_folder_and_validation_split(tmp_path):
     DatasetDict(train=shapes_dataset(20, 32, seed=3)).save_to_disk(str(tmp_path))
     assert dataset_format(str(tmp_path)) == "save_to_disk"
     splits, names = load_detection_dataset(str(tmp_path), validation_fraction=0.25, seed=0)

@@ -1,19 +1,15 @@
 """Data-parallel training on the CPU: two processes (gloo) through torchrun, as accelerate runs them."""
 
 import json
-import shlex
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from deformable_detr.training import TrainingOptions, train
+from deformable_detr.training import train
 from deformable_detr.training.evaluation import evaluate_saved_model
-from tests.support.models import TINY_OVERRIDES
 from tests.support.processes import torchrun
-
-# frozen batch norms: trainable ones normalise over each process's own images, which differs by design
-TINY = TINY_OVERRIDES + ",dropout=0.0,freeze_backbone_batch_norms=true"
+from tests.support.training import TINY, command_line, training_options
 
 # runs the training command and saves the initial weights and every rank's final weights
 DRIVER = """
@@ -40,31 +36,6 @@ train_main(sys.argv[2:])
 def data(shapes_coco):
     # 5 validation images: two processes get 3 and 2, so the last batch is padded with a repeat
     return shapes_coco(8, 5)
-
-
-def training_options(data, output_dir, batch_size, **changes) -> TrainingOptions:
-    fields = dict(
-        dataset=data,
-        output_dir=str(output_dir),
-        config_name="tiny",
-        config_overrides=TINY,
-        image_size=64,
-        max_image_size=96,
-        no_augmentation=True,
-        num_workers=0,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=2,
-        max_steps=4,
-        learning_rate=1e-3,
-        lr_drop=1.0,
-        checkpointing_steps="no",
-    )
-    return TrainingOptions(**(fields | changes))
-
-
-def command_line(options: TrainingOptions) -> list[str]:
-    """The command's arguments for these options (as the torchrun workers get them)."""
-    return shlex.split(options.command())[1:]
 
 
 def test_two_processes_match_one_with_the_whole_batch(data, tmp_path):

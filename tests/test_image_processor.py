@@ -18,7 +18,7 @@ BCCD_NAMES = ["BloodImage_00000", "BloodImage_00338", "BloodImage_00343", "Blood
 def compare(theirs, ours):
     assert (theirs["pixel_values"] - ours["pixel_values"]).abs().max() <= 1e-3
     assert torch.equal(theirs["pixel_mask"], ours["pixel_mask"])
-    for a, b in zip(theirs.get("labels", []), ours.get("labels", [])):
+    for a, b in zip(theirs.get("labels", []), ours.get("labels", []), strict=True):
         assert set(a) == set(b)
         for key in a:
             assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
@@ -123,7 +123,7 @@ def test_post_processing_same_as_transformers():
     ours = DeformableDetrImageProcessor().post_process_object_detection(
         outputs, threshold=0.3, target_sizes=sizes, top_k=50
     )
-    for a, b in zip(theirs, ours):
+    for a, b in zip(theirs, ours, strict=True):
         assert len(b["scores"]) > 5
         assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"])
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
@@ -156,7 +156,7 @@ def test_boxes_relative_to_each_image_instead_of_the_canvas():
         own = DeformableDetrImageProcessor(boxes_relative_to="image")(
             images, annotations=list(annotations), return_tensors="pt"
         )
-    for a, b, mask in zip(canvas["labels"], own["labels"], canvas["pixel_mask"]):
+    for a, b, mask in zip(canvas["labels"], own["labels"], canvas["pixel_mask"], strict=True):
         height, width = mask.any(1).sum().item(), mask.any(0).sum().item()
         assert (height, width) != tuple(mask.shape)  # this image is padded
         scale = torch.tensor([mask.shape[1] / width, mask.shape[0] / height] * 2)

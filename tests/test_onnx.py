@@ -46,7 +46,7 @@ def test_every_variant_exports_and_matches_pytorch(tmp_path, variant):
     assert all(difference <= TOLERANCE for difference in report["max_abs_difference"].values()), report
 
 
-def test_the_command_reports_its_check_and_writes_metadata(exported, capsys):
+def test_the_export_writes_metadata(exported):
     model_folder, path = exported
     detector = OnnxDetector(str(path))
     assert detector.config.id2label == {0: "RBC", 1: "WBC", 2: "Platelets"}

@@ -18,7 +18,7 @@ from deformable_detr.training.checkpoints import TrainState
 from deformable_detr.training.loop import shard_for
 from deformable_detr.training.sharding import check_launch, load_shards
 from tests.support.processes import free_port, run_command, torchrun
-from tests.test_distributed import TINY, command_line, training_options
+from tests.support.training import TINY, command_line, training_options
 
 # the README's recipe, for two CPU processes in full precision
 FSDP_CONFIG = """\

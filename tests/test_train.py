@@ -183,7 +183,7 @@ def test_new_labels_from_our_model_and_from_transformers(shapes_folder, tmp_path
     assert torch.equal(again["class_embed.weight"], model.class_embed.weight)
 
 
-def test_bad_arguments_are_named(shapes_folder, tmp_path, capsys):
+def test_bad_arguments_are_named(shapes_folder, tmp_path):
     """The library raises ValueError naming the option; the command turns it into one line, no traceback."""
     with pytest.raises(ValueError, match="config_name 'huge' is neither a config file/folder nor a preset"):
         train(TrainingOptions(dataset=shapes_folder, config_name="huge", output_dir=str(tmp_path)))

@@ -1,4 +1,6 @@
-"""Options of tiny training runs, for the tests that train."""
+"""Options of tiny training runs, for the tests that train (in one process, or in several)."""
+
+import shlex
 
 from deformable_detr.training import TrainingOptions
 from tests.support.models import TINY_OVERRIDES
@@ -18,3 +20,35 @@ def options(data, output_dir, overrides=TINY_OVERRIDES, **changes) -> TrainingOp
     if "model_name_or_path" not in changes:
         fields.update(config_name="tiny", config_overrides=overrides)
     return TrainingOptions(**(fields | changes))
+
+
+# for runs in several processes, frozen batch norms: trainable ones normalise over each process's own images, which
+# differs by design
+TINY = TINY_OVERRIDES + ",dropout=0.0,freeze_backbone_batch_norms=true"
+
+
+def training_options(data, output_dir, batch_size, **changes) -> TrainingOptions:
+    """Options of a run that gives the same weights in one process or in several: 4 steps, no augmentation, no
+    checkpoints, frozen batch norms, `batch_size` images per process."""
+    fields = dict(
+        dataset=data,
+        output_dir=str(output_dir),
+        config_name="tiny",
+        config_overrides=TINY,
+        image_size=64,
+        max_image_size=96,
+        no_augmentation=True,
+        num_workers=0,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=2,
+        max_steps=4,
+        learning_rate=1e-3,
+        lr_drop=1.0,
+        checkpointing_steps="no",
+    )
+    return TrainingOptions(**(fields | changes))
+
+
+def command_line(options: TrainingOptions) -> list[str]:
+    """The command's arguments for these options (as the torchrun workers get them)."""
+    return shlex.split(options.command())[1:]
