@@ -699,7 +699,7 @@ def training(report, device, quick, hf, ours):
 
     batch_size, steps, size = (2, 6, 128) if quick else (8, 30, 512)
     section = f"training, batch {batch_size} of {size}x{size} shapes, {steps} steps"
-    samples = DetectionSamples(shapes_records(batch_size * 10, size, max_objects=6))  # no `datasets` needed
+    samples = DetectionSamples(shapes_records(batch_size * 10, size, max_objects=6))  # rows in memory, no files
     processor = DeformableDetrImageProcessor(size={"shortest_edge": size, "longest_edge": size})
     batches = list(torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=DetectionCollator(processor)))
     for precision in ("bf16", "fp16"):

@@ -41,7 +41,8 @@ def draw_shapes(rng: random.Random, size: int, max_objects: int) -> tuple[Image.
 
 
 def shapes_records(num_images: int, image_size: int = 128, max_objects: int = 4, seed: int = 0) -> list[dict]:
-    """`num_images` rows of the detection schema (see data.py), images as PIL images; no `datasets` needed."""
+    """`num_images` rows of the detection schema (see data.py) in a plain list (not a datasets.Dataset), images as
+    PIL images."""
     rng = random.Random(seed)
     records = []
     for index in range(num_images):
