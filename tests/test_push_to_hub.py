@@ -11,7 +11,7 @@ from deformable_detr import DeformableDetrForObjectDetection, DeformableDetrImag
 from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
 from tests.support.fake_hub import hub_env
 from tests.support.models import TINY_OVERRIDES
-from tests.support.processes import run_command
+from tests.support.processes import free_port, run_command
 
 # loads a repo where only transformers is installed, and prints the outputs on an image as JSON
 LOAD_REMOTE = """
@@ -148,3 +148,15 @@ def test_push_to_hub_from_the_api(tmp_path, image, hub):
         "image_processing_deformable_detr.py",
     } <= set(files)
     check_remote_load(hub, tmp_path, "user/api-detr", tmp_path / "local", image)
+
+
+def test_an_unreachable_hub_stops_the_run_before_training(tmp_path, shapes_coco):
+    """--push_to_hub found a missing token or network only after training (a traceback, hours later); now the repo
+    is created first, and the command stops with one line before a step is taken."""
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    command = [sys.executable, "-m", "deformable_detr.training", "--dataset", shapes_coco(4, 2)]
+    command += ["--output_dir", tmp_path / "run", "--config_name", "tiny", "--max_steps", "1"]
+    command += ["--push_to_hub", "--hub_model_id", "user/never"]
+    result = run_command(command, env=hub_env(nowhere, tmp_path / "home"), timeout=300, returncode=1)
+    assert "push_to_hub: the Hub repo 'user/never' cannot be created or reached (ConnectError" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "model.safetensors").exists()

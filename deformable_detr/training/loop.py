@@ -136,7 +136,10 @@ def train(options: TrainingOptions) -> dict | None:
     os.makedirs(options.output_dir, exist_ok=True)
     # the processes, known before the Accelerator (which needs the model's config) exists; as it, honour
     # ACCELERATE_USE_CPU, which makes several CPU processes one gloo group
-    setup_logging(PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")), options.output_dir)
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    setup_logging(processes, options.output_dir)
+    if options.push_to_hub and processes.is_main_process:
+        logger.info("pushing to the Hub repo %s at the end", hub_repo(options))
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if options.deterministic:  # cuBLAS repeats itself only with a fixed workspace (read when CUDA starts)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -695,14 +698,28 @@ def finish(run: Run, processor, state, metrics, minutes):
         push_to_hub(options)
 
 
+def hub_repo(options) -> str:
+    """The id of --push_to_hub's repo, created if need be: called before training too, so that a missing token or
+    network stops the run then, not after hours of training (ValueError naming the repo and the cause)."""
+    from huggingface_hub import HfApi
+
+    name = options.hub_model_id or os.path.basename(os.path.normpath(options.output_dir))
+    try:
+        return HfApi(token=options.hub_token).create_repo(name, private=options.hub_private_repo, exist_ok=True).repo_id
+    except Exception as error:  # noqa: BLE001 -- HTTP, network and auth errors of huggingface_hub alike
+        cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise ValueError(
+            f"push_to_hub: the Hub repo {name!r} cannot be created or reached ({type(error).__name__}: {cause}); "
+            "check --hub_token (or `hf auth login`) and the network, or train without --push_to_hub"
+        ) from error
+
+
 def push_to_hub(options) -> str:
     """Uploads output_dir without its checkpoints, best model copy, TensorBoard runs and log; -> the commit URL."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=options.hub_token)
-    repo_id = options.hub_model_id or os.path.basename(os.path.normpath(options.output_dir))
-    repo_id = api.create_repo(repo_id, private=options.hub_private_repo, exist_ok=True).repo_id
-    commit = api.upload_folder(
+    repo_id = hub_repo(options)
+    commit = HfApi(token=options.hub_token).upload_folder(
         repo_id=repo_id,
         folder_path=options.output_dir,
         commit_message="Training run",
