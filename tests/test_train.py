@@ -259,7 +259,7 @@ def test_sigterm_during_evaluation_stops_it(shapes_coco, tmp_path):
     assert [os.path.basename(c) for c in glob.glob(str(tmp_path / "checkpoint-*"))] == ["checkpoint-3"]
 
 
-def test_bf16_on_a_cpu_without_native_bf16_warns(shapes_folder, tmp_path, monkeypatch):
+def test_mixed_precision_that_does_not_pay_on_the_cpu_warns(shapes_folder, tmp_path, monkeypatch):
     from deformable_detr.training import loop
 
     (tmp_path / "avx2").write_text("flags : fpu sse avx avx2 fma")
@@ -270,6 +270,10 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(shapes_folder, tmp_path, monkey
     train(options(shapes_folder, tmp_path / "run", max_steps=1, mixed_precision="bf16", eval_every_epochs=0))
     log = (tmp_path / "run" / "train.log").read_text()
     assert "mixed precision bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo)" in log
+    # fp16 is not applied on the CPU at all: said, not left to look as if it ran
+    train(options(shapes_folder, tmp_path / "fp16", max_steps=1, mixed_precision="fp16", eval_every_epochs=0))
+    log = (tmp_path / "fp16" / "train.log").read_text()
+    assert "mixed precision fp16 does nothing on the CPU: accelerate computes in fp32 there" in log
 
 
 def test_the_best_model_is_kept_apart_and_early_stopping_stops(shapes_folder, tmp_path):

@@ -165,7 +165,7 @@ def train(options: TrainingOptions) -> dict | None:
             f"deterministic training runs on CPUs and CUDA GPUs, not on {accelerator.device}: the op's kernels "
             "there have no fixed-order backward"
         )
-    warn_of_slow_bf16(accelerator)
+    warn_of_cpu_mixed_precision(accelerator)
     ground_truth = coco_ground_truth(splits["validation"], class_names)
     state = resume_or_start(run)
     num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
@@ -618,9 +618,14 @@ def main_terms(loss_dict: dict) -> dict:
     return {k: v.item() for k, v in loss_dict.items() if k in MAIN_TERMS}
 
 
-def warn_of_slow_bf16(accelerator):
-    """bf16 autocast on a CPU without native bf16 is far slower than fp32: say so at the start."""
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16" and (missing := cpu_lacks_bf16()):
+def warn_of_cpu_mixed_precision(accelerator):
+    """Mixed precision that does not pay on the CPU, said at the start: fp16 is not applied there at all
+    (accelerate computes in fp32), and bf16 on a CPU without native bf16 is far slower than fp32."""
+    if accelerator.device.type != "cpu":
+        return
+    if accelerator.mixed_precision == "fp16":
+        logger.warning("mixed precision fp16 does nothing on the CPU: accelerate computes in fp32 there (bf16 works)")
+    elif accelerator.mixed_precision == "bf16" and (missing := cpu_lacks_bf16()):
         logger.warning(
             "mixed precision bf16 on a CPU without native bf16 (%s): convolutions take a slow path, up to 40x "
             "slower than fp32 (measured at 320x416); mixed_precision no is faster here",
