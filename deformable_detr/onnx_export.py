@@ -52,6 +52,9 @@ def export_onnx(model_path: str, output: str, check: bool = True, opset: int = O
         raise ValueError(f"output {output!r} must end in .onnx")
     if opset < 16:
         raise ValueError(f"opset {opset}: GridSample, which the attention needs, came in opset 16")
+    if os.path.isdir(output):
+        raise ValueError(f"output {output!r} is a folder")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)  # before the export: a bad path fails now
     model, processor = load_detector(model_path, "cpu")
     smallest = 2 * (model.model.min_image_size or 32)  # the coarsest map at least 2x2: a real, not a special, size
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -84,7 +87,6 @@ def export_onnx(model_path: str, output: str, check: bool = True, opset: int = O
         "deformable_detr_version": version("hub-deformable-detr"),
     }
     program.model.metadata_props.update(metadata)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     program.save(output)
     report = {"seconds": round(time.time() - started, 1), "max_abs_difference": {}}
     if check:

@@ -64,3 +64,16 @@ def test_faster_coco_eval_gives_pycocotools_numbers():
     for name in reference["per_class"]:
         assert faster["per_class"][name]["ap"] == pytest.approx(reference["per_class"][name]["ap"], abs=1e-4)
     assert reference["map"] > 0.02  # not all noise: the comparison means something
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, monkeypatch):
+    """It failed after the whole evaluation, the work lost."""
+    from deformable_detr.training.evaluation import evaluate_saved_model
+
+    monkeypatch.setattr("accelerate.Accelerator", lambda *a, **k: pytest.fail("the evaluation started"))
+    (tmp_path / "results").mkdir()
+    with pytest.raises(ValueError, match="output .*results' is a folder; give the path of a JSON file"):
+        evaluate_saved_model("model", "data", output=str(tmp_path / "results"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FileExistsError):
+        evaluate_saved_model("model", "data", output=str(tmp_path / "a_file" / "m.json"))

@@ -113,6 +113,15 @@ def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch
         export_onnx(str(exported[0]), str(tmp_path / "x.bin"))
     with pytest.raises(ValueError, match="opset 13: GridSample, which the attention needs, came in opset 16"):
         export_onnx(str(exported[0]), str(tmp_path / "x.onnx"), opset=13)
+    # an output path that cannot be written fails before the export (it failed after it, the work lost)
+    monkeypatch.setattr("deformable_detr.detect.load_detector", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FileExistsError):
+        export_onnx(str(exported[0]), str(tmp_path / "a_file" / "x.onnx"))
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(ValueError, match="output .*folder.onnx' is a folder"):
+        export_onnx(str(exported[0]), str(tmp_path / "folder.onnx"))
+    monkeypatch.undo()
     (tmp_path / "text.onnx").write_text("not a model")
     with pytest.raises(ValueError, match="text.onnx: not an ONNX model onnxruntime can load"):
         OnnxDetector(str(tmp_path / "text.onnx"))

@@ -181,6 +181,10 @@ def evaluate_saved_model(
     from ..detect import load_detector
     from .data import DetectionCollator, DetectionSamples, load_detection_dataset
 
+    if output:
+        if os.path.isdir(output):
+            raise ValueError(f"output {output!r} is a folder; give the path of a JSON file")
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)  # before the work: a bad path fails now
     accelerator = Accelerator()
     splits, class_names = load_detection_dataset(dataset, validation_fraction, seed, skip_bad_images)
     if split not in splits:
@@ -200,7 +204,6 @@ def evaluate_saved_model(
         model, processor, accelerator.prepare(loader), accelerator, coco_ground_truth(examples, class_names)
     )
     if accelerator.is_main_process and output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "w") as f:
             json.dump(metrics, f, indent=2)
     accelerator.end_training()
