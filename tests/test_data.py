@@ -137,6 +137,44 @@ def test_bad_coco_files_are_named(shapes, tmp_path):
         load_detection_dataset("./no/such/folder")
 
 
+def test_clashing_coco_categories_are_named(shapes, tmp_path):
+    """An id with two names (the last one won, silently renaming a class), or a name with two ids."""
+    root = write_coco(
+        {"train": shapes["train"], "valid": shapes["validation"]}, CLASS_NAMES, str(tmp_path), "instances"
+    )
+    train_path, valid_path = (os.path.join(root, "annotations", f"instances_{s}.json") for s in ("train", "valid"))
+    train_file = json.load(open(train_path))
+    valid_file = json.load(open(valid_path))
+    first = train_file["categories"][0]
+    cases = [
+        (
+            train_file | {"categories": [*train_file["categories"], first | {"name": "other"}]},
+            valid_file,
+            rf"instances_train.json: category id {first['id']} is 'other' here and '{first['name']}' in .*one id, one",
+        ),
+        (
+            train_file,
+            valid_file | {"categories": [c | {"name": c["name"] + "_v"} for c in valid_file["categories"]]},
+            rf"instances_valid.json: category id {first['id']} is '{first['name']}_v' here and '{first['name']}' in",
+        ),
+        (
+            train_file | {"categories": [*train_file["categories"], first | {"id": 99}]},
+            valid_file,
+            rf"the class '{first['name']}' has the category ids \[{first['id']}, 99\]; one name, one id",
+        ),
+        (
+            train_file | {"categories": [{"id": 5}]},
+            valid_file,
+            "every entry of 'categories' needs an 'id' and a 'name'",
+        ),
+    ]
+    for train_coco, valid_coco, message in cases:
+        json.dump(train_coco, open(train_path, "w"))
+        json.dump(valid_coco, open(valid_path, "w"))
+        with pytest.raises(ValueError, match=message):
+            load_detection_dataset(root)
+
+
 def test_bad_voc_annotation_is_named(shapes, tmp_path):
     root = write_voc({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path))
     with open(os.path.join(root, "Annotations", "train_001.xml"), "w") as f:

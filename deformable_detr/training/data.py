@@ -231,7 +231,7 @@ def load_coco(folder: str, skip_bad_images: bool = False) -> tuple[dict[str, Dat
                 f"{path}: a COCO detection file needs 'images', 'annotations' and 'categories'; "
                 f"{sorted(missing)} missing"
             )
-    categories = _used_categories(loaded.values())
+    categories = _used_categories({files[split][0]: coco for split, coco in loaded.items()})
     class_names = [name for _, name in categories]
     index = {coco_id: i for i, (coco_id, _) in enumerate(categories)}
     splits = {
@@ -241,17 +241,31 @@ def load_coco(folder: str, skip_bad_images: bool = False) -> tuple[dict[str, Dat
     return splits, class_names
 
 
-def _used_categories(cocos) -> list[tuple[int, str]]:
-    """(COCO id, name) sorted by id. Roboflow adds the supercategory itself as a category without boxes; such
-    a category is left out."""
-    categories, supercategories, used = {}, set(), set()
-    for coco in cocos:
+def _used_categories(cocos: dict[str, dict]) -> list[tuple[int, str]]:
+    """(COCO id, name) sorted by id, from {path: loaded file}. Roboflow adds the supercategory itself as a category
+    without boxes; such a category is left out. ValueError naming the file where an id has two names (within a
+    file or across the splits' files) or a name two ids."""
+    categories, where, supercategories, used = {}, {}, set(), set()
+    for path, coco in cocos.items():
         for c in coco["categories"]:
-            categories[c["id"]] = c["name"]
+            if not isinstance(c, dict) or "id" not in c or "name" not in c:
+                raise ValueError(f"{path}: every entry of 'categories' needs an 'id' and a 'name', got {c!r}")
+            if categories.get(c["id"], c["name"]) != c["name"]:
+                raise ValueError(
+                    f"{path}: category id {c['id']} is {c['name']!r} here and {categories[c['id']]!r} in "
+                    f"{where[c['id']]}; one id, one name"
+                )
+            categories[c["id"]], where[c["id"]] = c["name"], path
             if c.get("supercategory") not in (None, "", "none", c["name"]):
                 supercategories.add(c["supercategory"])
-        used |= {a["category_id"] for a in coco["annotations"]}
-    return [(i, name) for i, name in sorted(categories.items()) if i in used or name not in supercategories]
+        used |= {a["category_id"] for a in coco["annotations"] if isinstance(a, dict) and "category_id" in a}
+    kept = [(i, name) for i, name in sorted(categories.items()) if i in used or name not in supercategories]
+    names = [name for _, name in kept]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        ids = [i for i, name in kept if name == twice[0]]
+        raise ValueError(f"{where[ids[-1]]}: the class {twice[0]!r} has the category ids {ids}; one name, one id")
+    return kept
 
 
 def _coco_split(
