@@ -175,6 +175,14 @@ def test_clashing_coco_categories_are_named(shapes, tmp_path):
             load_detection_dataset(root)
 
 
+def test_an_empty_split_is_named(shapes, tmp_path):
+    """An empty val.txt loaded as a validation split of 0 images, scored "n/a", and chose the best model on it."""
+    root = write_voc({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path))
+    open(os.path.join(root, "ImageSets", "Main", "val.txt"), "w").close()
+    with pytest.raises(ValueError, match="its validation split has no images; give it some, or leave it out"):
+        load_detection_dataset(root)
+
+
 def test_bad_voc_annotation_is_named(shapes, tmp_path):
     root = write_voc({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path))
     with open(os.path.join(root, "Annotations", "train_001.xml"), "w") as f:

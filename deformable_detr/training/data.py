@@ -383,6 +383,12 @@ def load_detection_dataset(
         splits = {name: _readable_rows(split, f"{source} [{name}]", skip_bad_images) for name, split in splits.items()}
     if "train" not in splits:
         raise ValueError(f"{source} has no train split; it has {sorted(splits)}")
+    empty = [name for name, split in splits.items() if len(split) == 0]
+    if empty:  # an empty validation split scored "n/a" and chose the "best" model on nothing
+        raise ValueError(
+            f"{source}: its {empty[0]} split has no images; give it some, or leave it out (without a validation "
+            "split, validation_fraction of the training images becomes one)"
+        )
     # images without objects are fine beside others, but training on none learns nothing (loss 0, metrics n/a)
     if not any(0 in objects_of(row)["iscrowd"] for row in splits["train"].select_columns("objects")):  # a non-crowd box
         raise ValueError(
