@@ -657,7 +657,8 @@ def training_steps(model, batches, precision: str, device, steps: int) -> tuple[
     from accelerate.state import AcceleratorState
 
     from deformable_detr.training.checkpoints import TrainState
-    from deformable_detr.training.loop import forward_backward, optimiser_step, parameter_groups
+    from deformable_detr.training.loop import forward_backward, optimiser_step
+    from deformable_detr.training.model_setup import parameter_groups
     from deformable_detr.training.options import TrainingOptions
 
     options = TrainingOptions(dataset="shapes", config_name="paper")  # the paper's recipe

@@ -8,7 +8,7 @@ from torch import nn
 from deformable_detr.backbone import FrozenBatchNorm2d
 from deformable_detr.cli import train_parser
 from deformable_detr.training import TrainingOptions
-from deformable_detr.training.loop import build_model
+from deformable_detr.training.model_setup import build_model
 
 
 def test_the_command_line_round_trips_and_hides_the_token():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+from .. import DeformableDetrForObjectDetection, DeformableDetrImageProcessor
 from ..backbone import set_gradient_checkpointing
 from ..disk_space import reporting_full_disk
 from ..loss_deformable_detr import MAIN_TERMS
@@ -28,8 +28,10 @@ from .checkpoints import BEST_DIR, TrainState, find_checkpoint, list_checkpoints
 from .data import DetectionCollator, DetectionSamples, load_detection_dataset
 from .ema import WeightAverage
 from .evaluation import coco_ground_truth, evaluate, format_metrics
+from .hub import hub_repo, push_to_hub
 from .model_card import write_model_card
-from .options import CONFIG_PRESETS, TRACKING_DIR, TrainingOptions
+from .model_setup import build_model, parameter_groups
+from .options import TRACKING_DIR, TrainingOptions
 from .schedule import lr_factor
 from .sharding import (
     check_launch,
@@ -47,64 +49,6 @@ from .transforms import DetrAugmentation
 logger = logging.getLogger(__name__)
 
 PICTURED = 4  # validation images drawn for the trackers after each evaluation
-SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --sampling_lr_factor x the lr
-
-
-def build_config(name: str, overrides: str) -> DeformableDetrConfig:
-    if name in CONFIG_PRESETS:
-        config = DeformableDetrConfig(**CONFIG_PRESETS[name])
-    elif os.path.isfile(name) or os.path.isdir(name):
-        config = DeformableDetrConfig.from_pretrained(name)
-    else:
-        raise ValueError(
-            f"config_name {name!r} is neither a config file/folder nor a preset ({', '.join(CONFIG_PRESETS)})"
-        )
-    if overrides:
-        try:
-            config.update_from_string(overrides)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"config_overrides {overrides!r}: {error}") from error
-        config.validate()
-    return config
-
-
-def build_model(options, class_names: list[str]) -> DeformableDetrForObjectDetection:
-    if options.model_name_or_path:
-        from ..conversion import load_model
-
-        model = load_model(options.model_name_or_path)
-    else:
-        config = build_config(options.config_name, options.config_overrides)
-        overridden = {item.split("=", 1)[0].strip() for item in options.config_overrides.split(",") if item}
-        if not options.backbone_weights and "freeze_backbone_batch_norms" not in overridden:
-            config.freeze_backbone_batch_norms = False  # a random backbone must learn, batch norms included
-        config.id2label = dict(enumerate(class_names))
-        config.label2id = {name: i for i, name in enumerate(class_names)}
-        model = DeformableDetrForObjectDetection(config)
-        if options.backbone_weights:
-            model.model.load_backbone_weights(options.backbone_weights)
-    model.set_labels(class_names)
-    return model
-
-
-def parameter_groups(model, options) -> list[dict]:
-    """The paper's three learning rates: backbone, sampling offsets and reference points, everything else."""
-    groups = {"backbone": [], "sampling": [], "rest": []}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if ".backbone." in f".{name}":
-            groups["backbone"].append(parameter)
-        elif any(key in name for key in SAMPLING_PARAMETERS):
-            groups["sampling"].append(parameter)
-        else:
-            groups["rest"].append(parameter)
-    lrs = {
-        "backbone": options.backbone_learning_rate,
-        "sampling": options.learning_rate * options.sampling_lr_factor,
-        "rest": options.learning_rate,
-    }
-    return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
 
 
 @dataclass
@@ -701,34 +645,3 @@ def finish(run: Run, processor, state, metrics, minutes):
     logger.info("model, processor and model card saved to %s", options.output_dir)
     if options.push_to_hub:
         push_to_hub(options)
-
-
-def hub_repo(options) -> str:
-    """The id of --push_to_hub's repo, created if need be: called before training too, so that a missing token or
-    network stops the run then, not after hours of training (ValueError naming the repo and the cause)."""
-    from huggingface_hub import HfApi
-
-    name = options.hub_model_id or os.path.basename(os.path.normpath(options.output_dir))
-    try:
-        return HfApi(token=options.hub_token).create_repo(name, private=options.hub_private_repo, exist_ok=True).repo_id
-    except Exception as error:  # noqa: BLE001 -- HTTP, network and auth errors of huggingface_hub alike
-        cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        raise ValueError(
-            f"push_to_hub: the Hub repo {name!r} cannot be created or reached ({type(error).__name__}: {cause}); "
-            "check --hub_token (or `hf auth login`) and the network, or train without --push_to_hub"
-        ) from error
-
-
-def push_to_hub(options) -> str:
-    """Uploads output_dir without its checkpoints, best model copy, TensorBoard runs and log; -> the commit URL."""
-    from huggingface_hub import HfApi
-
-    repo_id = hub_repo(options)
-    commit = HfApi(token=options.hub_token).upload_folder(
-        repo_id=repo_id,
-        folder_path=options.output_dir,
-        commit_message="Training run",
-        ignore_patterns=["checkpoint-*", f"{BEST_DIR}/*", f"{BEST_DIR}.partial/*", f"{TRACKING_DIR}/*", "train.log"],
-    )
-    logger.info("pushed to %s (%s)", repo_id, commit.commit_url)
-    return commit.commit_url

@@ -1,0 +1,70 @@
+"""The model and optimiser groups of a run: a preset, config file or saved model with the data's classes, and the
+paper's three learning rates."""
+
+import os
+
+from .. import DeformableDetrConfig, DeformableDetrForObjectDetection
+from .options import CONFIG_PRESETS
+
+SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --sampling_lr_factor x the lr
+
+
+def build_config(name: str, overrides: str) -> DeformableDetrConfig:
+    """A fresh model's config: a preset's (CONFIG_PRESETS) or a config file's or folder's, then `overrides`
+    ("key=value,..."); ValueError naming a bad one."""
+    if name in CONFIG_PRESETS:
+        config = DeformableDetrConfig(**CONFIG_PRESETS[name])
+    elif os.path.isfile(name) or os.path.isdir(name):
+        config = DeformableDetrConfig.from_pretrained(name)
+    else:
+        raise ValueError(
+            f"config_name {name!r} is neither a config file/folder nor a preset ({', '.join(CONFIG_PRESETS)})"
+        )
+    if overrides:
+        try:
+            config.update_from_string(overrides)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"config_overrides {overrides!r}: {error}") from error
+        config.validate()
+    return config
+
+
+def build_model(options, class_names: list[str]) -> DeformableDetrForObjectDetection:
+    """The run's model: the saved one of model_name_or_path (ours or transformers'), or a fresh one of config_name
+    (with backbone_weights, if given), with class heads for `class_names`."""
+    if options.model_name_or_path:
+        from ..conversion import load_model
+
+        model = load_model(options.model_name_or_path)
+    else:
+        config = build_config(options.config_name, options.config_overrides)
+        overridden = {item.split("=", 1)[0].strip() for item in options.config_overrides.split(",") if item}
+        if not options.backbone_weights and "freeze_backbone_batch_norms" not in overridden:
+            config.freeze_backbone_batch_norms = False  # a random backbone must learn, batch norms included
+        config.id2label = dict(enumerate(class_names))
+        config.label2id = {name: i for i, name in enumerate(class_names)}
+        model = DeformableDetrForObjectDetection(config)
+        if options.backbone_weights:
+            model.model.load_backbone_weights(options.backbone_weights)
+    model.set_labels(class_names)
+    return model
+
+
+def parameter_groups(model, options) -> list[dict]:
+    """The paper's three learning rates: backbone, sampling offsets and reference points, everything else."""
+    groups = {"backbone": [], "sampling": [], "rest": []}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if ".backbone." in f".{name}":
+            groups["backbone"].append(parameter)
+        elif any(key in name for key in SAMPLING_PARAMETERS):
+            groups["sampling"].append(parameter)
+        else:
+            groups["rest"].append(parameter)
+    lrs = {
+        "backbone": options.backbone_learning_rate,
+        "sampling": options.learning_rate * options.sampling_lr_factor,
+        "rest": options.learning_rate,
+    }
+    return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
