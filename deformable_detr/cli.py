@@ -5,6 +5,7 @@ or a full disk, 1 (argparse's own errors 2), a training stopped by a signal 128 
 
 import argparse
 import typing
+import warnings
 from dataclasses import MISSING, fields
 
 from .training.options import MIXED_PRECISION, TrainingOptions
@@ -19,13 +20,22 @@ def _fail(prog: str, error: Exception):
     raise SystemExit(f"{prog}: error: {error}") from None
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as the commands print it: its kind and message, without the library's source line under it."""
+    return f"{category.__name__}: {message}\n"
+
+
 def _run(prog: str, call):
     """call(), with the library's errors about its input and the machine's (files, folders, the network, a full
-    disk: OSError) printed as one line, exit status 1."""
+    disk: OSError) printed as one line, exit status 1, and its warnings as a line each."""
+    formatted = warnings.formatwarning
+    warnings.formatwarning = _warning_line
     try:
         call()
     except (ValueError, OSError) as error:
         _fail(prog, error)
+    finally:
+        warnings.formatwarning = formatted
 
 
 ONNX_TOO = ", or an .onnx file written by deformable-detr-export (run in onnxruntime)"

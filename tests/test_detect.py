@@ -2,6 +2,7 @@
 never overwritten and every input its own outputs."""
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -63,10 +64,11 @@ def test_a_folder_gives_json_and_pictures_and_skips_the_broken_file(tmp_path, fo
 def test_globs_and_the_console_command(tmp_path, folder_of_images):
     saved_detector(tmp_path / "model")
     command = Path(sys.executable).parent / "deformable-detr-detect"  # installed beside this Python by pip
-    run_command(
+    result = run_command(
         [
             command,
             folder_of_images / "BloodImage_0000[01].jpg",
+            folder_of_images / "broken.jpg",
             "--model",
             tmp_path / "model",
             "--output_dir",
@@ -78,6 +80,9 @@ def test_globs_and_the_console_command(tmp_path, folder_of_images):
         ],
         timeout=300,
     )
+    # a warning is one line: its kind and message, not the library's source line under it
+    assert re.search(r"UserWarning: skipped .*broken\.jpg: cannot read it as an image", result.stderr)
+    assert not re.search(r"\.py:\d+: UserWarning", result.stderr)  # no file:line, no source line under it
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "BloodImage_00000.jpg.detections.json",
         "BloodImage_00000.jpg.detections.png",
