@@ -112,3 +112,15 @@ def test_a_checkpoint_of_another_configuration_is_named(tmp_path):
 
     with pytest.raises(ValueError, match="holds a model of another configuration .*size mismatch for model.query"):
         load_checkpoint(OtherModel(), folder, SETUP)
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    """A truncated optimizer.bin or model.safetensors gave the reader's own words, without the folder."""
+    folder = save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=2, setup=SETUP), keep=1)
+
+    class Truncated(FakeAccelerator):
+        def load_state(self, folder):
+            raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+    with pytest.raises(ValueError, match=r"checkpoint-2 cannot be read, a damaged checkpoint \(RuntimeError: Pytorch"):
+        load_checkpoint(Truncated(), folder, SETUP)

@@ -127,9 +127,9 @@ def check_setup(folder: str, state: TrainState, setup: dict):
 def load_checkpoint(accelerator, folder: str, setup: dict) -> TrainState:
     """Restores accelerate's state from `folder` and returns the loop's, after `check_setup` against this run's
     `setup`. Refuses a folder holding pickled objects that accelerate would load with weights_only=False
-    (custom_checkpoint_*.pkl, which can run code), and one whose weights are not this model's (another
-    configuration); warns when the random states cannot be read safely (the run then goes on, but not as it would
-    have)."""
+    (custom_checkpoint_*.pkl, which can run code), one whose weights are not this model's (another configuration),
+    and one whose files cannot be read (a damaged checkpoint); warns when the random states cannot be read safely
+    (the run then goes on, but not as it would have)."""
     with open(os.path.join(folder, STATE_FILE)) as f:
         state = TrainState(**json.load(f))
     check_setup(folder, state, setup)
@@ -152,13 +152,17 @@ def load_checkpoint(accelerator, folder: str, setup: dict) -> TrainState:
         )
     try:
         accelerator.load_state(folder)
-    except RuntimeError as error:
-        if "Error(s) in loading state_dict" not in str(error):
-            raise
+    except Exception as error:  # noqa: BLE001 -- safetensors, torch.load and file errors of a damaged folder alike
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        if "Error(s) in loading state_dict" in lines[0]:
+            raise ValueError(
+                f"{folder} holds a model of another configuration than this run's (--config_name, "
+                f"--config_overrides, --model_name_or_path): {lines[0]} {' '.join(lines[1:2])[:300]}"
+            ) from error
         raise ValueError(
-            f"{folder} holds a model of another configuration than this run's (--config_name, --config_overrides, "
-            f"--model_name_or_path): {str(error).splitlines()[0]} {str(error).splitlines()[1].strip()[:300]}"
-        ) from None
+            f"{folder} cannot be read, a damaged checkpoint ({type(error).__name__}: {lines[0][:300]}); resume from "
+            "an earlier checkpoint-N, or start afresh"
+        ) from error
     state.setup = setup
     logger.info("resumed from %s at step %d (epoch %d)", folder, state.global_step, state.epoch)
     return state
