@@ -297,7 +297,12 @@ def load():
 
             folder = build_folder()
             os.makedirs(folder, exist_ok=True)
-            logger.info("compiling the fused CPU multi-scale deformable attention kernel into %s (once)", folder)
+            built = os.path.exists(os.path.join(folder, "deformable_detr_ms_deform_attn_cpu.so"))
+            logger.info(
+                "%s the fused CPU multi-scale deformable attention kernel in %s",
+                "loading" if built else "compiling (once)",
+                folder,
+            )
             _state["module"] = load_inline(
                 name="deformable_detr_ms_deform_attn_cpu",
                 cpp_sources=[CPP_SOURCE],

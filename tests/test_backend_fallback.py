@@ -1,6 +1,7 @@
 """The safety net of the fused kernels: a Triton backend that fails its self-check, or a C++ kernel that cannot be
 built, warns once and leaves the work to the next backend."""
 
+import os
 import warnings
 
 import pytest
@@ -149,3 +150,18 @@ def test_the_cpu_kernel_is_built_portable_and_kept_per_torch(monkeypatch, tmp_pa
     monkeypatch.setattr(torch, "__version__", "2.99.0")
     there = ms_deform_attn_cpu.build_folder()
     assert here != there and here.startswith(str(tmp_path)) and there.startswith(str(tmp_path))
+
+
+def test_the_cpu_kernel_says_compiling_only_when_it_compiles(monkeypatch, tmp_path, caplog):
+    """Every run logged "compiling ... (once)", even when the cached binary was just loaded."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("DEFORMABLE_DETR_NO_CPU_KERNEL", raising=False)
+    monkeypatch.setattr(cpp_extension, "load_inline", lambda **kwargs: "the module")
+    caplog.set_level("INFO", logger=ms_deform_attn_cpu.__name__)
+    for cached in (False, True):
+        monkeypatch.setattr(ms_deform_attn_cpu, "_state", {"tried": False, "module": None})
+        if cached:
+            open(os.path.join(ms_deform_attn_cpu.build_folder(), "deformable_detr_ms_deform_attn_cpu.so"), "w").close()
+        caplog.clear()
+        assert ms_deform_attn_cpu.load() == "the module"
+        assert ("loading the fused CPU" if cached else "compiling (once) the fused CPU") in caplog.text

@@ -84,6 +84,7 @@ def test_outputs_card_and_evaluate_command(shapes_folder, tmp_path):
     assert config["id2label"] == {str(i): n for i, n in enumerate(CLASS_NAMES)}
     card = open(tmp_path / "README.md").read()
     assert "mAP@[.5:.95]" in card and "--max_steps 3" in card and "circle" in card
+    assert f'pipeline("object-detection", model="{tmp_path}", trust_remote_code=True)' in card  # loads this model
     assert glob.glob(str(tmp_path / "**" / "events.out.tfevents*"), recursive=True)
     assert set(metrics) >= {"map", "map_50", "map_75", "map_small", "map_medium", "map_large", "per_class"}
 

@@ -641,6 +641,9 @@ def finish(run: Run, processor, state, metrics, minutes):
             skipped_steps=state.skipped_steps,
             minutes=minutes,
             processes=accelerator.num_processes,
+            model_id=(options.hub_model_id or os.path.basename(os.path.normpath(options.output_dir)))
+            if options.push_to_hub
+            else options.output_dir,
         )
     logger.info("model, processor and model card saved to %s", options.output_dir)
     if options.push_to_hub:

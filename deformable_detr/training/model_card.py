@@ -17,8 +17,9 @@ def write_model_card(
     skipped_steps: int,
     minutes: float,
     processes: int,
+    model_id: str,
 ) -> str:
-    """Writes `folder`/README.md and returns its path."""
+    """Writes `folder`/README.md and returns its path; its example loads `model_id` (the Hub repo or the folder)."""
     classes = ", ".join(config.id2label[i] for i in range(config.num_labels))
     variant = ", ".join(
         name for name, on in (("two-stage", config.two_stage), ("box refinement", config.with_box_refine)) if on
@@ -64,7 +65,7 @@ d_model {config.d_model}, {config.encoder_layers} encoder and {config.decoder_la
 ```python
 from transformers import pipeline
 
-detector = pipeline("object-detection", model="path/or/repo-id", trust_remote_code=True)
+detector = pipeline("object-detection", model="{model_id}", trust_remote_code=True)
 detector("image.jpg", threshold=0.5)
 ```
 """
