@@ -133,7 +133,8 @@ def warn_of_non_finite_outputs(names: list[str]):
 
 
 def detect(model, processor, images: list[Image.Image], threshold: float, top_k: int) -> tuple[list[list[dict]], list]:
-    """-> (the detections of each image, the indices of images whose outputs were not finite)."""
+    """-> (the detections of each image, boxes as x0, y0, x1, y1 pixels clipped to the image, and the indices of
+    images whose outputs were not finite)."""
     inputs = processor(images, return_tensors="pt").to(model.device)
     with torch.no_grad():
         outputs = model(**inputs)
@@ -146,11 +147,11 @@ def detect(model, processor, images: list[Image.Image], threshold: float, top_k:
                 "label": id2label.get(label, str(label)),
                 "label_id": label,
                 "score": round(s, 5),
-                "box": [round(v, 2) for v in b],
+                "box": [round(min(max(v, 0.0), side), 2) for v, side in zip(b, (w, h, w, h))],
             }
             for s, label, b in zip(r["scores"].tolist(), r["labels"].tolist(), r["boxes"].tolist())
         ]
-        for r in results
+        for r, (h, w) in zip(results, sizes)
     ]
     return detections, not_finite(outputs)
 

@@ -57,6 +57,8 @@ def test_a_folder_gives_json_and_pictures_and_skips_the_broken_file(tmp_path, fo
         assert 0 < len(result["detections"]) <= 5
         for det in result["detections"]:
             assert det["label"] in ("RBC", "WBC", "Platelets") and det["score"] >= 0.01 and len(det["box"]) == 4
+            x0, y0, x1, y1 = det["box"]  # clipped to the image (a random model's boxes cross its borders)
+            assert 0 <= x0 <= x1 <= 640 and 0 <= y0 <= y1 <= 480
         assert Image.open(tmp_path / "out" / f"{name}.jpg.detections.jpg").size == (640, 480)
     assert not (tmp_path / "out" / "broken.jpg.detections.json").exists()
 
