@@ -10,6 +10,7 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 
 from deformable_detr.image_processing_deformable_detr import DeformableDetrImageProcessor
+from deformable_detr.training import TrainingOptions
 from deformable_detr.training.data import DetectionCollator, DetectionSamples, dataset_format, load_detection_dataset
 from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
 from deformable_detr.training.transforms import DetrAugmentation
@@ -61,6 +62,10 @@ def test_save_to_disk_folder_and_validation_split(tmp_path):
     assert (len(splits["train"]), len(splits["validation"])) == (15, 5)
     again, _ = load_detection_dataset(str(tmp_path), validation_fraction=0.25, seed=0)
     assert again["validation"]["image_id"] == splits["validation"]["image_id"]
+    # the defaults hold out what a training run with default options held out (seed 0 held out others)
+    defaults = TrainingOptions(dataset=str(tmp_path), config_name="tiny")
+    held_out, _ = load_detection_dataset(str(tmp_path), defaults.validation_fraction, defaults.seed)
+    assert load_detection_dataset(str(tmp_path))[0]["validation"]["image_id"] == held_out["validation"]["image_id"]
 
 
 def test_objects_as_a_list_of_dicts(tmp_path):

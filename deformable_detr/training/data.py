@@ -362,10 +362,11 @@ def objects_of(example: dict) -> dict:
 
 
 def load_detection_dataset(
-    source: str, validation_fraction: float = 0.15, seed: int = 0, skip_bad_images: bool = False
+    source: str, validation_fraction: float = 0.15, seed: int = 42, skip_bad_images: bool = False
 ) -> tuple[DatasetDict, list[str]]:
     """Any supported source -> (DatasetDict with 'train' and 'validation', and maybe 'test'; class names).
-    Without a validation split, `validation_fraction` of 'train' becomes one (by `seed`). Every image's header
+    Without a validation split, `validation_fraction` of 'train' becomes one (by `seed`; the defaults are the
+    training command's, so that they hold out the images a run with default options held out). Every image's header
     is read: unreadable images raise ValueError listing them, or are left out with `skip_bad_images`."""
     kind = dataset_format(source)
     if kind == "voc":
