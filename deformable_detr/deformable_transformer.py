@@ -15,6 +15,7 @@ from .ms_deform_attn import MultiScaleDeformableAttention
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """log(x / (1 - x)) elementwise, any shape, with x clamped to [0, 1] and both terms to at least eps."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
@@ -99,6 +100,9 @@ class DeformableEncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
+    """The encoder: deformable self-attention over the flattened maps of every level, each position attending
+    around its own pixel centre (`reference_points`)."""
+
     gradient_checkpointing = False  # set by set_gradient_checkpointing
 
     def __init__(self, config):
@@ -182,6 +186,8 @@ class DeformableDecoder(nn.Module):
         Args:
             tgt, query_pos: (B, Q, C) content and position of the queries.
             reference_points: (B, Q, 2) points or (B, Q, 4) boxes, in [0, 1] of the real (unpadded) image.
+            memory: (B, S, C), the encoder's output; spatial_shapes [(H_l, W_l)].
+            valid_ratios: (B, L, 2) the (w, h) fractions of real pixels per level; padding_mask (B, S) True on padding.
         Returns:
             hidden states (B, n_layers, Q, C) and the reference points after each layer (B, n_layers, Q, 2 or 4).
         """
@@ -206,7 +212,8 @@ class DeformableDecoder(nn.Module):
 
 
 def encoder_proposals(memory, padding_mask, spatial_shapes):
-    """Two-stage: one proposal per encoder position, a box of side 0.05 * 2^l centred on its pixel.
+    """Two-stage: one proposal per encoder position, a box of side 0.05 * 2^l centred on its pixel; memory (B, S, C),
+    padding_mask (B, S) True on padding, spatial_shapes [(H_l, W_l)].
 
     Returns proposals (B, S, 4) as inverse_sigmoid(cx, cy, w, h), +inf where invalid (padding or too close to
     the border), and the memory (B, S, C) zeroed at those positions.

@@ -102,6 +102,9 @@ class DeformableDetrLoss(nn.Module):
         }
 
     def single(self, logits, pred_boxes, targets, num_boxes):
+        """The loss terms of one prediction set: logits (B, Q, N), pred_boxes (B, Q, 4), matched to targets; the
+        focal, L1 and GIoU terms are sums divided by num_boxes (the batch's objects, averaged over processes), and
+        cardinality_error is logged, not trained on."""
         matches = self.matcher(logits, pred_boxes, targets)
         batch_index = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)])
         query_index = torch.cat([q for q, _ in matches])
