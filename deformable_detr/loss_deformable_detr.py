@@ -181,16 +181,15 @@ class DeformableDetrLoss(nn.Module):
         bad_boxes = ~(torch.isfinite(boxes) & (boxes >= 0) & (boxes <= 1)).all(-1)
         if not (bad_ids.any() | bad_boxes.any()):
             return
-        for i, target in enumerate(targets):  # only on bad input: which image, which value
-            bad = target["class_labels"][(target["class_labels"] < 0) | (target["class_labels"] >= num_labels)]
-            if len(bad):
+        sizes = [len(t["class_labels"]) for t in targets]
+        per_image = zip(ids.split(sizes), bad_ids.split(sizes), boxes.split(sizes), bad_boxes.split(sizes))
+        for i, (image_ids, image_bad_ids, image_boxes, image_bad_boxes) in enumerate(per_image):  # which, where
+            if image_bad_ids.any():
                 raise ValueError(
-                    f"labels[{i}] has class id {bad[0].item()}, "
+                    f"labels[{i}] has class id {image_ids[image_bad_ids][0].item()}, "
                     f"outside the model's {num_labels} classes (config.num_labels)"
                 )
-            box = target["boxes"][
-                ~(torch.isfinite(target["boxes"]) & (target["boxes"] >= 0) & (target["boxes"] <= 1)).all(-1)
-            ]
+            box = image_boxes[image_bad_boxes]
             if len(box):
                 raise ValueError(
                     f"labels[{i}] has the box {box[0].tolist()}: boxes are (cx, cy, w, h) normalised to [0, 1] of "

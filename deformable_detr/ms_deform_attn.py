@@ -33,14 +33,10 @@ def _checked_inputs(value, spatial_shapes, sampling_locations, attention_weights
     """spatial_shapes as [(H_l, W_l)], after checking that the op's inputs agree (shapes as in
     `multi_scale_deformable_attention_reference`): the fused kernels trust them, and a mismatch would read outside
     the tensors (on a GPU, an illegal memory access that ends the process's use of the device)."""
-    for name, tensor in (("value", value), ("sampling_locations", sampling_locations)):
+    tensors = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
+    for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor))}")
-    if not isinstance(attention_weights, torch.Tensor) or not attention_weights.is_floating_point():
-        raise TypeError(
-            f"attention_weights must be a floating-point tensor, got "
-            f"{getattr(attention_weights, 'dtype', type(attention_weights))}"
-        )
     if isinstance(spatial_shapes, torch.Tensor):
         well_formed = spatial_shapes.dim() == 2 and spatial_shapes.shape[1] == 2
     else:
@@ -72,7 +68,7 @@ def _checked_inputs(value, spatial_shapes, sampling_locations, attention_weights
             f"attention_weights must be (B, Q, M, L, K) = {tuple(sampling_locations.shape[:-1])} as "
             f"sampling_locations, got {tuple(attention_weights.shape)}"
         )
-    devices = {t.device for t in (value, sampling_locations, attention_weights)}
+    devices = {t.device for t in tensors.values()}
     if len(devices) > 1:
         raise ValueError(f"value, sampling_locations and attention_weights are on different devices: {devices}")
     return shapes
