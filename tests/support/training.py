@@ -30,15 +30,9 @@ TINY = TINY_OVERRIDES + ",dropout=0.0,freeze_backbone_batch_norms=true"
 def training_options(data, output_dir, batch_size, **changes) -> TrainingOptions:
     """Options of a run that gives the same weights in one process or in several: 4 steps, no augmentation, no
     checkpoints, frozen batch norms, `batch_size` images per process."""
-    fields = dict(
-        dataset=data,
-        output_dir=str(output_dir),
-        config_name="tiny",
-        config_overrides=TINY,
-        image_size=64,
-        max_image_size=96,
+    same_everywhere = dict(
+        logging_steps=10,
         no_augmentation=True,
-        num_workers=0,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=2,
         max_steps=4,
@@ -46,7 +40,7 @@ def training_options(data, output_dir, batch_size, **changes) -> TrainingOptions
         lr_drop=1.0,
         checkpointing_steps="no",
     )
-    return TrainingOptions(**(fields | changes))
+    return options(data, output_dir, TINY, **(same_everywhere | changes))
 
 
 def command_line(options: TrainingOptions) -> list[str]:
