@@ -12,6 +12,7 @@ from transformers.activations import ACT2FN
 
 from .backbone import run_layer
 from .ms_deform_attn import MultiScaleDeformableAttention
+from .position_encoding import sine_features
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -245,9 +246,5 @@ def encoder_proposals(memory, padding_mask, spatial_shapes):
 
 def proposal_position_embedding(proposals, d_model, temperature=10000.0):
     """Sine embedding of boxes: (B, Q, 4) logits -> (B, Q, 2C), each coordinate on C/2 features (in fp32)."""
-    num_pos_feats = d_model // 2
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos = proposals.sigmoid().float()[..., None] * (2 * math.pi) / dim_t
-    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
-    return pos.to(proposals.dtype)
+    angles = proposals.sigmoid().float() * (2 * math.pi)
+    return sine_features(angles, d_model // 2, temperature).flatten(2).to(proposals.dtype)

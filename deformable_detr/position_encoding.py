@@ -6,6 +6,15 @@ import torch
 from torch import nn
 
 
+def sine_features(angles: torch.Tensor, num_pos_feats: int, temperature: float = 10000.0) -> torch.Tensor:
+    """The Transformer's sine encoding: angles (...) -> (..., F), interleaved sin(a / T^(2i/F)), cos(a / T^(2i/F)),
+    in the angles' type."""
+    dim_t = torch.arange(num_pos_feats, dtype=torch.int64, device=angles.device).to(angles.dtype)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    features = angles[..., None] / dim_t
+    return torch.stack((features[..., 0::2].sin(), features[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
 class PositionEmbeddingSine(nn.Module):
     """The Transformer's sine encoding on 2D normalised coordinates (cumulative sums over real pixels).
 
@@ -23,12 +32,7 @@ class PositionEmbeddingSine(nn.Module):
         # the sums are the cumulative sums' last entries (sums of 0s and 1s: exact), without slicing a symbolic size
         y_embed = (y_embed - 0.5) / (mask.sum(1, keepdim=True) + eps) * self.scale
         x_embed = (x_embed - 0.5) / (mask.sum(2, keepdim=True) + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.int64, device=mask.device).to(dtype)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
-        pos_x = x_embed[:, :, :, None] / dim_t
-        pos_y = y_embed[:, :, :, None] / dim_t
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        pos_y, pos_x = (sine_features(embed, self.num_pos_feats, self.temperature) for embed in (y_embed, x_embed))
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
