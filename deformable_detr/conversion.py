@@ -2,6 +2,7 @@
 original fundamentalvision/Deformable-DETR `.pth` files. Every key is mapped explicitly; a key left over is
 an error, so that nothing is silently dropped."""
 
+import difflib
 import json
 import os
 import re
@@ -287,6 +288,9 @@ def load_model(source: str):
 
     from .modeling_deformable_detr import DeformableDetrForObjectDetection
 
+    not_here = _mistyped_local_path(source)
+    if not_here:
+        raise FileNotFoundError(not_here)
     try:
         model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
     except OSError as error:
@@ -308,3 +312,28 @@ def load_model(source: str):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{source}: the weights {name} hold NaN or infinity; the model cannot detect anything")
     return model
+
+
+def _mistyped_local_path(source: str) -> str | None:
+    """Why `source` is a local folder that is not here, rather than a Hub id: it is no valid Hub id, or its parent
+    folder is here (runs/mdoel beside runs/model); None when it may be a Hub id. Asking the Hub first would take
+    a minute of retries offline."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(source):
+        return None
+    parent = os.path.dirname(os.path.normpath(source))
+    local_parent = bool(parent) and os.path.isdir(parent)
+    try:
+        validate_repo_id(source)
+        if not local_parent:
+            return None
+    except HFValidationError:
+        pass
+    message = f"model {source}: no such folder"
+    near = (
+        difflib.get_close_matches(os.path.basename(os.path.normpath(source)), os.listdir(parent), 3)
+        if local_parent
+        else []
+    )
+    return message + (f"; did you mean {' or '.join(os.path.join(parent, name) for name in near)}?" if near else "")

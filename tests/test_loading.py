@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import PretrainedConfig
 
 from deformable_detr.cli import detect_main
 from deformable_detr.conversion import load_model
@@ -9,13 +10,35 @@ from tests.support.bccd import BCCD
 from tests.support.models import tiny_model
 
 
-def test_a_missing_folder_is_named(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no retries against an unreachable Hub
+def never_ask_the_hub(monkeypatch):
+    def asked(source, *args, **kwargs):
+        pytest.fail(f"the Hub was asked for {source} (a minute of retries offline)")
+
+    monkeypatch.setattr(PretrainedConfig, "get_config_dict", asked)
+
+
+def test_a_missing_folder_is_named_without_asking_the_hub(tmp_path, monkeypatch):
+    never_ask_the_hub(monkeypatch)
     missing = str(tmp_path / "no-such-model")
-    with pytest.raises(FileNotFoundError, match="no-such-model: no such folder here, and no model on the Hub"):
+    with pytest.raises(FileNotFoundError, match=f"^model {missing}: no such folder$"):
         load_model(missing)
     with pytest.raises(SystemExit, match="^deformable-detr-detect: error: model .*no-such-model: no such folder"):
         detect_main([str(BCCD / "JPEGImages" / "BloodImage_00000.jpg"), "--model", missing])
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    never_ask_the_hub(monkeypatch)
+    with pytest.raises(FileNotFoundError, match=r"^model runs/mdoel: no such folder; did you mean runs/model\?$"):
+        load_model("runs/mdoel")
+
+
+def test_a_hub_id_not_on_the_hub_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no retries against an unreachable Hub
+    with pytest.raises(FileNotFoundError, match="^model someone/no-such-model: no such folder here, and no model on"):
+        load_model("someone/no-such-model")
 
 
 def test_corrupt_weights_name_the_file(tmp_path):
