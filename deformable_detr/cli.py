@@ -56,7 +56,7 @@ def train_parser() -> argparse.ArgumentParser:
     from .training import options as module
 
     parser = argparse.ArgumentParser(
-        prog="deformable-detr-train", description=module.__doc__, formatter_class=HelpFormatter
+        allow_abbrev=False, prog="deformable-detr-train", description=module.__doc__, formatter_class=HelpFormatter
     )
     groups = {}
     for f in fields(TrainingOptions):
@@ -86,6 +86,7 @@ def train_main(argv=None):
 
 def evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="deformable-detr-evaluate",
         description="COCO mAP of a saved Deformable DETR on a detection dataset (any format the training "
         "command reads). Prints the table and writes it as JSON.",
@@ -135,7 +136,7 @@ def detect_parser() -> argparse.ArgumentParser:
     from . import detect
 
     parser = argparse.ArgumentParser(
-        prog="deformable-detr-detect", description=detect.__doc__, formatter_class=HelpFormatter
+        allow_abbrev=False, prog="deformable-detr-detect", description=detect.__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns (quote them)")
     add_model_argument(parser, ONNX_TOO)
@@ -171,7 +172,10 @@ def export_parser() -> argparse.ArgumentParser:
     from . import onnx_export
 
     parser = argparse.ArgumentParser(
-        prog="deformable-detr-export", description=onnx_export.__doc__, formatter_class=HelpFormatter
+        allow_abbrev=False,
+        prog="deformable-detr-export",
+        description=onnx_export.__doc__,
+        formatter_class=HelpFormatter,
     )
     add_model_argument(parser)
     parser.add_argument("--output", required=True, help="the .onnx file to write")

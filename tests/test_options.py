@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from deformable_detr.backbone import FrozenBatchNorm2d
-from deformable_detr.cli import train_parser
+from deformable_detr.cli import detect_parser, train_parser
 from deformable_detr.training import TrainingOptions
 from deformable_detr.training.model_setup import build_model
 
@@ -31,6 +31,20 @@ def test_the_command_line_round_trips_and_hides_the_token():
         TrainingOptions(dataset="d", config_name="tiny").command()
         == "deformable-detr-train --dataset d --config_name tiny"
     )
+
+
+@pytest.mark.parametrize(
+    "parser, words",
+    [
+        (train_parser, ["--dataset", "d", "--config_name", "tiny", "--weight", "0.5"]),  # not --weight_decay
+        (detect_parser, ["image.jpg", "--model", "m", "--thresh", "0.9"]),  # not --threshold
+    ],
+)
+def test_abbreviated_options_are_refused(parser, words, capsys):
+    """An abbreviation would silently set another option: --weight 0.5 became --weight_decay 0.5."""
+    with pytest.raises(SystemExit):
+        parser().parse_args(words)
+    assert f"unrecognized arguments: {words[-2]} {words[-1]}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
