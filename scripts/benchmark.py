@@ -18,14 +18,13 @@ resetting it); on a GPU, torch.cuda.max_memory_allocated.
 """
 
 import argparse
-import ctypes
 import os
 import platform
-import statistics
 import time
 
 import torch
 
+from deformable_detr.benchmarking import device_name, median_times, peak_memory
 from deformable_detr.ms_deform_attn import available_backends, multi_scale_deformable_attention
 from deformable_detr.onnx_export import max_abs_difference
 from deformable_detr.testing import full_size_pair
@@ -33,49 +32,10 @@ from deformable_detr.testing import full_size_pair
 ENCODER_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_memory_of(fn, device) -> float:
-    """MiB that one call of fn adds to the peak memory."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-    except OSError:
-        return float("nan")
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-
-    before = status("VmRSS")
-    fn()
-    return status("VmHWM") - before
-
-
 def compare(name, ours, theirs, device, repeats, labels=("ours", "baseline")):
     """Alternates the two, `repeats` times each after one warm-up; prints medians, the ratio and peak memory."""
-    ours(), theirs()
-    times = {labels[0]: [], labels[1]: []}
-    for _ in range(repeats):
-        for label, fn in zip(labels, (ours, theirs)):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[label].append(time.perf_counter() - start)
-    memory = {label: peak_memory_of(fn, device) for label, fn in zip(labels, (ours, theirs))}
-    a, b = (statistics.median(times[label]) for label in labels)
+    a, b = median_times((ours, theirs), device, repeats)
+    memory = {label: peak_memory(fn, device) for label, fn in zip(labels, (ours, theirs))}
     print(
         f"{name:44s} {labels[0]} {a * 1e3:9.1f} ms  {labels[1]} {b * 1e3:9.1f} ms  speed-up {b / a:5.2f}x  "
         f"peak extra memory {memory[labels[0]]:7.0f} / {memory[labels[1]]:7.0f} MiB "
@@ -316,9 +276,8 @@ def main():
     )
     args = parser.parse_args()
     device = torch.device(args.device)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(
-        f"machine: {platform.node()} ({card}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"machine: {platform.node()} ({device_name(device)}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {device}"
     )
     start = time.perf_counter()

@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -146,37 +145,6 @@ def guarded(report, section):
     return wrap
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats: int, calls: int = 1) -> float:
-    """Median seconds per call of fn, over `repeats` timings of `calls` back-to-back calls, after a warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
-
-
-def peak_memory(fn, device) -> float:
-    """MiB that one call of fn adds to the device's peak allocation (NaN on the CPU)."""
-    if device.type != "cuda":
-        return float("nan")
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
 def relative(a, b) -> float:
     """max |a - b| / max |b|, in fp64."""
     a, b = a.detach().double(), b.detach().double()
@@ -185,9 +153,11 @@ def relative(a, b) -> float:
 
 def copy_bandwidth(device, quick) -> float:
     """Bytes per second of a device-to-device copy, counting bytes read and written."""
+    from deformable_detr.benchmarking import median_time
+
     source = torch.empty(2**24 if quick else 2**28, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
-    return 2 * source.numel() * 4 / timed(lambda: target.copy_(source), device, 5 if quick else 20)
+    return 2 * source.numel() * 4 / median_time(lambda: target.copy_(source), device, 5 if quick else 20)
 
 
 # ---------------------------------------------------------------------------------------------------- the op
@@ -290,6 +260,7 @@ def op_deterministic(report, device, quick):
     """Under torch.use_deterministic_algorithms(True) the backward sums the value gradient in a fixed order: the
     same bits twice, the atomic sums' values to rounding, and what it costs, at the encoder shapes (batch 8)."""
     from deformable_detr import ms_deform_attn_triton as kernels
+    from deformable_detr.benchmarking import median_time
     from deformable_detr.ms_deform_attn import kernel_shapes
 
     shapes = QUICK_SHAPES if quick else ENCODER_SHAPES
@@ -304,10 +275,10 @@ def op_deterministic(report, device, quick):
     try:
         torch.use_deterministic_algorithms(True)
         ordered, again = run(), run()
-        ordered_time = timed(run, device, 1 if quick else 5)
+        ordered_time = median_time(run, device, 1 if quick else 5)
     finally:
         torch.use_deterministic_algorithms(before)
-    atomic_time = timed(run, device, 1 if quick else 5)
+    atomic_time = median_time(run, device, 1 if quick else 5)
     section = "op: Triton vs reference"
     same = all(torch.equal(a, b) for a, b in zip(ordered, again))
     report.add(
@@ -424,6 +395,7 @@ def floor_bytes(value, locations, weights, backward: bool) -> int:
 
 
 def op_speed(report, device, quick, bandwidth):
+    from deformable_detr.benchmarking import median_time, peak_memory
     from deformable_detr.ms_deform_attn import BACKENDS
 
     section = "op speed, one encoder layer"
@@ -447,8 +419,10 @@ def op_speed(report, device, quick, bandwidth):
                         if backward:
                             out.backward(grad_output.to(out.dtype))
 
-                ours, theirs = (timed(lambda b=b: step(b), device, repeats, calls) for b in ("triton", "reference"))
-                memory = [peak_memory(lambda b=b: step(b), device) for b in ("triton", "reference")]
+                ours, theirs = (
+                    median_time(lambda b=b: step(b), device, repeats, calls) for b in ("triton", "reference")
+                )
+                memory = [peak_memory(lambda b=b: step(b), device, cpu=False) for b in ("triton", "reference")]
                 floor = floor_bytes(value, locations, weights, backward) / bandwidth
                 kind = "forward+backward" if backward else "forward"
                 name = f"{kind}, {str(dtype)[6:]}, batch {batch}"
@@ -491,6 +465,7 @@ def op_speed(report, device, quick, bandwidth):
 def sweep(report, device, quick):
     """Times the kernels' launch settings at the encoder shapes (batch 8): BLOCK_Q x num_warps."""
     from deformable_detr import ms_deform_attn_triton as kernels
+    from deformable_detr.benchmarking import median_time
     from deformable_detr.ms_deform_attn import kernel_shapes
 
     shapes = QUICK_SHAPES if quick else ENCODER_SHAPES
@@ -511,7 +486,7 @@ def sweep(report, device, quick):
                 else:
                     fn = partial(kernels.backward, grad_output, *inputs)
                 times[f"BLOCK_Q={block_q} warps={warps}"] = (
-                    timed(fn, device, 2 if quick else 5, 1 if quick else 3) * 1e3
+                    median_time(fn, device, 2 if quick else 5, 1 if quick else 3) * 1e3
                 )
             best = min(times, key=times.get)
             report.add(
@@ -541,6 +516,7 @@ def inference_section(quick):
 
 
 def inference(report, device, quick, hf, ours):
+    from deformable_detr.benchmarking import median_time, peak_memory
     from deformable_detr.onnx_export import max_abs_difference
 
     section = inference_section(quick)
@@ -564,12 +540,12 @@ def inference(report, device, quick, hf, ours):
             1e-4,
         )
         times = {
-            (name, bf16): timed(lambda m=model, b=bf16: run(m, b), device, repeats)
+            (name, bf16): median_time(lambda m=model, b=bf16: run(m, b), device, repeats)
             for name, model in (("ours", ours), ("transformers", hf))
             for bf16 in (False, True)
         }
         memory = {
-            (name, bf16): peak_memory(lambda m=model, b=bf16: run(m, b), device)
+            (name, bf16): peak_memory(lambda m=model, b=bf16: run(m, b), device, cpu=False)
             for name, model in (("ours", ours), ("transformers", hf))
             for bf16 in (False, True)
         }
@@ -606,6 +582,7 @@ def inference(report, device, quick, hf, ours):
 def compiled_inference(report, device, quick, ours, variants=False):
     """torch.compile of our model against eager, fp32, the larger batch; with `variants`, also compiled with
     Inductor's layout optimisation off (which turns convolutions channels-last)."""
+    from deformable_detr.benchmarking import median_time
     from deformable_detr.onnx_export import max_abs_difference
 
     batch, height, width = (2, 96, 128) if quick else (8, 800, 1333)
@@ -622,7 +599,7 @@ def compiled_inference(report, device, quick, ours, variants=False):
             1e-4,
             f"(compiled in {seconds:.0f} s)",
         )
-        eager, fast = (timed(lambda m=m: m(pixel_values=x), device, 2 if quick else 5) for m in (ours, compiled))
+        eager, fast = (median_time(lambda m=m: m(pixel_values=x), device, 2 if quick else 5) for m in (ours, compiled))
     report.add(
         inference_section(quick),
         f"batch {batch}, fp32: torch.compile speed",
@@ -637,7 +614,7 @@ def compiled_inference(report, device, quick, ours, variants=False):
         with inductor.patch(layout_optimization=False), torch.no_grad():
             compiled = torch.compile(ours)
             compiled(pixel_values=x)  # compiles here, under the patched setting
-            plain = timed(lambda: compiled(pixel_values=x), device, 2 if quick else 5)
+            plain = median_time(lambda: compiled(pixel_values=x), device, 2 if quick else 5)
         report.add(
             inference_section(quick),
             f"batch {batch}, fp32: torch.compile, layout optimisation off",
@@ -656,40 +633,38 @@ def training_steps(model, batches, precision: str, device, steps: int) -> tuple[
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from deformable_detr.benchmarking import PeakMemory, synchronize
     from deformable_detr.training.checkpoints import TrainState
     from deformable_detr.training.loop import forward_backward, optimiser_step
     from deformable_detr.training.model_setup import parameter_groups
     from deformable_detr.training.options import TrainingOptions
 
     options = TrainingOptions(dataset="shapes", config_name="paper")  # the paper's recipe
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    model = copy.deepcopy(model)  # accelerate wraps a prepared model's forward in its autocast
-    AcceleratorState._reset_state()  # each run its own mixed precision and grad scaler
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-    optimizer = torch.optim.AdamW(parameter_groups(model, options), weight_decay=options.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    model, optimizer = accelerator.prepare(model.train(), optimizer)
     state, losses, times = TrainState(), [], []
-    for step in range(steps):
-        batch = batches[step % len(batches)]
-        batch = {
-            "pixel_values": batch["pixel_values"].to(device),
-            "pixel_mask": batch["pixel_mask"].to(device),
-            "labels": [{k: v.to(device) for k, v in label.items()} for label in batch["labels"]],
-        }
-        synchronize(device)
-        started = time.perf_counter()
-        with accelerator.accumulate(model):
-            outputs, _, bad, _ = forward_backward(model, batch, accelerator, False, False)
-            optimiser_step(model, optimizer, scheduler, accelerator, options, state, bad, outputs.loss)
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-        losses.append(outputs.loss.item())
-    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else float("nan")
+    with PeakMemory(device, cpu=False) as peak:
+        model = copy.deepcopy(model)  # accelerate wraps a prepared model's forward in its autocast
+        AcceleratorState._reset_state()  # each run its own mixed precision and grad scaler
+        accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+        optimizer = torch.optim.AdamW(parameter_groups(model, options), weight_decay=options.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        model, optimizer = accelerator.prepare(model.train(), optimizer)
+        for step in range(steps):
+            batch = batches[step % len(batches)]
+            batch = {
+                "pixel_values": batch["pixel_values"].to(device),
+                "pixel_mask": batch["pixel_mask"].to(device),
+                "labels": [{k: v.to(device) for k, v in label.items()} for label in batch["labels"]],
+            }
+            synchronize(device)
+            started = time.perf_counter()
+            with accelerator.accumulate(model):
+                outputs, _, bad, _ = forward_backward(model, batch, accelerator, False, False)
+                optimiser_step(model, optimizer, scheduler, accelerator, options, state, bad, outputs.loss)
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+            losses.append(outputs.loss.item())
     AcceleratorState._reset_state()
-    return losses, times, state.skipped_steps, peak
+    return losses, times, state.skipped_steps, peak.mib
 
 
 def training(report, device, quick, hf, ours):
@@ -741,15 +716,16 @@ def training(report, device, quick, hf, ours):
 def environment(device) -> dict:
     import transformers
 
+    from deformable_detr.benchmarking import device_name
+
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "absent"
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {
-        "device": f"{device} ({card})",
+        "device": f"{device} ({device_name(device)})",
         "torch": torch.__version__,
         "triton": triton_version,
         "transformers": transformers.__version__,

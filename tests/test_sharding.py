@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.training import TrainingOptions, train
 from deformable_detr.training.checkpoints import TrainState
+from deformable_detr.training.launch import check_launch
 from deformable_detr.training.loop import shard_for
-from deformable_detr.training.sharding import check_launch, load_shards
+from deformable_detr.training.sharding import load_shards
 from tests.support.processes import free_port, run_command, torchrun
 from tests.support.training import TINY, command_line, training_options
 

@@ -29,12 +29,12 @@ from .data import DetectionCollator, DetectionSamples, load_detection_dataset
 from .ema import WeightAverage
 from .evaluation import coco_ground_truth, evaluate, format_metrics
 from .hub import hub_repo, push_to_hub
+from .launch import check_launch
 from .model_card import write_model_card
 from .model_setup import build_model, parameter_groups
 from .options import TRACKING_DIR, TrainingOptions
 from .schedule import lr_factor
 from .sharding import (
-    check_launch,
     check_resumable,
     gathered_shards,
     load_shards,

@@ -19,18 +19,6 @@ def sharding_requested() -> bool:
     return os.environ.get(FSDP_VARIABLE, "false").lower() == "true"
 
 
-def check_launch(num_processes: int):
-    """Several processes launched (WORLD_SIZE) but accelerate sees one: each would train alone and overwrite the
-    others' output. That is what `accelerate launch` does on a machine without GPUs unless told to use CPUs."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and num_processes == 1:
-        raise ValueError(
-            f"{launched} processes were launched (WORLD_SIZE={launched}), but accelerate runs this one alone, so "
-            "each would train by itself and overwrite the others' files: on CPUs, set ACCELERATE_USE_CPU=1 in the "
-            "environment of accelerate launch or torchrun"
-        )
-
-
 def shard(model):
     """`fully_shard` on each encoder and decoder layer, on the backbone, and on the whole model (the heads, the
     input projections and the rest); -> the same model, its parameters now DTensors."""

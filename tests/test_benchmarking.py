@@ -1,0 +1,52 @@
+"""The measurement helpers of scripts/benchmark.py and scripts/gpu_check.py (deformable_detr/benchmarking.py): what
+a median counts, in which order the timed functions run, and what the peak memory counts."""
+
+import math
+
+import pytest
+import torch
+
+from deformable_detr import benchmarking
+from deformable_detr.benchmarking import PeakMemory, median_time, median_times, peak_memory
+
+CPU = torch.device("cpu")
+
+
+def test_median_times_warm_up_once_then_alternate():
+    calls = []
+    median_times([lambda: calls.append("a"), lambda: calls.append("b")], CPU, repeats=3, calls=2)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+
+
+def test_a_median_is_of_seconds_per_call_without_the_warm_up(monkeypatch):
+    """A fake clock that each call moves on by the next of `steps`: the warm-up's 100 s never count, and each
+    timing of two calls is halved."""
+    clock, steps = [0.0], iter([100.0, 1.0, 1.0, 3.0, 3.0, 8.0, 4.0])
+    monkeypatch.setattr(benchmarking.time, "perf_counter", lambda: clock[0])
+
+    def fn():
+        clock[0] += next(steps)
+
+    assert median_time(fn, CPU, repeats=3, calls=2) == 3.0  # per call: 1, 3 and 6
+
+
+def test_peak_memory_counts_what_a_call_adds_on_the_cpu():
+    with PeakMemory(CPU) as probe:
+        pass
+    if not probe.measuring:
+        pytest.skip("no /proc/self/clear_refs here: the CPU's peak memory cannot be measured")
+    mib = peak_memory(lambda: torch.ones(2**24).sum(), CPU)  # 64 MiB of fp32, freed on return
+    assert 60 <= mib < 200
+
+
+def test_device_memory_only_gives_nan_on_the_cpu_without_calling():
+    assert math.isnan(peak_memory(lambda: 1 / 0, CPU, cpu=False))
+    with PeakMemory(CPU, cpu=False) as peak:
+        torch.ones(2**20).sum()  # a block runs whatever is measured
+    assert not peak.measuring and math.isnan(peak.mib)
+
+
+def test_a_block_that_raises_measures_nothing():
+    with pytest.raises(RuntimeError, match="stopped"), PeakMemory(CPU) as peak:
+        raise RuntimeError("stopped")
+    assert math.isnan(peak.mib)
