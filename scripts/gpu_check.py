@@ -670,7 +670,7 @@ def training_steps(model, batches, precision: str, device, steps: int) -> tuple[
 def training(report, device, quick, hf, ours):
     """30 optimiser steps, ours and transformers', each from the same weights, in bf16 and in fp16."""
     from deformable_detr import DeformableDetrImageProcessor
-    from deformable_detr.training.data import DetectionCollator, DetectionSamples
+    from deformable_detr.training.samples import DetectionCollator, DetectionSamples
     from deformable_detr.training.shapes import shapes_records
 
     batch_size, steps, size = (2, 6, 128) if quick else (8, 30, 512)

@@ -11,7 +11,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Va
 
 from deformable_detr.image_processing_deformable_detr import DeformableDetrImageProcessor
 from deformable_detr.training import TrainingOptions
-from deformable_detr.training.data import DetectionCollator, DetectionSamples, dataset_format, load_detection_dataset
+from deformable_detr.training.data import dataset_format, load_detection_dataset
+from deformable_detr.training.samples import DetectionCollator, DetectionSamples
 from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
 from deformable_detr.training.transforms import DetrAugmentation
 from tests.support.bccd import BCCD, BCCD_FULL

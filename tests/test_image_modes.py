@@ -8,7 +8,7 @@ from PIL import Image
 from deformable_detr import DeformableDetrImageProcessor
 from deformable_detr.detect import read_image
 from deformable_detr.image_processing_deformable_detr import to_rgb_array
-from deformable_detr.training.data import DetectionSamples
+from deformable_detr.training.samples import DetectionSamples
 
 
 def sixteen_bit_png(path) -> np.ndarray:

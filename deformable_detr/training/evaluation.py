@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from ..box_ops import box_xyxy_to_xywh
 from ..detect import not_finite, warn_of_non_finite_outputs
-from .data import objects_of
 from .metric_names import SUMMARY_LABELS, SUMMARY_NAMES
+from .objects import objects_of
 
 AREA_RANGES = {"all": (0, 1e10), "small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}  # COCO's
 
@@ -179,7 +179,8 @@ def evaluate_saved_model(
     from accelerate import Accelerator
 
     from ..detect import load_detector
-    from .data import DetectionCollator, DetectionSamples, load_detection_dataset
+    from .data import load_detection_dataset
+    from .samples import DetectionCollator, DetectionSamples
 
     if output:
         if os.path.isdir(output):

@@ -25,7 +25,7 @@ from ..backbone import set_gradient_checkpointing
 from ..disk_space import reporting_full_disk
 from ..loss_deformable_detr import MAIN_TERMS
 from .checkpoints import BEST_DIR, TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .data import DetectionCollator, DetectionSamples, load_detection_dataset
+from .data import load_detection_dataset
 from .ema import WeightAverage
 from .evaluation import coco_ground_truth, evaluate, format_metrics
 from .hub import hub_repo, push_to_hub
@@ -33,6 +33,7 @@ from .launch import check_launch
 from .model_card import write_model_card
 from .model_setup import build_model, parameter_groups
 from .options import TRACKING_DIR, TrainingOptions
+from .samples import DetectionCollator, DetectionSamples
 from .schedule import lr_factor
 from .sharding import (
     check_resumable,

@@ -6,7 +6,8 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import objects_of_boxes, records_to_dataset
+from .objects import objects_of_boxes
+from .schema import records_to_dataset
 
 CLASS_NAMES = ["circle", "square", "triangle"]
 
