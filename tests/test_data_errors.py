@@ -210,6 +210,20 @@ def test_images_in_two_voc_splits_are_named(shapes, tmp_path):
     assert (len(splits["train"]), len(splits["validation"])) == (5, 5)  # a warning: loaded as listed
 
 
+def test_images_listed_twice_in_a_voc_split_are_read_once(shapes, tmp_path):
+    """Listed twice, an image was trained on twice an epoch and scored twice."""
+    root = write_voc({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path))
+    listing = os.path.join(root, "ImageSets", "Main", "train.txt")
+    with open(listing, "a") as f:
+        f.write("train_000\ntrain_002\ntrain_000\n")
+    with pytest.warns(UserWarning, match="more than once") as caught:
+        splits, _ = load_detection_dataset(root)
+    assert [str(w.message) for w in caught] == [
+        f"{listing} lists 2 image(s) more than once: train_000, train_002; each is read once"
+    ]
+    assert len(splits["train"]) == 5
+
+
 def test_images_in_two_coco_splits_are_named(shapes, tmp_path):
     root = write_coco({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path), "instances")
     path = os.path.join(root, "annotations", "instances_val.json")

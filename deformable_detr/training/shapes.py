@@ -42,7 +42,7 @@ def draw_shapes(rng: random.Random, size: int, max_objects: int) -> tuple[Image.
 
 
 def shapes_records(num_images: int, image_size: int = 128, max_objects: int = 4, seed: int = 0) -> list[dict]:
-    """`num_images` rows of the detection schema (see data.py) in a plain list (not a datasets.Dataset), images as
+    """`num_images` rows of the detection schema (see schema.py) in a plain list (not a datasets.Dataset), images as
     PIL images."""
     rng = random.Random(seed)
     records = []
@@ -61,5 +61,5 @@ def shapes_records(num_images: int, image_size: int = 128, max_objects: int = 4,
 
 
 def shapes_dataset(num_images: int, image_size: int = 128, max_objects: int = 4, seed: int = 0):
-    """A `datasets.Dataset` in the detection schema (see data.py) with `num_images` images."""
+    """A `datasets.Dataset` in the detection schema (see schema.py) with `num_images` images."""
     return records_to_dataset(shapes_records(num_images, image_size, max_objects, seed), CLASS_NAMES)

@@ -6,6 +6,7 @@ of both."""
 import os
 import warnings
 import xml.etree.ElementTree as ElementTree
+from collections import Counter
 
 from datasets import Dataset
 
@@ -29,7 +30,13 @@ def load_voc(folder: str, skip_bad_images: bool = False) -> tuple[dict[str, Data
     for split, path in split_files.items():
         with open(path) as f:
             stems = [line.split()[0] for line in f if line.strip()]
-        parsed[split] = [_parse_voc_xml(folder, stem) for stem in stems]
+        repeated = [stem for stem, count in Counter(stems).items() if count > 1]
+        if repeated:  # trained on twice an epoch, and scored twice
+            warnings.warn(
+                f"{path} lists {len(repeated)} image(s) more than once: {listed(repeated)}; each is read once",
+                stacklevel=1,  # about the data, not the caller
+            )
+        parsed[split] = [_parse_voc_xml(folder, stem) for stem in dict.fromkeys(stems)]
     warn_of_shared_images({split_files[s]: [item["image"] for item in items] for s, items in parsed.items()}, folder)
     class_names = sorted({o["name"] for items in parsed.values() for item in items for o in item["objects"]})
     _warn_of_case_variants(class_names, [item for items in parsed.values() for item in items], folder)
