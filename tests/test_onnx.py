@@ -107,7 +107,7 @@ def test_the_file_runs_in_openvino(exported):
 def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch):
     from deformable_detr import onnx_export
 
-    with pytest.raises(FileNotFoundError, match="no such folder here"):
+    with pytest.raises(FileNotFoundError, match="missing: no such folder"):
         export_onnx(str(tmp_path / "missing"), str(tmp_path / "x.onnx"))
     with pytest.raises(ValueError, match="must end in .onnx"):
         export_onnx(str(exported[0]), str(tmp_path / "x.bin"))
