@@ -29,6 +29,15 @@ def refine_boxes(reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
 
 
+def in_full_precision(fn, dtype: torch.dtype, *tensors: torch.Tensor):
+    """fn(*tensors); under autocast, with autocast off and the floating-point tensors in `dtype` (the weights')."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return fn(*tensors)
+    with torch.autocast(device, enabled=False):
+        return fn(*(t.to(dtype) if t.is_floating_point() else t for t in tensors))
+
+
 class HeadLinear(nn.Linear):
     """A linear layer of a prediction head, which runs in its weights' type even under autocast.
 
@@ -38,10 +47,7 @@ class HeadLinear(nn.Linear):
     """
 
     def forward(self, x):
-        if not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.to(self.weight.dtype))
+        return in_full_precision(super().forward, self.weight.dtype, x)
 
 
 class MLP(nn.Module):
@@ -159,13 +165,22 @@ class DeformableDecoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(C)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, padding_mask):
-        """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2 or 4); memory (B, S, C)."""
-        q = k = tgt + query_pos
-        attended = self.self_attn(q, k, tgt, need_weights=False)[0]
-        tgt = self.self_attn_norm(tgt + self.dropout(attended))
-        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask)
-        tgt = self.cross_attn_norm(tgt + self.dropout(attended))
-        return self.ffn_norm(tgt + self.ffn(tgt))
+        """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2 or 4); memory (B, S, C) -> (B, Q, C).
+
+        Under autocast only the values (S rows) are projected in its type: the rest sees the Q queries (300), so
+        it runs in full precision at next to no cost, and the class scores take less of bf16's rounding."""
+        value = self.cross_attn.project_values(memory, padding_mask)
+        dtype = self.ffn_norm.weight.dtype
+
+        def queries_side(tgt, query_pos, reference_points, value):
+            q = k = tgt + query_pos
+            attended = self.self_attn(q, k, tgt, need_weights=False)[0]
+            tgt = self.self_attn_norm(tgt + self.dropout(attended))
+            attended = self.cross_attn.attend(tgt + query_pos, reference_points, value, spatial_shapes)
+            tgt = self.cross_attn_norm(tgt + self.dropout(attended))
+            return self.ffn_norm(tgt + self.ffn(tgt))
+
+        return in_full_precision(queries_side, dtype, tgt, query_pos, reference_points, value)
 
 
 class DeformableDecoder(nn.Module):

@@ -364,14 +364,24 @@ class MultiScaleDeformableAttention(nn.Module):
         Returns:
             (B, Q, C)
         """
-        B, Q, _ = query.shape
-        S = input_flatten.shape[1]
-        M, L, K = self.n_heads, self.n_levels, self.n_points
+        value = self.project_values(input_flatten, input_padding_mask)
+        return self.attend(query, reference_points, value, spatial_shapes)
+
+    def project_values(self, input_flatten, input_padding_mask=None):
+        """The values the queries sample: input_flatten (B, S, C), input_padding_mask (B, S) -> (B, S, M, C / M),
+        zero on padding."""
+        B, S, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
         # padded positions contribute zeros (skipped, in eager mode, when nothing is padded)
         if input_padding_mask is not None and (torch.compiler.is_compiling() or input_padding_mask.any()):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(B, S, M, self.d_model // M)
+        return value.view(B, S, self.n_heads, self.d_model // self.n_heads)
+
+    def attend(self, query, reference_points, value, spatial_shapes):
+        """The queries' side: query (B, Q, C) and reference_points as in `forward`, value (B, S, M, C / M) from
+        `project_values` -> (B, Q, C)."""
+        B, Q, _ = query.shape
+        M, L, K = self.n_heads, self.n_levels, self.n_points
         offsets = self.sampling_offsets(query).view(B, Q, M, L, K, 2)
         weights = F.softmax(self.attention_weights(query).view(B, Q, M, L * K), -1).view(B, Q, M, L, K)
         if reference_points.shape[-1] == 2:

@@ -62,6 +62,29 @@ def test_prediction_heads_run_in_full_precision_under_autocast(variant):
     assert torch.equal(out.pred_boxes, refine_boxes(out.intermediate_reference_points[:, 0], delta))
 
 
+@pytest.mark.parametrize("reference", [2, 4])
+def test_decoder_layers_run_in_full_precision_under_autocast_but_for_the_values(reference, monkeypatch):
+    """Under bf16 autocast a decoder layer projects the encoder's memory (S rows) in bf16, and does all the rest
+    (Q rows) as in fp32: given the same bf16 values, it gives what fp32 gives, bit for bit."""
+    layer = tiny_model().model.decoder.layers[0]
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 10), (4, 5), (2, 3), (1, 2)][: layer.cross_attn.n_levels]
+    C, S = layer.ffn_norm.normalized_shape[0], sum(h * w for h, w in shapes)
+    tgt, query_pos, memory = (
+        torch.randn(2, 7, C, generator=g),
+        torch.randn(2, 7, C, generator=g),
+        torch.randn(2, S, C, generator=g),
+    )
+    points = torch.rand(2, 7, len(shapes), reference, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = layer(tgt, query_pos, points, memory, shapes, None)
+        values = layer.cross_attn.project_values(memory)
+    assert values.dtype == torch.bfloat16 and mixed.dtype == torch.float32
+    monkeypatch.setattr(layer.cross_attn, "project_values", lambda *args: values.float())
+    with torch.no_grad():
+        assert torch.equal(mixed, layer(tgt, query_pos, points, memory, shapes, None))
+
+
 def test_dc5_halves_the_last_stride():
     plain, dc5 = tiny_model().model.backbone, tiny_model(dilation=True).model.backbone
     assert plain.strides == [8, 16, 32] and dc5.strides == [8, 16, 16]
