@@ -1,17 +1,19 @@
 # `make test` and `make demo` set everything up on a fresh machine.
-# torch is pinned to the CPU wheel first, so that nothing later pulls a multi-GB CUDA build;
-# on a GPU machine, install the torch you want into .venv first and it is kept.
+# torch is installed first, pinned, so that nothing later pulls another build. PyPI's Linux torch is the multi-GB
+# CUDA build: for the CPU build, `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` (on our machines
+# pip finds the CPU wheel without it). On a GPU machine, install the torch you want into .venv first: it is kept.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: install test demo gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
