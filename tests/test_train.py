@@ -118,6 +118,8 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
     assert history(tmp_path / "whole") == history(tmp_path / "resumed")  # the log carries on from the checkpoint
+    # each step logs the lr it took: 2e-4, then 2e-5 from step 5 (0.75 of 6 steps: the drop after four)
+    assert history(tmp_path / "whole", "lr") == history(tmp_path / "resumed", "lr") == [2e-4] * 4 + [2e-5] * 2
 
 
 def test_freeze_backbone_trains_only_the_transformer_and_heads(shapes_folder, tmp_path):

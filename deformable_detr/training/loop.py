@@ -296,6 +296,7 @@ def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progre
                 model, batch, accelerator, run.window_bad, stop.requested
             )
             if accelerator.sync_gradients:
+                lr = run.optimizer.param_groups[-1]["lr"]  # this step's (the main group's): the schedule moves on
                 norm = optimiser_step(
                     model, run.optimizer, run.scheduler, accelerator, run.options, state, run.window_bad, outputs.loss
                 )
@@ -310,18 +311,18 @@ def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progre
             continue
         run.window_bad = False
         state.global_step += 1
-        after_step(run, state, epoch, progress)
+        after_step(run, state, epoch, progress, lr)
         if stopping or state.global_step >= run.max_steps:
             return stopping
     state.epoch, state.batches_in_epoch = epoch + 1, 0
     return False
 
 
-def after_step(run: Run, state: TrainState, epoch: int, progress):
-    """The progress bar, a log line every logging_steps, a checkpoint every checkpointing_steps."""
+def after_step(run: Run, state: TrainState, epoch: int, progress, lr: float):
+    """The progress bar, a log line every logging_steps, a checkpoint every checkpointing_steps; `lr` is the one
+    the step took."""
     options = run.options
     progress.update(1)
-    lr = run.scheduler.get_last_lr()[-1]
     if run.running:
         progress.set_postfix(loss=f"{run.running[-1]['loss']:.3f}", lr=f"{lr:.1e}")
     if state.global_step % options.logging_steps == 0 or state.global_step == run.max_steps:
