@@ -13,7 +13,13 @@ from .training.schedule import SCHEDULES
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's lines and shows every default."""
+    """--help keeps the description's lines and shows every default that says something: not None or "" (the
+    help says what happens), not a flag's own True or False, not one the help already gives."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "") or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _fail(prog: str, error: Exception):

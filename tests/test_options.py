@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from deformable_detr.backbone import FrozenBatchNorm2d
-from deformable_detr.cli import detect_parser, train_parser
+from deformable_detr.cli import detect_parser, export_parser, train_parser
 from deformable_detr.training import TrainingOptions
 from deformable_detr.training.model_setup import build_model
 
@@ -45,6 +45,14 @@ def test_abbreviated_options_are_refused(parser, words, capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(words)
     assert f"unrecognized arguments: {words[-2]} {words[-1]}" in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults_that_say_something():
+    """--no_check said "(default: True)", which reads as skipping the check by default; --device gave two."""
+    export, detect = export_parser().format_help(), detect_parser().format_help()
+    assert "(default: True)" not in export and "(default: 18)" in export
+    assert "(default: None)" not in detect and detect.count("(default: cuda if present, else cpu)") == 1
+    assert "(default: 0.5)" in detect  # --threshold
 
 
 @pytest.mark.parametrize(
