@@ -164,5 +164,5 @@ def load_checkpoint(accelerator, folder: str, setup: dict) -> TrainState:
             "an earlier checkpoint-N, or start afresh"
         ) from error
     state.setup = setup
-    logger.info("resumed from %s at step %d (epoch %d)", folder, state.global_step, state.epoch)
+    logger.info("resumed from %s after step %d, in epoch %d", folder, state.global_step, state.epoch + 1)
     return state
