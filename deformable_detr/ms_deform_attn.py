@@ -265,9 +265,14 @@ def _compare_triton_with_reference(device: torch.device) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing: the build's lock breaks no graph
+def _cpu_kernel_loads() -> bool:
+    return load_cpu_kernel() is not None
+
+
 def _backends_without_triton(device: torch.device) -> list[str]:
     """The backends after Triton on `device`, fastest first."""
-    return (["cpu"] if device.type == "cpu" and load_cpu_kernel() is not None else []) + ["reference"]
+    return (["cpu"] if device.type == "cpu" and _cpu_kernel_loads() else []) + ["reference"]
 
 
 def triton_self_check(device: torch.device | str) -> str | None:

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.cli import evaluate_main, train_main
@@ -305,13 +306,19 @@ def test_the_best_model_is_kept_apart_and_early_stopping_stops(shapes_folder, tm
 
 
 def test_torch_compile_trains_and_saves_plain_weights(shapes_folder, tmp_path):
-    """--torch_compile: the losses are eager training's (to compile's rounding), and the saved model has the
-    model's own parameter names (not torch.compile's _orig_mod.) and loads."""
+    """--torch_compile: the network is compiled in whole graphs, the losses are eager training's (to compile's
+    rounding), and the saved model has the model's own parameter names (not torch.compile's _orig_mod.) and
+    loads."""
     common = dict(max_steps=2, eval_every_epochs=0, checkpointing_steps="no", no_augmentation=True)
     common["overrides"] = TINY_OVERRIDES + ",dropout=0.0"  # compiled dropout draws other random masks
+    torch._dynamo.reset()
+    counters.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(options(shapes_folder, tmp_path / "compiled", torch_compile=True, **common))
+    # the network was compiled, without a break; the whole model, loss included, broke at the loss's checks and
+    # matching and recompiled for every new count of objects in an image
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
     # the matcher's scipy call is kept out of the graph on purpose: no warning of a failed trace
     assert not [w for w in caught if "linear_sum_assignment" in str(w.message)], [str(w.message) for w in caught]
     train(options(shapes_folder, tmp_path / "eager", **common))

@@ -174,6 +174,8 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     if options.freeze_backbone:
         model.model.backbone.requires_grad_(False)
     set_gradient_checkpointing(model, options.gradient_checkpointing)
+    if options.torch_compile:  # the network only: the loss's per-image targets, of any length, would recompile it
+        model.model.compile()
     # with box refinement but no auxiliary loss, the earlier layers' class heads get no gradient
     unused = model.config.with_box_refine and not model.config.auxiliary_loss
     # accelerate keeps one state per process, fixed by its first Accelerator: a later run in the same process
@@ -183,7 +185,6 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
         mixed_precision=options.mixed_precision,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         log_with=tracker_names(options.report_to),
-        dynamo_backend="inductor" if options.torch_compile else None,  # None: what `accelerate config` chose
         project_dir=options.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=options.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],

@@ -135,8 +135,8 @@ class TrainingOptions:
     torch_compile: bool = option(
         False,
         "optimisation",
-        "train the model under torch.compile (inductor, through accelerate); the fused kernels are custom ops in "
-        "the graph",
+        "train the network (backbone and transformer) under torch.compile (inductor), the fused kernels custom ops in "
+        "its one graph; the loss and its matching stay eager",
     )
     deterministic: bool = option(
         False,
