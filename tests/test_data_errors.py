@@ -153,6 +153,35 @@ def test_bad_voc_elements_are_named(shapes, tmp_path, pattern, replacement, mess
         load_detection_dataset(root)
 
 
+def test_coco_ids_written_as_whole_floats_are_integers(shapes, tmp_path):
+    """pandas may write ids as 1.0: they loaded before the fields were checked, and load the same now."""
+
+    def as_floats(coco):
+        for key, fields in (
+            ("images", ["id"]),
+            ("annotations", ["id", "image_id", "category_id"]),
+            ("categories", ["id"]),
+        ):
+            for entry in coco[key]:
+                entry.update({field: float(entry[field]) for field in fields})
+
+    plain, _ = load_detection_dataset(coco_folder(shapes, tmp_path / "plain", lambda coco: None)[0])
+    floats, _ = load_detection_dataset(coco_folder(shapes, tmp_path / "floats", as_floats)[0])
+    for split in ("train", "validation"):
+        assert (
+            floats[split].select_columns(["image_id", "objects"]).to_list()
+            == plain[split].select_columns(["image_id", "objects"]).to_list()
+        )
+
+
+@pytest.mark.parametrize("flag, crowd", [("1", 1), ("True", 1), ("false", 0)])
+def test_voc_difficult_flags_as_words(shapes, tmp_path, flag, crowd):
+    root, _ = voc_folder(shapes, tmp_path, "<difficult>0</difficult>", f"<difficult>{flag}</difficult>")
+    splits, _ = load_detection_dataset(root, validation_fraction=0.4)
+    crowds = [c for split in splits.values() for o in split["objects"] for c in o["iscrowd"]]
+    assert sorted(crowds)[-1] == crowd
+
+
 def test_voc_difficult_objects_are_ignored_like_crowd_regions(shapes, tmp_path):
     """Difficult objects were trained on and scored as objects; now they are crowd regions: kept in the data,
     left out of the training labels, and a detection on one is neither a hit nor a false positive."""
@@ -302,6 +331,17 @@ GOOD = ({"bbox": BOXES, "category": CATS_DOGS}, {"bbox": [[1, 2, 10, 5]], "categ
             },
             "[validation]: its classes ['dog', 'cat'] are not its train split's ['cat', 'dog'] (in that order)",
         ),
+        # loaded: validation's id 7 beside train's two classes, an IndexError when scored
+        (
+            {
+                "train": GOOD,
+                "validation": (
+                    {"bbox": BOXES, "category": List(Value("int64"))},
+                    {"bbox": [[1, 2, 3, 4]], "category": [7]},
+                ),
+            },
+            "[validation]: class id 7 is beyond the train split's 2 classes (cat, dog)",
+        ),
         # "ValueError: too many values to unpack (expected 4)"
         (
             {
@@ -358,3 +398,15 @@ def test_box_lengths_are_read_in_either_storage_of_objects(tmp_path):
     splits, _ = load_detection_dataset(str(tmp_path / "good"), validation_fraction=0.5)
     boxes = sorted(o["bbox"] for split in splits.values() for objects in split["objects"] for o in objects)
     assert boxes == [[1, 2, 3, 4], [1, 2, 10, 5]]
+
+
+def test_a_split_of_bare_images_beside_train_and_validation_is_left_out(tmp_path):
+    """A test split without annotations, as some Hub datasets have: it stopped the load once every split was
+    checked; nothing trains on it or can score it, so it is left out with a warning."""
+    root = saved_dataset(tmp_path, train=GOOD, validation=GOOD, test=(None, None))
+    with pytest.warns(UserWarning, match="no 'objects'") as caught:
+        splits, names = load_detection_dataset(root)
+    assert [str(w.message) for w in caught] == [
+        f"{root}: the split(s) ['test'] have no 'objects' (no annotations), so they are left out"
+    ]
+    assert sorted(splits) == ["train", "validation"] and names == ["cat", "dog"]

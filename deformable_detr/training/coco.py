@@ -60,6 +60,15 @@ def _read_coco_file(path: str) -> dict:
         for j, entry in enumerate(coco[key]):
             if not isinstance(entry, dict):
                 raise ValueError(f"{path}, {key}[{j}] is {_short(entry)}, not an object")
+    for key, fields in (
+        ("images", ("id",)),
+        ("annotations", ("id", "image_id", "category_id")),
+        ("categories", ("id",)),
+    ):
+        for entry in coco[key]:  # ids written as whole floats (1.0, as pandas may write them) are the ints they hold
+            for field in fields:
+                if isinstance(entry.get(field), float) and entry[field].is_integer():
+                    entry[field] = int(entry[field])
     return coco
 
 

@@ -24,7 +24,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Value
 from .coco import load_coco
 from .image_files import header_or_error, report_unreadable
 from .objects import objects_of
-from .schema import SPLIT_NAMES
+from .schema import SPLIT_NAMES, listed
 from .voc import load_voc
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ def _dtype(feature) -> str:
 def category_names(splits: dict[str, Dataset], source: str) -> list[str]:
     """Class names of the splits of a dataset that datasets reads, from the `objects.category` ClassLabel of
     'train'; plain integer ids give '0', '1', ... with a warning. Every split's features are checked
-    (`_object_features`); ValueError where a split's ClassLabel names other classes than the train split's."""
+    (`_object_features`); ValueError where a split's ClassLabel names other classes than the train split's, or its
+    integer ids go beyond them."""
     categories = {name: _object_features(split, f"{source} [{name}]")["category"] for name, split in splits.items()}
     train = categories["train"]
     if isinstance(train, ClassLabel):
@@ -132,16 +133,29 @@ def category_names(splits: dict[str, Dataset], source: str) -> list[str]:
                     f"{source} [{name}]: its classes {category.names} are not its train split's {train.names} (in "
                     "that order), so class ids would name other classes in each"
                 )
-        return list(train.names)
-    largest = max(
-        (max(objects_of(row)["category"], default=-1) for row in splits["train"].select_columns("objects")),
-        default=-1,
-    )
-    warnings.warn(
-        f"{source}: 'objects.category' is not a ClassLabel, so the classes are named '0'..'{largest}'",
-        stacklevel=1,  # about the data set, not the caller
-    )
-    return [str(i) for i in range(largest + 1)]
+        names = list(train.names)
+    else:
+        names = [str(i) for i in range(_largest_category(splits["train"]) + 1)]
+        warnings.warn(
+            f"{source}: 'objects.category' is not a ClassLabel, so the classes are named '0'..'{len(names) - 1}'",
+            stacklevel=1,  # about the data set, not the caller
+        )
+    for name, category in categories.items():  # (train's ids are in range: its own, or its ClassLabel's)
+        if (
+            name != "train"
+            and not isinstance(category, ClassLabel)
+            and (largest := _largest_category(splits[name])) >= len(names)
+        ):
+            raise ValueError(
+                f"{source} [{name}]: class id {largest} is beyond the train split's {len(names)} classes "
+                f"({listed(names)})"
+            )
+    return names
+
+
+def _largest_category(split: Dataset) -> int:
+    """The largest class id of `split`'s objects, -1 without any."""
+    return max((max(objects_of(row)["category"], default=-1) for row in split.select_columns("objects")), default=-1)
 
 
 def load_detection_dataset(
@@ -163,6 +177,7 @@ def load_detection_dataset(
         splits = {SPLIT_NAMES.get(name, name): split for name, split in loaded.items()}
         if "train" not in splits:
             raise ValueError(f"{source} has no 'train' split; its splits are {sorted(loaded)}")
+        splits = _without_unlabelled_extra_splits(splits, source)
         class_names = category_names(splits, source)
         splits = {name: _readable_rows(split, f"{source} [{name}]", skip_bad_images) for name, split in splits.items()}
     if "train" not in splits:
@@ -193,6 +208,22 @@ def load_detection_dataset(
             len(parts["train"]) + len(parts["test"]),
         )
     return DatasetDict(splits), class_names
+
+
+def _without_unlabelled_extra_splits(splits: dict[str, Dataset], source: str) -> dict[str, Dataset]:
+    """`splits` without those other than train and validation that have no `objects` (a test split of bare
+    images, as some Hub datasets have), with a warning: nothing trains on them, and nothing can score them."""
+    bare = [
+        name
+        for name, split in splits.items()
+        if name not in ("train", "validation") and "objects" not in split.features
+    ]
+    if bare:
+        warnings.warn(
+            f"{source}: the split(s) {bare} have no 'objects' (no annotations), so they are left out",
+            stacklevel=1,  # about the data set, not the caller
+        )
+    return {name: split for name, split in splits.items() if name not in bare}
 
 
 def _readable_rows(split: Dataset, where: str, skip_bad_images: bool) -> Dataset:

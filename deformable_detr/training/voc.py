@@ -1,7 +1,7 @@
 """Pascal VOC folders (`Annotations/*.xml`, `JPEGImages/`, `ImageSets/Main/{split}.txt`) -> splits in the schema
-(schema.py). Objects marked `<difficult>1</difficult>` become `iscrowd` regions: not trained on, and evaluation
-ignores detections on them, as VOC's own evaluation (and mmdetection's ignored boxes) leave difficult objects out
-of both."""
+(schema.py). Objects marked `<difficult>1</difficult>` become `iscrowd` regions: not trained on (as mmdetection's
+ignored boxes), and evaluation ignores detections on them as COCO's crowd regions (by overlap over the detection's
+area: more lenient than VOC's own evaluation)."""
 
 import os
 import warnings
@@ -111,9 +111,10 @@ def _voc_object(obj, where: str) -> dict:
     box = _element(obj, "bndbox", where)
     x0, y0, x1, y1 = (_voc_number(box, key, where) for key in ("xmin", "ymin", "xmax", "ymax"))
     difficult = (obj.findtext("difficult") or "0").strip()
-    if difficult not in ("0", "1"):
+    flags = {"0": 0, "1": 1, "false": 0, "true": 1}
+    if difficult.lower() not in flags:
         raise ValueError(f"{where}: difficult is {difficult!r}, not 0 or 1")
-    return {"name": name, "box": [x0, y0, x1 - x0, y1 - y0], "difficult": int(difficult)}
+    return {"name": name, "box": [x0, y0, x1 - x0, y1 - y0], "difficult": flags[difficult.lower()]}
 
 
 def _parse_voc_xml(folder: str, stem: str) -> dict:
