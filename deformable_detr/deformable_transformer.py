@@ -168,7 +168,8 @@ class DeformableDecoderLayer(nn.Module):
         """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2 or 4); memory (B, S, C) -> (B, Q, C).
 
         Under autocast only the values (S rows) are projected in its type: the rest sees the Q queries (300), so
-        it runs in full precision at next to no cost, and the class scores take less of bf16's rounding."""
+        it runs in full precision at next to no cost, and the class scores take less of bf16's rounding. The values
+        are then cast to full precision too (a copy of S rows per layer), for the sampling and its sums."""
         value = self.cross_attn.project_values(memory, padding_mask)
         dtype = self.ffn_norm.weight.dtype
 

@@ -1,4 +1,5 @@
-"""Position encodings of the feature maps: (B, H, W) mask of real pixels -> (B, 2F, H, W), y half first."""
+"""Position encodings of the feature maps: (B, H, W) mask of real pixels -> (B, 2F, H, W), y half first; and the
+sine features they are made of (`sine_features`), which also embed the two-stage proposals."""
 
 import math
 
