@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Value
 
 from .coco import load_coco
-from .image_files import header_or_error, report_unreadable
+from .image_files import header_or_error, listed, report_unreadable
 from .objects import objects_of
-from .schema import SPLIT_NAMES, listed
+from .schema import SPLIT_NAMES
 from .voc import load_voc
 
 logger = logging.getLogger(__name__)

@@ -63,11 +63,11 @@ def report_unreadable(bad: list[str], where: str, skip_bad_images: bool):
     """Raises ValueError listing the unreadable images `bad`, or with `skip_bad_images` warns once listing them."""
     if bad and not skip_bad_images:
         raise ValueError(
-            f"{where}: {len(bad)} unreadable image(s): {_listed(bad)}; leave them out with skip_bad_images=True "
+            f"{where}: {len(bad)} unreadable image(s): {listed(bad, SHOWN)}; leave them out with skip_bad_images=True "
             "(--skip_bad_images)"
         )
     if bad:
-        warnings.warn(f"{where}: {len(bad)} unreadable image(s) left out: {_listed(bad)}", stacklevel=3)
+        warnings.warn(f"{where}: {len(bad)} unreadable image(s) left out: {listed(bad, SHOWN)}", stacklevel=3)
 
 
 def check_images(records: list[dict], where: str, skip_bad_images: bool = False) -> list[dict]:
@@ -104,18 +104,19 @@ def check_images(records: list[dict], where: str, skip_bad_images: bool = False)
     if turned or as_shown:
         warnings.warn(
             f"{where}: {len(turned) + as_shown} JPEG(s) are turned by their EXIF orientation and are used as shown; "
-            f"{len(turned)} annotated on the stored pixels had their boxes turned too ({_listed(turned)}), "
+            f"{len(turned)} annotated on the stored pixels had their boxes turned too ({listed(turned, SHOWN)}), "
             f"{as_shown} were annotated as shown",
             stacklevel=2,
         )
     if other_size:
         warnings.warn(
             f"{where}: {len(other_size)} image(s) are not the size their annotation gives; their boxes are used as "
-            f"they are: {_listed(other_size)}",
+            f"they are: {listed(other_size, SHOWN)}",
             stacklevel=2,
         )
     return kept
 
 
-def _listed(items: list[str]) -> str:
-    return ", ".join(items[:SHOWN]) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+def listed(items: list[str], shown: int = 3) -> str:
+    """'a, b, c and 2 more': the first `shown` of `items`, and how many more (for messages about the data)."""
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")

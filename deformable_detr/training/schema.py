@@ -11,6 +11,8 @@ import warnings
 import datasets
 from datasets import ClassLabel, Dataset, Features, List, Value
 
+from .image_files import listed
+
 SPLIT_NAMES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation", "test": "test"}
 
 
@@ -54,11 +56,6 @@ def keep_box(box, where: str) -> bool:
         return True
     warnings.warn(f"{where}: box {box} has no area; it is left out", stacklevel=1)  # about the data, not the caller
     return False
-
-
-def listed(items: list[str], shown: int = 3) -> str:
-    """'a, b, c and 2 more': the first `shown` of `items`, and how many more."""
-    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def warn_of_shared_images(images: dict[str, list[str]], source: str):

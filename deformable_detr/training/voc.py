@@ -10,9 +10,9 @@ from collections import Counter
 
 from datasets import Dataset
 
-from .image_files import check_images
+from .image_files import check_images, listed
 from .objects import objects_of_boxes
-from .schema import SPLIT_NAMES, finite_number, keep_box, listed, records_to_dataset, warn_of_shared_images
+from .schema import SPLIT_NAMES, finite_number, keep_box, records_to_dataset, warn_of_shared_images
 
 
 def load_voc(folder: str, skip_bad_images: bool = False) -> tuple[dict[str, Dataset], list[str]]:
