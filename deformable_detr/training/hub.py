@@ -9,12 +9,17 @@ from .options import TRACKING_DIR
 logger = logging.getLogger(__name__)
 
 
+def hub_repo_name(options) -> str:
+    """The repo --push_to_hub asks for: --hub_model_id, else output_dir's own name."""
+    return options.hub_model_id or os.path.basename(os.path.normpath(options.output_dir))
+
+
 def hub_repo(options) -> str:
     """The id of --push_to_hub's repo, created if need be: called before training too, so that a missing token or
     network stops the run then, not after hours of training (ValueError naming the repo and the cause)."""
     from huggingface_hub import HfApi
 
-    name = options.hub_model_id or os.path.basename(os.path.normpath(options.output_dir))
+    name = hub_repo_name(options)
     try:
         return HfApi(token=options.hub_token).create_repo(name, private=options.hub_private_repo, exist_ok=True).repo_id
     except Exception as error:  # noqa: BLE001 -- HTTP, network and auth errors of huggingface_hub alike

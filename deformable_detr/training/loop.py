@@ -28,7 +28,7 @@ from .checkpoints import BEST_DIR, TrainState, find_checkpoint, list_checkpoints
 from .data import load_detection_dataset
 from .ema import WeightAverage
 from .evaluation import coco_ground_truth, evaluate, format_metrics
-from .hub import hub_repo, push_to_hub
+from .hub import hub_repo, hub_repo_name, push_to_hub
 from .launch import check_launch
 from .model_card import write_model_card
 from .model_setup import build_model, parameter_groups
@@ -644,9 +644,7 @@ def finish(run: Run, processor, state, metrics, minutes):
             skipped_steps=state.skipped_steps,
             minutes=minutes,
             processes=accelerator.num_processes,
-            model_id=(options.hub_model_id or os.path.basename(os.path.normpath(options.output_dir)))
-            if options.push_to_hub
-            else options.output_dir,
+            model_id=hub_repo_name(options) if options.push_to_hub else options.output_dir,
         )
     logger.info("model, processor and model card saved to %s", options.output_dir)
     if options.push_to_hub:
