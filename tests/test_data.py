@@ -16,7 +16,7 @@ from deformable_detr.training.samples import DetectionCollator, DetectionSamples
 from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
 from deformable_detr.training.transforms import DetrAugmentation
 from tests.support.bccd import BCCD, BCCD_FULL
-from tests.support.datasets_on_disk import write_coco, write_imagefolder, write_voc
+from tests.support.datasets_on_disk import edited_coco, edited_voc, write_coco, write_imagefolder, write_voc
 
 
 @pytest.fixture(scope="module")
@@ -264,11 +264,11 @@ def test_crowd_regions_are_kept_for_evaluation_only(shapes, tmp_path):
 
 def test_duplicate_coco_image_ids_are_refused(shapes, tmp_path):
     """Two entries with one id would share their boxes: images[5] would get the boxes of images[1]."""
-    root = write_coco({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path), "instances")
-    path = os.path.join(root, "annotations", "instances_train.json")
-    coco = json.load(open(path))
-    coco["images"].append(coco["images"][1] | {"file_name": coco["images"][2]["file_name"]})
-    json.dump(coco, open(path, "w"))
+
+    def change(coco):
+        coco["images"].append(coco["images"][1] | {"file_name": coco["images"][2]["file_name"]})
+
+    root, _ = edited_coco(shapes["train"], tmp_path, change)
     with pytest.raises(ValueError, match=r"instances_train.json: images\[1\] and images\[5\] have the same id 101"):
         load_detection_dataset(root)
 
@@ -286,15 +286,14 @@ def test_duplicate_coco_image_ids_are_refused(shapes, tmp_path):
     ],
 )
 def test_coco_numbers_must_be_finite(shapes, tmp_path, entry, key, value, message):
-    root = write_coco({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path), "instances")
-    path = os.path.join(root, "annotations", "instances_train.json")
-    coco = json.load(open(path))
-    *parents, last = key
-    target = coco[entry][2]
-    for k in parents:
-        target = target[k]
-    target[last] = value
-    json.dump(coco, open(path, "w"))  # inf and nan as JSON's usual Infinity and NaN
+    def change(coco):
+        *parents, last = key
+        target = coco[entry][2]
+        for k in parents:
+            target = target[k]
+        target[last] = value
+
+    root, _ = edited_coco(shapes["train"], tmp_path, change)
     with pytest.raises(ValueError, match=re.escape(f"instances_train.json, {message}")):
         load_detection_dataset(root)
 
@@ -310,10 +309,7 @@ def test_coco_numbers_must_be_finite(shapes, tmp_path, entry, key, value, messag
     ],
 )
 def test_voc_numbers_must_be_finite(shapes, tmp_path, tag, value, message):
-    root = write_voc({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path))
-    path = os.path.join(root, "Annotations", "train_000.xml")
-    xml = re.sub(f"<{tag}>[^<]*</{tag}>", f"<{tag}>{value}</{tag}>", open(path).read(), count=1)
-    open(path, "w").write(xml)
+    root, _ = edited_voc(shapes["train"], tmp_path, f"<{tag}>[^<]*</{tag}>", f"<{tag}>{value}</{tag}>")
     with pytest.raises(ValueError, match=re.escape(f"train_000.xml, {message}")):
         load_detection_dataset(root)
 

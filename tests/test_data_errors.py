@@ -15,24 +15,12 @@ from deformable_detr.training.data import load_detection_dataset
 from deformable_detr.training.evaluation import coco_ground_truth, coco_metrics
 from deformable_detr.training.samples import DetectionCollator, DetectionSamples
 from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
-from tests.support.datasets_on_disk import write_coco, write_voc
+from tests.support.datasets_on_disk import edited_coco, edited_voc, write_coco, write_voc
 
 
 @pytest.fixture(scope="module")
 def shapes():
     return {"train": shapes_dataset(5, 64, seed=1), "validation": shapes_dataset(3, 64, seed=2)}
-
-
-def coco_folder(shapes, tmp_path, change) -> tuple[str, str]:
-    """A COCO folder (standard layout, a train split) whose loaded file `change(coco)` edits; (folder, file)."""
-    root = write_coco({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path), "instances")
-    path = os.path.join(root, "annotations", "instances_train.json")
-    with open(path) as f:
-        coco = json.load(f)
-    change(coco)
-    with open(path, "w") as f:
-        json.dump(coco, f)
-    return root, path
 
 
 def setting(entry: str, index: int, key: str, value):
@@ -85,7 +73,7 @@ def replacing(entry: str, value, index: int | None = None):
     ],
 )
 def test_bad_coco_fields_are_named(shapes, tmp_path, change, message):
-    root, path = coco_folder(shapes, tmp_path, change)
+    root, path = edited_coco(shapes["train"], tmp_path, change)
     with pytest.raises(ValueError, match=re.escape(f"{path}{'' if message.startswith(':') else ', '}{message}")):
         load_detection_dataset(root)
 
@@ -110,20 +98,9 @@ def test_bad_coco_fields_are_named(shapes, tmp_path, change, message):
 def test_coco_fields_named_before_stay_named(shapes, tmp_path, change, message):
     """Cases of the review that were named already (category_id's words changed: 'category_id '1' is not in
     'categories'')."""
-    root, path = coco_folder(shapes, tmp_path, change)
+    root, path = edited_coco(shapes["train"], tmp_path, change)
     with pytest.raises(ValueError, match=re.escape(f"{path}, {message}")):
         load_detection_dataset(root)
-
-
-def voc_folder(shapes, tmp_path, pattern: str, replacement: str) -> tuple[str, str]:
-    """A VOC folder (a train split) whose train_000.xml has the first match of `pattern` replaced; (folder, file)."""
-    root = write_voc({"train": shapes["train"]}, CLASS_NAMES, str(tmp_path))
-    path = os.path.join(root, "Annotations", "train_000.xml")
-    with open(path) as f:
-        xml = re.sub(pattern, replacement, f.read(), count=1)
-    with open(path, "w") as f:
-        f.write(xml)
-    return root, path
 
 
 @pytest.mark.parametrize(
@@ -148,7 +125,7 @@ def voc_folder(shapes, tmp_path, pattern: str, replacement: str) -> tuple[str, s
     ],
 )
 def test_bad_voc_elements_are_named(shapes, tmp_path, pattern, replacement, message):
-    root, path = voc_folder(shapes, tmp_path, pattern, replacement)
+    root, path = edited_voc(shapes["train"], tmp_path, pattern, replacement)
     with pytest.raises(ValueError, match=re.escape(f"{path}{message}")):
         load_detection_dataset(root)
 
@@ -165,8 +142,8 @@ def test_coco_ids_written_as_whole_floats_are_integers(shapes, tmp_path):
             for entry in coco[key]:
                 entry.update({field: float(entry[field]) for field in fields})
 
-    plain, _ = load_detection_dataset(coco_folder(shapes, tmp_path / "plain", lambda coco: None)[0])
-    floats, _ = load_detection_dataset(coco_folder(shapes, tmp_path / "floats", as_floats)[0])
+    plain, _ = load_detection_dataset(edited_coco(shapes["train"], tmp_path / "plain", lambda coco: None)[0])
+    floats, _ = load_detection_dataset(edited_coco(shapes["train"], tmp_path / "floats", as_floats)[0])
     for split in ("train", "validation"):
         assert (
             floats[split].select_columns(["image_id", "objects"]).to_list()
@@ -176,7 +153,7 @@ def test_coco_ids_written_as_whole_floats_are_integers(shapes, tmp_path):
 
 @pytest.mark.parametrize("flag, crowd", [("1", 1), ("True", 1), ("false", 0)])
 def test_voc_difficult_flags_as_words(shapes, tmp_path, flag, crowd):
-    root, _ = voc_folder(shapes, tmp_path, "<difficult>0</difficult>", f"<difficult>{flag}</difficult>")
+    root, _ = edited_voc(shapes["train"], tmp_path, "<difficult>0</difficult>", f"<difficult>{flag}</difficult>")
     splits, _ = load_detection_dataset(root, validation_fraction=0.4)
     crowds = [c for split in splits.values() for o in split["objects"] for c in o["iscrowd"]]
     assert sorted(crowds)[-1] == crowd
