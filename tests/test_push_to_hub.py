@@ -95,7 +95,7 @@ def test_training_script_pushes_and_the_repo_loads_anywhere(tmp_path, image, sha
             "1",
             "--push_to_hub",
             "--hub_model_id",
-            "user/shapes-detr",
+            "shapes-detr",  # no namespace: the Hub puts it under the token's user
             "--hub_token",
             "hf_given_token",
             "--hub_private_repo",
@@ -116,7 +116,7 @@ def test_training_script_pushes_and_the_repo_loads_anywhere(tmp_path, image, sha
     assert files["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
     assert "hf_given_token" in hub.tokens
     assert "mAP@[.5:.95]" in files["README.md"].decode()
-    assert 'model="user/shapes-detr"' in files["README.md"].decode()  # the card's example loads the pushed repo
+    assert 'model="user/shapes-detr"' in files["README.md"].decode()  # the card's example names the repo as pushed
     assert "hf_given_token" not in files["README.md"].decode()  # the command in the card hides it
     check_remote_load(hub, tmp_path, "user/shapes-detr", output_dir, image)
 

@@ -9,17 +9,13 @@ from .options import TRACKING_DIR
 logger = logging.getLogger(__name__)
 
 
-def hub_repo_name(options) -> str:
-    """The repo --push_to_hub asks for: --hub_model_id, else output_dir's own name."""
-    return options.hub_model_id or os.path.basename(os.path.normpath(options.output_dir))
-
-
 def hub_repo(options) -> str:
-    """The id of --push_to_hub's repo, created if need be: called before training too, so that a missing token or
-    network stops the run then, not after hours of training (ValueError naming the repo and the cause)."""
+    """The id of --push_to_hub's repo (--hub_model_id, else output_dir's own name), created if need be, as the Hub
+    names it (`user/name`): called before training too, so that a missing token or network stops the run then, not
+    after hours of training (ValueError naming the repo and the cause)."""
     from huggingface_hub import HfApi
 
-    name = hub_repo_name(options)
+    name = options.hub_model_id or os.path.basename(os.path.normpath(options.output_dir))
     try:
         return HfApi(token=options.hub_token).create_repo(name, private=options.hub_private_repo, exist_ok=True).repo_id
     except Exception as error:  # noqa: BLE001 -- HTTP, network and auth errors of huggingface_hub alike
@@ -30,11 +26,11 @@ def hub_repo(options) -> str:
         ) from error
 
 
-def push_to_hub(options) -> str:
-    """Uploads output_dir without its checkpoints, best model copy, TensorBoard runs and log; -> the commit URL."""
+def push_to_hub(options, repo_id: str) -> str:
+    """Uploads output_dir to `repo_id` without its checkpoints, best model copy, TensorBoard runs and log; -> the
+    commit URL."""
     from huggingface_hub import HfApi
 
-    repo_id = hub_repo(options)
     commit = HfApi(token=options.hub_token).upload_folder(
         repo_id=repo_id,
         folder_path=options.output_dir,

@@ -28,7 +28,7 @@ from .checkpoints import BEST_DIR, TrainState, find_checkpoint, list_checkpoints
 from .data import load_detection_dataset
 from .ema import WeightAverage
 from .evaluation import coco_ground_truth, evaluate, format_metrics
-from .hub import hub_repo, hub_repo_name, push_to_hub
+from .hub import hub_repo, push_to_hub
 from .launch import check_launch
 from .model_card import write_model_card
 from .model_setup import build_model, parameter_groups
@@ -626,6 +626,7 @@ def finish(run: Run, processor, state, metrics, minutes):
         metrics = next(h["eval"] for h in state.history if h.get("step") == state.best_step and "eval" in h)
         logger.info("the saved model is the best one, from step %d", state.best_step)
     model = bare(run)
+    repo_id = hub_repo(options) if options.push_to_hub else None
     with reporting_full_disk(options.output_dir, weight_bytes(model)):
         model.save_pretrained(options.output_dir, state_dict=weights)
         processor.save_pretrained(options.output_dir)
@@ -644,8 +645,8 @@ def finish(run: Run, processor, state, metrics, minutes):
             skipped_steps=state.skipped_steps,
             minutes=minutes,
             processes=accelerator.num_processes,
-            model_id=hub_repo_name(options) if options.push_to_hub else options.output_dir,
+            model_id=repo_id or options.output_dir,
         )
     logger.info("model, processor and model card saved to %s", options.output_dir)
-    if options.push_to_hub:
-        push_to_hub(options)
+    if repo_id:
+        push_to_hub(options, repo_id)
