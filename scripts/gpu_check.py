@@ -33,6 +33,7 @@ import torch
 
 ENCODER_SHAPES = [(100, 167), (50, 84), (25, 42), (13, 21)]  # an 800x1333 image at strides 8, 16, 32, 64
 QUICK_SHAPES = [(8, 12), (4, 6), (2, 3), (1, 2)]
+TIMED_QUICK_SHAPES = [(2, 3), (1, 2)]  # --quick's timings: the interpreter runs every program in Python
 
 
 def parse_args(argv=None):
@@ -163,17 +164,43 @@ def copy_bandwidth(device, quick) -> float:
 # ---------------------------------------------------------------------------------------------------- the op
 
 
-def op_inputs(shapes, batch, queries, device, dtype=torch.float32, heads=8, dim=32, points=4, seed=0, outside=0.05):
-    """value (B, S, M, D) in dtype; locations (B, Q, M, L, K, 2) in [-outside, 1 + outside] and weights
-    (B, Q, M, L, K), softmax over L*K, in fp32 (as the model gives them under autocast); on device."""
+def op_inputs(
+    shapes, batch, queries, device, dtype=torch.float32, heads=8, dim=32, points=4, seed=0, outside=0.05, local=False
+):
+    """value (B, S, M, D) in dtype; locations (B, Q, M, L, K, 2) and weights (B, Q, M, L, K), softmax over L*K, in
+    fp32 (as the model gives them under autocast); on device. The locations are uniform in [-outside, 1 + outside],
+    or with `local` (queries == S) an encoder layer's: near each query's own pixel (encoder_locations)."""
     g = torch.Generator().manual_seed(seed)
     S, L = sum(h * w for h, w in shapes), len(shapes)
     value = torch.randn(batch, S, heads, dim, generator=g)
-    locations = torch.rand(batch, queries, heads, L, points, 2, generator=g) * (1 + 2 * outside) - outside
+    if local:
+        locations = encoder_locations(shapes, batch, heads, points, g)
+    else:
+        locations = torch.rand(batch, queries, heads, L, points, 2, generator=g) * (1 + 2 * outside) - outside
     weights = (
         torch.randn(batch, queries, heads, L * points, generator=g).softmax(-1).view(batch, queries, heads, L, points)
     )
     return value.to(device, dtype), locations.to(device), weights.to(device)
+
+
+def encoder_locations(shapes, batch, heads, points, generator, spread=2.0):
+    """(B, S, M, L, K, 2): where an encoder layer samples. Every query is a pixel of one level, and its reference point
+    that pixel's centre; head m samples K points along its own direction, k + 1 pixels out at every level (the
+    model's initial offsets), each moved by N(0, spread) pixels."""
+    centres = []
+    for h, w in shapes:
+        y, x = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+        centres.append(torch.stack([x, y], -1).view(-1, 2))
+    reference = torch.cat(centres)[None, :, None, None, None, :]  # (1, S, 1, 1, 1, 2)
+    angles = torch.arange(heads) * (2 * math.pi / heads)
+    directions = torch.stack([angles.cos(), angles.sin()], -1)
+    directions = directions / directions.abs().amax(-1, keepdim=True)  # (M, 2), as the model initialises them
+    steps = torch.arange(1, points + 1, dtype=torch.float32)
+    offsets = directions[:, None, None, :] * steps[None, None, :, None]  # (M, 1, K, 2) pixels
+    S, L = reference.shape[1], len(shapes)
+    offsets = offsets + spread * torch.randn(batch, S, heads, L, points, 2, generator=generator)
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)[:, None, :]  # (L, 1, 2)
+    return reference + offsets / sizes
 
 
 def run_op(backend, value, shapes, locations, weights, grad_output=None):
@@ -239,6 +266,8 @@ def op_correctness(report, device, quick):
             (torch.float32, torch.bfloat16, torch.float16),
         ),
         (f"encoder, batch {big_batch}", encoder, big_batch, S, (torch.float32, torch.bfloat16)),
+        # many queries add into the same value rows: the atomic adds' worst contention
+        (f"encoder, its own locations, batch {big_batch}", encoder, big_batch, S, (torch.float32,)),
         (
             f"decoder, {queries} queries, batch {big_batch}",
             encoder,
@@ -248,7 +277,7 @@ def op_correctness(report, device, quick):
         ),
     ]
     for name, shapes, batch, q, dtypes in cases:
-        value, locations, weights = op_inputs(shapes, batch, q, device, heads=heads)
+        value, locations, weights = op_inputs(shapes, batch, q, device, heads=heads, local="own locations" in name)
         for dtype in dtypes:
             exact = dtype == torch.float32
             compare_op(
@@ -395,106 +424,122 @@ def floor_bytes(value, locations, weights, backward: bool) -> int:
 
 
 def op_speed(report, device, quick, bandwidth):
+    """Per encoder layer, Triton against the reference, at uniform sampling locations (no two queries share a
+    value row: a worst case for the caches) and at an encoder layer's own (encoder_locations)."""
     from deformable_detr.benchmarking import median_time, peak_memory
     from deformable_detr.ms_deform_attn import BACKENDS
 
     section = "op speed, one encoder layer"
     heads = 2 if quick else 8
-    shapes = [(2, 3), (1, 2)] if quick else ENCODER_SHAPES  # quick: the interpreter runs every program in Python
+    shapes = TIMED_QUICK_SHAPES if quick else ENCODER_SHAPES
     S = sum(h * w for h, w in shapes)
     repeats, calls = (1, 1) if quick else (7, 5)
     results = {}
-    for batch in (1, 2 if quick else 8):
-        for dtype in (torch.float32, torch.bfloat16):
-            value, locations, weights = op_inputs(shapes, batch, S, device, dtype, heads)
-            grad_output = torch.randn(batch, S, heads * 32, device=device, dtype=dtype)
-            for backward in (False, True):
+    cases = [
+        (local, batch, dtype, backward)
+        for local in (False, True)
+        for batch in ((2,) if quick else (1, 8))  # quick: each case takes the interpreter seconds
+        for dtype in (torch.float32, torch.bfloat16)
+        for backward in (False, True)
+    ]
+    for local, batch, dtype, backward in cases:
+        value, locations, weights = op_inputs(shapes, batch, S, device, dtype, heads, local=local)
+        grad_output = torch.randn(batch, S, heads * 32, device=device, dtype=dtype)
 
-                def step(backend):
-                    # the reference runs in fp32, as autocast runs grid_sample
-                    v = value if backend == "triton" else value.float()
-                    inputs = [t.detach().requires_grad_(backward) for t in (v, locations, weights)]
-                    with torch.set_grad_enabled(backward):
-                        out = BACKENDS[backend](inputs[0], shapes, inputs[1], inputs[2])
-                        if backward:
-                            out.backward(grad_output.to(out.dtype))
-
-                ours, theirs = (
-                    median_time(lambda b=b: step(b), device, repeats, calls) for b in ("triton", "reference")
-                )
-                memory = [peak_memory(lambda b=b: step(b), device, cpu=False) for b in ("triton", "reference")]
-                floor = floor_bytes(value, locations, weights, backward) / bandwidth
-                kind = "forward+backward" if backward else "forward"
-                name = f"{kind}, {str(dtype)[6:]}, batch {batch}"
-                results[name] = ours
-                text = (
-                    f"Triton {ours * 1e3:.3f} ms, reference {theirs * 1e3:.2f} ms: {theirs / ours:.1f}x; "
-                    f"{ours / floor:.2f}x the memory floor ({floor * 1e3:.3f} ms); "
-                    f"peak memory {memory[0]:.0f} / {memory[1]:.0f} MiB"
-                )
-                figures = dict(
-                    triton_ms=ours * 1e3,
-                    reference_ms=theirs * 1e3,
-                    speedup=theirs / ours,
-                    floor_ms=floor * 1e3,
-                    floor_multiple=ours / floor,
-                    triton_peak_mib=memory[0],
-                    reference_peak_mib=memory[1],
-                )
+        def step(backend):
+            # the reference runs in fp32, as autocast runs grid_sample
+            v = value if backend == "triton" else value.float()
+            inputs = [t.detach().requires_grad_(backward) for t in (v, locations, weights)]
+            with torch.set_grad_enabled(backward):
+                out = BACKENDS[backend](inputs[0], shapes, inputs[1], inputs[2])
                 if backward:
-                    report.target(section, name, theirs / ours >= 5, text + " (target: >= 5x)", **figures)
-                elif dtype == torch.float32:
-                    report.target(
-                        section,
-                        name,
-                        theirs / ours >= 10 and ours / floor <= 3,
-                        text + " (target: >= 10x, <= 3x the floor)",
-                        **figures,
-                    )
-                else:
-                    fp32 = results[f"forward, float32, batch {batch}"]
-                    report.target(
-                        section,
-                        name,
-                        ours <= fp32 * 1.05,
-                        text + f" (target: no slower than fp32's {fp32 * 1e3:.3f} ms)",
-                        **figures,
-                    )
+                    out.backward(grad_output.to(out.dtype))
+
+        ours, theirs = (median_time(lambda b=b: step(b), device, repeats, calls) for b in ("triton", "reference"))
+        memory = [peak_memory(lambda b=b: step(b), device, cpu=False) for b in ("triton", "reference")]
+        floor = floor_bytes(value, locations, weights, backward) / bandwidth
+        # every point reads its four corners' rows of D channels: from the caches, or memory where they miss
+        gathered = weights.numel() * 4 * value.shape[-1] * value.element_size() / ours
+        where = "encoder's locations" if local else "uniform locations"
+        name = f"{'forward+backward' if backward else 'forward'}, {str(dtype)[6:]}, batch {batch}, {where}"
+        results[name] = ours
+        text = (
+            f"Triton {ours * 1e3:.3f} ms, reference {theirs * 1e3:.2f} ms: {theirs / ours:.1f}x; "
+            f"{ours / floor:.2f}x the memory floor ({floor * 1e3:.3f} ms)"
+            + ("" if backward else f", corners read at {gathered / 1e12:.1f} TB/s")
+            + f"; peak memory {memory[0]:.0f} / {memory[1]:.0f} MiB"
+        )
+        figures = dict(
+            triton_ms=ours * 1e3,
+            reference_ms=theirs * 1e3,
+            speedup=theirs / ours,
+            floor_ms=floor * 1e3,
+            floor_multiple=ours / floor,
+            triton_peak_mib=memory[0],
+            reference_peak_mib=memory[1],
+        )
+        if not backward:
+            figures["corner_bytes_per_s"] = gathered
+        if backward:
+            report.target(section, name, theirs / ours >= 5, text + " (target: >= 5x)", **figures)
+        elif dtype == torch.float32:
+            report.target(
+                section,
+                name,
+                theirs / ours >= 10 and ours / floor <= 3,
+                text + " (target: >= 10x, <= 3x the floor)",
+                **figures,
+            )
+        else:
+            fp32 = results[name.replace("bfloat16", "float32")]
+            report.target(
+                section,
+                name,
+                ours <= fp32 * 1.05,
+                text + f" (target: no slower than fp32's {fp32 * 1e3:.3f} ms)",
+                **figures,
+            )
 
 
 def sweep(report, device, quick):
-    """Times the kernels' launch settings at the encoder shapes (batch 8): BLOCK_Q x num_warps."""
+    """Times the kernels' launch settings at the encoder shapes (batch 8), uniform and encoder's locations:
+    BLOCK_Q x num_warps (each setting compiles once, for both)."""
     from deformable_detr import ms_deform_attn_triton as kernels
     from deformable_detr.benchmarking import median_time
     from deformable_detr.ms_deform_attn import kernel_shapes
 
-    shapes = QUICK_SHAPES if quick else ENCODER_SHAPES
+    shapes = TIMED_QUICK_SHAPES if quick else ENCODER_SHAPES
     batch, heads = (2, 2) if quick else (8, 8)
     S = sum(h * w for h, w in shapes)
     shapes_tensor, starts = kernel_shapes(shapes, device)
     # the pairs near the best of earlier sweeps (each backward setting takes about 25 s to compile)
     settings = [(32, 4), (64, 4)] if quick else [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
-    for dtype, directions in ((torch.float32, ("backward", "forward")), (torch.bfloat16, ("forward",))):
-        value, locations, weights = op_inputs(shapes, batch, S, device, dtype, heads)
+    cases = [
+        (dtype, direction, local)
+        for dtype, directions in ((torch.float32, ("backward", "forward")), (torch.bfloat16, ("forward",)))
+        for direction in directions
+        for local in (False, True)
+    ]
+    for dtype, direction, local in cases:
+        value, locations, weights = op_inputs(shapes, batch, S, device, dtype, heads, local=local)
         grad_output = torch.randn(batch, S, heads, 32, device=device, dtype=dtype)
-        for direction in directions:
-            times = {}
-            for block_q, warps in settings:
-                inputs = (value, shapes_tensor, starts, locations, weights, block_q, warps)
-                if direction == "forward":
-                    fn = partial(kernels.forward, *inputs)
-                else:
-                    fn = partial(kernels.backward, grad_output, *inputs)
-                times[f"BLOCK_Q={block_q} warps={warps}"] = (
-                    median_time(fn, device, 2 if quick else 5, 1 if quick else 3) * 1e3
-                )
-            best = min(times, key=times.get)
-            report.add(
-                "launch settings, encoder batch " + str(batch),
-                f"{direction}, {str(dtype)[6:]}",
-                f"best {best} {times[best]:.3f} ms; " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()),
-                **times,
+        times = {}
+        for block_q, warps in settings:
+            inputs = (value, shapes_tensor, starts, locations, weights, block_q, warps)
+            if direction == "forward":
+                fn = partial(kernels.forward, *inputs)
+            else:
+                fn = partial(kernels.backward, grad_output, *inputs)
+            times[f"BLOCK_Q={block_q} warps={warps}"] = (
+                median_time(fn, device, 2 if quick else 5, 1 if quick else 3) * 1e3
             )
+        best = min(times, key=times.get)
+        report.add(
+            "launch settings, encoder batch " + str(batch),
+            f"{direction}, {str(dtype)[6:]}, {'encoder' if local else 'uniform'} locations",
+            f"best {best} {times[best]:.3f} ms; " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()),
+            **times,
+        )
 
 
 # ------------------------------------------------------------------------------------------------- the model

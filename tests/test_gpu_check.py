@@ -23,6 +23,9 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     for expected in (
         "self-check",
         "encoder",
+        "its own locations",  # an encoder layer's sampling pattern: correctness, speed and launch settings
+        "encoder's locations",
+        "encoder locations",
         "decoder",
         "float16",
         "bfloat16",
