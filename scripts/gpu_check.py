@@ -627,11 +627,14 @@ def inference(report, device, quick, hf, ours):
 def compiled_inference(report, device, quick, ours, variants=False):
     """torch.compile of our model against eager, fp32, the larger batch; with `variants`, also compiled with
     Inductor's layout optimisation off (which turns convolutions channels-last)."""
+    from torch._dynamo.utils import counters
+
     from deformable_detr.benchmarking import median_time
     from deformable_detr.onnx_export import max_abs_difference
 
     batch, height, width = (2, 96, 128) if quick else (8, 800, 1333)
     x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch)).to(device)
+    counters.clear()
     compiled = torch.compile(ours)
     with torch.no_grad():
         started = time.perf_counter()
@@ -645,12 +648,18 @@ def compiled_inference(report, device, quick, ours, variants=False):
             f"(compiled in {seconds:.0f} s)",
         )
         eager, fast = (median_time(lambda m=m: m(pixel_values=x), device, 2 if quick else 5) for m in (ours, compiled))
+    # graph breaks and recompiles (counted over the compile and every timed call) are where compiled code loses
+    breaks = counters["graph_break"]
+    graphs = counters["stats"]["unique_graphs"]
     report.add(
         inference_section(quick),
         f"batch {batch}, fp32: torch.compile speed",
-        f"eager {eager * 1e3:.1f} ms, compiled {fast * 1e3:.1f} ms: {eager / fast:.2f}x",
+        f"eager {eager * 1e3:.1f} ms, compiled {fast * 1e3:.1f} ms: {eager / fast:.2f}x; {graphs} graph(s), "
+        f"{sum(breaks.values())} graph break(s)" + "".join(f"; {reason[:150]!r}" for reason in list(breaks)[:3]),
         eager_ms=eager * 1e3,
         compiled_ms=fast * 1e3,
+        graphs=graphs,
+        graph_breaks=sum(breaks.values()),
     )
     if variants:
         import torch._inductor.config as inductor

@@ -43,6 +43,8 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
         "transformers, fp16: step",
     ):
         assert expected in names, expected
+    speed = next(row for row in rows if row["name"].endswith("torch.compile speed"))
+    assert speed["figures"]["graphs"] >= 1 and speed["figures"]["graph_breaks"] == 0
     # every op check compared something: values are real numbers below their limits
     checks = [row for row in rows if "limit" in row["figures"]]
     assert len(checks) >= 20 and all(0 <= row["figures"]["value"] <= row["figures"]["limit"] for row in checks)
