@@ -54,10 +54,13 @@ struct Corners {
     // the same arithmetic as the reference: grid = 2 * loc - 1, then grid_sample's unnormalisation
     const T gx = loc_x * T(2) - T(1), gy = loc_y * T(2) - T(1);
     const T x = ((gx + T(1)) * W - T(1)) / T(2), y = ((gy + T(1)) * H - T(1)) / T(2);
-    any = x > T(-1) && y > T(-1) && x < T(W) && y < T(H);
+    // a NaN coordinate fails every comparison, so its point goes on, with NaN weights and (as (int64_t)NaN is
+    // undefined) every corner put outside: the NaN reaches the output and the gradients, as in the reference
+    any = !(x <= T(-1) || y <= T(-1) || x >= T(W) || y >= T(H));
     if (!any) return;
+    const bool nan = std::isnan(x) || std::isnan(y);
     const T fx0 = std::floor(x), fy0 = std::floor(y);
-    const int64_t x0 = (int64_t)fx0, y0 = (int64_t)fy0;
+    const int64_t x0 = nan ? -2 : (int64_t)fx0, y0 = nan ? -2 : (int64_t)fy0;
     const T fx = x - fx0, fy = y - fy0;
     const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1};
     const int64_t ys[4] = {y0, y0, y0 + 1, y0 + 1};

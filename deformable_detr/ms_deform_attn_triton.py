@@ -56,8 +56,10 @@ if triton is not None:
         # grid_sample's arithmetic (align_corners=False): grid = 2 * loc - 1, x = ((grid + 1) * W - 1) / 2
         x = ((lx * 2.0 - 1.0 + 1.0) * W - 1.0) / 2.0
         y = ((ly * 2.0 - 1.0 + 1.0) * H - 1.0) / 2.0
-        fx0 = tl.floor(x)
-        fy0 = tl.floor(y)
+        # a NaN location keeps its NaN fractions, which reach the output, but its corners go outside the map, as
+        # converting NaN to an integer gives a different pixel on each device
+        fx0 = tl.where(x == x, tl.floor(x), -2.0)
+        fy0 = tl.where(y == y, tl.floor(y), -2.0)
         return a, fx0.to(tl.int32), fy0.to(tl.int32), x - fx0, y - fy0
 
     # Q and S are not specialised (Triton would compile again whenever they change divisibility by 16: with

@@ -324,7 +324,8 @@ def op_deterministic(report, device, quick):
 
 
 def op_edge_cases(report, device, quick):
-    """Points on pixel edges and map borders, padded values, non-contiguous inputs, an empty batch."""
+    """Points on pixel edges and map borders, padded values, non-contiguous inputs, a NaN location, an empty
+    batch."""
     section = "op: Triton vs reference"
     heads = 2 if quick else 8
     encoder = QUICK_SHAPES if quick else ENCODER_SHAPES
@@ -371,6 +372,23 @@ def op_edge_cases(report, device, quick):
     assert not (value_view.is_contiguous() or locations_view.is_contiguous() or weights_view.is_contiguous())
     compare_op(
         report, "non-contiguous inputs", value_view, encoder, locations_view, weights_view, torch.float32, 1e-5, 1e-4
+    )
+
+    # a NaN location: NaN in its query's output (that head's channels) and its own gradients, as in the reference,
+    # and nowhere else (converting NaN to a pixel index differs between devices: the kernels keep it outside the map)
+    value, locations, weights = op_inputs(encoder, 1, 9, device, heads=heads, seed=5)
+    locations[0, 4, 0, 1, 2, 0] = float("nan")
+    output, grads = run_op("triton", value, encoder, locations, weights, torch.ones(1, 9, heads * 32, device=device))
+    nans = [output.isnan().sum().item(), *(g.isnan().sum().item() for g in grads)]
+    # the location's own gradient: x's NaN, y's NaN or not
+    ok = output[0, 4, :32].isnan().all().item() and nans[0] == 32 and nans[1] == 0 and nans[2] in (1, 2)
+    ok = ok and nans[3] == 1
+    report.add(
+        section,
+        "a NaN location",
+        f"NaN in the output {nans[0]} times (32 expected), in the gradients of value {nans[1]}, locations "
+        f"{nans[2]}, weights {nans[3]} times",
+        "pass" if ok else "fail",
     )
 
     # an empty batch: shapes right, no launch error

@@ -32,6 +32,7 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
         "pixel edges",
         "padded values",
         "non-contiguous",
+        "a NaN location",
         "empty batch",
         "fp64 gradcheck",
         "copy bandwidth",

@@ -72,6 +72,21 @@ def test_inputs_that_disagree_are_refused_before_any_kernel_runs(backend):
             multi_scale_deformable_attention(*inputs, backend=backend)
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_a_nan_location_reaches_its_query_output_and_gradients(backend):
+    """As in the reference: the fused CPU kernel used to skip a NaN point, hiding it behind a finite output."""
+    value, spatial_shapes, locations, weights = random_inputs([(3, 4), (2, 2)], Q=3, K=2)
+    locations[0, 1, 0, 1, 0, 0] = float("nan")  # batch 0, query 1, head 0, level 1, point 0: x
+    inputs = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+    out = multi_scale_deformable_attention(inputs[0], spatial_shapes, inputs[1], inputs[2], backend=backend)
+    out.sum().backward()
+    D = value.shape[-1]
+    assert out[0, 1, :D].isnan().all() and not out[0, 1, D:].isnan().any()  # head 0 of query 1, not head 1
+    assert out.isnan().sum() == D  # no other query
+    assert inputs[2].grad[0, 1, 0, 1, 0].isnan() and inputs[2].grad.isnan().sum() == 1
+    assert inputs[1].grad[0, 1, 0, 1, 0].isnan().any()
+
+
 def test_the_fused_cpu_kernel_builds_here():
     """CI has a compiler: the fast path must be there (users without one fall back to the reference)."""
     assert available_backends("cpu")[0] == "cpu"

@@ -95,4 +95,13 @@ for dtype, limit in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
         assert (a - b).abs().max() <= limit * max(1.0, a.abs().max().item()), (dtype, name)
         assert torch.equal(b, c), (dtype, name)
 
+# a NaN location: NaN in its query's output and its own gradients, as in the reference, and nowhere else
+value, spatial_shapes, locations, weights = random_inputs(SHAPES[:2], B=1, Q=3, M=2, D=4, K=2, dtype=torch.float32)
+locations[0, 1, 0, 1, 0, 1] = float("nan")
+inputs = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+out = op("triton", inputs[0], spatial_shapes, inputs[1], inputs[2])
+out.sum().backward()
+assert out.isnan().sum() == 4 and out[0, 1, :4].isnan().all(), out
+assert not inputs[0].grad.isnan().any() and inputs[2].grad.isnan().sum() == 1
+
 print("triton kernels: all checks passed")
