@@ -110,6 +110,8 @@ def load_detector(model_path: str, device: str):
         processor = DeformableDetrImageProcessor.from_pretrained(model_path)
     except OSError:
         processor = DeformableDetrImageProcessor()
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{os.path.join(model_path, 'preprocessor_config.json')}: {error}") from None
     return model.to(device).eval(), processor
 
 

@@ -91,7 +91,8 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
 
     Args:
         size: `{"shortest_edge", "longest_edge"}`, `{"max_height", "max_width"}` (keep aspect ratio) or
-            `{"height", "width"}` (exact).
+            `{"height", "width"}` (exact); an int is the shortest edge, with `max_size` (default 1333) the longest,
+            as in transformers' older configs (the paper's checkpoints on the Hub have them).
         pad_size: `{"height", "width"}` of a fixed canvas; None pads to the largest image of each batch.
         do_convert_annotations: give label boxes as normalised (cx, cy, w, h).
         boxes_relative_to: what those are relative to: "canvas", the padded canvas (as transformers), or "image",
@@ -117,7 +118,10 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         boxes_relative_to="canvas",
         **kwargs,
     ):
+        max_size = kwargs.pop("max_size", None)  # transformers' older configs: with an int size only
         super().__init__(**kwargs)
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = {"shortest_edge": size, "longest_edge": 1333 if max_size is None else max_size}
         self.do_resize, self.resample, self.do_rescale, self.rescale_factor = (
             do_resize,
             int(resample),
@@ -135,11 +139,12 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _check_size(size, name, kinds=SIZE_KINDS) -> dict:
-        size = {k: v for k, v in dict(size).items() if v is not None}
+        keys = " or ".join(str(sorted(k)) for k in kinds)
+        if not isinstance(size, dict):
+            raise ValueError(f"{name} must be a dict with the keys {keys}, got {size!r}")
+        size = {k: v for k, v in size.items() if v is not None}
         if set(size) not in kinds:
-            raise ValueError(
-                f"{name} must have the keys {' or '.join(str(sorted(k)) for k in kinds)}, got {sorted(size)}"
-            )
+            raise ValueError(f"{name} must have the keys {keys}, got {sorted(size)}")
         if any(not isinstance(v, int) or v < 1 for v in size.values()):
             raise ValueError(f"{name} values must be positive integers, got {size}")
         return size

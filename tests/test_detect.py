@@ -169,6 +169,14 @@ def test_bad_arguments_are_named(tmp_path):
         main([str(tmp_path / "photos"), "--model", str(tmp_path)])
 
 
+def test_a_bad_processor_config_is_named(tmp_path):
+    saved_detector(tmp_path / "model")
+    config = tmp_path / "model" / "preprocessor_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"size": "big"}))
+    with pytest.raises(SystemExit, match=r"error: .*model/preprocessor_config.json: size must be a dict"):
+        main([str(BCCD / "JPEGImages" / "BloodImage_00000.jpg"), "--model", str(tmp_path / "model")])
+
+
 def test_classes_get_distinct_colours():
     colours = [class_colour(i) for i in range(12)]
     assert len(set(colours)) == 12

@@ -94,6 +94,21 @@ def test_an_image_without_objects_is_valid():
     assert labels["boxes"].shape == (0, 4) and labels["class_labels"].shape == (0,) and labels["image_id"].item() == 7
 
 
+def test_older_configs_with_an_int_size_and_max_size_load_as_in_transformers(tmp_path):
+    """The paper's checkpoints on the Hub have transformers' older processor config: `"size": 800, "max_size":
+    1333`. Loading it failed with "'int' object is not iterable", and so did detect on such a folder."""
+    legacy = {"feature_extractor_type": "DeformableDetrFeatureExtractor", "format": "coco_detection", "size": 96}
+    image, annotation = bccd_example("BloodImage_00000")
+    for config in (legacy | {"max_size": 120}, legacy):
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+        theirs = DeformableDetrImageProcessorPil.from_pretrained(tmp_path)
+        ours = DeformableDetrImageProcessor.from_pretrained(tmp_path)
+        assert ours.size == {"shortest_edge": theirs.size.shortest_edge, "longest_edge": theirs.size.longest_edge}
+        kwargs = dict(annotations=annotation, return_tensors="pt")
+        compare(theirs(image, **kwargs), ours(image, **kwargs))
+    assert DeformableDetrImageProcessor(size=500).size == {"shortest_edge": 500, "longest_edge": 1333}
+
+
 def test_bad_annotations_and_options_are_named():
     image, _ = bccd_example("BloodImage_00000")
     processor = DeformableDetrImageProcessor()
@@ -103,6 +118,8 @@ def test_bad_annotations_and_options_are_named():
         processor([image], annotations=[{"annotations": []}] * 2)
     with pytest.raises(ValueError, match="size must have the keys"):
         DeformableDetrImageProcessor(size={"shortest_edge": 800})
+    with pytest.raises(ValueError, match="size must be a dict with the keys .*, got '800'"):
+        DeformableDetrImageProcessor(size="800")
     with pytest.raises(ValueError, match="image 0 has 5 channels"):
         processor(np.zeros((10, 10, 5), dtype=np.uint8))
     with pytest.raises(TypeError, match="image 0 is a str"):
