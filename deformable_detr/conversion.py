@@ -136,18 +136,21 @@ def _split_in_proj(state: dict) -> dict:
     return out
 
 
+def _some(keys) -> str:
+    """The first ten of `keys`, sorted, for a message: "['a', 'b'] ..." when there are more."""
+    keys = sorted(keys)
+    return f"{keys[:10]}{' ...' if len(keys) > 10 else ''}"
+
+
 def _load_converted(config, state, source):
     from .modeling_deformable_detr import DeformableDetrForObjectDetection
 
     model = DeformableDetrForObjectDetection(config)
     expected = model.state_dict()
-    unknown = sorted(k for k in state if k not in expected)
-    missing = sorted(k for k in expected if k not in state)
+    unknown = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state]
     if unknown or missing:
-        raise ValueError(
-            f"{source}: keys left unmapped {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
-            f"our keys not found {missing[:10]}{' ...' if len(missing) > 10 else ''}"
-        )
+        raise ValueError(f"{source}: keys left unmapped {_some(unknown)}; our keys not found {_some(missing)}")
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, ours {tuple(expected[key].shape)}")
@@ -281,8 +284,9 @@ def from_original_checkpoint(path, **config_overrides):
 def load_model(source: str):
     """A saved model folder or Hub id, ours or transformers' Deformable DETR (converted) -> our detector.
 
-    Raises FileNotFoundError when `source` is neither a folder here nor a model on the Hub, and ValueError naming
-    the file or the parameter when the weights cannot be read or hold NaN or infinity."""
+    Raises FileNotFoundError when `source` is neither a folder here nor a model on the Hub (or the folder has no
+    config.json), and ValueError naming the file or the parameters when the weights cannot be read, do not fit the
+    config (transformers would leave those at random) or hold NaN or infinity."""
     from safetensors import SafetensorError
     from transformers import PretrainedConfig
 
@@ -291,6 +295,10 @@ def load_model(source: str):
     not_here = _mistyped_local_path(source)
     if not_here:
         raise FileNotFoundError(not_here)
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise FileNotFoundError(
+            f"{os.path.join(source, 'config.json')}: no such file (a saved model is config.json beside its weights)"
+        )
     try:
         model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
     except OSError as error:
@@ -304,7 +312,10 @@ def load_model(source: str):
         if model_type == "deformable_detr":  # transformers' own checkpoint
             model = DeformableDetrForObjectDetection.from_transformers(source)
         else:
-            model = DeformableDetrForObjectDetection.from_pretrained(source)
+            model, loading = DeformableDetrForObjectDetection.from_pretrained(
+                source, output_loading_info=True, ignore_mismatched_sizes=True
+            )
+            _refuse_unfit_weights(source, loading)
     except SafetensorError as error:
         weights = os.path.join(source, "model.safetensors") if os.path.isdir(source) else source
         raise ValueError(f"{weights} cannot be read: {error}") from None
@@ -312,6 +323,20 @@ def load_model(source: str):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{source}: the weights {name} hold NaN or infinity; the model cannot detect anything")
     return model
+
+
+def _refuse_unfit_weights(source: str, loading: dict):
+    """ValueError naming the weights that do not fit the config, in from_pretrained's loading info: transformers
+    would leave the missing and mismatched ones at random, with a warning, and detect nothing useful."""
+    unfit = [
+        f"{kind} keys {_some(loading[kind + '_keys'])}" for kind in ("missing", "unexpected") if loading[kind + "_keys"]
+    ]
+    unfit += [
+        f"{key} is {tuple(stored)} in the weights but {tuple(wanted)} by the config"
+        for key, stored, wanted in sorted(loading["mismatched_keys"])[:10]
+    ]
+    if unfit:
+        raise ValueError(f"{source}: the weights do not fit its config.json: {'; '.join(unfit)}")
 
 
 def _mistyped_local_path(source: str) -> str | None:

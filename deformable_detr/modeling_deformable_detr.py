@@ -103,6 +103,19 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([mask[:, 0, :].sum(1) / width, mask[:, :, 0].sum(1) / height], -1)
 
 
+def _stored_model_type(source, kwargs: dict) -> str | None:
+    """The model_type in the config.json of a folder or Hub id (read with from_pretrained's Hub arguments), or
+    None when there is none to read: transformers' own from_pretrained then says what is missing."""
+    from transformers import PretrainedConfig
+
+    hub = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+    try:
+        config = PretrainedConfig.get_config_dict(source, **{k: kwargs[k] for k in hub if k in kwargs})[0]
+    except OSError:
+        return None
+    return config.get("model_type")
+
+
 class DeformableDetrPreTrainedModel(PreTrainedModel):
     config_class = DeformableDetrConfig
     config: DeformableDetrConfig
@@ -112,11 +125,21 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """As transformers', then every tensor left at an unaligned address (safetensors stores them 8-byte
-        aligned) is copied to fresh memory: CPU BLAS kernels round differently on unaligned weights, and a
-        reloaded model must give bit-identical outputs."""
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers', with two differences. A folder or Hub id of transformers' own Deformable DETR is
+        refused (ValueError naming `from_transformers`, which converts it): its weights have other names, and
+        transformers would load it with most of them left random. And every tensor left at an unaligned address
+        (safetensors stores them 8-byte aligned) is copied to fresh memory: CPU BLAS kernels round differently on
+        unaligned weights, and a reloaded model must give bit-identical outputs."""
+        if kwargs.get("config") is None and _stored_model_type(pretrained_model_name_or_path, kwargs) == (
+            "deformable_detr"
+        ):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds transformers' Deformable DETR (model_type 'deformable_detr'), "
+                "whose weights have other names: DeformableDetrForObjectDetection.from_transformers"
+                f"({str(pretrained_model_name_or_path)!r}) converts it, with the same outputs"
+            )
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         with torch.no_grad():
             for tensor in list(model.parameters()) + list(model.buffers()):

@@ -1,5 +1,7 @@
 """Loading a saved model for detection or evaluation: what cannot be loaded is named, nothing fails deep inside."""
 
+import json
+
 import pytest
 import torch
 from transformers import PretrainedConfig
@@ -54,4 +56,31 @@ def test_weights_holding_nan_are_refused_naming_the_parameter(tmp_path):
         model.class_embed.weight[0, 0] = float("nan")
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="the weights class_embed.weight hold NaN or infinity"):
+        load_model(str(tmp_path))
+
+
+def test_a_folder_without_config_json_is_named(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config\.json: no such file"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"decoder_layers": 3}, r"missing keys \['model\.decoder\.layers\.2\."),
+        ({"decoder_layers": 1}, r"unexpected keys \['model\.decoder\.layers\.1\."),
+        (
+            {"num_labels": 5, "id2label": {str(i): str(i) for i in range(5)}},
+            r"class_embed\.bias is \(3,\) in the weights",
+        ),
+    ],
+)
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, edit, message):
+    """An edited config.json loaded before, with the layers it adds (or resizes) left at random."""
+    tiny_model().save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | edit))
+    with pytest.raises(ValueError, match="the weights do not fit its config.json: " + message):
         load_model(str(tmp_path))
