@@ -84,6 +84,26 @@ class DeformableDetrConfig(PretrainedConfig):
 
     def validate(self):
         """Raises a ValueError naming the first field that cannot work."""
+        counts = (
+            "num_channels",
+            "num_queries",
+            "d_model",
+            "encoder_layers",
+            "decoder_layers",
+            "encoder_attention_heads",
+            "decoder_attention_heads",
+            "encoder_ffn_dim",
+            "decoder_ffn_dim",
+            "encoder_n_points",
+            "decoder_n_points",
+            "num_feature_levels",
+            "two_stage_num_proposals",
+        )
+        for name in counts:
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be at least 1 (the classes id2label names), got {self.num_labels}")
         if self.backbone_config is None and self.backbone not in RESNET_SPECS:
             raise ValueError(
                 f"backbone={self.backbone!r} is not a built-in backbone; choose one of {sorted(RESNET_SPECS)} "
@@ -129,3 +149,10 @@ class DeformableDetrConfig(PretrainedConfig):
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.focal_alpha <= 1.0:
+            raise ValueError(
+                f"focal_alpha must be in [0, 1] (the positives' weight in the focal loss), got {self.focal_alpha}"
+            )
+        for name in ("class_cost", "bbox_cost", "giou_cost", "bbox_loss_coefficient", "giou_loss_coefficient"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")

@@ -255,6 +255,13 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
                 f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
             )
         B, channels, H, W = pixel_values.shape
+        if B == 0:
+            raise ValueError("pixel_values holds no image (a batch of 0)")
+        if pixel_values.dtype != self.dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+            raise ValueError(
+                f"pixel_values is {pixel_values.dtype} but the model's weights are {self.dtype}: convert one to "
+                "the other, or run under torch.autocast"
+            )
         if channels != self.config.num_channels:
             raise ValueError(
                 f"pixel_values has {channels} channels, "
@@ -389,15 +396,23 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
     def set_labels(self, class_names: list[str]):
         """A new label set: `config.id2label`/`label2id` follow `class_names`, and every class head (also the
         two-stage encoder's) is replaced by a freshly initialised one with `len(class_names)` outputs.
-        Nothing changes when the names are already the model's."""
+        Nothing changes when the names are already the model's. ValueError for an empty list, a string, a name
+        that is no string, or a name given twice."""
+        if isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names):
+            raise ValueError(f"class_names must be a list of strings, got {class_names!r}")
+        if not class_names:
+            raise ValueError("class_names is empty: a detector needs at least one class")
+        twice = sorted({name for name in class_names if list(class_names).count(name) > 1})
+        if twice:
+            raise ValueError(f"class_names has {', '.join(map(repr, twice))} more than once")
         if [self.config.id2label[i] for i in range(self.config.num_labels)] == list(class_names):
             return
         self.config.id2label = dict(enumerate(class_names))
         self.config.label2id = {name: i for i, name in self.config.id2label.items()}
-        device = self.class_head(0).weight.device
+        old = self.class_head(0).weight
 
-        def new_head() -> HeadLinear:
-            head = HeadLinear(self.config.d_model, len(class_names), device=device)
+        def new_head() -> HeadLinear:  # on the old heads' device, in their type
+            head = HeadLinear(self.config.d_model, len(class_names), device=old.device, dtype=old.dtype)
             self._init_weights(head)
             init.copy_(head.bias, _class_bias(head))
             return head

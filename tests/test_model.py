@@ -167,6 +167,11 @@ def test_backbone_weights_that_cannot_be_had_say_so(tmp_path, monkeypatch):
         (dict(dropout=1.5), "dropout"),
         (dict(d_model=0), "d_model must be a positive multiple of 32 .*got 0"),
         (dict(activation_function="gelux"), "activation_function 'gelux' is not one of"),
+        (dict(num_queries=3.5), "num_queries must be an integer, got 3.5"),
+        (dict(encoder_layers="6"), "encoder_layers must be an integer, got '6'"),
+        (dict(num_labels=0), "num_labels must be at least 1"),
+        (dict(focal_alpha=-0.25), r"focal_alpha must be in \[0, 1\]"),
+        (dict(giou_cost=-2.0), "giou_cost must be at least 0"),
     ],
 )
 def test_a_config_that_cannot_work_is_refused(fields, message):
@@ -190,6 +195,26 @@ def test_bad_inputs_get_clear_errors():
         model(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="pixel_values must be a floating-point tensor .*got torch.uint8"):
         model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="pixel_values is torch.float64 but the model's weights are torch.float32"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="pixel_values holds no image"):
+        model(torch.zeros(0, 3, 64, 64))
     two_stage = tiny_model(with_box_refine=True, two_stage=True, two_stage_num_proposals=500, num_feature_levels=1)
     with pytest.raises(ValueError, match="two_stage_num_proposals=500"):
         two_stage(torch.randn(1, 3, 64, 64))
+
+
+def test_set_labels_keeps_the_heads_type_and_refuses_bad_names():
+    model = tiny_model(with_box_refine=True, two_stage=True).to(torch.bfloat16)
+    model.set_labels(["cat", "dog"])  # the new heads were fp32: the forward failed with a dtype mismatch
+    assert model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)).logits.shape == (1, 7, 2)
+    assert model.config.id2label == {0: "cat", 1: "dog"}
+    for names, message in (
+        ("cat", "must be a list of strings, got 'cat'"),
+        ([], "class_names is empty"),
+        (["a", "b", "a"], "has 'a' more than once"),
+        (["a", 2], "must be a list of strings"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model.set_labels(names)
+    assert model.config.id2label == {0: "cat", 1: "dog"}  # unchanged by the refusals
