@@ -9,6 +9,7 @@
 import argparse
 import json
 import os
+import shutil
 import time
 
 from datasets import DatasetDict, load_from_disk
@@ -76,6 +77,7 @@ def main():
     ).save_to_disk(data_dir)
 
     print("2/4 training")
+    shutil.rmtree(model_dir, ignore_errors=True)  # the demo's own folder: a second demo trains afresh
     train(
         TrainingOptions(
             dataset=data_dir,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -121,6 +122,13 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
     assert history(tmp_path / "whole") == history(tmp_path / "resumed")  # the log carries on from the checkpoint
     # each step logs the lr it took: 2e-4, then 2e-5 from step 5 (0.75 of 6 steps: the drop after four)
     assert history(tmp_path / "whole", "lr") == history(tmp_path / "resumed", "lr") == [2e-4] * 4 + [2e-5] * 2
+    # a checkpoint beyond this run's steps: refused (the saved model went back to the checkpoint's weights)
+    behind = dict(common, max_steps=3, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
+    with pytest.raises(ValueError, match="checkpoint-4 is at step 4, beyond this run's 3 steps"):
+        train(options(shapes_folder, tmp_path / "behind", **behind))
+    # a finished run's folder without checkpoints: another run there would replace its model
+    with pytest.raises(ValueError, match="holds the model of an earlier run"):
+        train(options(shapes_folder, tmp_path / "resumed", **common))
 
 
 def test_freeze_backbone_trains_only_the_transformer_and_heads(shapes_folder, tmp_path):
@@ -200,7 +208,7 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path):
     # an output_dir that is a file: one line from the command (a FileExistsError traceback before)
     (tmp_path / "a_file").write_text("")
     command = ["--dataset", shapes_folder, "--config_name", "tiny", "--output_dir", str(tmp_path / "a_file")]
-    with pytest.raises(SystemExit, match="^deformable-detr-train: error: .*File exists: .*a_file"):
+    with pytest.raises(SystemExit, match="^deformable-detr-train: error: output_dir .*a_file is a file, not a folder"):
         train_main(command)
 
 
@@ -254,13 +262,17 @@ def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path, workers, whole_gro
 
 
 def test_sigterm_during_evaluation_stops_it(shapes_coco, tmp_path):
-    """SIGTERM while the first epoch's 300 validation images are scored: the evaluation stops at the next batch
-    (it used to run to its end, past a scheduler's grace period), then a checkpoint, exit status 143."""
+    """SIGTERM while the last step's 300 validation images are scored: the evaluation stops at the next batch
+    (it used to run to its end, past a scheduler's grace period), then a checkpoint, exit status 143. The resumed
+    run evaluates (it used to end at once, never evaluated)."""
     folder = shapes_coco(6, 300)
-    run = options(folder, tmp_path, max_steps=6, checkpointing_steps="no", per_device_eval_batch_size=1)
+    run = options(folder, tmp_path, max_steps=3, checkpointing_steps="no", per_device_eval_batch_size=1)
     log = signalled_run(run, "step 3,")
-    assert "the evaluation after epoch 1 was stopped" in log and "validation:" not in log
+    assert "the evaluation after epoch 1 was stopped; it runs when the run is resumed" in log
+    assert "validation:" not in log
     assert [os.path.basename(c) for c in glob.glob(str(tmp_path / "checkpoint-*"))] == ["checkpoint-3"]
+    metrics = train(replace(run, resume_from_checkpoint="latest"))
+    assert json.load(open(tmp_path / "eval_results.json")) == metrics and metrics["map"] >= 0
 
 
 def test_mixed_precision_that_does_not_pay_on_the_cpu_warns(shapes_folder, tmp_path, monkeypatch):

@@ -78,6 +78,8 @@ def train(options: TrainingOptions) -> dict | None:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env, set_seed
 
+    if os.path.exists(options.output_dir) and not os.path.isdir(options.output_dir):
+        raise ValueError(f"output_dir {options.output_dir} is a file, not a folder")
     os.makedirs(options.output_dir, exist_ok=True)
     # the processes, known before the Accelerator (which needs the model's config) exists; as it, honour
     # ACCELERATE_USE_CPU, which makes several CPU processes one gloo group
@@ -134,7 +136,13 @@ def train(options: TrainingOptions) -> dict | None:
     started = time.time()
     try:
         for epoch in range(state.epoch, num_epochs):
-            if state.global_step >= run.max_steps:  # resumed from the last step
+            if state.global_step >= run.max_steps:  # resumed from the last step: evaluated there, unless a signal
+                metrics = next(
+                    (h["eval"] for h in state.history if h["step"] == state.global_step and "eval" in h), None
+                )
+                if metrics is None:
+                    metrics = evaluate_epoch(run, processor, eval_loader, ground_truth, state, epoch, stop)
+                    keep_best(run, processor, state, metrics)
                 break
             stopping = run_epoch(run, state, epoch, stop, progress)
             finished = state.global_step >= run.max_steps
@@ -253,6 +261,11 @@ def resume_or_start(run: Run) -> TrainState:
     if checkpoint:
         check_resumable(checkpoint, run.sharded)
         state = load_checkpoint(run.accelerator, checkpoint, setup)
+        if state.global_step > run.max_steps:  # the model saved at the end would go back to this checkpoint's
+            raise ValueError(
+                f"{checkpoint} is at step {state.global_step}, beyond this run's {run.max_steps} steps: give "
+                "max_steps (or num_train_epochs) at least as many, or start afresh in another output_dir"
+            )
         run.scheduler.load_state_dict(state.lr_schedule)
         if run.sharded:
             accelerator, average = run.accelerator, run.ema.average if run.ema is not None else None
@@ -267,6 +280,11 @@ def resume_or_start(run: Run) -> TrainState:
         raise ValueError(
             f"output_dir {options.output_dir} holds checkpoints of an earlier run: continue it with "
             'resume_from_checkpoint="latest", or start afresh in another output_dir'
+        )
+    elif os.path.exists(os.path.join(options.output_dir, "model.safetensors")):
+        raise ValueError(
+            f"output_dir {options.output_dir} holds the model of an earlier run (model.safetensors), which this one "
+            "would replace: train into another output_dir, or delete it first"
         )
     else:
         state = TrainState(setup=setup)
@@ -350,7 +368,9 @@ def evaluate_epoch(run: Run, processor, eval_loader, ground_truth: dict, state: 
             images = [samples[i]["image"] for i in range(min(PICTURED, len(samples)))]
             picture = detections_picture(bare(run), processor, images)
     if metrics is None:
-        logger.warning("the evaluation after epoch %d was stopped; it is not repeated", epoch + 1)
+        final = state.global_step >= run.max_steps
+        again = "it runs when the run is resumed" if final else "it is not repeated"
+        logger.warning("the evaluation after epoch %d was stopped; %s", epoch + 1, again)
         stop_here(run, state)
     state.history.append({"step": state.global_step, "epoch": epoch + 1, "eval": metrics})
     accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "per_class"}, step=state.global_step)

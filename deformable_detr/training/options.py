@@ -217,7 +217,15 @@ class TrainingOptions:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.max_image_size < self.image_size:
             raise ValueError(f"max_image_size ({self.max_image_size}) must be at least image_size ({self.image_size})")
-        for name in ("learning_rate", "backbone_learning_rate", "weight_decay", "max_grad_norm", "eval_every_epochs"):
+        for name in (
+            "learning_rate",
+            "backbone_learning_rate",
+            "sampling_lr_factor",
+            "weight_decay",
+            "max_grad_norm",
+            "eval_every_epochs",
+            "num_workers",
+        ):
             if not getattr(self, name) >= 0:  # NaN included
                 raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
         if not 0 < self.lr_drop <= 1:
@@ -239,9 +247,12 @@ class TrainingOptions:
             raise ValueError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
         if self.mixed_precision not in (None, *MIXED_PRECISION):
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        if self.checkpointing_steps not in ("epoch", "no") and not self.checkpointing_steps.isdigit():
+        if self.checkpointing_steps not in ("epoch", "no") and not (
+            self.checkpointing_steps.isdigit() and int(self.checkpointing_steps) > 0
+        ):
             raise ValueError(
-                f'checkpointing_steps must be "epoch", "no" or a number of steps, got {self.checkpointing_steps!r}'
+                f'checkpointing_steps must be "epoch", "no" or a number of steps (at least 1), got '
+                f"{self.checkpointing_steps!r}"
             )
         if self.with_tracking and self.report_to == "none":
             self.report_to = "tensorboard"
