@@ -122,6 +122,10 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
     assert history(tmp_path / "whole") == history(tmp_path / "resumed")  # the log carries on from the checkpoint
     # each step logs the lr it took: 2e-4, then 2e-5 from step 5 (0.75 of 6 steps: the drop after four)
     assert history(tmp_path / "whole", "lr") == history(tmp_path / "resumed", "lr") == [2e-4] * 4 + [2e-5] * 2
+    # another learning rate on resume applies from the checkpoint on (the checkpoint's own took over, silently)
+    faster = dict(common, learning_rate=1e-3, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
+    train(options(shapes_folder, tmp_path / "faster", **faster))
+    assert history(tmp_path / "faster", "lr") == [2e-4] * 4 + [1e-4] * 2
     # a checkpoint beyond this run's steps: refused (the saved model went back to the checkpoint's weights)
     behind = dict(common, max_steps=3, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
     with pytest.raises(ValueError, match="checkpoint-4 is at step 4, beyond this run's 3 steps"):

@@ -260,6 +260,7 @@ def resume_or_start(run: Run) -> TrainState:
     }
     if checkpoint:
         check_resumable(checkpoint, run.sharded)
+        base_lrs = list(run.scheduler.base_lrs)  # this run's options': the checkpoint brings back its own
         state = load_checkpoint(run.accelerator, checkpoint, setup)
         if state.global_step > run.max_steps:  # the model saved at the end would go back to this checkpoint's
             raise ValueError(
@@ -276,6 +277,8 @@ def resume_or_start(run: Run) -> TrainState:
                 run.ema.updates = state.ema_updates if found else 0
         elif run.ema is not None:
             run.ema.load(checkpoint, state.ema_updates, bare(run))
+        if base_lrs != run.scheduler.base_lrs:
+            apply_learning_rates(run, base_lrs, checkpoint)
     elif list_checkpoints(options.output_dir):
         raise ValueError(
             f"output_dir {options.output_dir} holds checkpoints of an earlier run: continue it with "
@@ -294,6 +297,17 @@ def resume_or_start(run: Run) -> TrainState:
         }
         run.accelerator.init_trackers(TRACKING_DIR, hyperparameters)
     return state
+
+
+def apply_learning_rates(run: Run, base_lrs: list[float], checkpoint: str):
+    """The options' learning rates (one per parameter group) in place of a resumed checkpoint's, at the schedule's
+    current factor."""
+    scheduler = run.scheduler
+    logger.info("learning rates %s in %s, %s from now on", scheduler.base_lrs, checkpoint, base_lrs)
+    scheduler.base_lrs = base_lrs
+    for group, base, factor in zip(run.optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
 
 
 def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progress) -> bool:
