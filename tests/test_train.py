@@ -135,6 +135,16 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
         train(options(shapes_folder, tmp_path / "resumed", **common))
 
 
+def test_an_accumulation_window_cut_short_by_the_epoch_is_a_mean_over_its_own_batches(shapes_folder, tmp_path):
+    """Three batches of two images, accumulated by 3 or by 6 (cut short at the epoch's end): one step over the same
+    batches, so the same gradient. accelerate divides each loss by 6 there, which shrank it by half."""
+    for window in (3, 6):
+        train(options(shapes_folder, tmp_path / str(window), max_steps=1, gradient_accumulation_steps=window))
+    assert history(tmp_path / "3") == history(tmp_path / "6")  # the same batches
+    three, six = history(tmp_path / "3", "grad_norm"), history(tmp_path / "6", "grad_norm")
+    assert six == pytest.approx(three, rel=1e-5)
+
+
 def test_freeze_backbone_trains_only_the_transformer_and_heads(shapes_folder, tmp_path):
     """--freeze_backbone with a cosine schedule and warm-up: the backbone's saved weights are its initial ones;
     the rest moved."""

@@ -323,10 +323,15 @@ def run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest, progre
     batches = run.train_loader
     if state.batches_in_epoch:
         batches = accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+    # accelerate divides every loss by gradient_accumulation_steps: the epoch's last window, when shorter, has its
+    # losses scaled back up, so that its step is a mean over its own batches like every other
+    count, window = len(run.train_loader), run.options.gradient_accumulation_steps
+    short = count % window
     for batch in batches:
+        in_short_window = short and state.batches_in_epoch >= count - short
         with accelerator.accumulate(model):
             outputs, finite, run.window_bad, stopping = forward_backward(
-                model, batch, accelerator, run.window_bad, stop.requested
+                model, batch, accelerator, run.window_bad, stop.requested, window / short if in_short_window else 1.0
             )
             if accelerator.sync_gradients:
                 lr = run.optimizer.param_groups[-1]["lr"]  # this step's (the main group's): the schedule moves on
@@ -552,17 +557,17 @@ def make_loaders(options, splits, processor):
     return train_samples, train_loader, eval_loader
 
 
-def forward_backward(model, batch, accelerator, window_bad: bool, stop_requested: bool):
-    """The loss of one batch, and its backward pass unless the accumulation window already saw a non-finite
-    loss. Non-finite losses and stop requests are summed over processes, so that all of them skip or stop
-    together. Returns (outputs, finite on every process, window_bad, stopping)."""
+def forward_backward(model, batch, accelerator, window_bad: bool, stop_requested: bool, scale: float = 1.0):
+    """The loss of one batch, and its backward pass (of the loss times `scale`) unless the accumulation window
+    already saw a non-finite loss. Non-finite losses and stop requests are summed over processes, so that all of
+    them skip or stop together. Returns (outputs, finite on every process, window_bad, stopping)."""
     outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
     flags = torch.tensor([float(not torch.isfinite(outputs.loss)), float(stop_requested)], device=accelerator.device)
     flags = accelerator.reduce(flags, "sum")
     finite = not flags[0]
     window_bad = window_bad or not finite
     if not window_bad:
-        accelerator.backward(outputs.loss)
+        accelerator.backward(outputs.loss * scale)
     return outputs, finite, window_bad, bool(flags[1])
 
 
