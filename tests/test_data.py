@@ -330,8 +330,30 @@ def test_training_split_without_boxes_is_refused(shapes, tmp_path):
         load_detection_dataset(root)
     empty = shapes["train"].map(lambda e: {"objects": {k: [] for k in e["objects"]}})
     DatasetDict(train=empty).save_to_disk(str(tmp_path / "saved"))
-    with pytest.raises(ValueError, match="saved has no boxes in its training split: none of its 5 images"):
+    with pytest.raises(ValueError, match="saved has no boxes in its training split: none of its 4 images"):
         load_detection_dataset(str(tmp_path / "saved"))
+
+
+def test_the_splits_are_checked_after_validation_fraction_makes_one(shapes, tmp_path):
+    """The training split's boxes were checked before validation_fraction took its share: the one image with
+    objects could go to validation, leaving nothing to train on (loss 0, no error)."""
+    two = shapes["train"].select(range(2))
+    held_out = two.train_test_split(test_size=0.5, seed=0)["test"]["image_id"][0]
+    one_labelled = two.map(lambda e: e if e["image_id"] == held_out else {"objects": {k: [] for k in e["objects"]}})
+    DatasetDict(train=one_labelled).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(ValueError, match="no boxes in its training split: .*all went to the validation split"):
+        load_detection_dataset(str(tmp_path / "one"), validation_fraction=0.5, seed=0)
+    # a validation split without objects: every metric n/a, named in a warning
+    DatasetDict(
+        train=shapes["train"],
+        validation=shapes["validation"].select(range(1)).map(lambda e: {"objects": {k: [] for k in e["objects"]}}),
+    ).save_to_disk(str(tmp_path / "blank"))
+    with pytest.warns(UserWarning, match="no image of its validation split has an object"):
+        load_detection_dataset(str(tmp_path / "blank"))
+    # a share that leaves no training image: named (datasets' own words before)
+    DatasetDict(train=shapes["train"].select(range(1))).save_to_disk(str(tmp_path / "single"))
+    with pytest.raises(ValueError, match=r"validation_fraction=0.5 of its 1 training image\(s\) cannot make one"):
+        load_detection_dataset(str(tmp_path / "single"), validation_fraction=0.5)
 
 
 def test_voc_class_names_differing_only_in_case_warn(shapes, tmp_path):

@@ -188,18 +188,19 @@ def load_detection_dataset(
             f"{source}: its {empty[0]} split has no images; give it some, or leave it out (without a validation "
             "split, validation_fraction of the training images becomes one)"
         )
-    # images without objects are fine beside others, but training on none learns nothing (loss 0, metrics n/a)
-    if not any(0 in objects_of(row)["iscrowd"] for row in splits["train"].select_columns("objects")):  # a non-crowd box
-        raise ValueError(
-            f"{source} has no boxes in its training split: none of its {len(splits['train'])} images has an "
-            "object to train on (crowd regions and VOC's difficult objects are not trained on)"
-        )
-    if "validation" not in splits:
+    carved = "validation" not in splits
+    if carved:
         if not 0 < validation_fraction < 1:
             raise ValueError(
                 f"{source} has no validation split and validation_fraction={validation_fraction} cannot make one"
             )
-        parts = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
+        try:
+            parts = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
+        except ValueError as error:  # datasets': a split would be empty
+            raise ValueError(
+                f"{source} has no validation split, and validation_fraction={validation_fraction} of its "
+                f"{len(splits['train'])} training image(s) cannot make one and leave some to train on ({error})"
+            ) from None
         splits["train"], splits["validation"] = parts["train"], parts["test"]
         logger.info(
             "%s has no validation split: %d of its %d training images became one",
@@ -207,7 +208,29 @@ def load_detection_dataset(
             len(parts["test"]),
             len(parts["train"]) + len(parts["test"]),
         )
+    # images without objects are fine beside others, but training on none learns nothing (loss 0, metrics n/a)
+    if not _has_boxes(splits["train"]):
+        raise ValueError(
+            f"{source} has no boxes in its training split: none of its {len(splits['train'])} images has an "
+            "object to train on (crowd regions and VOC's difficult objects are not trained on)"
+            + (
+                "; those with objects all went to the validation split that validation_fraction made"
+                if carved and _has_boxes(splits["validation"])
+                else ""
+            )
+        )
+    if not _has_boxes(splits["validation"]):
+        warnings.warn(
+            f"{source}: no image of its validation split has an object, so every validation metric is n/a (-1), "
+            "and the best model and early stopping rest on nothing",
+            stacklevel=2,
+        )
     return DatasetDict(splits), class_names
+
+
+def _has_boxes(split: Dataset) -> bool:
+    """Whether some image of `split` has an object that is trained on and scored (not a crowd region)."""
+    return any(0 in objects_of(row)["iscrowd"] for row in split.select_columns("objects"))
 
 
 def _without_unlabelled_extra_splits(splits: dict[str, Dataset], source: str) -> dict[str, Dataset]:
