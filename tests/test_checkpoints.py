@@ -59,6 +59,20 @@ def test_a_half_written_checkpoint_is_ignored_and_named(tmp_path, caplog, monkey
     assert list_checkpoints(str(tmp_path)) == []  # nothing complete: a fresh start is not refused
 
 
+def test_a_checkpoint_written_again_is_incomplete_until_it_is_done(tmp_path):
+    """A signal in a step that had just written its checkpoint writes it again: a crash during that rewrite left the
+    old marker beside half-new files, a torn checkpoint taken for a complete one."""
+    save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=3), keep=2)
+
+    class Crashing(FakeAccelerator):
+        def save_state(self, folder):
+            raise KeyboardInterrupt  # a second Ctrl-C, or kill, halfway through the weights
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(Crashing(), str(tmp_path), TrainState(global_step=3), keep=2)
+    assert list_checkpoints(str(tmp_path)) == []
+
+
 class MakesAFolder:
     """Unpickling this runs os.mkdir(path): the code a hostile checkpoint could run."""
 

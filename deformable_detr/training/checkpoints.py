@@ -82,6 +82,9 @@ def save_checkpoint(
     fills meanwhile raises DiskFullError (saying that it needs about `needed` bytes), and the half-written folder
     is removed."""
     folder = os.path.join(output_dir, f"checkpoint-{state.global_step}")
+    marker = os.path.join(folder, STATE_FILE)
+    if accelerator.is_main_process and os.path.exists(marker):  # written again (a signal in a checkpoint's step):
+        os.remove(marker)  # incomplete until the end, not old marker beside half-new files
     with reporting_full_disk(folder, needed, remove_on_failure=accelerator.is_main_process):
         accelerator.save_state(folder)
         if write_shards is not None:
@@ -96,7 +99,7 @@ def save_checkpoint(
                 json.dump(asdict(state), f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temporary, os.path.join(folder, STATE_FILE))
+            os.replace(temporary, marker)
     if accelerator.is_main_process:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
