@@ -114,6 +114,16 @@ def test_a_run_on_other_classes_is_not_resumed_and_other_batches_are_warned_of(t
         load_checkpoint(FakeAccelerator(), folder, SETUP | {"dataset": "elsewhere"})
 
 
+def test_a_run_of_another_model_configuration_is_not_resumed(tmp_path):
+    """A change that keeps the weights' shapes (dropout, a loss weight) resumed without a word."""
+    setup = SETUP | {"model": {"d_model": 32, "dropout": 0.1, "bbox_loss_coefficient": 5.0}}
+    folder = save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=4, setup=setup), keep=1)
+    other = setup | {"model": {"d_model": 32, "dropout": 0.5, "bbox_loss_coefficient": 50.0}}
+    with pytest.raises(ValueError, match="with bbox_loss_coefficient=5.0, dropout=0.1, this run's has "):
+        load_checkpoint(FakeAccelerator(), folder, other)
+    assert load_checkpoint(FakeAccelerator(), folder, setup).global_step == 4
+
+
 def test_a_checkpoint_of_another_configuration_is_named(tmp_path):
     folder = save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=2, setup=SETUP), keep=1)
 

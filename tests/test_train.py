@@ -101,7 +101,13 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
     state = json.load(open(tmp_path / "whole" / "checkpoint-4" / "trainer_state.json"))
     assert (state["epoch"], state["batches_in_epoch"]) == (1, 2)
     assert state["lr_schedule"]["last_epoch"] == 4
-    assert state["setup"] == {"class_names": CLASS_NAMES, "dataset": shapes_folder, "images_per_step": 2}
+    assert state["setup"] | {"model": None} == {
+        "class_names": CLASS_NAMES,
+        "dataset": shapes_folder,
+        "images_per_step": 2,
+        "model": None,
+    }
+    assert state["setup"]["model"]["d_model"] == 32 and state["setup"]["model"]["dropout"] == 0.1
     assert not glob.glob(str(tmp_path / "whole" / "checkpoint-4" / "custom_checkpoint_*"))  # no pickled objects
     train(
         options(

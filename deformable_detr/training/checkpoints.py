@@ -110,13 +110,22 @@ def save_checkpoint(
 
 def check_setup(folder: str, state: TrainState, setup: dict):
     """Refuses to resume a checkpoint of a run on other classes (its class heads would be trained, and saved, under
-    the new names); warns where the dataset or the images per step differ (the epoch's position, counted in
+    the new names) or of another model configuration (one that keeps the weights' shapes loaded before: another
+    dropout or loss weight); warns where the dataset or the images per step differ (the epoch's position, counted in
     batches, then points elsewhere in the data). A checkpoint without a setup (an earlier version) is taken as is."""
     saved = state.setup
     if "class_names" in saved and saved["class_names"] != setup["class_names"]:
         raise ValueError(
             f"{folder} is a run on the classes {saved['class_names']}, the data has {setup['class_names']}: "
             "resume it on its own data, or start afresh in another output_dir"
+        )
+    if "model" in saved and saved["model"] != setup["model"]:
+        before, now = saved["model"], setup["model"]
+        fields = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        raise ValueError(
+            f"{folder} is a run of a model with {', '.join(f'{k}={before.get(k)!r}' for k in fields)}, this run's "
+            f"has {', '.join(f'{k}={now.get(k)!r}' for k in fields)}: resume it with its own --config_name and "
+            "--config_overrides, or start afresh in another output_dir"
         )
     for key, what in (("dataset", "dataset"), ("images_per_step", "images per optimiser step")):
         if key in saved and saved[key] != setup[key]:

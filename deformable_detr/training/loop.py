@@ -253,7 +253,11 @@ def resume_or_start(run: Run) -> TrainState:
     config = bare(run).config
     setup = {
         "class_names": [config.id2label[i] for i in range(config.num_labels)],
-        "dataset": options.dataset,
+        "model": json.loads(
+            json.dumps({k: v for k, v in config.to_dict().items() if k in type(config).__annotations__})
+        ),
+        # a folder by its whole path: `data` and `./data` are one dataset
+        "dataset": os.path.abspath(options.dataset) if os.path.exists(options.dataset) else options.dataset,
         "images_per_step": options.per_device_train_batch_size
         * options.gradient_accumulation_steps
         * run.accelerator.num_processes,
