@@ -57,6 +57,12 @@ def test_a_half_written_checkpoint_is_ignored_and_named(tmp_path, caplog, monkey
         find_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path))
     (tmp_path / "checkpoint-2" / STATE_FILE).write_text('{"global_step": ')
     assert list_checkpoints(str(tmp_path)) == []  # nothing complete: a fresh start is not refused
+    # a field of the wrong type: named, not a TypeError deep inside the resumed run
+    (tmp_path / "checkpoint-2" / STATE_FILE).write_text('{"global_step": "9"}')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deformable_detr"):
+        assert list_checkpoints(str(tmp_path)) == []
+    assert "checkpoint-2 is incomplete (trainer_state.json: global_step is '9')" in caplog.text
 
 
 def test_a_checkpoint_written_again_is_incomplete_until_it_is_done(tmp_path):

@@ -266,6 +266,7 @@ def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path, workers, whole_gro
     assert len(checkpoints) == 1
     state = json.load(open(checkpoints[0]))
     assert state["global_step"] >= 2
+    assert state["seconds"] > 0  # the resumed run's model card counts this part's time too
     assert 'continue with resume_from_checkpoint="latest" (--resume_from_checkpoint latest)' in log
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         train(options(shapes_folder, tmp_path, max_steps=3))

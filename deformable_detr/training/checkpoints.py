@@ -24,7 +24,8 @@ class TrainState:
     """Where a run is: optimiser steps done, the epoch and the batches of it already seen, steps skipped for
     non-finite losses or gradients, the logged history (loss means, evaluations), the lr scheduler's state_dict
     (plain numbers), the weight average's updates, the best evaluation so far (for early stopping), and what a
-    resumed run must share with it (`setup`: class names, dataset, images per step)."""
+    resumed run must share with it (`setup`: class names, model configuration, dataset, images per step), and the
+    training time so far."""
 
     global_step: int = 0
     epoch: int = 0
@@ -37,6 +38,29 @@ class TrainState:
     best_step: int | None = None
     evaluations_without_improvement: int = 0
     setup: dict = field(default_factory=dict)
+    seconds: float = 0.0  # training time so far, over every resumed part of the run
+
+
+def _typed(state: TrainState) -> TrainState:
+    """`state`, or TypeError naming a field read back with the wrong type (a hand-edited or damaged file)."""
+    for name, kinds in (
+        ("global_step", int),
+        ("epoch", int),
+        ("batches_in_epoch", int),
+        ("skipped_steps", int),
+        ("history", list),
+        ("lr_schedule", dict),
+        ("ema_updates", int),
+        ("best_metric", (int, float, type(None))),
+        ("best_step", (int, type(None))),
+        ("evaluations_without_improvement", int),
+        ("setup", dict),
+        ("seconds", (int, float)),
+    ):
+        value = getattr(state, name)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise TypeError(f"{name} is {value!r}")
+    return state
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -52,7 +76,7 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def _readable(folder: str) -> bool:
     try:
         with open(os.path.join(folder, STATE_FILE)) as f:
-            TrainState(**json.load(f))
+            _typed(TrainState(**json.load(f)))
         return True
     except (OSError, ValueError, TypeError) as error:
         logger.warning("%s is incomplete (%s: %s); it is ignored", folder, STATE_FILE, error)

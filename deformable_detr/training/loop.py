@@ -70,6 +70,7 @@ class Run:
     grad_norms: list[float] = field(default_factory=list)  # gradient norms of the steps since then
     window_bad: bool = False  # the accumulation window saw a non-finite loss
     sharded: bool = False  # the model sharded by the loop itself (sharding.py), not by accelerate
+    started: float = 0.0  # time.time() when the run (its first part, if resumed) would have started
 
 
 def train(options: TrainingOptions) -> dict | None:
@@ -133,7 +134,7 @@ def train(options: TrainingOptions) -> dict | None:
         disable=not accelerator.is_local_main_process,
     )
     metrics = None
-    started = time.time()
+    run.started = time.time() - state.seconds  # the time of the earlier parts of a resumed run counts too
     try:
         for epoch in range(state.epoch, num_epochs):
             if state.global_step >= run.max_steps:  # resumed from the last step: evaluated there, unless a signal
@@ -166,8 +167,7 @@ def train(options: TrainingOptions) -> dict | None:
         stop.restore()
         progress.close()
         torch.use_deterministic_algorithms(deterministic_before)
-    minutes = (time.time() - started) / 60
-    finish(run, processor, state, metrics, minutes)
+    finish(run, processor, state, metrics, (time.time() - run.started) / 60)
     accelerator.end_training()
     return metrics
 
@@ -479,8 +479,9 @@ def bare(run: Run):
 
 
 def write_checkpoint(run: Run, state: TrainState) -> str:
-    """Writes checkpoint-{global_step}/ with the lr schedule's state; -> its folder."""
+    """Writes checkpoint-{global_step}/ with the lr schedule's state and the time so far; -> its folder."""
     state.lr_schedule = run.scheduler.state_dict()
+    state.seconds = time.time() - run.started
     needed = (3 + bool(run.ema)) * weight_bytes(run.model)  # the weights, AdamW's two moments, the average
     if run.ema is not None:
         state.ema_updates = run.ema.updates
