@@ -84,13 +84,14 @@ def multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_l
             (1, 1) the bottom-right one, so pixel centres lie at ((j + 0.5) / W, (i + 0.5) / H).
         attention_weights: (B, Q, M, L, K).
     Returns:
-        (B, Q, M * D)
+        (B, Q, M * D), in value's float type (computed in the widest of the inputs' types, as grid_sample takes one)
     """
     shapes = _checked_inputs(value, spatial_shapes, sampling_locations, attention_weights)
     B, _, M, D = value.shape
     _, Q, _, L, K, _ = sampling_locations.shape
-    value_per_level = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    precise = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+    value_per_level = value.to(precise).split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations.to(precise) - 1  # grid_sample wants [-1, 1]
     sampled = []
     for level, (h, w) in enumerate(shapes):
         # (B, H*W, M, D) -> (B*M, D, H, W)
@@ -100,10 +101,10 @@ def multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_l
         # (B*M, D, Q, K)
         sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
     # (B, Q, M, L, K) -> (B*M, 1, Q, L*K)
-    weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Q, L * K)
+    weights = attention_weights.to(precise).transpose(1, 2).reshape(B * M, 1, Q, L * K)
     # (B*M, D, Q, L*K) -> (B*M, D, Q) -> (B, M*D, Q)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(B, M * D, Q)
-    return output.transpose(1, 2).contiguous()
+    return output.transpose(1, 2).contiguous().to(value.dtype)
 
 
 # The op namespace follows this module's import name, so that our package and a copy of this file loaded from

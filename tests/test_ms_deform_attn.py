@@ -87,6 +87,15 @@ def test_a_nan_location_reaches_its_query_output_and_gradients(backend):
     assert inputs[1].grad[0, 1, 0, 1, 0].isnan().any()
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_mixed_float_types_give_the_values_type(backend):
+    """The reference failed inside grid_sample on fp32 values with fp64 locations, which the fused kernels take."""
+    value, spatial_shapes, locations, weights = random_inputs([(3, 4), (2, 2)], dtype=torch.float32)
+    out = multi_scale_deformable_attention(value, spatial_shapes, locations.double(), weights, backend=backend)
+    exact = multi_scale_deformable_attention(value.double(), spatial_shapes, locations.double(), weights.double())
+    assert out.dtype == torch.float32 and (out - exact).abs().max() < 1e-5
+
+
 def test_the_fused_cpu_kernel_builds_here():
     """CI has a compiler: the fast path must be there (users without one fall back to the reference)."""
     assert available_backends("cpu")[0] == "cpu"
