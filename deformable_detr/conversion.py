@@ -215,12 +215,29 @@ def _read_folder(path: str):
 
 
 def from_transformers(source):
-    """transformers' DeformableDetrForObjectDetection (in memory, or a saved folder / Hub id of one) -> ours."""
+    """transformers' DeformableDetrForObjectDetection (in memory, or a saved folder / Hub id of one) -> ours.
+    FileNotFoundError for a folder that is not here, ValueError for another model (ours included) or transformers'
+    bare DeformableDetrModel, which has no heads."""
     if isinstance(source, (str, os.PathLike)):
+        not_here = _mistyped_local_path(str(source))
+        if not_here:
+            raise FileNotFoundError(not_here)
         hf_config, state = _read_folder(str(source))
         name = str(source)
     else:
-        hf_config, state, name = source.config.to_dict(), source.state_dict(), type(source).__name__
+        name = type(source).__name__
+        model_type = getattr(getattr(source, "config", None), "model_type", None)
+        if model_type != "deformable_detr":
+            raise ValueError(
+                f"from_transformers takes transformers' DeformableDetrForObjectDetection, got a {name} (model_type "
+                f"{model_type!r})"
+            )
+        hf_config, state = source.config.to_dict(), source.state_dict()
+    if not any(re.match(r"^(model\.decoder\.)?class_embed\.", key) for key in state):
+        raise ValueError(
+            f"{name} has no class heads (class_embed): from_transformers takes transformers' "
+            "DeformableDetrForObjectDetection, not its bare DeformableDetrModel"
+        )
     config = config_from_transformers(hf_config)
     return _load_converted(config, state_dict_from_transformers(state, config), name)
 

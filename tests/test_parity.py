@@ -60,6 +60,19 @@ def test_saved_transformers_folder_converts(tmp_path):
         DeformableDetrForObjectDetection.from_pretrained(tmp_path)
 
 
+def test_what_from_transformers_cannot_take_is_named(tmp_path):
+    """Each failed deep inside: an HFValidationError, an AttributeError, a list of unmapped keys."""
+    with pytest.raises(FileNotFoundError, match="no-such-folder: no such folder"):
+        DeformableDetrForObjectDetection.from_transformers(str(tmp_path / "no-such-folder"))
+    hf = small_hf_model("multi-scale")
+    with pytest.raises(
+        ValueError, match="got a DeformableDetrForObjectDetection \\(model_type 'hub_deformable_detr'\\)"
+    ):
+        DeformableDetrForObjectDetection.from_transformers(DeformableDetrForObjectDetection.from_transformers(hf))
+    with pytest.raises(ValueError, match="DeformableDetrModel has no class heads"):
+        DeformableDetrForObjectDetection.from_transformers(hf.model)
+
+
 @pytest.mark.parametrize("variant", ["multi-scale", "box-refine"])
 def test_hub_checkpoint_layout_converts_onto_builtin_resnet50(tmp_path, variant):
     """A folder laid out like SenseTime/deformable-detr*: v4 config (use_timm_backbone, backbone='resnet50')
