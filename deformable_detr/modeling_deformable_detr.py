@@ -50,9 +50,12 @@ class DeformableDetrModelOutput(ModelOutput):
     intermediate_hidden_states: (B, decoder_layers, Q, C) output of every decoder layer.
     intermediate_reference_points: (B, decoder_layers, Q, 2 or 4) reference points after every layer.
     init_reference_points: (B, Q, 2 or 4) reference points the decoder starts from, in [0, 1].
-    encoder_last_hidden_state: (B, S, C); encoder_hidden_states: per layer (B, S, C), when asked for.
+    encoder_last_hidden_state: (B, S, C).
     enc_outputs_class: (B, S, N) two-stage proposal logits; enc_outputs_coord_logits: (B, S, 4) their boxes
         before the sigmoid.
+    encoder_hidden_states, decoder_hidden_states: with output_hidden_states, as transformers gives them: the
+        encoder's input (B, S, C) and every encoder layer's output; the decoder's input queries (B, Q, C) and every
+        decoder layer's output.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -63,6 +66,7 @@ class DeformableDetrModelOutput(ModelOutput):
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     enc_outputs_class: torch.Tensor | None = None
     enc_outputs_coord_logits: torch.Tensor | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -292,6 +296,8 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         """
         self._check_inputs(pixel_values, pixel_mask)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         B, _, H, W = pixel_values.shape
         if pixel_mask is None:
             pixel_mask = torch.ones((B, H, W), dtype=torch.bool, device=pixel_values.device)
@@ -357,9 +363,10 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             intermediate_reference_points=references,
             init_reference_points=reference_points,
             encoder_last_hidden_state=memory,
-            encoder_hidden_states=encoder_states if output_hidden_states else None,
+            encoder_hidden_states=(src_flatten, *encoder_states) if output_hidden_states else None,
             enc_outputs_class=enc_outputs_class,
             enc_outputs_coord_logits=enc_outputs_coord_logits,
+            decoder_hidden_states=(tgt, *hidden_states.unbind(1)) if output_hidden_states else None,
         )
         return output if return_dict else output.to_tuple()
 

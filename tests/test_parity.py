@@ -38,6 +38,23 @@ def test_same_outputs_as_transformers(variant):
     assert logits_diff <= TOLERANCE and boxes_diff <= TOLERANCE
 
 
+@pytest.mark.parametrize("variant", ["multi-scale", "two-stage"])
+def test_hidden_states_as_in_transformers(variant):
+    """The encoder's and decoder's inputs, then every layer's output; asked for by argument or by the config. Ours
+    had each encoder layer's output only, and no decoder_hidden_states."""
+    hf = small_hf_model(variant)
+    ours = DeformableDetrForObjectDetection.from_transformers(hf)
+    pixel_values, pixel_mask = padded_batch()
+    with torch.no_grad():
+        theirs = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, output_hidden_states=True)
+        ours.config.output_hidden_states = True
+        mine = ours(pixel_values, pixel_mask)
+    for name in ("encoder_hidden_states", "decoder_hidden_states"):
+        assert len(getattr(mine, name)) == len(getattr(theirs, name)) == 3, name
+        for a, b in zip(getattr(theirs, name), getattr(mine, name)):
+            assert (a - b).abs().max() <= TOLERANCE, name
+
+
 def test_padding_changes_the_output_as_in_transformers():
     """The padded image's result depends on its mask: a test that would fail if masks were ignored."""
     hf = small_hf_model("multi-scale")
