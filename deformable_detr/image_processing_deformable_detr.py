@@ -4,6 +4,7 @@ detections in pixels of the original images.
 Shapes: B images, H x W the padded canvas, T objects in one image, Q queries, N classes.
 """
 
+import numbers
 import warnings
 
 import numpy as np
@@ -134,8 +135,23 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         if boxes_relative_to not in ("canvas", "image"):
             raise ValueError(f'boxes_relative_to must be "canvas" or "image", got {boxes_relative_to!r}')
         self.boxes_relative_to = boxes_relative_to
-        self.image_mean = list(image_mean if image_mean is not None else IMAGENET_DEFAULT_MEAN)
-        self.image_std = list(image_std if image_std is not None else IMAGENET_DEFAULT_STD)
+        self.image_mean = self._check_channels(
+            image_mean if image_mean is not None else IMAGENET_DEFAULT_MEAN, "image_mean"
+        )
+        self.image_std = self._check_channels(image_std if image_std is not None else IMAGENET_DEFAULT_STD, "image_std")
+        if 0 in self.image_std:
+            raise ValueError(f"image_std must not hold 0 (it divides the pixels), got {self.image_std}")
+
+    @staticmethod
+    def _check_channels(values, name) -> list[float]:
+        """image_mean or image_std: three finite numbers (R, G, B) -> a list; ValueError naming `name`."""
+        if (
+            not isinstance(values, (list, tuple))
+            or len(values) != 3
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v) for v in values)
+        ):
+            raise ValueError(f"{name} must be three finite numbers, one per channel (R, G, B), got {values!r}")
+        return list(values)
 
     @staticmethod
     def _check_size(size, name, kinds=SIZE_KINDS) -> dict:
@@ -174,11 +190,20 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         if not isinstance(images, (list, tuple)):
             images = [images]
             annotations = [annotations] if isinstance(annotations, dict) else annotations
+        if not images:
+            raise ValueError("no images given")
+        if annotations is not None and not isinstance(annotations, (list, tuple)):
+            raise ValueError(
+                f"annotations must be a list of one dict per image ({len(images)} images), got a "
+                f"{type(annotations).__name__}"
+            )
         if annotations is not None and len(annotations) != len(images):
             raise ValueError(f"got {len(images)} images but {len(annotations)} annotations")
         arrays, targets, dropped = [], [], {}
         for index, image in enumerate(images):
             array = to_rgb_array(image, index)
+            if 0 in array.shape[:2]:
+                raise ValueError(f"image {index} has no pixels ({array.shape[1]}x{array.shape[0]})")
             if self.do_rescale and np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1:
                 warnings.warn(
                     f"image {index} is floating point with values in [0, 1]: it looks already rescaled, and "
@@ -255,16 +280,25 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
     def prepare_annotation(self, annotation: dict, height: int, width: int, index: int) -> tuple[dict, int]:
         """A COCO detection dict -> arrays with xyxy boxes in pixels, clipped to the image, and how many boxes
         were dropped for having no area inside it. Crowd regions are left out, as in DETR."""
-        if not isinstance(annotation, dict) or "annotations" not in annotation:
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("annotations"), (list, tuple)):
+            got = f"keys {sorted(annotation)}" if isinstance(annotation, dict) else type(annotation).__name__
             raise ValueError(
-                f"annotation {index} must be a dict with 'image_id' and 'annotations', got {type(annotation).__name__}"
+                f"annotation {index} must be a COCO detection dict, {{'image_id', 'annotations': [one dict per "
+                f"object]}}, got {got}"
             )
         image_id = annotation.get("image_id", index)
-        objects = [o for o in annotation["annotations"] if not o.get("iscrowd", 0)]
+        objects = [o for o in annotation["annotations"] if not (isinstance(o, dict) and o.get("iscrowd", 0))]
         for j, o in enumerate(objects):
-            if "category_id" not in o or len(o.get("bbox", ())) != 4:
+            if not (
+                isinstance(o, dict)
+                and isinstance(o.get("category_id"), (int, np.integer))
+                and isinstance(o.get("bbox"), (list, tuple, np.ndarray))
+                and len(o["bbox"]) == 4
+                and all(isinstance(v, (int, float, np.number)) for v in o["bbox"])
+            ):
                 raise ValueError(
-                    f"image_id {image_id}, object {j}: needs 'category_id' and a 4-number 'bbox' [x, y, w, h], got {o}"
+                    f"image_id {image_id}, object {j}: needs an integer 'category_id' and a 4-number 'bbox' "
+                    f"[x, y, w, h], got {o}"
                 )
         boxes = np.asarray([o["bbox"] for o in objects], dtype=np.float32).reshape(-1, 4)
         boxes = box_xywh_to_xyxy(torch.from_numpy(boxes)).numpy()
@@ -293,13 +327,20 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         """
         logits, boxes = outputs.logits, outputs.pred_boxes
         B, Q, N = logits.shape
-        if target_sizes is not None and len(target_sizes) != B:
-            raise ValueError(f"got {len(target_sizes)} target_sizes for a batch of {B}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
+            raise ValueError(f"threshold must be a number, got {threshold!r}")
+        if target_sizes is not None:
+            sizes = torch.as_tensor(target_sizes, dtype=boxes.dtype, device=boxes.device)
+            if sizes.shape != (B, 2) or not (sizes > 0).all():
+                raise ValueError(
+                    f"target_sizes must be a positive (h, w) for each of the {B} images, got {sizes.tolist()}"
+                )
         scores, indices = logits.sigmoid().view(B, -1).topk(min(top_k, Q * N), dim=1)
         labels = indices % N
         boxes = torch.gather(box_cxcywh_to_xyxy(boxes), 1, (indices // N)[..., None].expand(-1, -1, 4))
         if target_sizes is not None:
-            sizes = torch.as_tensor(target_sizes, dtype=boxes.dtype, device=boxes.device).view(B, 2)
             boxes = boxes * torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], 1)[:, None]
         keep = scores > threshold
         return [

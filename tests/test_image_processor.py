@@ -112,7 +112,7 @@ def test_older_configs_with_an_int_size_and_max_size_load_as_in_transformers(tmp
 def test_bad_annotations_and_options_are_named():
     image, _ = bccd_example("BloodImage_00000")
     processor = DeformableDetrImageProcessor()
-    with pytest.raises(ValueError, match="image_id 3, object 0: needs 'category_id' and a 4-number 'bbox'"):
+    with pytest.raises(ValueError, match="image_id 3, object 0: needs an integer 'category_id' and a 4-number 'bbox'"):
         processor(image, annotations={"image_id": 3, "annotations": [{"bbox": [1, 2, 3], "category_id": 0}]})
     with pytest.raises(ValueError, match="got 1 images but 2 annotations"):
         processor([image], annotations=[{"annotations": []}] * 2)
@@ -124,6 +124,41 @@ def test_bad_annotations_and_options_are_named():
         processor(np.zeros((10, 10, 5), dtype=np.uint8))
     with pytest.raises(TypeError, match="image 0 is a str"):
         processor("not-an-image.jpg")
+
+
+def test_annotations_and_images_of_the_wrong_shape_are_named():
+    """Each failed deep inside: KeyError 0, AttributeError, int() of 'cat', a zero-size reduction, a division by 0."""
+    image, annotation = bccd_example("BloodImage_00000")
+    processor = DeformableDetrImageProcessor()
+    objects = annotation["annotations"]
+    for images, annotations, message in (
+        ([image, image], annotation, "annotations must be a list of one dict per image \\(2 images\\), got a dict"),
+        ([image], annotation, "annotations must be a list of one dict per image"),
+        ([image], objects[:1], "annotation 0 must be a COCO detection dict, .*got keys \\['area', 'bbox'"),
+        (image, {"annotations": objects[0]}, "annotation 0 must be a COCO detection dict"),
+        (image, {"annotations": [objects[0] | {"category_id": "cat"}]}, "object 0: needs an integer 'category_id'"),
+        (image, {"annotations": [objects[0] | {"bbox": [1, 2, "3", 4]}]}, "object 0: needs .* 4-number 'bbox'"),
+        ([], None, "no images given"),
+        (Image.new("RGB", (0, 0)), None, "image 0 has no pixels"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            processor(images, annotations=annotations)
+
+
+def test_post_processing_arguments_are_checked():
+    from deformable_detr.modeling_deformable_detr import DeformableDetrObjectDetectionOutput
+
+    outputs = DeformableDetrObjectDetectionOutput(logits=torch.zeros(2, 5, 3), pred_boxes=torch.full((2, 5, 4), 0.5))
+    processor = DeformableDetrImageProcessor()
+    for kwargs, message in (
+        ({"target_sizes": [(100, 200, 3)] * 2}, "target_sizes must be a positive \\(h, w\\) for each of the 2"),
+        ({"target_sizes": (100, 200)}, "target_sizes must be a positive"),
+        ({"target_sizes": [(100, 200), (0, 50)]}, "target_sizes must be a positive"),
+        ({"top_k": -1}, "top_k must be a positive integer, got -1"),
+        ({"threshold": None}, "threshold must be a number, got None"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            processor.post_process_object_detection(outputs, **kwargs)
 
 
 def test_post_processing_same_as_transformers():
@@ -191,3 +226,19 @@ def test_float_images_already_in_0_1_warn():
         warnings.simplefilter("error")
         DeformableDetrImageProcessor(do_rescale=False)(image)
         DeformableDetrImageProcessor()((image * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("image_mean", [0.5, 0.5]),
+        ("image_std", [0.2, 0.2, 0.2, 0.2]),
+        ("image_std", [0.2, 0.0, 0.2]),
+        ("image_mean", "0"),
+    ],
+)
+def test_a_bad_mean_or_std_is_named(field, value):
+    """A mean or std of the wrong length failed at the first image, "operands could not be broadcast", naming
+    neither the field nor the file; a zero std gave infinite pixels."""
+    with pytest.raises(ValueError, match=f"^{field} must"):
+        DeformableDetrImageProcessor(**{field: value})
