@@ -244,7 +244,7 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
 
     @property
     def min_image_size(self) -> int | None:
-        """Side in pixels below which the coarsest level would have less than one pixel of real content."""
+        """Side in pixels below which the coarsest level would have no pixel: a thinner canvas is padded up to it."""
         stride = self.backbone.strides[-1]
         return None if stride is None else stride * 2 ** (self.config.num_feature_levels - len(self.backbone.channels))
 
@@ -271,12 +271,6 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
                 f"pixel_values has {channels} channels, "
                 f"the model expects {self.config.num_channels} (config.num_channels)"
             )
-        if self.min_image_size is not None and min(H, W) < self.min_image_size:
-            raise ValueError(
-                f"pixel_values of {H}x{W} pixels is smaller than the coarsest feature stride {self.min_image_size} "
-                f"(num_feature_levels={self.config.num_feature_levels}); "
-                "give images of at least that many pixels a side"
-            )
         if pixel_mask is not None:
             if tuple(pixel_mask.shape) != (B, H, W):
                 raise ValueError(
@@ -302,6 +296,13 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         if pixel_mask is None:
             pixel_mask = torch.ones((B, H, W), dtype=torch.bool, device=pixel_values.device)
         pixel_mask = pixel_mask.bool()
+        side = self.min_image_size
+        if side is not None and min(H, W) < side:
+            # a canvas thinner than the coarsest stride (a thin image alone in its batch) is padded, masked, up to
+            # it: the outputs are relative to the real pixels, so the padding does not show in them
+            padding = (0, max(0, side - W), 0, max(0, side - H))
+            pixel_values, pixel_mask = nn.functional.pad(pixel_values, padding), nn.functional.pad(pixel_mask, padding)
+            H, W = pixel_values.shape[-2:]
 
         # multi-scale maps, each projected to C channels, with their masks and position encodings
         features = self.backbone(pixel_values, pixel_mask)

@@ -185,8 +185,14 @@ def test_bad_inputs_get_clear_errors():
         model(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="pixel_mask must have shape"):
         model(torch.randn(2, 3, 64, 64), torch.ones(2, 32, 64))
-    with pytest.raises(ValueError, match="smaller than the coarsest feature stride 64"):
-        model(torch.randn(1, 3, 40, 300))
+    # a canvas thinner than the coarsest stride (64): padded and masked up to it, as a batch with a larger image
+    # pads it (detect and evaluate stopped there, on a thin image alone in its batch)
+    thin = torch.randn(1, 3, 40, 300)
+    padded, mask = torch.zeros(1, 3, 64, 300), torch.zeros(1, 64, 300, dtype=torch.long)
+    padded[..., :40, :], mask[:, :40] = thin, 1
+    with torch.no_grad():
+        alone, in_a_batch = model(thin), model(padded, mask)
+    assert torch.equal(alone.logits, in_a_batch.logits) and torch.equal(alone.pred_boxes, in_a_batch.pred_boxes)
     with pytest.raises(ValueError, match=r"no real pixel in image\(s\) \[1\]"):
         mask = torch.ones(2, 64, 64)
         mask[1] = 0
