@@ -4,6 +4,7 @@ exceptions into one line and an exit status: bad options or data, files or folde
 or a full disk, 1 (argparse's own errors 2), a training stopped by a signal 128 + its number."""
 
 import argparse
+import sys
 import typing
 import warnings
 from dataclasses import MISSING, fields
@@ -81,21 +82,28 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv=None):
     from .training.loop import train
-    from .training.signals import TrainingStopped
+    from .training.signals import RESUME_HINT, TrainingStopped
 
     args = train_parser().parse_args(argv)
     try:
         _run("deformable-detr-train", lambda: train(TrainingOptions(**vars(args))))
     except TrainingStopped as stopped:
         raise SystemExit(128 + stopped.signum) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, wherever the run was
+        print(
+            f"deformable-detr-train: stopped at once by a second Ctrl-C; a checkpoint it was writing is incomplete and "
+            f"is ignored on resume (continue with {RESUME_HINT})",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
         prog="deformable-detr-evaluate",
-        description="COCO mAP of a saved Deformable DETR on a detection dataset (any format the training "
-        "command reads). Prints the table and writes it as JSON.",
+        description="COCO mAP of a saved Deformable DETR (or an exported .onnx file) on a detection dataset (any "
+        "format the training command reads). Prints the table, and with --output writes it as JSON too.",
         formatter_class=HelpFormatter,
     )
     add_model_argument(parser, ONNX_TOO)
@@ -122,29 +130,45 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv=None):
-    from .training.evaluation import evaluate_saved_model, format_metrics
+    from .training.evaluation import check_output, evaluate_saved_model, format_metrics, write_metrics
 
     args = evaluate_parser().parse_args(argv)  # its destinations are the function's parameter names
 
     def evaluate():
         from accelerate import PartialState
 
-        metrics = evaluate_saved_model(**vars(args))
+        if args.output:  # before the work; the JSON is written after the table is printed
+            check_output(args.output)
+        metrics = evaluate_saved_model(**(vars(args) | {"output": None}))
         if PartialState().is_main_process:
             print(f"{args.model_path} on {args.dataset} [{args.split}]\n{format_metrics(metrics)}")
             if args.output:
+                write_metrics(metrics, args.output)
                 print(f"metrics written to {args.output}")
 
     _run("deformable-detr-evaluate", evaluate)
 
 
-def detect_parser() -> argparse.ArgumentParser:
-    from . import detect
+DETECT_DESCRIPTION = """Detect objects in images with a saved Deformable DETR (or an exported .onnx file). For each
+image it writes a JSON of the detections (label, score, box as x0, y0, x1, y1 pixels) and a picture with the boxes
+drawn, under --output_dir: a/x.jpg gives a/x.jpg.detections.json and a/x.jpg.detections.jpg. Files that are not
+readable images are named and skipped; if none can be read, it fails. Ctrl-C keeps the outputs already written
+(exit status 130)."""
 
+
+def detect_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        allow_abbrev=False, prog="deformable-detr-detect", description=detect.__doc__, formatter_class=HelpFormatter
+        allow_abbrev=False,
+        prog="deformable-detr-detect",
+        description=DETECT_DESCRIPTION,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns (quote them)")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files, folders of images (not their subfolders), or glob patterns (quote them; a folder they "
+        "match is searched as a folder is)",
+    )
     add_model_argument(parser, ONNX_TOO)
     parser.add_argument(
         "--output_dir",
@@ -171,7 +195,19 @@ def detect_main(argv=None):
         skipped = f"; {len(result['skipped'])} skipped" if result["skipped"] else ""
         print(f"{len(result['written'])} image(s) written to {args.output_dir}{skipped}")
 
-    _run("deformable-detr-detect", detect)
+    try:
+        _run("deformable-detr-detect", detect)
+    except KeyboardInterrupt as interrupt:  # DetectionInterrupted, or Ctrl-C before the first image
+        written = len(getattr(interrupt, "written", []))
+        print(f"deformable-detr-detect: interrupted; {written} image(s) written to {args.output_dir}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+EXPORT_DESCRIPTION = """Export a saved Deformable DETR (ours or transformers', a folder or a Hub id) to one ONNX
+file of standard operators, with a dynamic batch, height and width, that onnxruntime, OpenVINO and TensorRT run.
+The file is then run in onnxruntime and compared with PyTorch; one that fails the check is not kept. Needs the
+[onnx] extra: pip install 'hub-deformable-detr[onnx]'. The file runs with deformable-detr-detect and
+deformable-detr-evaluate --model file.onnx."""
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -180,7 +216,7 @@ def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
         prog="deformable-detr-export",
-        description=onnx_export.__doc__,
+        description=EXPORT_DESCRIPTION,
         formatter_class=HelpFormatter,
     )
     add_model_argument(parser)
@@ -189,7 +225,8 @@ def export_parser() -> argparse.ArgumentParser:
         "--opset",
         type=int,
         default=onnx_export.OPSET,
-        help="ONNX opset: 18 runs in onnxruntime >= 1.14, OpenVINO >= 2023.0 and TensorRT >= 8.6",
+        help=f"ONNX opset, from {onnx_export.MIN_OPSET} to {onnx_export.max_opset()} (the newest this torch writes); "
+        "18 runs in onnxruntime >= 1.14, OpenVINO >= 2023.0 and TensorRT >= 8.6",
     )
     parser.add_argument(
         "--no_check",

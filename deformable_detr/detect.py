@@ -4,7 +4,9 @@ reported by name and skipped.
 
 Outputs keep each image's full name and its path relative to the inputs' common folder, under --output_dir:
 a/x.jpg and b/x.png give a/x.jpg.detections.json, a/x.jpg.detections.jpg, b/x.png.detections.json and
-b/x.png.detections.jpg. Inputs are never overwritten, and these outputs are left out of folders and globs."""
+b/x.png.detections.jpg. Inputs are never overwritten, and these outputs are left out of folders and globs. Each
+output is written to a temporary file beside it and renamed when complete, so an interrupted run leaves no partial
+file."""
 
 import colorsys
 import glob
@@ -13,11 +15,24 @@ import os
 import warnings
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
+
+from .file_writing import replaced_when_done
+from .training.image_files import SHOWN, UNREADABLE, listed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OUTPUT_SUFFIX = ".detections"  # x.jpg -> x.jpg.detections.json and x.jpg.detections.<image_format>
+PROCESSOR_FILE = "preprocessor_config.json"
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}
+
+
+class DetectionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `detect_files`: `written` lists the images whose outputs were written (each one whole)."""
+
+    def __init__(self, written: list[str]):
+        super().__init__(f"interrupted after {len(written)} image(s) written")
+        self.written = written
 
 
 def is_output(path: str) -> bool:
@@ -25,26 +40,38 @@ def is_output(path: str) -> bool:
     return os.path.splitext(path)[0].lower().endswith(tuple(s + OUTPUT_SUFFIX for s in IMAGE_SUFFIXES))
 
 
+def images_in(folder: str) -> list[str]:
+    """The images of a folder (not of its subfolders), sorted, without the files this command wrote."""
+    names = [f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES) and not is_output(f)]
+    return sorted(os.path.join(folder, f) for f in names)
+
+
 def find_images(inputs: list[str]) -> list[str]:
-    """Files, folders (their images, sorted; FileNotFoundError for a folder without any) and glob patterns -> image
-    paths, in order, without repeats. Folders and globs leave out the files this command wrote."""
+    """Files, folders (their images, sorted) and glob patterns (a matched folder is searched as a folder is) ->
+    image paths, in order, without repeats; FileNotFoundError naming an input that gives none. Folders and globs
+    leave out the files this command wrote."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            names = [f for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES) and not is_output(f)]
-            if not names:
+            found = images_in(item)
+            if not found:
                 raise FileNotFoundError(
                     f"no images in the folder {item!r} (its subfolders are not searched: give a glob such as "
                     f"'{os.path.join(item, '**', '*.jpg')}')"
                 )
-            paths += sorted(os.path.join(item, f) for f in names)
         elif os.path.exists(item):
-            paths.append(item)
+            found = [item]
         else:
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise FileNotFoundError(f"no image, folder or glob match for {item!r}")
-            paths += [path for path in matches if not is_output(path)]
+            found = [p for match in matches for p in (images_in(match) if os.path.isdir(match) else [match])]
+            found = [path for path in found if not is_output(path)]
+            if not found:
+                raise FileNotFoundError(
+                    f"no images match {item!r} (it matches only folders without images or this command's outputs)"
+                )
+        paths += found
     unique = {}
     for path in paths:
         unique.setdefault(os.path.abspath(path), path)
@@ -95,10 +122,12 @@ def draw_detections(image: Image.Image, detections: list[dict]) -> Image.Image:
 def load_detector(model_path: str, device: str):
     """Our detector (converted when the folder or Hub id holds transformers' model) and its processor; for an
     .onnx file, an `OnnxDetector` (onnxruntime, on the CPU) and the processor stored in it."""
+    from transformers.utils import cached_file
+
     from . import DeformableDetrImageProcessor
     from .conversion import load_model
 
-    if model_path.endswith(".onnx"):
+    if is_onnx(model_path):
         from .onnx_detector import OnnxDetector
 
         if not os.path.isfile(model_path):
@@ -106,13 +135,30 @@ def load_detector(model_path: str, device: str):
         detector = OnnxDetector(model_path)
         return detector, detector.image_processor()
     model = load_model(model_path)
-    try:
-        processor = DeformableDetrImageProcessor.from_pretrained(model_path)
-    except OSError:
+    config = cached_file(
+        model_path,
+        PROCESSOR_FILE,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if config is None:
+        warnings.warn(
+            f"{model_path} has no {PROCESSOR_FILE}: using the default image processor (shortest edge 800, longest "
+            "1333, ImageNet mean and std)",
+            stacklevel=2,
+        )
         processor = DeformableDetrImageProcessor()
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{os.path.join(model_path, 'preprocessor_config.json')}: {error}") from None
+    else:
+        try:
+            processor = DeformableDetrImageProcessor.from_pretrained(model_path)
+        except (OSError, ValueError, TypeError) as error:  # OSError: not valid JSON
+            raise ValueError(f"{os.path.join(model_path, PROCESSOR_FILE)}: {error}") from None
     return model.to(device).eval(), processor
+
+
+def is_onnx(model_path: str) -> bool:
+    """Whether --model names an .onnx file (any case: X.ONNX too)."""
+    return model_path.lower().endswith(".onnx")
 
 
 def not_finite(outputs) -> list[int]:
@@ -159,23 +205,40 @@ def detect(model, processor, images: list[Image.Image], threshold: float, top_k:
 
 
 def checked_device(device: str | None) -> torch.device:
-    """`device` as a torch.device (None: cuda if present, else cpu); ValueError naming one torch cannot use here."""
+    """`device` as a torch.device (None: cuda if present, else cpu); ValueError naming one torch cannot use here (a
+    type this torch was not built with, or whose hardware is absent: mps, xpu, cuda without a GPU)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device {device!r} is not a torch device (such as cpu, cuda or cuda:1)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
+    if parsed.type == "cpu":
+        return parsed
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: the one accelerator this machine's torch can use, if any
+        here = torch.accelerator.current_accelerator()
+    else:
+        here = torch.device("cuda") if torch.cuda.is_available() else None
+    if here is None or here.type != parsed.type:
+        also = f"; it has {here.type}" if here is not None else ""
+        raise ValueError(
+            f"device {device!r}: {parsed.type.upper()} is not available here (torch {torch.__version__}{also})"
+        )
     return parsed
 
 
 def read_image(path: str) -> Image.Image:
+    """An image file as RGB (`to_rgb_image`); one of UNREADABLE if PIL cannot read it, and PIL's warnings (a
+    decompression bomb of 89 to 179 Mpx) again with the file's name."""
     from .image_processing_deformable_detr import to_rgb_image
 
-    with Image.open(path) as image:
-        return to_rgb_image(image)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(path) as image:
+            rgb = to_rgb_image(image)
+    for warning in caught:
+        warnings.warn(f"{path}: {warning.message}", warning.category, stacklevel=3)
+    return rgb
 
 
 def detect_files(
@@ -191,14 +254,17 @@ def detect_files(
     """Detections of a saved model (folder or Hub id) in image files, folders or glob patterns: one JSON and one
     picture per image in output_dir, named as `output_paths` says (a/x.jpg -> a/x.jpg.detections.json and
     a/x.jpg.detections.jpg, a/ relative to the images' common folder), so no two images share an output and no
-    input is overwritten (ValueError before anything is written if one would be).
-    -> {"written": [...], "skipped": {path: reason}}."""
+    input is overwritten (ValueError before anything is written if one would be). Unreadable images are named
+    in a warning and skipped; ValueError if none could be read. Ctrl-C raises DetectionInterrupted, with the
+    images written so far. -> {"written": [...], "skipped": {path: reason}}."""
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
-    if image_format not in ("jpg", "png"):
+    if image_format not in PIL_FORMATS:
         raise ValueError(f"image_format must be jpg or png, got {image_format!r}")
+    if not output_dir:
+        raise ValueError("output_dir (--output_dir) is empty; give a folder")
     device = checked_device(device)
     paths = find_images(inputs)
     outputs = output_paths(paths, output_dir, image_format)
@@ -206,27 +272,36 @@ def detect_files(
     os.makedirs(output_dir, exist_ok=True)
     written, skipped, broken = [], {}, []
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    for batch in tqdm(batches, desc="detecting", unit="batch", disable=len(paths) <= 1):
-        images, names = [], []
-        for path in batch:
-            try:
-                images.append(read_image(path))
-                names.append(path)
-            except (OSError, UnidentifiedImageError, ValueError) as error:
-                skipped[path] = f"{type(error).__name__}: {error}"
-                warnings.warn(f"skipped {path}: cannot read it as an image ({error})", stacklevel=2)
-        if not images:
-            continue
-        detections, not_finite_rows = detect(model, processor, images, threshold, top_k)
-        broken += [names[i] for i in not_finite_rows]
-        for path, image, found in zip(names, images, detections):
-            json_path, picture_path = outputs[path]
-            os.makedirs(os.path.dirname(json_path), exist_ok=True)
-            with open(json_path, "w") as f:
-                json.dump(
-                    {"image": path, "width": image.width, "height": image.height, "detections": found}, f, indent=1
-                )
-            draw_detections(image, found).save(picture_path)
-            written.append(path)
+    try:
+        for batch in tqdm(batches, desc="detecting", unit="batch", disable=len(paths) <= 1):
+            images, names = [], []
+            for path in batch:
+                try:
+                    images.append(read_image(path))
+                    names.append(path)
+                except UNREADABLE as error:
+                    skipped[path] = f"{type(error).__name__}: {error}"
+                    warnings.warn(f"skipped {path}: cannot read it as an image ({error})", stacklevel=2)
+            if not images:
+                continue
+            detections, not_finite_rows = detect(model, processor, images, threshold, top_k)
+            broken += [names[i] for i in not_finite_rows]
+            for path, image, found in zip(names, images, detections):
+                write_outputs(path, image, found, *outputs[path], PIL_FORMATS[image_format])
+                written.append(path)
+    except KeyboardInterrupt:
+        raise DetectionInterrupted(written) from None
     warn_of_non_finite_outputs(broken)
+    if not written:
+        raise ValueError(f"none of the {len(paths)} image(s) could be read: {listed(list(skipped), SHOWN)}")
     return {"written": written, "skipped": skipped}
+
+
+def write_outputs(path: str, image: Image.Image, found: list[dict], json_path: str, picture_path: str, pil_format):
+    """The JSON of `found` (an image's detections) and the picture with them drawn, written whole or not at all
+    (`replaced_when_done`): both go to temporary files first, and the JSON is put in place last."""
+    os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    with replaced_when_done(json_path) as json_temporary, replaced_when_done(picture_path) as picture_temporary:
+        with open(json_temporary, "w") as f:
+            json.dump({"image": path, "width": image.width, "height": image.height, "detections": found}, f, indent=1)
+        draw_detections(image, found).save(picture_temporary, format=pil_format)

@@ -1,7 +1,7 @@
-"""ONNX export: `export_onnx(model_path, output)` writes a saved Deformable DETR (ours or transformers', a folder or
-a Hub id) as one ONNX file of standard operators (opset OPSET: onnxruntime, OpenVINO and TensorRT all run it) with a
-dynamic batch, height and width, then checks it in onnxruntime against PyTorch. The `deformable-detr-export`
-command in cli.py runs it; onnx_detector.py runs the file.
+"""ONNX export: a saved Deformable DETR (ours or transformers', a folder or a Hub id) as one ONNX file of standard
+operators (opset OPSET by default: onnxruntime, OpenVINO and TensorRT all run it) with a dynamic batch, height and
+width, checked in onnxruntime against PyTorch (`export_onnx`; the `deformable-detr-export` command in cli.py).
+onnx_detector.py runs the file.
 
 Multi-scale deformable attention is exported as its grid_sample formulation (one GridSample per level): under
 torch.export the op takes its standard-op form by itself (`multi_scale_deformable_attention`), so the fused
@@ -17,9 +17,11 @@ import time
 
 import torch
 
+from .file_writing import check_writable, replaced_when_done
 from .onnx_detector import INPUTS, OUTPUTS, OnnxDetector
 
 OPSET = 18  # GridSample (16+) in every runtime we target; onnxruntime >= 1.14, OpenVINO >= 2023, TensorRT >= 8.6
+MIN_OPSET = 16  # GridSample
 TOLERANCE = 1e-4  # max abs difference of logits and boxes, fp32, onnxruntime vs PyTorch
 MAX_SIDE = 4096
 
@@ -42,19 +44,24 @@ class _Outputs(torch.nn.Module):
 
 def export_onnx(model_path: str, output: str, check: bool = True, opset: int = OPSET) -> dict:
     """Writes `model_path`'s detector to `output` (.onnx) and, with `check`, compares it with PyTorch in
-    onnxruntime; -> {"seconds": export time, "max_abs_difference": {case: figure}}. Raises ExportCheckError (a
-    ValueError) when a difference exceeds TOLERANCE, ValueError for a model that cannot be exported."""
+    onnxruntime; -> {"seconds": export time, "max_abs_difference": {case: figure}}. The file is written beside
+    `output` and renamed to it once checked, so a failed export or check leaves nothing there. Raises
+    ExportCheckError (a ValueError) when a difference exceeds TOLERANCE, ValueError for a model that cannot be
+    exported or an opset outside MIN_OPSET..max_opset(), OSError naming `output` if it cannot be written (before
+    the export)."""
     from importlib.metadata import version
 
     from .detect import load_detector
 
-    if not output.endswith(".onnx"):
+    if not output.lower().endswith(".onnx"):
         raise ValueError(f"output {output!r} must end in .onnx")
-    if opset < 16:
-        raise ValueError(f"opset {opset}: GridSample, which the attention needs, came in opset 16")
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset}: GridSample, which the attention needs, came in opset {MIN_OPSET}")
+    if opset > max_opset():
+        raise ValueError(f"opset {opset}: torch {torch.__version__}'s ONNX exporter writes opsets up to {max_opset()}")
     if os.path.isdir(output):
         raise ValueError(f"output {output!r} is a folder")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)  # before the export: a bad path fails now
+    check_writable(output)  # before the export: a path that cannot be written fails now
     model, processor = load_detector(model_path, "cpu")
     smallest = 2 * (model.model.min_image_size or 32)  # the coarsest map at least 2x2: a real, not a special, size
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -87,11 +94,28 @@ def export_onnx(model_path: str, output: str, check: bool = True, opset: int = O
         "deformable_detr_version": version("hub-deformable-detr"),
     }
     program.model.metadata_props.update(metadata)
-    program.save(output)
-    report = {"seconds": round(time.time() - started, 1), "max_abs_difference": {}}
-    if check:
-        report["max_abs_difference"] = check_export(model, output, smallest)
+    with replaced_when_done(output) as temporary:  # a file that fails the check is not left at `output`
+        program.save(temporary, external_data=False)
+        report = {"seconds": round(time.time() - started, 1), "max_abs_difference": {}}
+        if check:
+            try:
+                report["max_abs_difference"] = check_export(model, temporary, smallest)
+            except ValueError as error:
+                raise type(error)(f"{output} not written: {error}") from error
     return report
+
+
+def max_opset() -> int:
+    """The newest opset torch's ONNX exporter writes (torch.onnx._constants, which torch keeps private; where it is
+    gone, the newest the installed onnx package knows)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+
+        return ONNX_MAX_OPSET
+    except ImportError:
+        import onnx
+
+        return onnx.defs.onnx_opset_version()
 
 
 def _example_inputs(batch: int, size: tuple[int, int], padded: bool, seed: int = 0):
@@ -132,7 +156,7 @@ def check_export(model, path: str, smallest: int) -> dict:
     worst = max(differences, key=differences.get)
     if not differences[worst] <= TOLERANCE:  # NaN fails too
         raise ExportCheckError(
-            f"{path} differs from the PyTorch model by {differences[worst]:.2e} on the {worst} "
+            f"the exported file differs from the PyTorch model by {differences[worst]:.2e} on the {worst} "
             f"(tolerance {TOLERANCE:.0e}): {differences}"
         )
     return differences

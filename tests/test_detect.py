@@ -157,8 +157,12 @@ def test_bad_arguments_are_named(tmp_path):
         detect_files(["x.jpg"], str(tmp_path), threshold=2)
     with pytest.raises(SystemExit, match="threshold must be in"):
         main(["x.jpg", "--model", str(tmp_path), "--threshold", "2"])
-    for device, message in (("gpu", "device 'gpu' is not a torch device"), ("cuda:0", "device 'cuda:0': CUDA is not")):
-        if device == "cuda:0" and torch.cuda.is_available():
+    for device, message in (
+        ("gpu", "device 'gpu' is not a torch device"),
+        ("cuda:0", "device 'cuda:0': CUDA is not available here"),
+        ("mps", "device 'mps': MPS is not available here"),  # was a traceback: torch not linked with mps
+    ):
+        if {"cuda:0": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device):
             continue
         with pytest.raises(SystemExit, match=f"^deformable-detr-detect: error: {message}"):
             main(["x.jpg", "--model", str(tmp_path), "--device", device])
@@ -205,3 +209,102 @@ def test_non_finite_outputs_warn_once_naming_the_images(tmp_path, folder_of_imag
         detect_files([str(folder_of_images)], str(tmp_path / "model"), str(tmp_path / "out"))
     with pytest.warns(RuntimeWarning, match=r"outputs for 2 image\(s\) are not finite .*BloodImage_00"):
         evaluate_saved_model(str(tmp_path / "model"), str(BCCD), "test")
+
+
+def test_a_decompression_bomb_is_named_and_skipped(tmp_path, monkeypatch):
+    """Above PIL's limit (2 x MAX_IMAGE_PIXELS) an image raised DecompressionBombError, a traceback that lost the
+    batch; above MAX_IMAGE_PIXELS PIL's warning did not name the file."""
+    saved_detector(tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, size in (("bomb.png", (640, 480)), ("large.png", (400, 300)), ("small.png", (200, 150))):
+        Image.new("RGB", size, (200, 100, 100)).save(images / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # bomb 307,200 > 2x; large 120,000 > 1x
+    with pytest.warns(Warning) as caught:
+        result = detect_files([str(images)], str(tmp_path / "model"), str(tmp_path / "out"))
+    assert result["written"] == [str(images / "large.png"), str(images / "small.png")]
+    assert list(result["skipped"]) == [str(images / "bomb.png")]
+    messages = [str(w.message) for w in caught]
+    assert any(re.match(r"skipped .*bomb\.png: cannot read it as an image .*decompression bomb", m) for m in messages)
+    assert any(re.match(r".*large\.png: Image size \(120000 pixels\) exceeds limit", m) for m in messages)
+
+
+def test_a_corrupt_processor_config_is_an_error_and_a_missing_one_a_warning(tmp_path):
+    """A preprocessor_config.json that is not JSON was silently replaced by the default processor (other sizes,
+    other detections, exit status 0)."""
+    saved_detector(tmp_path / "model")
+    image = str(BCCD / "JPEGImages" / "BloodImage_00000.jpg")
+    config = tmp_path / "model" / "preprocessor_config.json"
+    config.write_text("{bad")
+    with pytest.raises(SystemExit, match=r"^deformable-detr-detect: error: .*model/preprocessor_config.json: "):
+        main([image, "--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    config.unlink()
+    with pytest.warns(UserWarning, match=r"model has no preprocessor_config.json: using the default image processor"):
+        detect_files([image], str(tmp_path / "model"), str(tmp_path / "out"))
+
+
+def test_nothing_to_detect_is_an_error_and_a_matched_folder_is_searched(tmp_path, folder_of_images, capsys):
+    """ "0 image(s) written" used to exit 0: for a glob matching only this command's outputs, and for files none of
+    which is an image. A glob matching a folder took the folder as an image, which was skipped."""
+    saved_detector(tmp_path / "model")
+    model = ["--model", str(tmp_path / "model")]
+    image = folder_of_images / "BloodImage_00000.jpg"
+    main([str(image), *model, "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"error: no images match .*out/\*\.jpg.*this command's outputs"):
+        main([str(tmp_path / "out" / "*.jpg"), *model])
+    (tmp_path / "notes.md").write_text("# not an image")
+    with pytest.warns(UserWarning, match="skipped .*notes.md"):
+        with pytest.raises(SystemExit, match=r"^deformable-detr-detect: error: none of the 1 image\(s\) could be read"):
+            main([str(tmp_path / "notes.md"), *model, "--output_dir", str(tmp_path / "out2")])
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        main([str(tmp_path / "imag*"), *model, "--output_dir", str(tmp_path / "out3")])
+    assert capsys.readouterr().out == f"3 image(s) written to {tmp_path / 'out3'}; 1 skipped\n"
+
+
+def test_ctrl_c_keeps_whole_outputs_only_and_exits_130(tmp_path, folder_of_images, monkeypatch, capsys):
+    """Ctrl-C while a picture was being written left it truncated beside a complete JSON, with a traceback."""
+    from deformable_detr import detect as detect_module
+
+    saved_detector(tmp_path / "model")
+    draw = detect_module.draw_detections
+
+    class Interrupted:
+        def save(self, path, **kwargs):  # a part written, then Ctrl-C
+            Path(path).write_bytes(b"\xff\xd8 part of a JPEG")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(detect_module, "draw_detections", lambda image, found: draws.pop(0)(image, found))
+    draws = [draw, lambda image, found: Interrupted()]
+    with pytest.warns(UserWarning, match="broken.jpg"), pytest.raises(SystemExit) as stopped:
+        try:
+            main([str(folder_of_images), "--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out")])
+        except KeyboardInterrupt:  # not raised on: it would stop the test session
+            pytest.fail("Ctrl-C came out of the command as a KeyboardInterrupt traceback")
+    assert stopped.value.code == 130
+    last_line = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
+    assert last_line == f"deformable-detr-detect: interrupted; 1 image(s) written to {tmp_path / 'out'}"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "BloodImage_00000.jpg.detections.jpg",
+        "BloodImage_00000.jpg.detections.json",
+    ]
+
+
+def test_help_texts_and_spellings_of_options(tmp_path, capsys):
+    """--help printed the module's developer docstring (function and file names); --model X.ONNX was not taken
+    for an ONNX file; --output_dir "" failed only after the model was loaded."""
+    from deformable_detr.cli import evaluate_main, export_main
+
+    for command in (main, evaluate_main, export_main):
+        with pytest.raises(SystemExit):
+            command(["--help"])
+        text = capsys.readouterr().out
+        assert not re.search(r"`|\w+\.py\b|\w+_\w+\(|\(opset OPSET", text), text
+    with pytest.raises(SystemExit):
+        export_main(["--help"])
+    assert "pip install 'hub-deformable-detr[onnx]'" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit, match=r"error: model .*absent\.ONNX: no such file"):
+        main([str(BCCD / "JPEGImages"), "--model", str(tmp_path / "absent.ONNX")])
+    with pytest.raises(SystemExit, match=r"error: output_dir \(--output_dir\) is empty"):
+        main([str(BCCD / "JPEGImages"), "--model", str(tmp_path / "no-model"), "--output_dir", ""])

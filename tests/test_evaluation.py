@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from deformable_detr.testing import synthetic_coco
@@ -77,3 +79,41 @@ def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, 
     (tmp_path / "a_file").write_text("")
     with pytest.raises(FileExistsError):
         evaluate_saved_model("model", "data", output=str(tmp_path / "a_file" / "m.json"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs a folder that even root cannot write in: /proc")
+def test_a_folder_that_cannot_be_written_in_fails_before_the_evaluation(monkeypatch):
+    """The folder exists, but no file can be made in it (as a read-only folder for other users; the tests may run
+    as root, for whom only such a file system refuses): found only when the JSON was written, after the work."""
+    from deformable_detr.training.evaluation import evaluate_saved_model
+
+    monkeypatch.setattr("accelerate.Accelerator", lambda *a, **k: pytest.fail("the evaluation started"))
+    with pytest.raises(OSError, match="^/proc/metrics.json cannot be written"):
+        evaluate_saved_model("model", "data", output="/proc/metrics.json")
+
+
+def test_the_table_is_printed_before_the_json_is_written(tmp_path, monkeypatch, capsys):
+    """When the JSON could not be written at the end, the metrics table was never printed: the work was lost."""
+    from deformable_detr import DeformableDetrImageProcessor
+    from deformable_detr.cli import evaluate_main
+    from deformable_detr.training import evaluation
+    from tests.support.bccd import BCCD
+    from tests.support.models import tiny_model
+
+    tiny_model(id2label={0: "Platelets", 1: "RBC", 2: "WBC"}).save_pretrained(tmp_path / "model")
+    DeformableDetrImageProcessor(size={"shortest_edge": 96, "longest_edge": 128}).save_pretrained(tmp_path / "model")
+    score = evaluation.evaluate
+
+    def and_then_the_folder_becomes_a_file(*args, **kwargs):
+        metrics = score(*args, **kwargs)
+        (tmp_path / "results").rmdir()
+        (tmp_path / "results").write_text("")
+        return metrics
+
+    monkeypatch.setattr(evaluation, "evaluate", and_then_the_folder_becomes_a_file)
+    output = tmp_path / "results" / "m.json"
+    command = ["--model", str(tmp_path / "model"), "--dataset", str(BCCD), "--split", "test", "--output", str(output)]
+    with pytest.raises(SystemExit, match=f"^deformable-detr-evaluate: error: {output} cannot be written"):
+        evaluate_main(command)
+    printed = capsys.readouterr().out
+    assert "mAP" in printed and "Platelets" in printed

@@ -11,7 +11,7 @@ import pytest
 from safetensors import SafetensorError
 
 from deformable_detr.cli import train_main
-from deformable_detr.disk_space import is_disk_full
+from deformable_detr.file_writing import is_disk_full
 from deformable_detr.training.checkpoints import list_checkpoints
 from tests.support.processes import run_command
 from tests.support.training import options

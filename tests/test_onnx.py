@@ -3,6 +3,7 @@ and matches PyTorch in onnxruntime (and OpenVINO where installed), detect gives 
 the metadata round-trips, and what cannot be exported or run says why."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -151,3 +152,25 @@ def test_evaluate_from_the_file_equals_evaluate_from_pytorch(tmp_path):
     )
     for name in ("map", "map_50", "mar_100"):
         assert from_onnx[name] == pytest.approx(from_torch[name], abs=1e-4), name
+
+
+def test_a_bad_output_or_opset_fails_before_the_export_and_a_failed_check_leaves_no_file(
+    tmp_path, exported, monkeypatch
+):
+    """An output folder that cannot be written in and an opset above what torch writes were found only after the
+    export (minutes, on a full model); a file that failed the check was left at the output, looking complete."""
+    from deformable_detr import onnx_export
+
+    with monkeypatch.context() as patched:
+        patched.setattr("deformable_detr.detect.load_detector", lambda *a: pytest.fail("the model was loaded"))
+        with pytest.raises(ValueError, match=r"^opset 99: torch .*'s ONNX exporter writes opsets up to \d+"):
+            export_onnx(str(exported[0]), str(tmp_path / "x.onnx"), opset=99)
+        with pytest.raises(SystemExit, match="error: opset 99: "):
+            export_main(["--model", str(exported[0]), "--output", str(tmp_path / "x.onnx"), "--opset", "99"])
+        if os.path.isdir("/proc"):  # a folder that even root cannot write in
+            with pytest.raises(OSError, match="^/proc/x.onnx cannot be written"):
+                export_onnx(str(exported[0]), "/proc/x.onnx")
+    monkeypatch.setattr(onnx_export, "TOLERANCE", -1.0)  # every difference fails
+    with pytest.raises(onnx_export.ExportCheckError, match=r"x\.ONNX not written: the exported file differs"):
+        export_onnx(str(exported[0]), str(tmp_path / "x.ONNX"))  # the suffix in any case
+    assert list(tmp_path.iterdir()) == []

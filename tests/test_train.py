@@ -232,6 +232,20 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path):
         train_main(command)
 
 
+def test_a_second_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    """It printed KeyboardInterrupt's traceback from wherever the run was (inside torch.save, say)."""
+    from deformable_detr.training import loop
+
+    def interrupted(options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        train_main(["--dataset", "data", "--config_name", "tiny"])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 130 and "stopped at once by a second Ctrl-C" in error and "Traceback" not in error
+
+
 def signalled_run(run: TrainingOptions, after: str, whole_group: bool = False) -> str:
     """Runs the training command of `run` in a fresh process, sends it SIGTERM (to its whole process group if
     `whole_group`) once train.log holds `after`, asserts that it exits with status 143; -> train.log."""

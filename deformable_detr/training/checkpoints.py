@@ -11,7 +11,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 
-from ..disk_space import reporting_full_disk
+from ..file_writing import reporting_full_disk
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..box_ops import box_xyxy_to_xywh
 from ..detect import not_finite, warn_of_non_finite_outputs
+from ..file_writing import check_writable, replaced_when_done
 from .metric_names import SUMMARY_LABELS, SUMMARY_NAMES
 from .objects import objects_of
 
@@ -174,8 +175,9 @@ def evaluate_saved_model(
 ) -> dict:
     """The COCO metrics of a saved model (ours or transformers', a folder or a Hub id) on a split of `dataset`
     (any source `load_detection_dataset` reads; validation_fraction and seed as in training, for data without a
-    validation split). Writes them as JSON to `output` if given. Raises ValueError when the split is missing or the
-    model's classes are not the data's."""
+    validation split). Writes them as JSON to `output` if given, whose path is checked first (`check_output`: one
+    that cannot be written fails before the work). Raises ValueError when the split is missing or the model's
+    classes are not the data's."""
     from accelerate import Accelerator
 
     from ..detect import load_detector
@@ -183,9 +185,7 @@ def evaluate_saved_model(
     from .samples import DetectionCollator, DetectionSamples
 
     if output:
-        if os.path.isdir(output):
-            raise ValueError(f"output {output!r} is a folder; give the path of a JSON file")
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)  # before the work: a bad path fails now
+        check_output(output)
     accelerator = Accelerator()
     splits, class_names = load_detection_dataset(dataset, validation_fraction, seed, skip_bad_images)
     if split not in splits:
@@ -205,7 +205,20 @@ def evaluate_saved_model(
         model, processor, accelerator.prepare(loader), accelerator, coco_ground_truth(examples, class_names)
     )
     if accelerator.is_main_process and output:
-        with open(output, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_metrics(metrics, output)
     accelerator.end_training()
     return metrics
+
+
+def check_output(output: str):
+    """Before the work: ValueError if the metrics JSON `output` is a folder, OSError naming it if it cannot be
+    written (its folder is created)."""
+    if os.path.isdir(output):
+        raise ValueError(f"output {output!r} is a folder; give the path of a JSON file")
+    check_writable(output)
+
+
+def write_metrics(metrics: dict, output: str):
+    """`metrics` as JSON in `output`, written whole or not at all."""
+    with replaced_when_done(output) as temporary, open(temporary, "w") as f:
+        json.dump(metrics, f, indent=2)

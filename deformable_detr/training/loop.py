@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import DeformableDetrForObjectDetection, DeformableDetrImageProcessor
 from ..backbone import set_gradient_checkpointing
-from ..disk_space import reporting_full_disk
+from ..file_writing import reporting_full_disk
 from ..loss_deformable_detr import MAIN_TERMS
 from .checkpoints import BEST_DIR, TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import load_detection_dataset
