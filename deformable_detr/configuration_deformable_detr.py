@@ -84,21 +84,7 @@ class DeformableDetrConfig(PretrainedConfig):
 
     def validate(self):
         """Raises a ValueError naming the first field that cannot work."""
-        counts = (
-            "num_channels",
-            "num_queries",
-            "d_model",
-            "encoder_layers",
-            "decoder_layers",
-            "encoder_attention_heads",
-            "decoder_attention_heads",
-            "encoder_ffn_dim",
-            "decoder_ffn_dim",
-            "encoder_n_points",
-            "decoder_n_points",
-            "num_feature_levels",
-            "two_stage_num_proposals",
-        )
+        counts = [name for name, kind in type(self).__annotations__.items() if kind is int]
         for name in counts:
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
