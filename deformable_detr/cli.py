@@ -89,10 +89,10 @@ def train_main(argv=None):
         _run("deformable-detr-train", lambda: train(TrainingOptions(**vars(args))))
     except TrainingStopped as stopped:
         raise SystemExit(128 + stopped.signum) from None
-    except KeyboardInterrupt:  # a second Ctrl-C: at once, wherever the run was
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training began): at once, wherever the run was
         print(
-            f"deformable-detr-train: stopped at once by a second Ctrl-C; a checkpoint it was writing is incomplete and "
-            f"is ignored on resume (continue with {RESUME_HINT})",
+            "deformable-detr-train: interrupted; a checkpoint being written then is incomplete and ignored on resume "
+            f"(continue from the last complete one with {RESUME_HINT})",
             file=sys.stderr,
         )
         raise SystemExit(130) from None

@@ -216,7 +216,7 @@ def checked_device(device: str | None) -> torch.device:
     if parsed.type == "cpu":
         return parsed
     if hasattr(torch, "accelerator"):  # torch >= 2.6: the one accelerator this machine's torch can use, if any
-        here = torch.accelerator.current_accelerator()
+        here = torch.accelerator.current_accelerator(check_available=True)  # built for, and present
     else:
         here = torch.device("cuda") if torch.cuda.is_available() else None
     if here is None or here.type != parsed.type:

@@ -79,6 +79,6 @@ def replaced_when_done(path: str):
     except BaseException as error:
         with suppress(OSError):
             os.remove(temporary)
-        if isinstance(error, OSError):  # named by `path`, not by the temporary file
+        if isinstance(error, OSError) and temporary in str(error):  # named by `path`, not by the temporary file
             raise type(error)(f"{path} cannot be written ({error})") from error
         raise

@@ -146,12 +146,12 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
     def _check_channels(values, name) -> list[float]:
         """image_mean or image_std: three finite numbers (R, G, B) -> a list; ValueError naming `name`."""
         if (
-            not isinstance(values, (list, tuple))
+            not isinstance(values, (list, tuple, np.ndarray))
             or len(values) != 3
             or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v) for v in values)
         ):
             raise ValueError(f"{name} must be three finite numbers, one per channel (R, G, B), got {values!r}")
-        return list(values)
+        return [float(v) for v in values]
 
     @staticmethod
     def _check_size(size, name, kinds=SIZE_KINDS) -> dict:

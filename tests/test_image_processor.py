@@ -126,6 +126,11 @@ def test_bad_annotations_and_options_are_named():
         processor("not-an-image.jpg")
 
 
+def test_mean_and_std_as_numpy_arrays_are_taken():
+    processor = DeformableDetrImageProcessor(image_mean=np.array([0.5, 0.5, 0.5]), image_std=np.float32([1, 1, 1]))
+    assert processor.image_mean == [0.5] * 3 and processor.image_std == [1.0] * 3
+
+
 def test_annotations_and_images_of_the_wrong_shape_are_named():
     """Each failed deep inside: KeyError 0, AttributeError, int() of 'cat', a zero-size reduction, a division by 0."""
     image, annotation = bccd_example("BloodImage_00000")

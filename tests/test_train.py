@@ -132,6 +132,14 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
     faster = dict(common, learning_rate=1e-3, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
     train(options(shapes_folder, tmp_path / "faster", **faster))
     assert history(tmp_path / "faster", "lr") == [2e-4] * 4 + [1e-4] * 2
+    # a longer run resumed: the options' schedule from the first resumed step (step 5 took the old drop's 2e-5)
+    longer = dict(common, max_steps=12, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
+    train(options(shapes_folder, tmp_path / "longer", **longer))
+    assert history(tmp_path / "longer", "lr") == [2e-4] * 9 + [2e-5] * 3
+    # an epoch's last checkpoint resumed with max_steps at its step: the run's final evaluation (none before)
+    train(options(shapes_folder, tmp_path / "epochs", **dict(common, checkpointing_steps="epoch")))
+    at_end = dict(common, max_steps=3, resume_from_checkpoint=str(tmp_path / "epochs" / "checkpoint-3"))
+    assert train(options(shapes_folder, tmp_path / "at_end", **at_end))["map"] >= 0
     # a checkpoint beyond this run's steps: refused (the saved model went back to the checkpoint's weights)
     behind = dict(common, max_steps=3, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
     with pytest.raises(ValueError, match="checkpoint-4 is at step 4, beyond this run's 3 steps"):
@@ -139,6 +147,26 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
     # a finished run's folder without checkpoints: another run there would replace its model
     with pytest.raises(ValueError, match="holds the model of an earlier run"):
         train(options(shapes_folder, tmp_path / "resumed", **common))
+
+
+def test_a_hub_that_fails_at_the_end_costs_no_work(shapes_folder, tmp_path, monkeypatch):
+    """The repo is named once, before training: a second call at the end, before the model was saved, lost the
+    whole run when the token or network had gone meanwhile."""
+    from deformable_detr.training import loop
+
+    calls, pushed = [], []
+
+    def hub_repo(options):
+        calls.append(options.hub_model_id)
+        if len(calls) > 1:
+            raise ValueError("push_to_hub: the Hub repo cannot be reached (simulated)")
+        return "user/" + options.hub_model_id
+
+    monkeypatch.setattr(loop, "hub_repo", hub_repo)
+    monkeypatch.setattr(loop, "push_to_hub", lambda options, repo_id: pushed.append(repo_id))
+    train(options(shapes_folder, tmp_path, max_steps=2, push_to_hub=True, hub_model_id="run", eval_every_epochs=0))
+    assert calls == ["run"] and pushed == ["user/run"]
+    assert (tmp_path / "model.safetensors").exists() and 'model="user/run"' in (tmp_path / "README.md").read_text()
 
 
 def test_an_accumulation_window_cut_short_by_the_epoch_is_a_mean_over_its_own_batches(shapes_folder, tmp_path):
@@ -243,7 +271,7 @@ def test_a_second_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         train_main(["--dataset", "data", "--config_name", "tiny"])
     error = capsys.readouterr().err
-    assert stopped.value.code == 130 and "stopped at once by a second Ctrl-C" in error and "Traceback" not in error
+    assert stopped.value.code == 130 and "interrupted; a checkpoint being written" in error and "Traceback" not in error
 
 
 def signalled_run(run: TrainingOptions, after: str, whole_group: bool = False) -> str:

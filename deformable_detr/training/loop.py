@@ -71,6 +71,7 @@ class Run:
     window_bad: bool = False  # the accumulation window saw a non-finite loss
     sharded: bool = False  # the model sharded by the loop itself (sharding.py), not by accelerate
     started: float = 0.0  # time.time() when the run (its first part, if resumed) would have started
+    hub_repo_id: str | None = None  # with --push_to_hub, on the main process: the repo as the Hub names it
 
 
 def train(options: TrainingOptions) -> dict | None:
@@ -86,8 +87,10 @@ def train(options: TrainingOptions) -> dict | None:
     # ACCELERATE_USE_CPU, which makes several CPU processes one gloo group
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     setup_logging(processes, options.output_dir)
+    repo_id = None  # --push_to_hub's repo, created now (on the main process), so that it fails before training
     if options.push_to_hub and processes.is_main_process:
-        logger.info("pushing to the Hub repo %s at the end", hub_repo(options))
+        repo_id = hub_repo(options)
+        logger.info("pushing to the Hub repo %s at the end", repo_id)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if options.deterministic:  # cuBLAS repeats itself only with a fixed workspace (read when CUDA starts)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -107,6 +110,7 @@ def train(options: TrainingOptions) -> dict | None:
         size={"shortest_edge": options.image_size, "longest_edge": options.max_image_size}
     )
     run, eval_loader = prepare(options, splits, class_names, processor)
+    run.hub_repo_id = repo_id
     accelerator = run.accelerator
     if options.deterministic and accelerator.device.type not in ("cpu", "cuda"):
         raise ValueError(
@@ -136,14 +140,14 @@ def train(options: TrainingOptions) -> dict | None:
     metrics = None
     run.started = time.time() - state.seconds  # the time of the earlier parts of a resumed run counts too
     try:
+        if state.global_step >= run.max_steps:  # resumed from the last step: evaluated there, unless a signal
+            metrics = next((h["eval"] for h in state.history if h["step"] == state.global_step and "eval" in h), None)
+            if metrics is None:
+                epoch = state.epoch - (state.batches_in_epoch == 0)  # the last epoch trained in
+                metrics = evaluate_epoch(run, processor, eval_loader, ground_truth, state, epoch, stop)
+                keep_best(run, processor, state, metrics)
         for epoch in range(state.epoch, num_epochs):
-            if state.global_step >= run.max_steps:  # resumed from the last step: evaluated there, unless a signal
-                metrics = next(
-                    (h["eval"] for h in state.history if h["step"] == state.global_step and "eval" in h), None
-                )
-                if metrics is None:
-                    metrics = evaluate_epoch(run, processor, eval_loader, ground_truth, state, epoch, stop)
-                    keep_best(run, processor, state, metrics)
+            if state.global_step >= run.max_steps:
                 break
             stopping = run_epoch(run, state, epoch, stop, progress)
             finished = state.global_step >= run.max_steps
@@ -281,8 +285,7 @@ def resume_or_start(run: Run) -> TrainState:
                 run.ema.updates = state.ema_updates if found else 0
         elif run.ema is not None:
             run.ema.load(checkpoint, state.ema_updates, bare(run))
-        if base_lrs != run.scheduler.base_lrs:
-            apply_learning_rates(run, base_lrs, checkpoint)
+        apply_learning_rates(run, base_lrs, checkpoint)
     elif list_checkpoints(options.output_dir):
         raise ValueError(
             f"output_dir {options.output_dir} holds checkpoints of an earlier run: continue it with "
@@ -304,10 +307,11 @@ def resume_or_start(run: Run) -> TrainState:
 
 
 def apply_learning_rates(run: Run, base_lrs: list[float], checkpoint: str):
-    """The options' learning rates (one per parameter group) in place of a resumed checkpoint's, at the schedule's
-    current factor."""
+    """The options' learning rates (one per parameter group) and schedule (its factor at the checkpoint's step)
+    in place of those a resumed checkpoint brought back: new rates, or a longer run, apply from its first step."""
     scheduler = run.scheduler
-    logger.info("learning rates %s in %s, %s from now on", scheduler.base_lrs, checkpoint, base_lrs)
+    if base_lrs != scheduler.base_lrs:
+        logger.info("learning rates %s in %s, %s from now on", scheduler.base_lrs, checkpoint, base_lrs)
     scheduler.base_lrs = base_lrs
     for group, base, factor in zip(run.optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
         group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
@@ -670,7 +674,6 @@ def finish(run: Run, processor, state, metrics, minutes):
         metrics = next(h["eval"] for h in state.history if h.get("step") == state.best_step and "eval" in h)
         logger.info("the saved model is the best one, from step %d", state.best_step)
     model = bare(run)
-    repo_id = hub_repo(options) if options.push_to_hub else None
     with reporting_full_disk(options.output_dir, weight_bytes(model)):
         model.save_pretrained(options.output_dir, state_dict=weights)
         processor.save_pretrained(options.output_dir)
@@ -689,8 +692,8 @@ def finish(run: Run, processor, state, metrics, minutes):
             skipped_steps=state.skipped_steps,
             minutes=minutes,
             processes=accelerator.num_processes,
-            model_id=repo_id or options.output_dir,
+            model_id=run.hub_repo_id or options.output_dir,
         )
     logger.info("model, processor and model card saved to %s", options.output_dir)
-    if repo_id:
-        push_to_hub(options, repo_id)
+    if run.hub_repo_id:
+        push_to_hub(options, run.hub_repo_id)
