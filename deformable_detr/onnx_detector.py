@@ -79,5 +79,11 @@ class OnnxDetector:
             mask = np.ones((values.shape[0], *values.shape[2:]), dtype=np.int64)
         else:
             mask = pixel_mask.detach().cpu().to(torch.int64).numpy()
+        side = int(self.metadata.get("min_image_size", 0))  # files written before it: no padding
+        height, width = values.shape[2:]
+        if min(height, width) < side:  # padded and masked up to the coarsest stride, as the PyTorch model does
+            bottom, right = max(0, side - height), max(0, side - width)
+            values = np.pad(values, ((0, 0), (0, 0), (0, bottom), (0, right)))
+            mask = np.pad(mask, ((0, 0), (0, bottom), (0, right)))
         logits, boxes = self.session.run(list(OUTPUTS), {"pixel_values": values, "pixel_mask": mask})
         return OnnxOutputs(torch.from_numpy(logits), torch.from_numpy(boxes))

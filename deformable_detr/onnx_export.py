@@ -92,6 +92,7 @@ def export_onnx(model_path: str, output: str, check: bool = True, opset: int = O
         "id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
         "image_processor": json.dumps(processor.to_dict()),
         "deformable_detr_version": version("hub-deformable-detr"),
+        "min_image_size": str(model.model.min_image_size or 0),  # OnnxDetector pads a thinner canvas, as the model
     }
     program.model.metadata_props.update(metadata)
     with replaced_when_done(output) as temporary:  # a file that fails the check is not left at `output`
