@@ -65,6 +65,15 @@ def test_a_half_written_checkpoint_is_ignored_and_named(tmp_path, caplog, monkey
     assert "checkpoint-2 is incomplete (trainer_state.json: global_step is '9')" in caplog.text
 
 
+def test_half_written_checkpoints_older_than_a_new_one_are_removed(tmp_path):
+    """A crash (or a second Ctrl-C) left checkpoint-2 without its marker: ignored on resume, but rotation never
+    deleted it."""
+    os.makedirs(tmp_path / "checkpoint-2")
+    os.makedirs(tmp_path / "checkpoint-9")  # newer than the one written now: not this run's to judge
+    save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=4), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-9"]
+
+
 def test_a_checkpoint_written_again_is_incomplete_until_it_is_done(tmp_path):
     """A signal in a step that had just written its checkpoint writes it again: a crash during that rewrite left the
     old marker beside half-new files, a torn checkpoint taken for a complete one."""

@@ -36,6 +36,9 @@ def test_perfect_detections(ground_truth):
     assert metrics["map_large"] == -1  # no object above 96^2 pixels
     table = format_metrics(metrics)
     assert "hexagon" in table and "n/a" in table and "1.000" in table
+    # a class name with a line break keeps its row on one line (the table's rows fell apart)
+    odd = metrics | {"per_class": {"red\ncircle": metrics["per_class"]["circle"]}}
+    assert format_metrics(odd).splitlines()[-1].startswith("red\\ncircle ")
 
 
 def test_shifted_boxes_score_by_iou(ground_truth):

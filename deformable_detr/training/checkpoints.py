@@ -66,11 +66,17 @@ def _typed(state: TrainState) -> TrainState:
 def list_checkpoints(output_dir: str) -> list[str]:
     """Complete checkpoints (with a readable trainer_state.json), oldest first; an unreadable one (a crash or a
     full disk while it was written) is left out with a warning naming it."""
+    return [
+        p for _, p in _checkpoint_folders(output_dir) if os.path.isfile(os.path.join(p, STATE_FILE)) and _readable(p)
+    ]
+
+
+def _checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
+    """(step, folder) of every checkpoint-{step} in output_dir, complete or not, oldest first."""
     if not os.path.isdir(output_dir):
         return []
     names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.split("-")[-1].isdigit()]
-    paths = [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[-1]))]
-    return [p for p in paths if os.path.isfile(os.path.join(p, STATE_FILE)) and _readable(p)]
+    return sorted((int(n.split("-")[-1]), os.path.join(output_dir, n)) for n in names)
 
 
 def _readable(folder: str) -> bool:
@@ -125,8 +131,13 @@ def save_checkpoint(
                 os.fsync(f.fileno())
             os.replace(temporary, marker)
     if accelerator.is_main_process:
-        for old in list_checkpoints(output_dir)[:-keep]:
+        complete = list_checkpoints(output_dir)
+        for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        for step, path in _checkpoint_folders(output_dir):  # left half-written by a crash: never resumable
+            if step < state.global_step and path not in complete:
+                shutil.rmtree(path, ignore_errors=True)
+                logger.info("removed the incomplete %s", path)
         logger.info("checkpoint written to %s", folder)
     accelerator.wait_for_everyone()
     return folder

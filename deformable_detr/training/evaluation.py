@@ -115,11 +115,15 @@ def format_metrics(metrics: dict) -> str:
     for name, label in zip(SUMMARY_NAMES, SUMMARY_LABELS):
         value = metrics[name]
         lines.append(f"{label:<14}{'n/a' if value < 0 else f'{value:.3f}':>8}")
-    width = max([5] + [len(name) for name in metrics["per_class"]]) + 2
+    # a class name with a line break or other control character, escaped, keeps its row on one line
+    names = {
+        name: name if name.isprintable() else name.encode("unicode_escape").decode() for name in metrics["per_class"]
+    }
+    width = max([5] + [len(shown) for shown in names.values()]) + 2
     lines += ["", f"{'class':<{width}}{'AP':>8}{'AP50':>8}{'objects':>9}"]
     for name, values in metrics["per_class"].items():
         ap, ap_50 = ("n/a" if v is None else f"{v:.3f}" for v in (values["ap"], values["ap_50"]))
-        lines.append(f"{name:<{width}}{ap:>8}{ap_50:>8}{values['objects']:>9}")
+        lines.append(f"{names[name]:<{width}}{ap:>8}{ap_50:>8}{values['objects']:>9}")
     return "\n".join(lines)
 
 
