@@ -9,7 +9,9 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from types import UnionType
+from typing import get_args, get_origin
 
 from ..file_writing import reporting_full_disk
 
@@ -42,25 +44,22 @@ class TrainState:
 
 
 def _typed(state: TrainState) -> TrainState:
-    """`state`, or TypeError naming a field read back with the wrong type (a hand-edited or damaged file)."""
-    for name, kinds in (
-        ("global_step", int),
-        ("epoch", int),
-        ("batches_in_epoch", int),
-        ("skipped_steps", int),
-        ("history", list),
-        ("lr_schedule", dict),
-        ("ema_updates", int),
-        ("best_metric", (int, float, type(None))),
-        ("best_step", (int, type(None))),
-        ("evaluations_without_improvement", int),
-        ("setup", dict),
-        ("seconds", (int, float)),
-    ):
-        value = getattr(state, name)
+    """`state`, or TypeError naming a field read back with another type than its annotation says (a hand-edited or
+    damaged file); a float field takes an int too, as JSON may write one."""
+    for f in fields(TrainState):
+        kinds = tuple(
+            get_origin(kind) or kind for kind in (get_args(f.type) if get_origin(f.type) is UnionType else (f.type,))
+        )
+        kinds += (int,) if float in kinds else ()
+        value = getattr(state, f.name)
         if not isinstance(value, kinds) or isinstance(value, bool):
-            raise TypeError(f"{name} is {value!r}")
+            raise TypeError(f"{f.name} is {value!r}")
     return state
+
+
+def evaluation_at(state: TrainState, step: int | None) -> dict | None:
+    """The metrics of the evaluation logged at `step`, or None where there was none."""
+    return next((h["eval"] for h in state.history if h.get("step") == step and "eval" in h), None)
 
 
 def list_checkpoints(output_dir: str) -> list[str]:

@@ -24,7 +24,15 @@ from .. import DeformableDetrForObjectDetection, DeformableDetrImageProcessor
 from ..backbone import set_gradient_checkpointing
 from ..file_writing import reporting_full_disk
 from ..loss_deformable_detr import MAIN_TERMS
-from .checkpoints import BEST_DIR, TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoints import (
+    BEST_DIR,
+    TrainState,
+    evaluation_at,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data import load_detection_dataset
 from .ema import WeightAverage
 from .evaluation import coco_ground_truth, evaluate, format_metrics
@@ -141,7 +149,7 @@ def train(options: TrainingOptions) -> dict | None:
     run.started = time.time() - state.seconds  # the time of the earlier parts of a resumed run counts too
     try:
         if state.global_step >= run.max_steps:  # resumed from the last step: evaluated there, unless a signal
-            metrics = next((h["eval"] for h in state.history if h["step"] == state.global_step and "eval" in h), None)
+            metrics = evaluation_at(state, state.global_step)
             if metrics is None:
                 epoch = state.epoch - (state.batches_in_epoch == 0)  # the last epoch trained in
                 metrics = evaluate_epoch(run, processor, eval_loader, ground_truth, state, epoch, stop)
@@ -671,7 +679,7 @@ def finish(run: Run, processor, state, metrics, minutes):
     if options.load_best_model_at_end and state.best_step is not None:
         best = DeformableDetrForObjectDetection.from_pretrained(os.path.join(options.output_dir, BEST_DIR))
         weights = best.state_dict()
-        metrics = next(h["eval"] for h in state.history if h.get("step") == state.best_step and "eval" in h)
+        metrics = evaluation_at(state, state.best_step)
         logger.info("the saved model is the best one, from step %d", state.best_step)
     model = bare(run)
     with reporting_full_disk(options.output_dir, weight_bytes(model)):
