@@ -401,3 +401,28 @@ def test_torch_compile_trains_and_saves_plain_weights(shapes_folder, tmp_path):
     compiled, eager = (load_file(tmp_path / name / "model.safetensors") for name in ("compiled", "eager"))
     assert compiled.keys() == eager.keys()
     DeformableDetrForObjectDetection.from_pretrained(tmp_path / "compiled")
+
+
+def test_a_skipped_first_step_keeps_the_schedule_without_torch_warning(shapes_folder, tmp_path, monkeypatch):
+    """A non-finite first loss skips the optimiser step; the schedule still advances, as it does for every skipped
+    step. torch warned that lr_scheduler.step() came before optimizer.step(), which users took for a bug of
+    theirs (fp16's grad scaler skipping its first steps did the same on GPUs)."""
+    from deformable_detr import loss_deformable_detr
+
+    forward = loss_deformable_detr.DeformableDetrLoss.forward
+    calls = []
+
+    def nan_on_first_call(self, *a, **k):
+        loss, terms = forward(self, *a, **k)
+        calls.append(1)
+        return (loss * float("nan"), terms) if len(calls) == 1 else (loss, terms)
+
+    monkeypatch.setattr(loss_deformable_detr.DeformableDetrLoss, "forward", nan_on_first_call)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(options(shapes_folder, tmp_path, max_steps=2, eval_every_epochs=0))
+    assert (
+        "step 1: non-finite loss or gradient norm (nan); the step is skipped, 1 so far"
+        in open(tmp_path / "train.log").read()
+    )
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -611,7 +612,11 @@ def optimiser_step(model, optimizer, scheduler, accelerator, options, state: Tra
     else:
         optimizer.step()
     optimizer.zero_grad()
-    scheduler.step()
+    with warnings.catch_warnings():
+        # torch warns when the schedule's first step comes before any optimizer.step(): here that is a skipped
+        # first step (or fp16's grad scaler skipping it), and the schedule counts skipped steps on purpose
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        scheduler.step()
     return None if window_bad or norm is None or not torch.isfinite(norm) else norm.item()
 
 
