@@ -34,12 +34,11 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise GIoU of xyxy boxes: (P, 4), (T, 4) -> (P, T), in [-1, 1]."""
-    area_a, area_b = box_area(a), box_area(b)
-    top_left = torch.max(a[:, None, :2], b[None, :, :2])
-    bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    union = area_a[:, None] + area_b[None] - inter
-    iou = inter / union
-    hull = (torch.max(a[:, None, 2:], b[None, :, 2:]) - torch.min(a[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
-    return iou - (hull - union) / hull
+    """GIoU of xyxy boxes a (..., 4) and b (..., 4), broadcast against each other -> (...), in [-1, 1]; pairwise
+    over P and T boxes: generalized_box_iou(a[:, None], b[None]) -> (P, T)."""
+    inter = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = inter[..., 0] * inter[..., 1]
+    union = box_area(a) + box_area(b) - inter
+    hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
+    hull = hull[..., 0] * hull[..., 1]
+    return inter / union - (hull - union) / hull

@@ -8,6 +8,7 @@ Shapes: B batch, Q queries, N classes, T objects in one image. Boxes are (cx, cy
 import importlib
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,33 +43,46 @@ class HungarianMatcher(nn.Module):
     def forward(self, logits, pred_boxes, targets):
         """logits (B, Q, N), pred_boxes (B, Q, 4), targets: per image {"class_labels" (T,), "boxes" (T, 4)}
         -> per image (query indices, object indices), each (min(Q, T),) int64."""
+        _, images, queries, objects = self.match(logits[None], pred_boxes[None], targets).cpu()
+        starts = np.cumsum([0] + [len(t["boxes"]) for t in targets])
+        return [(queries[images == i], objects[images == i] - start) for i, start in enumerate(starts[:-1])]
 
-        B, Q = logits.shape[:2]
-        prob = logits.flatten(0, 1).float().sigmoid()
-        boxes = pred_boxes.flatten(0, 1).float()
+    @torch.no_grad()
+    def match(self, logits, pred_boxes, targets) -> torch.Tensor:
+        """P prediction sets matched to the same targets: logits (P, B, Q, N), pred_boxes (P, B, Q, 4) -> (4, M)
+        int64 on their device, per match its set, image, query and object (an index into the batch's objects,
+        concatenated). The costs of all sets come to the CPU in one copy."""
+        P, B, Q = logits.shape[:3]
+        prob = logits.flatten(0, 2).float().sigmoid()
+        boxes = pred_boxes.flatten(0, 2).float()
         labels = torch.cat([t["class_labels"] for t in targets]).long()
         target_boxes = torch.cat([t["boxes"] for t in targets]).float()
         negative = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()
         positive = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
         class_cost = positive[:, labels] - negative[:, labels]
         bbox_cost = torch.cdist(boxes, target_boxes, p=1)
-        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes))
+        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(boxes)[:, None], box_cxcywh_to_xyxy(target_boxes)[None])
         cost = self.bbox_cost * bbox_cost + self.class_cost * class_cost + self.giou_cost * giou_cost
         # a non-finite cost (a diverging prediction) must not break the assignment
         big = torch.finfo(cost.dtype).max
-        cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big).view(B, Q, -1).cpu()
+        cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big).view(P, B, Q, -1)
         return _assign(cost, [len(t["boxes"]) for t in targets])
 
 
 @torch.compiler.disable  # scipy on the CPU: left out of torch.compile's graphs on purpose, not by a failed trace
-def _assign(cost, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """cost (B, Q, sum(sizes)) on the CPU -> per image (query indices, object indices) of the cheapest
-    assignment of its sizes[i] objects."""
+def _assign(cost: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """cost (P, B, Q, sum(sizes)) -> the cheapest assignment of each image's sizes[i] objects, per set, as the
+    (4, M) index of `HungarianMatcher.match`, on cost's device."""
     # by name: transformers' remote-code check scans the files for import statements, and people who only run
     # inference from the Hub must not need scipy
     linear_sum_assignment = importlib.import_module("scipy.optimize").linear_sum_assignment
-    matches = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
-    return [(torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)) for q, t in matches]
+    starts = np.cumsum([0, *sizes])
+    matches = []
+    for p, set_cost in enumerate(cost.cpu().numpy()):
+        for b, (start, end) in enumerate(zip(starts[:-1], starts[1:])):
+            queries, objects = linear_sum_assignment(set_cost[b, :, start:end])
+            matches.append(np.stack([np.full_like(queries, p), np.full_like(queries, b), queries, objects + start]))
+    return torch.from_numpy(np.concatenate(matches, 1)).to(cost.device, non_blocking=True)
 
 
 def _num_boxes(targets, device) -> float:
@@ -101,26 +115,27 @@ class DeformableDetrLoss(nn.Module):
             "loss_giou": config.giou_loss_coefficient,
         }
 
-    def single(self, logits, pred_boxes, targets, num_boxes):
-        """The loss terms of one prediction set: logits (B, Q, N), pred_boxes (B, Q, 4), matched to targets; the
-        focal, L1 and GIoU terms are sums divided by num_boxes (the batch's objects, averaged over processes), and
-        cardinality_error is logged, not trained on."""
-        matches = self.matcher(logits, pred_boxes, targets)
-        batch_index = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)])
-        query_index = torch.cat([q for q, _ in matches])
+    def stacked(self, logits, pred_boxes, targets, num_boxes):
+        """The loss terms of P prediction sets matched to the same targets, computed together: logits (P, B, Q, N),
+        pred_boxes (P, B, Q, 4) -> {name in MAIN_TERMS: (P,)}. The focal, L1 and GIoU terms are sums divided by
+        num_boxes (the batch's objects, averaged over processes); cardinality_error is logged, not trained on."""
+        P = logits.shape[0]
+        sets, images, queries, objects = self.matcher.match(logits, pred_boxes, targets)
+        labels = torch.cat([t["class_labels"] for t in targets]).long()
+        boxes = torch.cat([t["boxes"] for t in targets])
         onehot = torch.zeros_like(logits)
-        matched_labels = torch.cat([t["class_labels"][o] for t, (_, o) in zip(targets, matches)]).long()
-        onehot[batch_index, query_index, matched_labels] = 1.0
-        loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha).sum() / num_boxes
-        predicted = pred_boxes[batch_index, query_index]
-        wanted = torch.cat([t["boxes"][o] for t, (_, o) in zip(targets, matches)]).to(predicted.dtype)
-        loss_bbox = F.l1_loss(predicted, wanted, reduction="sum") / num_boxes
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(wanted)))
-        loss_giou = (1 - giou).sum() / num_boxes
+        onehot[sets, images, queries, labels[objects]] = 1.0
+        loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha).flatten(1).sum(1) / num_boxes
+        predicted = pred_boxes[sets, images, queries]
+        wanted = boxes[objects].to(predicted.dtype)
+        per_set = predicted.new_zeros(P)
+        loss_bbox = per_set.index_add(0, sets, (predicted - wanted).abs().sum(-1)) / num_boxes
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(wanted))
+        loss_giou = per_set.index_add(0, sets, 1 - giou) / num_boxes
         with torch.no_grad():
-            predicted_count = (logits.sigmoid().max(-1).values > 0.5).sum(1).float()
-            true_count = torch.tensor([float(len(t["class_labels"])) for t in targets], device=logits.device)
-            cardinality = F.l1_loss(predicted_count, true_count)
+            predicted_count = (logits.sigmoid().max(-1).values > 0.5).sum(-1).float()  # (P, B)
+            true_count = torch.tensor([float(len(t["class_labels"])) for t in targets]).to(logits.device)
+            cardinality = (predicted_count - true_count).abs().mean(-1)
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou, "cardinality_error": cardinality}
 
     def forward(self, logits, pred_boxes, targets, auxiliary_outputs=(), enc_logits=None, enc_boxes=None):
@@ -135,19 +150,25 @@ class DeformableDetrLoss(nn.Module):
         """
         self.check_targets(targets, logits.shape[-1], logits.shape[0])
         num_boxes = _num_boxes(targets, logits.device)
-        prediction_sets = [("", logits, pred_boxes, targets)]
-        prediction_sets += [
-            (f"_{i}", aux["logits"], aux["pred_boxes"], targets) for i, aux in enumerate(auxiliary_outputs or ())
+        auxiliary_outputs = list(auxiliary_outputs or ())
+        # the decoder layers' sets together (earlier layers first), then the proposals'
+        groups = [
+            (
+                [f"_{i}" for i in range(len(auxiliary_outputs))] + [""],
+                torch.stack([aux["logits"] for aux in auxiliary_outputs] + [logits]),
+                torch.stack([aux["pred_boxes"] for aux in auxiliary_outputs] + [pred_boxes]),
+                targets,
+            )
         ]
         if enc_logits is not None:
             foreground = [{**t, "class_labels": torch.zeros_like(t["class_labels"])} for t in targets]
-            prediction_sets.append(("_enc", enc_logits, enc_boxes, foreground))
+            groups.append((["_enc"], enc_logits[None], enc_boxes[None], foreground))
         total, terms = 0, {}
-        for suffix, set_logits, set_boxes, set_targets in prediction_sets:
-            for name, value in self.single(set_logits, set_boxes, set_targets, num_boxes).items():
-                terms[name + suffix] = value
+        for suffixes, set_logits, set_boxes, set_targets in groups:
+            for name, values in self.stacked(set_logits, set_boxes, set_targets, num_boxes).items():
+                terms.update((name + suffix, value) for suffix, value in zip(suffixes, values.unbind()))
                 if name in self.weights:
-                    total = total + value * self.weights[name]
+                    total = total + values.sum() * self.weights[name]
         return total, terms
 
     @staticmethod

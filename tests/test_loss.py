@@ -77,7 +77,7 @@ def test_two_stage_has_the_encoder_proposal_loss_that_transformers_lacks():
 def test_generalized_box_iou_on_known_boxes():
     a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
     b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [4.0, 4.0, 5.0, 5.0]])
-    giou = generalized_box_iou(a, b)[0]
+    giou = generalized_box_iou(a[:, None], b[None])[0]
     assert torch.allclose(giou, torch.tensor([1 / 7 - 2 / 9, 1.0, 0 - (25 - 5) / 25]))
 
 
