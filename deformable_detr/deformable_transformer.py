@@ -99,7 +99,7 @@ class DeformableEncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(C)
 
     def forward(self, src, pos, reference_points, spatial_shapes, padding_mask):
-        """src, pos (B, S, C); reference_points (B, S, L, 2); padding_mask (B, S) True on padding."""
+        """src, pos (B, S, C); reference_points (B, S, L, 2); padding_mask (B, S) True on padding, or None."""
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
         # residuals added in place into fresh outputs: no extra (B, S, C) allocations
         src = self.self_attn_norm(self.dropout(attended).add_(src))
@@ -204,7 +204,8 @@ class DeformableDecoder(nn.Module):
             tgt, query_pos: (B, Q, C) content and position of the queries.
             reference_points: (B, Q, 2) points or (B, Q, 4) boxes, in [0, 1] of the real (unpadded) image.
             memory: (B, S, C), the encoder's output; spatial_shapes [(H_l, W_l)].
-            valid_ratios: (B, L, 2) the (w, h) fractions of real pixels per level; padding_mask (B, S) True on padding.
+            valid_ratios: (B, L, 2) the (w, h) fractions of real pixels per level.
+            padding_mask: (B, S) True on padding, or None where nothing is padded.
         Returns:
             hidden states (B, n_layers, Q, C) and the reference points after each layer (B, n_layers, Q, 2 or 4).
         """

@@ -248,7 +248,9 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         stride = self.backbone.strides[-1]
         return None if stride is None else stride * 2 ** (self.config.num_feature_levels - len(self.backbone.channels))
 
-    def _check_inputs(self, pixel_values, pixel_mask):
+    def _check_inputs(self, pixel_values, pixel_mask) -> bool:
+        """ValueError naming what is wrong with the inputs; else whether pixel_mask marks any padding (always True
+        under torch.compile, which cannot look at values). One device sync finds both."""
         if not pixel_values.is_floating_point():
             raise ValueError(
                 f"pixel_values must be a floating-point tensor (images rescaled and normalised, as the image "
@@ -277,10 +279,13 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
                     f"pixel_mask must have shape {(B, H, W)} (batch, height, width), got {tuple(pixel_mask.shape)}"
                 )
             if torch.compiler.is_compiling():  # a data-dependent check: eager only
-                return
-            empty = (pixel_mask.flatten(1) == 0).all(1).nonzero().flatten().tolist()
+                return True
+            real = (pixel_mask.flatten(1) != 0).sum(1).tolist()  # each image's real pixels
+            empty = [i for i, count in enumerate(real) if count == 0]
             if empty:
                 raise ValueError(f"pixel_mask marks no real pixel in image(s) {empty} of the batch")
+            return min(real) < H * W
+        return False
 
     def forward(self, pixel_values, pixel_mask=None, output_hidden_states=None, return_dict=None):
         """
@@ -288,7 +293,7 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             pixel_values: (B, num_channels, H, W), normalised images padded bottom-right to a common size.
             pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; all ones when omitted.
         """
-        self._check_inputs(pixel_values, pixel_mask)
+        padded = self._check_inputs(pixel_values, pixel_mask)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -303,6 +308,7 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             padding = (0, max(0, side - W), 0, max(0, side - H))
             pixel_values, pixel_mask = nn.functional.pad(pixel_values, padding), nn.functional.pad(pixel_mask, padding)
             H, W = pixel_values.shape[-2:]
+            padded = True
 
         # multi-scale maps, each projected to C channels, with their masks and position encodings
         features = self.backbone(pixel_values, pixel_mask)
@@ -330,7 +336,9 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         # (B, L, 2): fraction of real columns and rows in each level
         valid_ratios = torch.stack([valid_ratio(mask).to(src_flatten.dtype) for mask in masks], 1)
 
-        memory, encoder_states = self.encoder(src_flatten, pos_flatten, spatial_shapes, valid_ratios, padding_mask)
+        # the attention layers zero the values at padded positions; where nothing is padded they are spared that
+        value_mask = padding_mask if padded else None
+        memory, encoder_states = self.encoder(src_flatten, pos_flatten, spatial_shapes, valid_ratios, value_mask)
 
         C = self.config.d_model
         enc_outputs_class = enc_outputs_coord_logits = None
@@ -356,7 +364,7 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             reference_points = self.reference_points(query_pos).sigmoid()
 
         hidden_states, references = self.decoder(
-            tgt, query_pos, reference_points, memory, spatial_shapes, valid_ratios, padding_mask
+            tgt, query_pos, reference_points, memory, spatial_shapes, valid_ratios, value_mask
         )
         output = DeformableDetrModelOutput(
             last_hidden_state=hidden_states[:, -1],

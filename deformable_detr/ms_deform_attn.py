@@ -7,6 +7,7 @@ Notation, used in every shape below:
     head, L feature levels, K sampling points per head and level.
 """
 
+import functools
 import math
 import threading
 import warnings
@@ -185,10 +186,26 @@ _DTYPES = {
 
 def kernel_shapes(shapes: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernels' view of the levels [(H_l, W_l)]: (spatial_shapes (L, 2), level_start_index (L,)), int64,
-    level l's positions starting at the sum of the earlier levels' H * W."""
+    level l's positions starting at the sum of the earlier levels' H * W.
+
+    Made once per shapes and device, and shared (read-only) by every later call: a copy to a GPU waits until the
+    GPU has done all the work queued before it, and each attention layer of a forward asks for the same ones.
+    """
+    if torch.compiler.is_compiling():  # constants of the compiled graph, or sizes left symbolic by torch.export
+        return _kernel_shapes(shapes, torch.device(device))
+    return _shared_kernel_shapes(tuple((int(h), int(w)) for h, w in shapes), _indexed(torch.device(device)))
+
+
+def _kernel_shapes(shapes, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     sizes = [h * w for h, w in shapes]
     starts = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))], dtype=torch.int64, device=device)
     return torch.tensor(shapes, dtype=torch.int64, device=device), starts
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_kernel_shapes(shapes: tuple[tuple[int, int], ...], device: torch.device):
+    with torch.inference_mode(False):  # made in inference mode, they could not be saved for a later backward
+        return _kernel_shapes(shapes, device)
 
 
 def _fused(backend, value, spatial_shapes, sampling_locations, attention_weights):
@@ -378,8 +395,7 @@ class MultiScaleDeformableAttention(nn.Module):
         zero on padding."""
         B, S, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
-        # padded positions contribute zeros (skipped, in eager mode, when nothing is padded)
-        if input_padding_mask is not None and (torch.compiler.is_compiling() or input_padding_mask.any()):
+        if input_padding_mask is not None:  # padded positions contribute zeros
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         return value.view(B, S, self.n_heads, self.d_model // self.n_heads)
 
@@ -392,9 +408,7 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = F.softmax(self.attention_weights(query).view(B, Q, M, L * K), -1).view(B, Q, M, L, K)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W_l, H_l)
-            normalizer = torch.tensor(
-                [(w, h) for h, w in _shapes_as_list(spatial_shapes)], dtype=offsets.dtype, device=offsets.device
-            )
+            normalizer = kernel_shapes(_shapes_as_list(spatial_shapes), offsets.device)[0].flip(-1).to(offsets.dtype)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             # offsets are relative to the box: K points spread over half its width and height

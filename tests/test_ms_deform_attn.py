@@ -123,6 +123,19 @@ def test_fused_cpu_matches_reference_in_fp32_with_gradients(L, K, D, B, Q):
         assert (ours - ref).abs().max() <= tolerance * max(1.0, ref.abs().max().item()), name
 
 
+def test_level_tensors_made_under_inference_mode_serve_a_later_backward():
+    """The fused kernels' level tensors are made once per shapes and shared: the first ones, made during an
+    evaluation under inference mode, must still be savable for the backward of a training step after it."""
+    shapes = [(7, 11), (4, 6)]  # shapes no other test uses: this test makes their shared tensors
+    value, spatial_shapes, locations, weights = random_inputs(shapes, dtype=torch.float32, seed=3)
+    with torch.inference_mode():
+        evaluated = multi_scale_deformable_attention(value, spatial_shapes, locations, weights, backend="cpu")
+    value.requires_grad_(True)
+    trained = multi_scale_deformable_attention(value, spatial_shapes, locations, weights, backend="cpu")
+    trained.sum().backward()
+    assert torch.equal(trained.detach(), evaluated) and value.grad.abs().sum() > 0
+
+
 def test_without_a_compiler_the_reference_takes_over():
     script = (
         "import torch;"
