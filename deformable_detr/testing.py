@@ -167,7 +167,8 @@ def padded_batch(seed=0):
 
 def full_size_pair(device):
     """transformers' full-size Deformable DETR on a ResNet-50 and ours converted from it, as the SenseTime Hub
-    checkpoints convert: through their layout (timm names), onto our built-in ResNet-50."""
+    checkpoints convert: through their layout (timm names), onto our built-in ResNet-50. Both train the same
+    parameters."""
     torch.manual_seed(0)
     backbone = ResNetConfig(**RESNET50_LIKE, out_features=["stage2", "stage3", "stage4"])
     hf = perturb_(
@@ -184,6 +185,10 @@ def full_size_pair(device):
             {k: v.contiguous() for k, v in hub_v4_state_dict(hf).items()}, os.path.join(folder, "model.safetensors")
         )
         ours = DeformableDetrForObjectDetection.from_transformers(folder)
+    # both train their backbone from layer2 on, as in the paper, and as transformers does with a timm ResNet; with
+    # its own ResNet a name check looks for "stage.1" in "encoder.stages.1..." and freezes all of it
+    for name, parameter in hf.model.backbone.named_parameters():
+        parameter.requires_grad_(any(f".stages.{i}." in name for i in (1, 2, 3)))
     return hf.to(device), ours.to(device)
 
 

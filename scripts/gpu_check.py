@@ -752,10 +752,6 @@ def training(report, device, quick, hf, ours):
     samples = DetectionSamples(shapes_records(batch_size * 10, size, max_objects=6))  # rows in memory, no files
     processor = DeformableDetrImageProcessor(size={"shortest_edge": size, "longest_edge": size})
     batches = list(torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=DetectionCollator(processor)))
-    # the same work for both: transformers trains its backbone from layer2 on (as ours does) only with a timm
-    # ResNet; with its own ResNet, a name check that looks for "stage.1" in "encoder.stages.1..." freezes it all
-    for name, parameter in hf.model.backbone.named_parameters():
-        parameter.requires_grad_(any(f".stages.{i}." in name for i in (1, 2, 3)))
     for precision in ("bf16", "fp16"):
         runs = {"ours": [], "transformers": []}
         for _ in range(2):

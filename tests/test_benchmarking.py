@@ -50,3 +50,17 @@ def test_a_block_that_raises_measures_nothing():
     with pytest.raises(RuntimeError, match="stopped"), PeakMemory(CPU) as peak:
         raise RuntimeError("stopped")
     assert math.isnan(peak.mib)
+
+
+def test_the_full_size_pair_trains_the_same_parameters():
+    """The speed comparisons train both models: transformers' with its own ResNet froze the whole backbone (its
+    name check misses "encoder.stages.1"), so it skipped the backbone's backward that ours does."""
+    from deformable_detr.testing import full_size_pair
+
+    hf, ours = full_size_pair("cpu")
+    for model in (hf, ours):
+        trained = [p for n, p in model.named_parameters() if p.requires_grad and "backbone" in n]
+        assert len(trained) == 42 and sum(p.numel() for p in trained) == 23_232_512
+    assert sum(p.numel() for p in hf.parameters() if p.requires_grad) == sum(
+        p.numel() for p in ours.parameters() if p.requires_grad
+    )
