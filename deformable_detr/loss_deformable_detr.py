@@ -87,12 +87,12 @@ def _assign(cost: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 def _num_boxes(targets, device) -> float:
     """Objects in the batch, averaged over processes (at least 1), so every process divides alike."""
-    count = torch.tensor([float(sum(len(t["class_labels"]) for t in targets))], device=device)
-    world = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(count)
-        world = torch.distributed.get_world_size()
-    return max(count.item() / world, 1.0)
+    count = float(sum(len(t["class_labels"]) for t in targets))
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return max(count, 1.0)
+    total = torch.tensor([count], device=device)
+    torch.distributed.all_reduce(total)
+    return max(total.item() / torch.distributed.get_world_size(), 1.0)
 
 
 # The terms of one prediction set, under these names for the last decoder layer; the earlier layers' carry the
@@ -134,7 +134,8 @@ class DeformableDetrLoss(nn.Module):
         loss_giou = per_set.index_add(0, sets, 1 - giou) / num_boxes
         with torch.no_grad():
             predicted_count = (logits.sigmoid().max(-1).values > 0.5).sum(-1).float()  # (P, B)
-            true_count = torch.tensor([float(len(t["class_labels"])) for t in targets]).to(logits.device)
+            true_count = torch.tensor([float(len(t["class_labels"])) for t in targets])
+            true_count = true_count.to(logits.device, non_blocking=True)
             cardinality = (predicted_count - true_count).abs().mean(-1)
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou, "cardinality_error": cardinality}
 

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import shlex
 import signal
@@ -426,3 +427,30 @@ def test_a_skipped_first_step_keeps_the_schedule_without_torch_warning(shapes_fo
         in open(tmp_path / "train.log").read()
     )
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_a_non_finite_gradient_norm_skips_the_step_and_a_finite_one_is_returned(caplog):
+    """optimiser_step reads the gradient norm once: an infinite one skips the step (weights kept, the step
+    counted and named), a finite one is applied and returned as a float."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from deformable_detr.training.checkpoints import TrainState
+    from deformable_detr.training.loop import optimiser_step
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator, options, state = Accelerator(cpu=True), SimpleNamespace(max_grad_norm=0.1), TrainState()
+    before = model.weight.detach().clone()
+    model.weight.grad, model.bias.grad = torch.full((1, 2), float("inf")), torch.zeros(1)
+    with caplog.at_level(logging.WARNING):
+        assert (
+            optimiser_step(model, optimizer, scheduler, accelerator, options, state, False, torch.tensor(1.0)) is None
+        )
+    assert torch.equal(model.weight, before) and state.skipped_steps == 1
+    assert "step 1: non-finite loss or gradient norm (inf); the step is skipped, 1 so far" in caplog.text
+    model.weight.grad, model.bias.grad = torch.tensor([[3.0, 4.0]]), torch.zeros(1)
+    norm = optimiser_step(model, optimizer, scheduler, accelerator, options, state, False, torch.tensor(1.0))
+    assert isinstance(norm, float) and norm == pytest.approx(5.0) and not torch.equal(model.weight, before)

@@ -580,13 +580,14 @@ def forward_backward(model, batch, accelerator, window_bad: bool, stop_requested
     already saw a non-finite loss. Non-finite losses and stop requests are summed over processes, so that all of
     them skip or stop together. Returns (outputs, finite on every process, window_bad, stopping)."""
     outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
-    flags = torch.tensor([float(not torch.isfinite(outputs.loss)), float(stop_requested)], device=accelerator.device)
-    flags = accelerator.reduce(flags, "sum")
-    finite = not flags[0]
+    not_finite = (~torch.isfinite(outputs.loss.detach())).float()
+    flags = torch.stack([not_finite, torch.full_like(not_finite, float(stop_requested))])
+    not_finite, stopping = accelerator.reduce(flags, "sum").tolist()  # the step's one device sync before backward
+    finite = not not_finite
     window_bad = window_bad or not finite
     if not window_bad:
         accelerator.backward(outputs.loss * scale)
-    return outputs, finite, window_bad, bool(flags[1])
+    return outputs, finite, window_bad, bool(stopping)
 
 
 def optimiser_step(model, optimizer, scheduler, accelerator, options, state: TrainState, window_bad: bool, loss):
@@ -599,14 +600,15 @@ def optimiser_step(model, optimizer, scheduler, accelerator, options, state: Tra
         norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm or float("inf"))
         if hasattr(norm, "full_tensor"):  # sharded gradients give a DTensor
             norm = norm.full_tensor()
-        if accelerator.mixed_precision != "fp16" and not torch.isfinite(norm):
+        norm = norm.item()  # the one device sync of the step's end
+        if accelerator.mixed_precision != "fp16" and not math.isfinite(norm):
             window_bad, loss = True, norm
     if window_bad:
         state.skipped_steps += 1
         logger.warning(
             "step %d: non-finite loss or gradient norm (%s); the step is skipped, %d so far",
             state.global_step + 1,
-            loss.item(),
+            float(loss),
             state.skipped_steps,
         )
     else:
@@ -617,7 +619,7 @@ def optimiser_step(model, optimizer, scheduler, accelerator, options, state: Tra
         # first step (or fp16's grad scaler skipping it), and the schedule counts skipped steps on purpose
         warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
         scheduler.step()
-    return None if window_bad or norm is None or not torch.isfinite(norm) else norm.item()
+    return None if window_bad or norm is None or not math.isfinite(norm) else norm
 
 
 def main_terms(loss_dict: dict) -> dict:
