@@ -602,13 +602,13 @@ def optimiser_step(model, optimizer, scheduler, accelerator, options, state: Tra
             norm = norm.full_tensor()
         norm = norm.item()  # the one device sync of the step's end
         if accelerator.mixed_precision != "fp16" and not math.isfinite(norm):
-            window_bad, loss = True, norm
+            window_bad, loss = True, torch.tensor(norm)
     if window_bad:
         state.skipped_steps += 1
         logger.warning(
             "step %d: non-finite loss or gradient norm (%s); the step is skipped, %d so far",
             state.global_step + 1,
-            float(loss),
+            loss.item(),
             state.skipped_steps,
         )
     else:
