@@ -191,18 +191,23 @@ def test_freeze_backbone_trains_only_the_transformer_and_heads(shapes_folder, tm
     assert any(not torch.equal(start[k], end[k]) for k in end if k not in backbone)
 
 
-def test_non_finite_loss_skips_the_step(shapes_folder, tmp_path, monkeypatch):
+def nan_loss_on_call(monkeypatch, call: int):
+    """The loss of the call-th batch (from 1) becomes NaN."""
     from deformable_detr import loss_deformable_detr
 
     forward = loss_deformable_detr.DeformableDetrLoss.forward
     calls = []
 
-    def nan_on_second_call(self, *a, **k):
+    def nan_on_that_call(self, *a, **k):
         loss, terms = forward(self, *a, **k)
         calls.append(1)
-        return (loss * float("nan"), terms) if len(calls) == 2 else (loss, terms)
+        return (loss * float("nan"), terms) if len(calls) == call else (loss, terms)
 
-    monkeypatch.setattr(loss_deformable_detr.DeformableDetrLoss, "forward", nan_on_second_call)
+    monkeypatch.setattr(loss_deformable_detr.DeformableDetrLoss, "forward", nan_on_that_call)
+
+
+def test_non_finite_loss_skips_the_step(shapes_folder, tmp_path, monkeypatch):
+    nan_loss_on_call(monkeypatch, 2)
     train(options(shapes_folder, tmp_path, max_steps=3, eval_every_epochs=0))
     log = open(tmp_path / "train.log").read()
     assert "step 2: non-finite loss or gradient norm (nan); the step is skipped, 1 so far" in log
@@ -408,17 +413,7 @@ def test_a_skipped_first_step_keeps_the_schedule_without_torch_warning(shapes_fo
     """A non-finite first loss skips the optimiser step; the schedule still advances, as it does for every skipped
     step. torch warned that lr_scheduler.step() came before optimizer.step(), which users took for a bug of
     theirs (fp16's grad scaler skipping its first steps did the same on GPUs)."""
-    from deformable_detr import loss_deformable_detr
-
-    forward = loss_deformable_detr.DeformableDetrLoss.forward
-    calls = []
-
-    def nan_on_first_call(self, *a, **k):
-        loss, terms = forward(self, *a, **k)
-        calls.append(1)
-        return (loss * float("nan"), terms) if len(calls) == 1 else (loss, terms)
-
-    monkeypatch.setattr(loss_deformable_detr.DeformableDetrLoss, "forward", nan_on_first_call)
+    nan_loss_on_call(monkeypatch, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(options(shapes_folder, tmp_path, max_steps=2, eval_every_epochs=0))
