@@ -35,26 +35,9 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x):
-        scale, shift = self.scale_and_shift()
-        return torch.addcmul(shift, x, scale)  # one pass over x
-
-    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x * scale + shift is the normalisation: both (1, C, 1, 1), in the buffers' type. Computed again only when
-        a buffer changed (loaded, moved, cast): every step would otherwise launch five more kernels per layer."""
-        if torch.compiler.is_compiling():  # folded into the compiled graph
-            return self._scale_and_shift()
-        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in buffers)
-        if getattr(self, "_cached_key", None) != key:
-            with torch.inference_mode(False), torch.no_grad():  # usable in every mode, outside any graph
-                self._cached = self._scale_and_shift()
-            self._cached_key = key
-        return self._cached
-
-    def _scale_and_shift(self):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return scale[None, :, None, None], shift[None, :, None, None]
+        return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])  # one pass over x
 
 
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
