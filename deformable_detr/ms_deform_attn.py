@@ -7,7 +7,6 @@ Notation, used in every shape below:
     head, L feature levels, K sampling points per head and level.
 """
 
-import functools
 import math
 import threading
 import warnings
@@ -188,24 +187,36 @@ def kernel_shapes(shapes: list[tuple[int, int]], device) -> tuple[torch.Tensor, 
     """The fused kernels' view of the levels [(H_l, W_l)]: (spatial_shapes (L, 2), level_start_index (L,)), int64,
     level l's positions starting at the sum of the earlier levels' H * W.
 
-    Made once per shapes and device, and shared (read-only) by every later call: a copy to a GPU waits until the
-    GPU has done all the work queued before it, and each attention layer of a forward asks for the same ones.
+    Made once per shapes, device and CUDA stream, and shared (read-only) by every later call there: a copy to a
+    GPU waits until the GPU has done all the work queued before it, and each attention layer of a forward asks for
+    the same ones. The last 64 are kept.
     """
     if torch.compiler.is_compiling():  # constants of the compiled graph, or sizes left symbolic by torch.export
         return _kernel_shapes(shapes, torch.device(device))
-    return _shared_kernel_shapes(tuple((int(h), int(w)) for h, w in shapes), _indexed(torch.device(device)))
+    device = _indexed(torch.device(device))
+    # per stream: a tensor dropped from the cache goes back to its stream's memory, safe only where it was used
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (tuple((int(h), int(w)) for h, w in shapes), device, stream)
+    tensors = _shared_kernel_shapes.get(key)
+    if tensors is None:
+        with torch.inference_mode(False):  # made in inference mode, they could not be saved for a later backward
+            tensors = _kernel_shapes(key[0], device)
+        if all(type(t) is torch.Tensor for t in tensors):  # not fake tensors (FakeTensorMode), which hold no data
+            with _shared_kernel_shapes_lock:
+                if len(_shared_kernel_shapes) >= 64:
+                    del _shared_kernel_shapes[next(iter(_shared_kernel_shapes))]  # the oldest
+                _shared_kernel_shapes[key] = tensors
+    return tensors
+
+
+_shared_kernel_shapes: dict = {}  # (shapes, device, stream) -> kernel_shapes' tensors
+_shared_kernel_shapes_lock = threading.Lock()
 
 
 def _kernel_shapes(shapes, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     sizes = [h * w for h, w in shapes]
     starts = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))], dtype=torch.int64, device=device)
     return torch.tensor(shapes, dtype=torch.int64, device=device), starts
-
-
-@functools.lru_cache(maxsize=64)
-def _shared_kernel_shapes(shapes: tuple[tuple[int, int], ...], device: torch.device):
-    with torch.inference_mode(False):  # made in inference mode, they could not be saved for a later backward
-        return _kernel_shapes(shapes, device)
 
 
 def _fused(backend, value, spatial_shapes, sampling_locations, attention_weights):

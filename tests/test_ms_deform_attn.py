@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from deformable_detr.ms_deform_attn import BACKENDS, available_backends, multi_scale_deformable_attention
+from deformable_detr.ms_deform_attn import BACKENDS, available_backends, kernel_shapes, multi_scale_deformable_attention
 from tests.support.op_inputs import naive, random_inputs
 from tests.support.processes import run_command
 
@@ -134,6 +134,19 @@ def test_level_tensors_made_under_inference_mode_serve_a_later_backward():
     trained = multi_scale_deformable_attention(value, spatial_shapes, locations, weights, backend="cpu")
     trained.sum().backward()
     assert torch.equal(trained.detach(), evaluated) and value.grad.abs().sum() > 0
+
+
+def test_level_tensors_made_under_fake_tensor_mode_are_not_kept():
+    """Shape tools trace with fake tensors, which hold no data: the shared level tensors must stay real ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shapes = [(6, 10), (3, 5)]  # shapes no other test uses
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        kernel_shapes(shapes, "cpu")
+    level_shapes, starts = kernel_shapes(shapes, "cpu")
+    assert (
+        type(level_shapes) is torch.Tensor and level_shapes.tolist() == [[6, 10], [3, 5]] and starts.tolist() == [0, 60]
+    )
 
 
 def test_without_a_compiler_the_reference_takes_over():
