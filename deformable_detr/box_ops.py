@@ -34,8 +34,12 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """GIoU of xyxy boxes a (..., 4) and b (..., 4), broadcast against each other -> (...), in [-1, 1]; pairwise
-    over P and T boxes: generalized_box_iou(a[:, None], b[None]) -> (P, T)."""
+    """Pairwise GIoU of xyxy boxes: (P, 4), (T, 4) -> (P, T), in [-1, 1]."""
+    return paired_generalized_box_iou(a[:, None], b[None])
+
+
+def paired_generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU of xyxy boxes side by side: a (..., 4) and b (..., 4), broadcast against each other -> (...)."""
     inter = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
     inter = inter[..., 0] * inter[..., 1]
     union = box_area(a) + box_area(b) - inter

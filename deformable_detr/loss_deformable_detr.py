@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_generalized_box_iou
 
 
 def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -61,7 +61,7 @@ class HungarianMatcher(nn.Module):
         positive = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
         class_cost = positive[:, labels] - negative[:, labels]
         bbox_cost = torch.cdist(boxes, target_boxes, p=1)
-        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(boxes)[:, None], box_cxcywh_to_xyxy(target_boxes)[None])
+        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes))
         cost = self.bbox_cost * bbox_cost + self.class_cost * class_cost + self.giou_cost * giou_cost
         # a non-finite cost (a diverging prediction) must not break the assignment
         big = torch.finfo(cost.dtype).max
@@ -119,7 +119,7 @@ class DeformableDetrLoss(nn.Module):
         """The loss terms of P prediction sets matched to the same targets, computed together: logits (P, B, Q, N),
         pred_boxes (P, B, Q, 4) -> {name in MAIN_TERMS: (P,)}. The focal, L1 and GIoU terms are sums divided by
         num_boxes (the batch's objects, averaged over processes); cardinality_error is logged, not trained on."""
-        P = logits.shape[0]
+        P, B, Q = logits.shape[:3]
         sets, images, queries, objects = self.matcher.match(logits, pred_boxes, targets)
         labels = torch.cat([t["class_labels"] for t in targets]).long()
         boxes = torch.cat([t["boxes"] for t in targets])
@@ -128,10 +128,14 @@ class DeformableDetrLoss(nn.Module):
         loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha).flatten(1).sum(1) / num_boxes
         predicted = pred_boxes[sets, images, queries]
         wanted = boxes[objects].to(predicted.dtype)
-        per_set = predicted.new_zeros(P)
-        loss_bbox = per_set.index_add(0, sets, (predicted - wanted).abs().sum(-1)) / num_boxes
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(wanted))
-        loss_giou = per_set.index_add(0, sets, 1 - giou) / num_boxes
+        giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(wanted))
+
+        def per_set(matched):  # (M,) one value per match -> (P,) their sums in fp32 (each query matches once)
+            dense = torch.zeros(P, B, Q, dtype=torch.float32, device=matched.device)
+            return dense.index_put((sets, images, queries), matched.float()).flatten(1).sum(1)
+
+        loss_bbox = per_set((predicted - wanted).abs().sum(-1)) / num_boxes
+        loss_giou = per_set(1 - giou) / num_boxes
         with torch.no_grad():
             predicted_count = (logits.sigmoid().max(-1).values > 0.5).sum(-1).float()  # (P, B)
             true_count = torch.tensor([float(len(t["class_labels"])) for t in targets])
@@ -152,12 +156,12 @@ class DeformableDetrLoss(nn.Module):
         self.check_targets(targets, logits.shape[-1], logits.shape[0])
         num_boxes = _num_boxes(targets, logits.device)
         auxiliary_outputs = list(auxiliary_outputs or ())
-        # the decoder layers' sets together (earlier layers first), then the proposals'
+        # the decoder layers' sets together (the last layer first), then the proposals'
         groups = [
             (
-                [f"_{i}" for i in range(len(auxiliary_outputs))] + [""],
-                torch.stack([aux["logits"] for aux in auxiliary_outputs] + [logits]),
-                torch.stack([aux["pred_boxes"] for aux in auxiliary_outputs] + [pred_boxes]),
+                [""] + [f"_{i}" for i in range(len(auxiliary_outputs))],
+                torch.stack([logits] + [aux["logits"] for aux in auxiliary_outputs]),
+                torch.stack([pred_boxes] + [aux["pred_boxes"] for aux in auxiliary_outputs]),
                 targets,
             )
         ]
@@ -166,10 +170,10 @@ class DeformableDetrLoss(nn.Module):
             groups.append((["_enc"], enc_logits[None], enc_boxes[None], foreground))
         total, terms = 0, {}
         for suffixes, set_logits, set_boxes, set_targets in groups:
-            for name, values in self.stacked(set_logits, set_boxes, set_targets, num_boxes).items():
-                terms.update((name + suffix, value) for suffix, value in zip(suffixes, values.unbind()))
-                if name in self.weights:
-                    total = total + values.sum() * self.weights[name]
+            stacked = self.stacked(set_logits, set_boxes, set_targets, num_boxes)
+            total = total + sum(stacked[name].sum() * weight for name, weight in self.weights.items())
+            for index, suffix in enumerate(suffixes):  # each set's terms, as scalars of their own
+                terms.update((name + suffix, values[index].clone()) for name, values in stacked.items())
         return total, terms
 
     @staticmethod

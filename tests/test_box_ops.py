@@ -11,6 +11,7 @@ from deformable_detr.box_ops import (
     box_xyxy_to_cxcywh,
     box_xyxy_to_xywh,
     generalized_box_iou,
+    paired_generalized_box_iou,
 )
 from deformable_detr.deformable_transformer import inverse_sigmoid, refine_boxes
 
@@ -68,10 +69,11 @@ def test_box_area_and_generalized_box_iou():
     assert box_area(random_xyxy(2, 3)).shape == (2, 3)
     # identical boxes: 1; disjoint boxes 1 apart in a 3 x 1 hull: 0 - (3 - 2) / 3
     a, b = torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([[2.0, 0.0, 3.0, 1.0]])
-    pairwise = generalized_box_iou(torch.cat([a, b])[:, None], a[None])
-    torch.testing.assert_close(pairwise, torch.tensor([[1.0], [-1 / 3]]))
+    torch.testing.assert_close(generalized_box_iou(torch.cat([a, b]), a), torch.tensor([[1.0], [-1 / 3]]))
+    assert generalized_box_iou(torch.cat([a, b]), torch.cat([a, b])).shape == (2, 2)  # pairwise, also for P == T
     # boxes side by side: one GIoU per pair, as the loss takes them for its matched boxes
-    torch.testing.assert_close(generalized_box_iou(torch.cat([a, b]), torch.cat([a, a])), torch.tensor([1.0, -1 / 3]))
+    paired = paired_generalized_box_iou(torch.cat([a, b]), torch.cat([a, a]))
+    torch.testing.assert_close(paired, torch.tensor([1.0, -1 / 3]))
 
 
 def test_refine_boxes():

@@ -77,7 +77,7 @@ def test_two_stage_has_the_encoder_proposal_loss_that_transformers_lacks():
 def test_generalized_box_iou_on_known_boxes():
     a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
     b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [4.0, 4.0, 5.0, 5.0]])
-    giou = generalized_box_iou(a[:, None], b[None])[0]
+    giou = generalized_box_iou(a, b)[0]
     assert torch.allclose(giou, torch.tensor([1 / 7 - 2 / 9, 1.0, 0 - (25 - 5) / 25]))
 
 
@@ -103,3 +103,44 @@ def test_bad_labels_are_named():
         model(torch.randn(1, 3, 64, 64), labels=[one | {"class_labels": torch.tensor([1.7])}])
     with pytest.raises(ValueError, match=r"labels\[0\] must be a dict, got list"):
         model(torch.randn(1, 3, 64, 64), labels=[[0, 0.5, 0.5, 0.2, 0.2]])
+
+
+def test_a_bf16_model_sums_its_box_terms_in_fp32_and_terms_are_scalars_of_their_own():
+    """The box terms of 300 matched queries add up in fp32 whatever the predictions' type: summed in bf16 one
+    match at a time, loss_giou came out 8 % high. The terms come in transformers' order (the last layer's, then
+    each earlier layer's) and each is a tensor of its own, which a user may change in place."""
+    from types import SimpleNamespace
+
+    from deformable_detr.loss_deformable_detr import DeformableDetrLoss
+
+    config = SimpleNamespace(
+        class_cost=2.0,
+        bbox_cost=5.0,
+        giou_cost=2.0,
+        focal_alpha=0.25,
+        bbox_loss_coefficient=5.0,
+        giou_loss_coefficient=2.0,
+    )
+    g = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(2, 300, 4, generator=g), torch.randn(2, 300, 4, generator=g).sigmoid()
+    targets = [
+        {
+            "class_labels": torch.randint(0, 4, (150,), generator=g),
+            "boxes": torch.cat(
+                [torch.rand(150, 2, generator=g) * 0.5 + 0.25, torch.rand(150, 2, generator=g) * 0.3 + 0.05], 1
+            ),
+        }
+        for _ in range(2)
+    ]
+    aux = [{"logits": logits, "pred_boxes": boxes}]
+    _, exact = DeformableDetrLoss(config)(
+        logits.double(), boxes.double(), targets, [{"logits": logits.double(), "pred_boxes": boxes.double()}]
+    )
+    _, terms = DeformableDetrLoss(config)(
+        logits.bfloat16(), boxes.bfloat16(), targets, [{k: v.bfloat16() for k, v in aux[0].items()}]
+    )
+    for name in ("loss_bbox", "loss_giou"):
+        assert abs(terms[name].item() - exact[name].item()) <= 1e-2 * exact[name].item(), name
+    assert list(terms)[:5] == ["loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "loss_ce_0"]
+    terms["loss_ce"].mul_(2)  # its own storage: no error, and the earlier layer's term keeps its value
+    assert terms["loss_ce_0"].item() == pytest.approx(terms["loss_ce"].item() / 2, rel=1e-2)
