@@ -449,3 +449,26 @@ def test_a_non_finite_gradient_norm_skips_the_step_and_a_finite_one_is_returned(
     model.weight.grad, model.bias.grad = torch.tensor([[3.0, 4.0]]), torch.zeros(1)
     norm = optimiser_step(model, optimizer, scheduler, accelerator, options, state, False, torch.tensor(1.0))
     assert isinstance(norm, float) and norm == pytest.approx(5.0) and not torch.equal(model.weight, before)
+
+
+def test_a_warning_raised_at_every_step_still_shows_once():
+    """Python shows a warning once per place by default; a catch_warnings block left at every step reset that,
+    so a warning from the model or a library repeated at every step."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from deformable_detr.training.checkpoints import TrainState
+    from deformable_detr.training.loop import optimiser_step
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator, options, state = Accelerator(cpu=True), SimpleNamespace(max_grad_norm=0.1), TrainState()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            warnings.warn("a warning of every step", UserWarning, stacklevel=1)
+            model.weight.grad, model.bias.grad = torch.ones(1, 2), torch.zeros(1)
+            optimiser_step(model, optimizer, scheduler, accelerator, options, state, False, torch.tensor(1.0))
+    assert sum("every step" in str(w.message) for w in caught) == 1

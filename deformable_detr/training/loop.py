@@ -614,12 +614,21 @@ def optimiser_step(model, optimizer, scheduler, accelerator, options, state: Tra
     else:
         optimizer.step()
     optimizer.zero_grad()
+    advance(scheduler)
+    return None if window_bad or norm is None or not math.isfinite(norm) else norm
+
+
+def advance(scheduler):
+    """scheduler.step(), without torch's warning that a schedule's first step came before optimizer.step(): here
+    that is a skipped first step (or fp16's grad scaler skipping it), and the schedule counts skipped steps on
+    purpose. Only a step that torch would warn about runs in a catch_warnings block (a first step with no
+    optimizer step before it): leaving one resets Python's once-only warnings, which would repeat at every step."""
+    if scheduler._step_count != 1 or getattr(scheduler.optimizer, "_opt_called", False):
+        scheduler.step()
+        return
     with warnings.catch_warnings():
-        # torch warns when the schedule's first step comes before any optimizer.step(): here that is a skipped
-        # first step (or fp16's grad scaler skipping it), and the schedule counts skipped steps on purpose
         warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
         scheduler.step()
-    return None if window_bad or norm is None or not math.isfinite(norm) else norm
 
 
 def main_terms(loss_dict: dict) -> dict:
