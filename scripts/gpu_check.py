@@ -1,4 +1,4 @@
-"""Checks and times the whole GPU path in one run, and writes report.json and report.md into --out.
+"""Checks and times the whole GPU path in one run, and writes report.json, report.md and profile.txt into --out.
 
   1. the op: the Triton kernels against the grid_sample reference (fp32, bf16, fp16; fp64 gradcheck) at the
      encoder shapes of an 800x1333 image (batch 1 and 8) and decoder shapes (300 queries, batch 8), points outside
@@ -7,7 +7,8 @@
   2. the op's speed per encoder layer: Triton against the reference, and as a multiple of the memory floor (the
      bytes that must move / the device-to-device copy bandwidth measured in this run);
   3. the model: ResNet-50 6+6 inference at 800x1333, batch 1 and 8, fp32 and bf16 autocast, ours against
-     transformers' with the same weights; eager against torch.compile;
+     transformers' with the same weights; eager against torch.compile, and one call of each profiled (their
+     longest kernels in profile.txt);
   4. training: 30 steps of the training loop's step (forward_backward and optimiser_step of training/loop.py,
      accelerate) on the synthetic shapes data in bf16 and fp16: loss finite and falling, step time, peak memory,
      ours against transformers' at the same precision (the pair runs twice, alternately; the better medians).
@@ -40,7 +41,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="gpu_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default="gpu-check", help="folder for report.json and report.md (default: gpu-check)")
+    parser.add_argument(
+        "--out", default="gpu-check", help="folder for report.json, report.md and profile.txt (default: gpu-check)"
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes and models, few repeats")
     parser.add_argument(
@@ -679,6 +682,22 @@ def compiled_inference(report, device, quick, ours, variants=False):
         graphs=graphs,
         graph_breaks=sum(breaks.values()),
     )
+    with torch.no_grad():
+        profiled, tables = profile_calls(
+            {"eager": lambda: ours(pixel_values=x), "compiled": lambda: compiled(pixel_values=x)}, device
+        )
+    with open(os.path.join(report.out, "profile.txt"), "w") as f:
+        f.write(tables)
+    report.add(
+        inference_section(quick),
+        f"batch {batch}, fp32: one call profiled, eager and compiled",
+        "; ".join(
+            f"{name}: {kernels} kernels, device busy {busy * 1e3:.1f} ms" for name, (kernels, busy) in profiled.items()
+        )
+        + " (their top kernels: profile.txt)",
+        **{f"{name}_kernels": kernels for name, (kernels, _) in profiled.items()},
+        **{f"{name}_busy_ms": busy * 1e3 for name, (_, busy) in profiled.items()},
+    )
     if variants:
         import torch._inductor.config as inductor
 
@@ -693,6 +712,31 @@ def compiled_inference(report, device, quick, ours, variants=False):
             f"{plain * 1e3:.1f} ms: {eager / plain:.2f}x eager",
             compiled_ms=plain * 1e3,
         )
+
+
+def profile_calls(calls: dict, device) -> tuple[dict, str]:
+    """One profiled call of each of `calls` {name: fn} -> ({name: (kernels, seconds the device was busy)}, the
+    40 kernels that took longest in each, as tables). On the CPU, kernels are its ops and busy is their time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from deformable_detr.benchmarking import synchronize
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    figures, tables = {}, []
+    for name, call in calls.items():
+        with profile(activities=activities) as profiled:
+            call()
+            synchronize(device)
+        averages = profiled.key_averages()
+        kernels = sum(event.device_type == kind for event in profiled.events())
+        busy = sum(getattr(average, key) for average in averages) / 1e6  # microseconds
+        figures[name] = kernels, busy
+        table = averages.table(sort_by=key, row_limit=40, max_name_column_width=100)
+        tables.append(f"===== {name}: {kernels} kernels, busy {busy * 1e3:.1f} ms\n{table}")
+    return figures, "\n\n".join(tables)
 
 
 # ------------------------------------------------------------------------------------------------ training

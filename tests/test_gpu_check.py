@@ -50,6 +50,9 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     checks = [row for row in rows if "limit" in row["figures"]]
     assert len(checks) >= 20 and all(0 <= row["figures"]["value"] <= row["figures"]["limit"] for row in checks)
     assert "| pass |" in (tmp_path / "report.md").read_text()
+    profiled = next(row for row in rows if row["name"].endswith("one call profiled, eager and compiled"))
+    assert profiled["figures"]["eager_kernels"] > profiled["figures"]["compiled_kernels"] > 0
+    assert "===== compiled:" in (tmp_path / "profile.txt").read_text()
 
 
 def test_only_runs_the_parts_asked_for(tmp_path):
