@@ -580,10 +580,10 @@ def forward_backward(model, batch, accelerator, window_bad: bool, stop_requested
     already saw a non-finite loss. Non-finite losses and stop requests are summed over processes, so that all of
     them skip or stop together. Returns (outputs, finite on every process, window_bad, stopping)."""
     outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
-    not_finite = (~torch.isfinite(outputs.loss.detach())).float()
-    flags = torch.stack([not_finite, torch.full_like(not_finite, float(stop_requested))])
-    not_finite, stopping = accelerator.reduce(flags, "sum").tolist()  # the step's one device sync before backward
-    finite = not not_finite
+    bad = (~torch.isfinite(outputs.loss.detach())).float()
+    flags = torch.stack([bad, torch.full_like(bad, float(stop_requested))])
+    bad_processes, stopping = accelerator.reduce(flags, "sum").tolist()  # the step's one device sync before backward
+    finite = not bad_processes
     window_bad = window_bad or not finite
     if not window_bad:
         accelerator.backward(outputs.loss * scale)
