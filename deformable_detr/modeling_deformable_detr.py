@@ -12,12 +12,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, TransformersKwargs
 
 from .backbone import Backbone, FrozenBatchNorm2d, ResNet, downsample_mask, load_backbone_weights
 from .configuration_deformable_detr import DeformableDetrConfig
 from .deformable_transformer import (
     MLP,
+    DecoderSelfAttention,
     DeformableDecoder,
     DeformableEncoder,
     HeadLinear,
@@ -56,6 +57,10 @@ class DeformableDetrModelOutput(ModelOutput):
     encoder_hidden_states, decoder_hidden_states: with output_hidden_states, as transformers gives them: the
         encoder's input (B, S, C) and every encoder layer's output; the decoder's input queries (B, Q, C) and every
         decoder layer's output.
+    decoder_attentions, cross_attentions, encoder_attentions: with output_attentions, per layer, as transformers
+        gives them: the decoder's self-attention weights (B, M, Q, Q), its deformable cross-attention weights
+        (B, Q, M, L, K) and the encoder's deformable self-attention weights (B, S, M, L, K) (M heads, K points), each
+        summing to 1 over the keys (L * K sampled points for the deformable ones).
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -67,6 +72,9 @@ class DeformableDetrModelOutput(ModelOutput):
     enc_outputs_class: torch.Tensor | None = None
     enc_outputs_coord_logits: torch.Tensor | None = None
     decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -74,7 +82,7 @@ class _DetectionHeadOutput(ModelOutput):
     """
     logits: (B, Q, N) class logits (sigmoid, no background class).
     pred_boxes: (B, Q, 4) boxes as (cx, cy, w, h) in [0, 1] of each image's real (unpadded) extent.
-    auxiliary_outputs: per decoder layer but the last, {"logits", "pred_boxes"}.
+    auxiliary_outputs: with labels and config.auxiliary_loss, per decoder layer but the last, {"logits", "pred_boxes"}.
     loss, loss_dict: the training loss and its terms, when labels are given.
     """
 
@@ -107,6 +115,31 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([mask[:, 0, :].sum(1) / width, mask[:, :, 0].sum(1) / height], -1)
 
 
+def _check_kwargs(kwargs: dict):
+    """TypeError naming the keyword arguments that are none of transformers' common ones (TransformersKwargs)."""
+    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+
+
+def _check_shape(name: str, tensor, expected, meaning: str):
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(expected):
+        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must have shape {tuple(expected)} {meaning} for these images, got {got}")
+
+
+def _unpack_encoder_outputs(encoder_outputs):
+    """(last_hidden_state, hidden_states, attentions) of a BaseModelOutput, a tuple in that order, or a tensor; the
+    missing ones are None."""
+    if isinstance(encoder_outputs, torch.Tensor):
+        return encoder_outputs, None, None
+    if isinstance(encoder_outputs, ModelOutput):
+        fields = [encoder_outputs.get(key) for key in ("last_hidden_state", "hidden_states", "attentions")]
+    else:
+        fields = list(encoder_outputs)[:3]
+    return tuple(fields + [None] * (3 - len(fields)))
+
+
 def _stored_model_type(source, kwargs: dict) -> str | None:
     """The model_type in the config.json of a folder or Hub id (read with from_pretrained's Hub arguments), or
     None when there is none to read: transformers' own from_pretrained then says what is missing."""
@@ -124,9 +157,18 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
     config_class = DeformableDetrConfig
     config: DeformableDetrConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = True  # transformers' switch sets the flags that backbone.run_layer reads
+    # transformers' switch (activation_checkpointing_enable) reaches the encoder and decoder layers
+    # (GradientCheckpointingLayer) and the built-in ResNet's stages (backbone.run_layer)
+    supports_gradient_checkpointing = True
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    _supports_sdpa = True  # the decoder's self-attention (DecoderSelfAttention); the deformable ones are our kernels
+    # the units that device_map="auto" keeps on one device: each reads several of its own submodules' parameters
+    # outside their forward (project_values, attend, the frozen batch norms' buffers)
+    _no_split_modules = ["Backbone", "DeformableEncoderLayer", "DeformableDecoderLayer"]
+    # no parameter is shared: without box refinement one class head and one box head serve every layer (the same
+    # modules, called again); with it every layer has its own (the box heads live in model.decoder.bbox_embed only)
+    _tied_weights_keys = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -171,8 +213,9 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
                 init.constant_(getattr(module, buffer), value)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight)
-        elif isinstance(module, nn.MultiheadAttention):
-            module._reset_parameters()
+        elif isinstance(module, DecoderSelfAttention):
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
         elif isinstance(module, ResNet):
             for conv in module.modules():
                 if isinstance(conv, nn.Conv2d):
@@ -287,30 +330,10 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             return min(real) < H * W
         return False
 
-    def forward(self, pixel_values, pixel_mask=None, output_hidden_states=None, return_dict=None):
-        """
-        Args:
-            pixel_values: (B, num_channels, H, W), normalised images padded bottom-right to a common size.
-            pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; all ones when omitted.
-        """
-        padded = self._check_inputs(pixel_values, pixel_mask)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        B, _, H, W = pixel_values.shape
-        if pixel_mask is None:
-            pixel_mask = torch.ones((B, H, W), dtype=torch.bool, device=pixel_values.device)
-        pixel_mask = pixel_mask.bool()
-        side = self.min_image_size
-        if side is not None and min(H, W) < side:
-            # a canvas thinner than the coarsest stride (a thin image alone in its batch) is padded, masked, up to
-            # it: the outputs are relative to the real pixels, so the padding does not show in them
-            padding = (0, max(0, side - W), 0, max(0, side - H))
-            pixel_values, pixel_mask = nn.functional.pad(pixel_values, padding), nn.functional.pad(pixel_mask, padding)
-            H, W = pixel_values.shape[-2:]
-            padded = True
-
-        # multi-scale maps, each projected to C channels, with their masks and position encodings
+    def _encoder_inputs(self, pixel_values, pixel_mask):
+        """Backbone maps, projected to C channels, flattened over the levels: pixel_values (B, 3, H, W), pixel_mask
+        (B, H, W) bool -> features and position embeddings (B, S, C), padding mask (B, S) True on padding, the
+        levels' [(H_l, W_l)] and valid ratios (B, L, 2), the (w, h) fractions of real columns and rows."""
         features = self.backbone(pixel_values, pixel_mask)
         sources = [proj(feature) for proj, (feature, _) in zip(self.input_proj, features)]
         masks = [mask for _, mask in features]
@@ -321,8 +344,6 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         positions = [
             self.position_embedding(mask, pixel_values.dtype).to(src.dtype) for src, mask in zip(sources, masks)
         ]
-
-        # flatten the levels: (B, C, H_l, W_l) -> (B, S, C)
         spatial_shapes = [tuple(src.shape[-2:]) for src in sources]  # (H_l, W_l), plain ints
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1)
         pos_flatten = torch.cat(
@@ -333,38 +354,119 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             1,
         )
         padding_mask = ~torch.cat([mask.flatten(1) for mask in masks], 1)
-        # (B, L, 2): fraction of real columns and rows in each level
         valid_ratios = torch.stack([valid_ratio(mask).to(src_flatten.dtype) for mask in masks], 1)
+        return src_flatten, pos_flatten, padding_mask, spatial_shapes, valid_ratios
 
+    def _queries(self, memory, padding_mask, spatial_shapes):
+        """The decoder's queries: position and content (B, Q, C), reference points (B, Q, 2) (points) or, in
+        two-stage, (B, Q, 4) (the top-scoring proposals' boxes), and the two-stage proposal logits (B, S, N) and
+        boxes (B, S, 4) before the sigmoid (else None)."""
+        B, C = memory.shape[0], self.config.d_model
+        if not self.config.two_stage:
+            query_pos, tgt = self.query_embed.weight[None].expand(B, -1, -1).split(C, dim=2)
+            return query_pos, tgt, self.reference_points(query_pos).sigmoid(), None, None
+        proposals, object_query = encoder_proposals(memory, padding_mask, spatial_shapes)
+        object_query = self.enc_output_norm(self.enc_output(object_query))
+        enc_outputs_class = self.enc_class_embed(object_query)
+        enc_outputs_coord_logits = self.enc_bbox_embed(object_query) + proposals
+        k = self.config.two_stage_num_proposals
+        if k > memory.shape[1]:
+            raise ValueError(
+                f"two_stage_num_proposals={k} exceeds the {memory.shape[1]} encoder positions of the images; "
+                "give larger images or fewer proposals"
+            )
+        topk = torch.topk(enc_outputs_class[..., 0], k, dim=1)[1]
+        topk_coords = torch.gather(enc_outputs_coord_logits, 1, topk[..., None].expand(-1, -1, 4)).detach()
+        embedded = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(topk_coords, C)))
+        query_pos, tgt = embedded.split(C, dim=2)
+        return query_pos, tgt, topk_coords.sigmoid(), enc_outputs_class, enc_outputs_coord_logits
+
+    def forward(
+        self,
+        pixel_values,
+        pixel_mask=None,
+        decoder_attention_mask=None,
+        encoder_outputs=None,
+        inputs_embeds=None,
+        decoder_inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        """
+        Args:
+            pixel_values: (B, num_channels, H, W), normalised images padded bottom-right to a common size.
+            pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; all ones when omitted.
+            decoder_attention_mask: (B, Q), 1 (True) on the queries the decoder's self-attention may attend to,
+                0 on those it must not; all of them when omitted.
+            encoder_outputs: the encoder's output for these images, reused instead of running the encoder: a
+                BaseModelOutput (last_hidden_state (B, S, C), hidden_states, attentions), a tuple in that order, or
+                the (B, S, C) tensor alone. The backbone still runs, for the levels' shapes and masks.
+            inputs_embeds: (B, S, C), the flattened multi-level features (backbone and input projections) to
+                encode instead of those of pixel_values; pixel_values and pixel_mask still give the levels' shapes,
+                masks and position embeddings.
+            decoder_inputs_embeds: (B, Q, C), the decoder's input queries (their content) instead of the learned
+                ones (or, in two-stage, those from the proposals); their positions and reference points stay.
+            output_attentions, output_hidden_states, return_dict: None takes the config's.
+            kwargs: transformers' common keyword arguments (such as num_items_in_batch, which the Trainer passes),
+                accepted and unused; any other is a TypeError.
+        """
+        _check_kwargs(kwargs)
+        padded = self._check_inputs(pixel_values, pixel_mask)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        B, _, H, W = pixel_values.shape
+        if pixel_mask is None:
+            pixel_mask = torch.ones((B, H, W), dtype=torch.bool, device=pixel_values.device)
+        pixel_mask = pixel_mask.bool()
+        side = self.min_image_size
+        if side is not None and min(H, W) < side:
+            # a canvas thinner than the coarsest stride (a thin image alone in its batch) is padded, masked, up to
+            # it: the outputs are relative to the real pixels, so the padding does not show in them
+            padding = (0, max(0, side - W), 0, max(0, side - H))
+            pixel_values, pixel_mask = nn.functional.pad(pixel_values, padding), nn.functional.pad(pixel_mask, padding)
+            padded = True
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and inputs_embeds is None):
+            src_flatten, pos_flatten, padding_mask, spatial_shapes, valid_ratios = self._encoder_inputs(
+                pixel_values, pixel_mask
+            )
         # the attention layers zero the values at padded positions; where nothing is padded they are spared that
         value_mask = padding_mask if padded else None
-        memory, encoder_states = self.encoder(src_flatten, pos_flatten, spatial_shapes, valid_ratios, value_mask)
-
-        C = self.config.d_model
-        enc_outputs_class = enc_outputs_coord_logits = None
-        if self.config.two_stage:
-            proposals, object_query = encoder_proposals(memory, padding_mask, spatial_shapes)
-            object_query = self.enc_output_norm(self.enc_output(object_query))
-            enc_outputs_class = self.enc_class_embed(object_query)
-            enc_outputs_coord_logits = self.enc_bbox_embed(object_query) + proposals
-            k = self.config.two_stage_num_proposals
-            if k > memory.shape[1]:
-                raise ValueError(
-                    f"two_stage_num_proposals={k} exceeds the {memory.shape[1]} encoder positions of {H}x{W} images; "
-                    "give larger images or fewer proposals"
-                )
-            topk = torch.topk(enc_outputs_class[..., 0], k, dim=1)[1]
-            topk_coords = torch.gather(enc_outputs_coord_logits, 1, topk[..., None].expand(-1, -1, 4)).detach()
-            reference_points = topk_coords.sigmoid()
-            query_pos, tgt = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(topk_coords, C))).split(
-                C, dim=2
+        if encoder_outputs is None:
+            if inputs_embeds is not None:
+                _check_shape("inputs_embeds", inputs_embeds, src_flatten.shape, "(batch, encoder positions, d_model)")
+                src_flatten = inputs_embeds
+            memory, encoder_states, encoder_attentions = self.encoder(
+                src_flatten, pos_flatten, spatial_shapes, valid_ratios, value_mask, output_attentions
             )
+            encoder_states = (src_flatten, *encoder_states)
         else:
-            query_pos, tgt = self.query_embed.weight[None].expand(B, -1, -1).split(C, dim=2)
-            reference_points = self.reference_points(query_pos).sigmoid()
+            memory, encoder_states, encoder_attentions = _unpack_encoder_outputs(encoder_outputs)
+            _check_shape("encoder_outputs", memory, src_flatten.shape, "(batch, encoder positions, d_model)")
 
-        hidden_states, references = self.decoder(
-            tgt, query_pos, reference_points, memory, spatial_shapes, valid_ratios, value_mask
+        query_pos, tgt, reference_points, enc_outputs_class, enc_outputs_coord_logits = self._queries(
+            memory, padding_mask, spatial_shapes
+        )
+        if decoder_inputs_embeds is not None:
+            _check_shape("decoder_inputs_embeds", decoder_inputs_embeds, tgt.shape, "(batch, queries, d_model)")
+            tgt = decoder_inputs_embeds
+        if decoder_attention_mask is not None:
+            _check_shape("decoder_attention_mask", decoder_attention_mask, tgt.shape[:2], "(batch, queries)")
+        hidden_states, references, decoder_attentions, cross_attentions = self.decoder(
+            tgt,
+            query_pos,
+            reference_points,
+            memory,
+            spatial_shapes,
+            valid_ratios,
+            value_mask,
+            decoder_attention_mask,
+            output_attentions,
         )
         output = DeformableDetrModelOutput(
             last_hidden_state=hidden_states[:, -1],
@@ -372,10 +474,13 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             intermediate_reference_points=references,
             init_reference_points=reference_points,
             encoder_last_hidden_state=memory,
-            encoder_hidden_states=(src_flatten, *encoder_states) if output_hidden_states else None,
+            encoder_hidden_states=encoder_states if output_hidden_states else None,
             enc_outputs_class=enc_outputs_class,
             enc_outputs_coord_logits=enc_outputs_coord_logits,
             decoder_hidden_states=(tgt, *hidden_states.unbind(1)) if output_hidden_states else None,
+            decoder_attentions=decoder_attentions if output_attentions else None,
+            cross_attentions=cross_attentions if output_attentions else None,
+            encoder_attentions=encoder_attentions if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -446,15 +551,41 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
     def box_head(self, layer: int) -> MLP:
         return self.model.decoder.bbox_embed[layer] if self.config.with_box_refine else self.bbox_embed
 
-    def forward(self, pixel_values, pixel_mask=None, labels=None, output_hidden_states=None, return_dict=None):
+    def forward(
+        self,
+        pixel_values,
+        pixel_mask=None,
+        decoder_attention_mask=None,
+        encoder_outputs=None,
+        inputs_embeds=None,
+        decoder_inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
         """
         Args:
             pixel_values: (B, num_channels, H, W), normalised images padded bottom-right to a common size.
             pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; all ones when omitted.
             labels: for the loss, per image {"class_labels": (T,) int64, "boxes": (T, 4) cx, cy, w, h in [0, 1]}.
+            decoder_attention_mask, encoder_outputs, inputs_embeds, decoder_inputs_embeds, output_attentions,
+            output_hidden_states, kwargs: as in `DeformableDetrModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(pixel_values, pixel_mask, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.model(
+            pixel_values,
+            pixel_mask,
+            decoder_attention_mask,
+            encoder_outputs,
+            inputs_embeds,
+            decoder_inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
         hidden_states = outputs.intermediate_hidden_states
         # each layer's boxes are relative to the reference it received: (B, Q, 2) points first, then boxes
         references = [outputs.init_reference_points] + list(outputs.intermediate_reference_points[:, :-1].unbind(1))
@@ -462,7 +593,9 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
         for layer in range(hidden_states.shape[1]):
             logits.append(self.class_head(layer)(hidden_states[:, layer]))
             boxes.append(refine_boxes(references[layer], self.box_head(layer)(hidden_states[:, layer])))
-        auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
+        auxiliary = None
+        if labels is not None and self.config.auxiliary_loss:
+            auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
         loss = loss_dict = None
         if labels is not None:
             enc_boxes = None if outputs.enc_outputs_coord_logits is None else outputs.enc_outputs_coord_logits.sigmoid()
@@ -470,7 +603,7 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
                 logits[-1],
                 boxes[-1],
                 labels,
-                auxiliary if self.config.auxiliary_loss else (),
+                auxiliary or (),
                 outputs.enc_outputs_class,
                 enc_boxes,
             )
@@ -479,7 +612,7 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
             loss_dict=loss_dict,
             logits=logits[-1],
             pred_boxes=boxes[-1],
-            auxiliary_outputs=auxiliary if self.config.auxiliary_loss else None,
+            auxiliary_outputs=auxiliary,
             **outputs,
         )
         return output if return_dict else output.to_tuple()

@@ -11,6 +11,7 @@ accelerate config). CPU processes need ACCELERATE_USE_CPU=1; there, an FSDP conf
 the model itself (torch's fully_shard), as accelerate shards on GPUs only.
 """
 
+import math
 import shlex
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -226,8 +227,8 @@ class TrainingOptions:
             "eval_every_epochs",
             "num_workers",
         ):
-            if not getattr(self, name) >= 0:  # NaN included
-                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # NaN included
+                raise ValueError(f"{name} must be a finite number, at least 0, got {getattr(self, name)}")
         if not 0 < self.lr_drop <= 1:
             raise ValueError(f"lr_drop must be a share of the steps, in (0, 1], got {self.lr_drop}")
         self.training_scales()  # raises naming a bad multi_scale
