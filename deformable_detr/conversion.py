@@ -3,61 +3,13 @@ original fundamentalvision/Deformable-DETR `.pth` files. Every key is mapped exp
 an error, so that nothing is silently dropped."""
 
 import difflib
-import json
 import os
 import re
 
 import torch
 
-from .configuration_deformable_detr import RESNET_SPECS, DeformableDetrConfig
-
-# transformers config fields that ours shares by name
-SHARED_CONFIG_FIELDS = (
-    "num_channels",
-    "num_queries",
-    "d_model",
-    "encoder_layers",
-    "decoder_layers",
-    "encoder_attention_heads",
-    "decoder_attention_heads",
-    "encoder_ffn_dim",
-    "decoder_ffn_dim",
-    "encoder_n_points",
-    "decoder_n_points",
-    "num_feature_levels",
-    "activation_function",
-    "dropout",
-    "attention_dropout",
-    "activation_dropout",
-    "position_embedding_type",
-    "with_box_refine",
-    "two_stage",
-    "two_stage_num_proposals",
-    "auxiliary_loss",
-    "class_cost",
-    "bbox_cost",
-    "giou_cost",
-    "bbox_loss_coefficient",
-    "giou_loss_coefficient",
-    "focal_alpha",
-    "id2label",
-    "label2id",
-    "dilation",
-)
-
-# (pattern, replacement) applied in order to transformers' names once the backbone prefix is settled
-TRANSFORMERS_RENAMES = [
-    (r"^model\.query_position_embeddings\.", "model.query_embed."),
-    (r"^model\.(?:backbone\.)?position_embedding\.row_embeddings\.", "model.position_embedding.row_embed."),
-    (r"^model\.(?:backbone\.)?position_embedding\.column_embeddings\.", "model.position_embedding.col_embed."),
-    (r"\.self_attn_layer_norm\.", ".self_attn_norm."),
-    (r"\.encoder_attn_layer_norm\.", ".cross_attn_norm."),
-    (r"\.final_layer_norm\.", ".ffn_norm."),
-    (r"\.encoder_attn\.", ".cross_attn."),
-    (r"\.(?:mlp\.)?fc1\.", ".ffn.linear1."),
-    (r"\.(?:mlp\.)?fc2\.", ".ffn.linear2."),
-    (r"(decoder\.layers\.\d+\.self_attn)\.(?:o_proj|out_proj)\.", r"\1.out_proj."),
-]
+from .configuration_deformable_detr import DeformableDetrConfig
+from .transformers_mapping import from_pretrained_kwargs, key_mapping
 
 ORIGINAL_RENAMES = [
     (r"^backbone\.0\.body\.", "model.backbone.body."),
@@ -76,6 +28,8 @@ ORIGINAL_RENAMES = [
     (r"^transformer\.decoder\.layers\.(\d+)\.norm3\.", r"model.decoder.layers.\1.ffn_norm."),
     (r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.linear([12])\.", r"model.\1.layers.\2.ffn.linear\3."),
     (r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.(self_attn|cross_attn)\.", r"model.\1.layers.\2.\3."),
+    # the heads as transformers names them: then transformers_mapping.key_mapping places both
+    (r"^transformer\.decoder\.(class|bbox)_embed\.", r"model.decoder.\1_embed."),
 ]
 
 
@@ -89,50 +43,18 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
-def _place_heads(state: dict, config: DeformableDetrConfig, source: str) -> dict:
-    """Per-layer heads `class_embed.{i}`, `bbox_embed.{i}` (+ copies inside the decoder) -> our head layout."""
-    layers = config.decoder_layers
-    out = {
-        k: v
-        for k, v in state.items()
-        if not re.match(r"^(model\.decoder\.|transformer\.decoder\.)?(class|bbox)_embed\.", k)
-    }
-    heads = {k: v for k, v in state.items() if k not in out}
-    per_layer = {}  # (kind, index, rest) -> tensor, copies must agree
-    for key, value in heads.items():
-        kind, index, rest = re.match(
-            r"^(?:model\.decoder\.|transformer\.decoder\.)?(class|bbox)_embed\.(\d+)\.(.+)$", key
-        ).groups()
-        slot = (kind, int(index), rest)
-        if slot in per_layer and not _same(per_layer[slot], value):
-            raise ValueError(f"{source}: {key} differs from another copy of the same head")
-        per_layer[slot] = value
-    for (kind, index, rest), value in per_layer.items():
-        if config.two_stage and index == layers:
-            target = f"model.enc_{kind}_embed.{rest}"
-        elif index >= layers:
-            raise ValueError(f"{source}: head {kind}_embed.{index} is beyond the {layers} decoder layers")
-        elif config.with_box_refine:
-            target = f"class_embed.{index}.{rest}" if kind == "class" else f"model.decoder.bbox_embed.{index}.{rest}"
-        else:
-            first = per_layer.get((kind, 0, rest))
-            if first is None or not _same(first, value):
-                raise ValueError(
-                    f"{source}: without box refinement every decoder layer must share {kind}_embed.0, "
-                    f"but {kind}_embed.{index} differs"
-                )
-            target = f"{kind}_embed.{rest}"
-        out[target] = value
-    return out
+def _renamed(state: dict, renames: dict[str, str], source: str) -> dict:
+    """`state` with its keys renamed as transformers renames them for `from_pretrained(key_mapping=renames)`; keys
+    that become one (a head's copies) must hold the same values."""
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
 
-
-def _split_in_proj(state: dict) -> dict:
-    """Decoder self-attention: separate q/k/v projections -> nn.MultiheadAttention's packed in_proj."""
-    out = dict(state)
-    for key in [k for k in state if re.search(r"decoder\.layers\.\d+\.self_attn\.q_proj\.", k)]:
-        prefix, kind = re.match(r"^(.*\.self_attn)\.q_proj\.(weight|bias)$", key).groups()
-        parts = [out.pop(f"{prefix}.{p}_proj.{kind}") for p in ("q", "k", "v")]
-        out[f"{prefix}.in_proj_{kind}"] = torch.cat(parts, 0)
+    transforms = [WeightRenaming(theirs, ours) for theirs, ours in renames.items()]
+    out, origin = {}, {}
+    for key, value in state.items():
+        target = apply_renamings(key, transforms)
+        if target in out and not _same(out[target], value):
+            raise ValueError(f"{source}: {origin[target]} and {key} both give our {target}, but they differ")
+        out[target], origin[target] = value, key
     return out
 
 
@@ -158,72 +80,26 @@ def _load_converted(config, state, source):
     return model.eval()
 
 
-def config_from_transformers(hf_config: dict) -> DeformableDetrConfig:
-    """A transformers DeformableDetrConfig (as a dict, v4 or v5 style) -> ours."""
-    fields = {k: hf_config[k] for k in SHARED_CONFIG_FIELDS if k in hf_config and hf_config[k] is not None}
-    backbone_config = hf_config.get("backbone_config")
-    if backbone_config and backbone_config.get("model_type") == "timm_backbone":
-        fields["backbone"] = backbone_config.get("backbone") or backbone_config.get("architecture")
-        fields["dilation"] = bool(fields.get("dilation")) or backbone_config.get("output_stride") == 16
-    elif backbone_config:
-        fields["backbone_config"] = backbone_config
-        fields.pop("dilation", None)
-    else:  # v4: use_timm_backbone with a timm model name
-        fields["backbone"] = hf_config.get("backbone") or "resnet50"
-    if fields.get("backbone") is not None and fields["backbone"] not in RESNET_SPECS:
-        raise ValueError(
-            f"transformers checkpoint uses backbone {fields['backbone']!r}; built-in ones are {sorted(RESNET_SPECS)}"
-        )
-    return DeformableDetrConfig(**fields)
-
-
-def state_dict_from_transformers(state: dict, config: DeformableDetrConfig) -> dict:
-    """transformers' keys (v4: `model.backbone.conv_encoder.model.`, v5: `model.backbone.model.`) -> ours."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        key = re.sub(r"^model\.backbone\.(?:conv_encoder\.)?model\.", "model.backbone.body.", key)
-        if config.backbone_config is not None:
-            key = re.sub(r"^model\.backbone\.body\._backbone\.", "model.backbone.body.", key)
-        out[_rename(key, TRANSFORMERS_RENAMES)] = value
-    return _split_in_proj(_place_heads(out, config, "transformers checkpoint"))
-
-
-def _read_folder(path: str):
-    """config dict and state dict of a saved transformers model (folder or Hub id)."""
-    if not os.path.isdir(path):
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(path, allow_patterns=["config.json", "*.safetensors", "*.bin"])
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    if config.get("model_type") != "deformable_detr":
-        raise ValueError(f"{path}/config.json has model_type {config.get('model_type')!r}, expected 'deformable_detr'")
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    state = {}
-    if files:
-        from safetensors.torch import load_file
-
-        for name in files:
-            state.update(load_file(os.path.join(path, name)))
-    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
-        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
-    return config, state
-
-
 def from_transformers(source):
-    """transformers' DeformableDetrForObjectDetection (in memory, or a saved folder / Hub id of one) -> ours.
-    FileNotFoundError for a folder that is not here, ValueError for another model (ours included) or transformers'
-    bare DeformableDetrModel, which has no heads."""
+    """transformers' DeformableDetrForObjectDetection (in memory, or a saved folder / Hub id of one, v4 or v5 layout)
+    -> ours, loaded by our from_pretrained through transformers' weight-conversion mapping (transformers_mapping.py),
+    but strictly: a key of either side left unmatched, or a shape that differs, is a ValueError naming them, where
+    from_pretrained would warn and leave ours random. FileNotFoundError for a folder that is not here, ValueError for
+    another model (ours included) or transformers' bare DeformableDetrModel, which has no heads."""
+    from transformers import PretrainedConfig
+
+    from .modeling_deformable_detr import DeformableDetrForObjectDetection
+
     if isinstance(source, (str, os.PathLike)):
-        not_here = _mistyped_local_path(str(source))
+        name = str(source)
+        not_here = _mistyped_local_path(name)
         if not_here:
             raise FileNotFoundError(not_here)
-        hf_config, state = _read_folder(str(source))
-        name = str(source)
+        hf_config, weights = PretrainedConfig.get_config_dict(name)[0], {"pretrained_model_name_or_path": name}
+        if hf_config.get("model_type") != "deformable_detr":
+            raise ValueError(
+                f"{name}/config.json has model_type {hf_config.get('model_type')!r}, expected 'deformable_detr'"
+            )
     else:
         name = type(source).__name__
         model_type = getattr(getattr(source, "config", None), "model_type", None)
@@ -232,14 +108,22 @@ def from_transformers(source):
                 f"from_transformers takes transformers' DeformableDetrForObjectDetection, got a {name} (model_type "
                 f"{model_type!r})"
             )
-        hf_config, state = source.config.to_dict(), source.state_dict()
-    if not any(re.match(r"^(model\.decoder\.)?class_embed\.", key) for key in state):
+        hf_config, weights = (
+            source.config.to_dict(),
+            {"pretrained_model_name_or_path": None, "state_dict": source.state_dict()},
+        )
+    model, loading = DeformableDetrForObjectDetection.from_pretrained(
+        **weights, **from_pretrained_kwargs(hf_config, {}), output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    model._weight_conversions = None  # a save writes what one of a model built here would (see from_pretrained)
+    heads = {key for key in model.state_dict() if key.startswith("class_embed")}
+    if heads <= set(loading["missing_keys"]):
         raise ValueError(
             f"{name} has no class heads (class_embed): from_transformers takes transformers' "
             "DeformableDetrForObjectDetection, not its bare DeformableDetrModel"
         )
-    config = config_from_transformers(hf_config)
-    return _load_converted(config, state_dict_from_transformers(state, config), name)
+    _refuse_unfit_weights(name, loading)
+    return model.eval()
 
 
 def config_from_original_args(args, num_labels: int, **overrides) -> DeformableDetrConfig:
@@ -295,7 +179,7 @@ def from_original_checkpoint(path, **config_overrides):
     num_labels = state["class_embed.0.weight"].shape[0]
     config = config_from_original_args(checkpoint.get("args"), num_labels, **config_overrides)
     renamed = {_rename(k, ORIGINAL_RENAMES): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    return _load_converted(config, _place_heads(renamed, config, str(path)), str(path))
+    return _load_converted(config, _renamed(renamed, key_mapping(config), str(path)), str(path))
 
 
 def load_model(source: str):

@@ -29,6 +29,7 @@ from .deformable_transformer import (
 from .loss_deformable_detr import DeformableDetrLoss
 from .ms_deform_attn import MultiScaleDeformableAttention
 from .position_encoding import PositionEmbeddingLearned, build_position_encoding
+from .transformers_mapping import from_pretrained_kwargs
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class (focal-loss init)
 
@@ -140,17 +141,18 @@ def _unpack_encoder_outputs(encoder_outputs):
     return tuple(fields + [None] * (3 - len(fields)))
 
 
-def _stored_model_type(source, kwargs: dict) -> str | None:
-    """The model_type in the config.json of a folder or Hub id (read with from_pretrained's Hub arguments), or
-    None when there is none to read: transformers' own from_pretrained then says what is missing."""
+def _stored_config(source, kwargs: dict) -> dict | None:
+    """The config.json of a folder or Hub id (read with from_pretrained's Hub arguments), or None when there is none
+    to read: transformers' own from_pretrained then says what is missing."""
     from transformers import PretrainedConfig
 
     hub = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+    if source is None:  # weights given as a state_dict
+        return None
     try:
-        config = PretrainedConfig.get_config_dict(source, **{k: kwargs[k] for k in hub if k in kwargs})[0]
+        return PretrainedConfig.get_config_dict(source, **{k: kwargs[k] for k in hub if k in kwargs})[0]
     except OSError:
         return None
-    return config.get("model_type")
 
 
 class DeformableDetrPreTrainedModel(PreTrainedModel):
@@ -172,25 +174,25 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """As transformers', with two differences. A folder or Hub id of transformers' own Deformable DETR is
-        refused (ValueError naming `from_transformers`, which converts it): its weights have other names, and
-        transformers would load it with most of them left random. And every tensor left at an unaligned address
-        (safetensors stores them 8-byte aligned) is copied to fresh memory: CPU BLAS kernels round differently on
-        unaligned weights, and a reloaded model must give bit-identical outputs."""
-        if kwargs.get("config") is None and _stored_model_type(pretrained_model_name_or_path, kwargs) == (
-            "deformable_detr"
-        ):
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds transformers' Deformable DETR (model_type 'deformable_detr'), "
-                "whose weights have other names: DeformableDetrForObjectDetection.from_transformers"
-                f"({str(pretrained_model_name_or_path)!r}) converts it, with the same outputs"
-            )
+        """As transformers', with two differences. A folder or Hub id of transformers' own Deformable DETR
+        (model_type 'deformable_detr', v4 or v5 layout, e.g. SenseTime/deformable-detr) loads too, with the same
+        outputs: its config.json becomes ours (kwargs naming our config's fields, such as `num_labels`, apply to it)
+        and its weights are renamed by transformers' weight-conversion mapping (transformers_mapping.py). And every
+        tensor left at an unaligned address (safetensors stores them 8-byte aligned) is copied to fresh memory: CPU
+        BLAS kernels round differently on unaligned weights, and a reloaded model must give bit-identical outputs."""
+        stored = _stored_config(pretrained_model_name_or_path, kwargs) if kwargs.get("config") is None else None
+        from_transformers = stored is not None and stored.get("model_type") == "deformable_detr"
+        if from_transformers:
+            kwargs = from_pretrained_kwargs(stored, kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         with torch.no_grad():
             for tensor in list(model.parameters()) + list(model.buffers()):
                 if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
                     tensor.data = tensor.data.clone()
+        if from_transformers:
+            # the config's key_mapping cannot be reversed: a save writes what one of a model built here would
+            model._weight_conversions = None
         return loaded
 
     def _initialize_weights(self, module, is_custom_code: bool = False):

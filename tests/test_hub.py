@@ -16,6 +16,7 @@ from tests.support.processes import run_command
 # exactly the files a saved model holds: the model's code (the Hub set), never the converters, the test oracle
 # (deformable_detr/testing.py) or training code
 CODE_FILES = {
+    "transformers_mapping.py",
     "configuration_deformable_detr.py",
     "modeling_deformable_detr.py",
     "backbone.py",
