@@ -1,6 +1,8 @@
 """The convolutional backbone: a built-in ResNet with torchvision's parameter names, or any transformers
 backbone, with frozen batch norm; it returns up to three feature maps (strides 8, 16, 32) and their masks."""
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -252,18 +254,25 @@ def load_backbone_weights(body: ResNet, source: str):
     body.load_state_dict(state, strict=False)  # strict but for num_batches_tracked, checked above
 
 
-def run_layer(owner: nn.Module, layer, *args):
-    """layer(*args); with `owner.gradient_checkpointing` while training with gradients, its activations are not
-    kept but recomputed in the backward pass (torch.utils.checkpoint, random state preserved: the same
-    gradients), trading time for memory."""
+def run_layer(owner: nn.Module, layer, x):
+    """layer(x); with `owner.gradient_checkpointing` while training with gradients, its activations are not kept
+    but recomputed in the backward pass (random state preserved: the same gradients), trading time for memory.
+
+    The checkpoint function is the one transformers' `activation_checkpointing_enable` sets
+    (`owner._gradient_checkpointing_func`, with its `activation_checkpointing_kwargs`). A stage after the frozen
+    stem gets an input that needs no gradient; the reentrant checkpoint would then give its parameters none, so
+    that input is made to ask for one."""
     if owner.gradient_checkpointing and owner.training and torch.is_grad_enabled():
-        return checkpoint(layer, *args, use_reentrant=False)
-    return layer(*args)
+        if not x.requires_grad and any(p.requires_grad for p in layer.parameters()):
+            x = x.detach().requires_grad_()
+        return getattr(owner, "_gradient_checkpointing_func", partial(checkpoint, use_reentrant=False))(layer, x)
+    return layer(x)
 
 
-def set_gradient_checkpointing(model: nn.Module, enable: bool = True):
-    """Activation checkpointing of the backbone stages and the encoder and decoder layers (the modules with a
-    `gradient_checkpointing` flag)."""
-    for module in model.modules():
-        if hasattr(module, "gradient_checkpointing"):
-            module.gradient_checkpointing = enable
+def set_gradient_checkpointing(model, enable: bool = True, use_reentrant: bool = False):
+    """Activation checkpointing of the backbone stages and the encoder and decoder layers, through transformers'
+    switch (`activation_checkpointing_enable` / `_disable`); `model` is one of our PreTrainedModels."""
+    if enable:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.activation_checkpointing_disable()

@@ -4,8 +4,9 @@ Field names follow transformers' `DeformableDetrConfig`, so that its users feel 
 `model_type` is our own, so that both can be registered with the Auto classes side by side.
 """
 
-from transformers import CONFIG_MAPPING, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 from transformers.activations import ACT2FN
+from transformers.configuration_utils import SubConfigSpec
 
 # Built-in ResNets: name -> (block type, blocks per stage). Their parameter names are torchvision's.
 RESNET_SPECS = {
@@ -38,6 +39,12 @@ class DeformableDetrConfig(PretrainedConfig):
     """
 
     model_type = "hub_deformable_detr"
+    # a sub-config as transformers' composite configs have them: the attention implementation and the dtype set on
+    # this config reach it, and the backbone model built from it holds this very object; None (optional) means the
+    # built-in ResNet named by `backbone`
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet", optional=True),
+    }
     attribute_map = {"hidden_size": "d_model", "num_attention_heads": "encoder_attention_heads"}
 
     backbone: str = "resnet50"

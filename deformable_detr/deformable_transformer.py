@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .backbone import run_layer
 from .ms_deform_attn import MultiScaleDeformableAttention
 from .position_encoding import sine_features
 
@@ -84,7 +85,63 @@ def _feed_forward(config, ffn_dim):
     return FeedForward(config.d_model, ffn_dim, config.activation_function, config.dropout, config.activation_dropout)
 
 
-class DeformableEncoderLayer(nn.Module):
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Softmax attention written out, so that the weights can be returned: query, key, value (B, M, Q, D),
+    attention_mask (B, 1, 1, Q) added to the scores, or None -> output (B, Q, M, D), weights (B, M, Q, Q).
+    The signature of transformers' attention functions (ALL_ATTENTION_FUNCTIONS), which "sdpa" also has."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)
+    return output.transpose(1, 2).contiguous(), weights
+
+
+class DecoderSelfAttention(nn.Module):
+    """Multi-head self-attention among the queries, position embeddings added to the queries and keys only.
+
+    The parameters are those of `nn.MultiheadAttention` (in_proj_weight (3C, C) = [W_q; W_k; W_v], in_proj_bias,
+    out_proj), so that every checkpoint and conversion loads; the attention itself runs through transformers'
+    attention functions, chosen by `config._attn_implementation`: "eager" returns the weights, "sdpa" runs
+    F.scaled_dot_product_attention; asked for the weights (`need_weights`), it runs "eager"."""
+
+    is_causal = False  # read by transformers' sdpa function
+
+    def __init__(self, config):
+        super().__init__()
+        C, M = config.d_model, config.decoder_attention_heads
+        self.config = config
+        self.num_heads, self.head_dim = M, C // M
+        self.scaling = self.head_dim**-0.5
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * C, C))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * C))
+        self.out_proj = nn.Linear(C, C)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, need_weights=False):
+        """hidden_states, position_embeddings (B, Q, C); attention_mask (B, Q), nonzero (or True) on the queries
+        that may be attended to, or None -> output (B, Q, C), weights (B, M, Q, Q) (None under "sdpa" unless
+        need_weights)."""
+        B, Q, C = hidden_states.shape
+        heads = (B, Q, self.num_heads, self.head_dim)
+        query, key = F.linear(
+            hidden_states + position_embeddings, self.in_proj_weight[: 2 * C], self.in_proj_bias[: 2 * C]
+        ).chunk(2, -1)
+        value = F.linear(hidden_states, self.in_proj_weight[2 * C :], self.in_proj_bias[2 * C :])
+        query, key, value = (t.reshape(heads).transpose(1, 2) for t in (query, key, value))
+        if attention_mask is not None:  # additive: 0 where attended, the type's minimum where masked
+            blocked = ~attention_mask.bool()[:, None, None, :]
+            attention_mask = torch.zeros(blocked.shape, dtype=query.dtype, device=query.device).masked_fill(
+                blocked, torch.finfo(query.dtype).min
+            )
+        attention = eager_attention
+        if not need_weights:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        output, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling, dropout=dropout)
+        return self.out_proj(output.reshape(B, Q, C)), weights
+
+
+class DeformableEncoderLayer(GradientCheckpointingLayer):
     """Deformable self-attention over all levels -> add & norm -> FFN -> add & norm."""
 
     def __init__(self, config):
@@ -98,19 +155,18 @@ class DeformableEncoderLayer(nn.Module):
         self.ffn = _feed_forward(config, config.encoder_ffn_dim)
         self.ffn_norm = nn.LayerNorm(C)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, padding_mask):
-        """src, pos (B, S, C); reference_points (B, S, L, 2); padding_mask (B, S) True on padding, or None."""
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
+    def forward(self, src, pos, reference_points, spatial_shapes, padding_mask, output_attentions=False):
+        """src, pos (B, S, C); reference_points (B, S, L, 2); padding_mask (B, S) True on padding, or None
+        -> (B, S, C), and the attention weights (B, S, M, L, K) with output_attentions (else None)."""
+        attended, weights = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
         # residuals added in place into fresh outputs: no extra (B, S, C) allocations
         src = self.self_attn_norm(self.dropout(attended).add_(src))
-        return self.ffn_norm(self.ffn(src).add_(src))
+        return self.ffn_norm(self.ffn(src).add_(src)), weights if output_attentions else None
 
 
 class DeformableEncoder(nn.Module):
     """The encoder: deformable self-attention over the flattened maps of every level, each position attending
     around its own pixel centre (`reference_points`)."""
-
-    gradient_checkpointing = False  # set by set_gradient_checkpointing
 
     def __init__(self, config):
         super().__init__()
@@ -136,25 +192,28 @@ class DeformableEncoder(nn.Module):
             points.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, spatial_shapes, valid_ratios, padding_mask):
-        """src, pos (B, S, C); spatial_shapes [(H_l, W_l)] -> memory (B, S, C), the hidden states after each layer."""
+    def forward(self, src, pos, spatial_shapes, valid_ratios, padding_mask, output_attentions=False):
+        """src, pos (B, S, C); spatial_shapes [(H_l, W_l)] -> memory (B, S, C), the hidden states after each layer,
+        and with output_attentions each layer's attention weights (B, S, M, L, K) (else an empty tuple)."""
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
-        hidden_states = []
+        hidden_states, attentions = [], []
         for layer in self.layers:
-            src = run_layer(self, layer, src, pos, reference_points, spatial_shapes, padding_mask)
+            src, weights = layer(
+                src, pos, reference_points, spatial_shapes, padding_mask, output_attentions=output_attentions
+            )
             hidden_states.append(src)
-        return src, tuple(hidden_states)
+            if output_attentions:
+                attentions.append(weights)
+        return src, tuple(hidden_states), tuple(attentions)
 
 
-class DeformableDecoderLayer(nn.Module):
+class DeformableDecoderLayer(GradientCheckpointingLayer):
     """Self-attention among queries -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm."""
 
     def __init__(self, config):
         super().__init__()
         C = config.d_model
-        self.self_attn = nn.MultiheadAttention(
-            C, config.decoder_attention_heads, dropout=config.attention_dropout, batch_first=True
-        )
+        self.self_attn = DecoderSelfAttention(config)
         self.self_attn_norm = nn.LayerNorm(C)
         self.cross_attn = MultiScaleDeformableAttention(
             C, config.num_feature_levels, config.decoder_attention_heads, config.decoder_n_points
@@ -164,8 +223,20 @@ class DeformableDecoderLayer(nn.Module):
         self.ffn = _feed_forward(config, config.decoder_ffn_dim)
         self.ffn_norm = nn.LayerNorm(C)
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, padding_mask):
-        """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2 or 4); memory (B, S, C) -> (B, Q, C).
+    def forward(
+        self,
+        tgt,
+        query_pos,
+        reference_points,
+        memory,
+        spatial_shapes,
+        padding_mask,
+        attention_mask=None,
+        output_attentions=False,
+    ):
+        """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2 or 4); memory (B, S, C); attention_mask (B, Q)
+        as in `DecoderSelfAttention`, or None -> (B, Q, C), and with output_attentions the self-attention weights
+        (B, M, Q, Q) and the cross-attention weights (B, Q, M, L, K) (else two Nones).
 
         Under autocast only the values (S rows) are projected in its type: the rest sees the Q queries (300), so
         it runs in full precision at next to no cost, and the class scores take less of bf16's rounding. The values
@@ -174,20 +245,19 @@ class DeformableDecoderLayer(nn.Module):
         dtype = self.ffn_norm.weight.dtype
 
         def queries_side(tgt, query_pos, reference_points, value):
-            q = k = tgt + query_pos
-            attended = self.self_attn(q, k, tgt, need_weights=False)[0]
+            attended, self_weights = self.self_attn(tgt, query_pos, attention_mask, output_attentions)
             tgt = self.self_attn_norm(tgt + self.dropout(attended))
-            attended = self.cross_attn.attend(tgt + query_pos, reference_points, value, spatial_shapes)
+            attended, cross_weights = self.cross_attn.attend(tgt + query_pos, reference_points, value, spatial_shapes)
             tgt = self.cross_attn_norm(tgt + self.dropout(attended))
-            return self.ffn_norm(tgt + self.ffn(tgt))
+            if not output_attentions:
+                self_weights = cross_weights = None
+            return self.ffn_norm(tgt + self.ffn(tgt)), self_weights, cross_weights
 
         return in_full_precision(queries_side, dtype, tgt, query_pos, reference_points, value)
 
 
 class DeformableDecoder(nn.Module):
     """The decoder; with `bbox_embed` (one box head per layer) each layer refines the reference boxes."""
-
-    gradient_checkpointing = False  # set by set_gradient_checkpointing
 
     def __init__(self, config):
         super().__init__()
@@ -198,7 +268,18 @@ class DeformableDecoder(nn.Module):
                 MLP(config.d_model, config.d_model, 4, 3) for _ in range(config.decoder_layers)
             )
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, valid_ratios, padding_mask):
+    def forward(
+        self,
+        tgt,
+        query_pos,
+        reference_points,
+        memory,
+        spatial_shapes,
+        valid_ratios,
+        padding_mask,
+        attention_mask=None,
+        output_attentions=False,
+    ):
         """
         Args:
             tgt, query_pos: (B, Q, C) content and position of the queries.
@@ -206,27 +287,38 @@ class DeformableDecoder(nn.Module):
             memory: (B, S, C), the encoder's output; spatial_shapes [(H_l, W_l)].
             valid_ratios: (B, L, 2) the (w, h) fractions of real pixels per level.
             padding_mask: (B, S) True on padding, or None where nothing is padded.
+            attention_mask: (B, Q), nonzero on the queries the self-attention may attend to; None: all of them.
         Returns:
-            hidden states (B, n_layers, Q, C) and the reference points after each layer (B, n_layers, Q, 2 or 4).
+            hidden states (B, n_layers, Q, C), the reference points after each layer (B, n_layers, Q, 2 or 4), and
+            with output_attentions each layer's self-attention (B, M, Q, Q) and cross-attention (B, Q, M, L, K)
+            weights (else two empty tuples).
         """
-        hidden_states, references = [], []
+        hidden_states, references, self_attentions, cross_attentions = [], [], [], []
         for index, layer in enumerate(self.layers):
             scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
-            tgt = run_layer(
-                self,
-                layer,
+            tgt, self_weights, cross_weights = layer(
                 tgt,
                 query_pos,
                 reference_points[:, :, None] * scale[:, None],
                 memory,
                 spatial_shapes,
                 padding_mask,
+                attention_mask=attention_mask,
+                output_attentions=output_attentions,
             )
             if self.bbox_embed is not None:
                 reference_points = refine_boxes(reference_points, self.bbox_embed[index](tgt)).detach()
             hidden_states.append(tgt)
             references.append(reference_points)
-        return torch.stack(hidden_states, 1), torch.stack(references, 1)
+            if output_attentions:
+                self_attentions.append(self_weights)
+                cross_attentions.append(cross_weights)
+        return (
+            torch.stack(hidden_states, 1),
+            torch.stack(references, 1),
+            tuple(self_attentions),
+            tuple(cross_attentions),
+        )
 
 
 def encoder_proposals(memory, padding_mask, spatial_shapes):

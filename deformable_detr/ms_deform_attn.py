@@ -396,7 +396,7 @@ class MultiScaleDeformableAttention(nn.Module):
             spatial_shapes: [(H_l, W_l)] as ints (or an (L, 2) int64 tensor).
             input_padding_mask: (B, S) bool, True on padding; padded positions contribute zeros.
         Returns:
-            (B, Q, C)
+            the output (B, Q, C) and the attention weights (B, Q, M, L, K) it summed with
         """
         value = self.project_values(input_flatten, input_padding_mask)
         return self.attend(query, reference_points, value, spatial_shapes)
@@ -412,7 +412,10 @@ class MultiScaleDeformableAttention(nn.Module):
 
     def attend(self, query, reference_points, value, spatial_shapes):
         """The queries' side: query (B, Q, C) and reference_points as in `forward`, value (B, S, M, C / M) from
-        `project_values` -> (B, Q, C)."""
+        `project_values` -> the output (B, Q, C) and the attention weights (B, Q, M, L, K).
+
+        The weights are computed before the sampling in every case, so returning them costs nothing, and the fused
+        kernel is differentiable in them: gradients reach weights that a caller holds on to."""
         B, Q, _ = query.shape
         M, L, K = self.n_heads, self.n_levels, self.n_points
         offsets = self.sampling_offsets(query).view(B, Q, M, L, K, 2)
@@ -430,4 +433,4 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"reference_points must end in 2 or 4 coordinates, got shape {tuple(reference_points.shape)}"
             )
         output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
-        return self.output_proj(output)
+        return self.output_proj(output), weights

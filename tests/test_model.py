@@ -77,12 +77,12 @@ def test_decoder_layers_run_in_full_precision_under_autocast_but_for_the_values(
     )
     points = torch.rand(2, 7, len(shapes), reference, generator=g)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = layer(tgt, query_pos, points, memory, shapes, None)
+        mixed = layer(tgt, query_pos, points, memory, shapes, None)[0]
         values = layer.cross_attn.project_values(memory)
     assert values.dtype == torch.bfloat16 and mixed.dtype == torch.float32
     monkeypatch.setattr(layer.cross_attn, "project_values", lambda *args: values.float())
     with torch.no_grad():
-        assert torch.equal(mixed, layer(tgt, query_pos, points, memory, shapes, None))
+        assert torch.equal(mixed, layer(tgt, query_pos, points, memory, shapes, None)[0])
 
 
 def test_dc5_halves_the_last_stride():
