@@ -261,9 +261,11 @@ def run_layer(owner: nn.Module, layer, x):
     The checkpoint function is the one transformers' `activation_checkpointing_enable` sets
     (`owner._gradient_checkpointing_func`, with its `activation_checkpointing_kwargs`). A stage after the frozen
     stem gets an input that needs no gradient; the reentrant checkpoint would then give its parameters none, so
-    that input is made to ask for one."""
+    that input is made to ask for one. A frozen stage on such an input builds no graph: nothing to checkpoint."""
     if owner.gradient_checkpointing and owner.training and torch.is_grad_enabled():
-        if not x.requires_grad and any(p.requires_grad for p in layer.parameters()):
+        if not x.requires_grad:
+            if not any(p.requires_grad for p in layer.parameters()):
+                return layer(x)
             x = x.detach().requires_grad_()
         return getattr(owner, "_gradient_checkpointing_func", partial(checkpoint, use_reentrant=False))(layer, x)
     return layer(x)
