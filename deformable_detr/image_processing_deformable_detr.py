@@ -338,8 +338,8 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
         max_size = kwargs.pop("max_size", None)
         legacy_pad = kwargs.pop("pad_and_return_pixel_mask", True)
         super().__init__(**kwargs)
-        if isinstance(size, int) and not isinstance(size, bool):
-            size = {"shortest_edge": size, "longest_edge": 1333 if max_size is None else max_size}
+        if isinstance(size, int) and not isinstance(size, bool) and max_size is not None:
+            size = {"shortest_edge": size, "longest_edge": max_size}
         settings = {
             "do_resize": do_resize,
             "size": size if size is not None else {"shortest_edge": 800, "longest_edge": 1333},
@@ -400,7 +400,7 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
     def _checked(cls, name: str, value):
         """One option, checked and in the form the processor keeps it; ValueError naming it."""
         if name == "size":
-            if isinstance(value, int) and not isinstance(value, bool):
+            if isinstance(value, int) and not isinstance(value, bool):  # an int: the shortest edge, at most 1333
                 value = {"shortest_edge": value, "longest_edge": 1333}
             return cls._check_size(value, "size")
         if name == "pad_size":

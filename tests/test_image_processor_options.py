@@ -430,3 +430,17 @@ def test_the_object_detection_example_scripts_use(tmp_path, use_fast):
         strict=True,
     ):
         assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
+
+
+def test_keypoints_pass_through_as_in_transformers():
+    """COCO keypoints come out as (T * K, 3), in the original image's pixels, for the objects kept."""
+    image, annotation = bccd_example("BloodImage_00000")
+    objects = [o | {"keypoints": [o["bbox"][0], o["bbox"][1], 2, 1.0, 2.0, 1]} for o in annotation["annotations"][:3]]
+    objects[1]["bbox"] = [5000, 5000, 10, 10]  # outside the image: dropped with its keypoints
+    annotation = {"image_id": 0, "annotations": objects}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = DeformableDetrImageProcessorPil()(image, annotations=annotation, return_tensors="pt")
+        ours = DeformableDetrImageProcessor()(image, annotations=annotation, return_tensors="pt")
+    assert_same(theirs, ours)
+    assert ours["labels"][0]["keypoints"].shape == (4, 3)
