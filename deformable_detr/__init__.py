@@ -26,13 +26,16 @@ __all__ = [
 AutoConfig.register(DeformableDetrConfig.model_type, DeformableDetrConfig, exist_ok=True)
 AutoModel.register(DeformableDetrConfig, DeformableDetrModel, exist_ok=True)
 AutoModelForObjectDetection.register(DeformableDetrConfig, DeformableDetrForObjectDetection, exist_ok=True)
-# registering makes transformers load its own image processors, and its DeformableDetrImageProcessor then warns
+# ours serves both backends' names, so that use_fast=True (the example scripts' default) also gets ours.
+# Registering makes transformers load its own image processors, and its DeformableDetrImageProcessor then warns
 # that torchvision is missing, which is no concern of ours: keep that quiet
 _verbosity = hf_logging.get_verbosity()
 hf_logging.set_verbosity_error()
 try:
     AutoImageProcessor.register(
-        DeformableDetrConfig, image_processor_classes={"pil": DeformableDetrImageProcessor}, exist_ok=True
+        DeformableDetrConfig,
+        image_processor_classes={"pil": DeformableDetrImageProcessor, "torchvision": DeformableDetrImageProcessor},
+        exist_ok=True,
     )
 finally:
     hf_logging.set_verbosity(_verbosity)

@@ -369,21 +369,7 @@ def test_options_as_transformers_older_configs_and_defaults_give_them():
         )
 
 
-@pytest.mark.parametrize(
-    "use_fast",
-    [
-        None,
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="transformers' own processor of the same name comes back until deformable_detr/__init__.py "
-                "registers ours for the torchvision backend too",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("use_fast", [None, False, True])
 def test_the_object_detection_example_scripts_use(tmp_path, use_fast):
     """run_object_detection.py: AutoImageProcessor.from_pretrained with size, pad_size and use_fast; numpy images
     from albumentations with float category ids; labels and post-processing as its compute_metrics uses them."""
