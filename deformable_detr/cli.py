@@ -203,11 +203,18 @@ def detect_main(argv=None):
         raise SystemExit(130) from None
 
 
-EXPORT_DESCRIPTION = """Export a saved Deformable DETR (ours or transformers', a folder or a Hub id) to one ONNX
-file of standard operators, with a dynamic batch, height and width, that onnxruntime, OpenVINO and TensorRT run.
-The file is then run in onnxruntime and compared with PyTorch; one that fails the check is not kept. Needs the
-[onnx] extra: pip install 'hub-deformable-detr[onnx]'. The file runs with deformable-detr-detect and
-deformable-detr-evaluate --model file.onnx."""
+EXPORT_DESCRIPTION = """Export a saved Deformable DETR (ours or transformers', a folder or a Hub id).
+
+--format onnx (the default): one ONNX file of standard operators, with a dynamic batch, height and width, that
+onnxruntime, OpenVINO and TensorRT run. The file is then run in onnxruntime and compared with PyTorch; one that fails
+the check is not kept. Needs the [onnx] extra: pip install 'hub-deformable-detr[onnx]'. The file runs with
+deformable-detr-detect and deformable-detr-evaluate --model file.onnx.
+
+--format transformers: a folder in transformers' own format (config.json, model.safetensors, preprocessor_config.json)
+that plain transformers loads with no remote code and no timm: DeformableDetrForObjectDetection.from_pretrained and
+AutoImageProcessor.from_pretrained. Built-in ResNets become transformers' ResNet. transformers' model loaded from the
+folder is compared with ours; a folder that fails the check is not kept. DC5 (dilation) models cannot be exported
+this way: transformers dilates a ResNet only through timm."""
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -220,33 +227,55 @@ def export_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     add_model_argument(parser)
-    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "--format",
+        choices=["onnx", "transformers"],
+        default="onnx",
+        help="onnx: one .onnx file; transformers: a folder that plain transformers loads without remote code",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="the .onnx file to write, or with --format transformers the folder (new, or empty)",
+    )
     parser.add_argument(
         "--opset",
         type=int,
-        default=onnx_export.OPSET,
+        default=None,
         help=f"ONNX opset, from {onnx_export.MIN_OPSET} to {onnx_export.max_opset()} (the newest this torch writes); "
-        "18 runs in onnxruntime >= 1.14, OpenVINO >= 2023.0 and TensorRT >= 8.6",
+        f"18 runs in onnxruntime >= 1.14, OpenVINO >= 2023.0 and TensorRT >= 8.6; --format onnx only (default: "
+        f"{onnx_export.OPSET})",
     )
     parser.add_argument(
         "--no_check",
         dest="check",
         action="store_false",
-        help=f"skip the check: the file run in onnxruntime on an image of another size and on a padded batch of "
-        f"two, logits and boxes within {onnx_export.TOLERANCE:.0e} of PyTorch",
+        help=f"skip the check: the ONNX file run in onnxruntime, or transformers' model loaded from the folder, on "
+        f"an image and on a padded batch of two, logits and boxes within {onnx_export.TOLERANCE:.0e} of PyTorch",
     )
     return parser
 
 
 def export_main(argv=None):
-    from .onnx_export import export_onnx
-
-    args = export_parser().parse_args(argv)
+    parser = export_parser()
+    args = parser.parse_args(argv)
+    if args.format == "transformers" and args.opset is not None:
+        parser.error("--opset is for --format onnx: a transformers export has no opset")
 
     def export():
-        report = export_onnx(**vars(args))
+        if args.format == "transformers":
+            from .transformers_export import export_transformers
+
+            report = export_transformers(args.model_path, args.output, args.check)
+            compared = "transformers' model loaded from it vs ours"
+        else:
+            from .onnx_export import OPSET, export_onnx
+
+            opset = OPSET if args.opset is None else args.opset
+            report = export_onnx(args.model_path, args.output, args.check, opset)
+            compared = "onnxruntime vs PyTorch"
         print(f"{args.output} written in {report['seconds']} s")
         for case, difference in report["max_abs_difference"].items():
-            print(f"  onnxruntime vs PyTorch, {case}: max abs difference {difference:.1e}")
+            print(f"  {compared}, {case}: max abs difference {difference:.1e}")
 
     _run("deformable-detr-export", export)

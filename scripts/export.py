@@ -1,5 +1,5 @@
-"""Export a saved model to ONNX and check it in onnxruntime; the same as the `deformable-detr-export` command. See
---help."""
+"""Export a saved model to ONNX (checked in onnxruntime) or to transformers' own format (checked in transformers);
+the same as the `deformable-detr-export` command. See --help."""
 
 from deformable_detr.cli import export_main as main
 
