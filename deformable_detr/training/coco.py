@@ -152,6 +152,27 @@ def _check_annotation(a: dict, where: str, image_ids: dict, index: dict):
         raise ValueError(f"{where}: iscrowd is {a['iscrowd']!r}, not 0 or 1")
 
 
+def _refuse_corners(coco: dict, path: str, tolerance: float = 1.0):
+    """ValueError naming the file and its first such box where most of its boxes run past their image as COCO's
+    [x, y, w, h] but fit it as corners [x0, y0, x1, y1]: a file written in the other convention, whose boxes
+    would be clipped to the image and trained on wrongly. `tolerance`: pixels a box may pass its image by."""
+    sizes = {image["id"]: image for image in coco["images"]}
+    corners = []
+    for j, a in enumerate(coco["annotations"]):
+        image, (x, y, w, h) = sizes[a["image_id"]], a["bbox"]
+        width, height = image["width"] + tolerance, image["height"] + tolerance
+        if (x + w > width or y + h > height) and x < w <= width and y < h <= height:
+            corners.append((j, a, image))
+    if corners and len(corners) > len(coco["annotations"]) / 2:
+        j, a, image = corners[0]
+        raise ValueError(
+            f"{path}: {len(corners)} of its {len(coco['annotations'])} boxes run past their image as COCO's [x, y, "
+            f"w, h] but fit it as corners [x0, y0, x1, y1] (annotations[{j}] (id {a.get('id')}): bbox {a['bbox']} "
+            f"on {image['file_name']}, {image['width']}x{image['height']}); COCO boxes are [x, y, w, h] in pixels: "
+            "write [x0, y0, x1 - x0, y1 - y0]"
+        )
+
+
 def _coco_records(coco: dict, path: str, image_folder: str, index: dict) -> list[dict]:
     """The rows of the schema of one split's file (`index`: COCO category id -> class id)."""
     by_image = {image_id: [] for image_id in _image_entries(coco, path)}
@@ -160,6 +181,7 @@ def _coco_records(coco: dict, path: str, image_folder: str, index: dict) -> list
         _check_annotation(a, where, by_image, index)
         if keep_box(a["bbox"], where):
             by_image[a["image_id"]].append(a)
+    _refuse_corners(coco, path)
     records = []
     for image in coco["images"]:
         file = os.path.join(image_folder, image["file_name"])

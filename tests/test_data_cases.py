@@ -1,0 +1,67 @@
+"""Data that loaded silently wrong, or stopped a run late: COCO boxes written as corners, images missing on disk,
+the same photo in two splits, images too thin to resize, mistyped local folders and split folders given as the
+dataset. Each is refused naming the file (or left out by name and counted with skip_bad_images), or warned of."""
+
+import json
+import os
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deformable_detr.training.data import load_detection_dataset
+
+SIZE = (100, 80)  # width, height
+
+
+def photo(path, size=SIZE, seed: int = 0):
+    """A noisy RGB PNG (lossless: its bytes are the same for the same seed)."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def roboflow_coco(root, splits: dict) -> str:
+    """A Roboflow COCO folder: splits {split: {file name: (boxes [[a, b, c, d], ...], size)}}; each image a photo
+    seeded by its place, written unless its size is None."""
+    for split, images in splits.items():
+        os.makedirs(root / split, exist_ok=True)
+        entries, annotations = [], []
+        for i, (name, (boxes, size)) in enumerate(images.items()):
+            if size is not None:
+                photo(root / split / name, size, seed=zlib.crc32(f"{split}/{name}".encode()))
+            width, height = size or SIZE
+            entries.append({"id": i, "file_name": name, "width": width, "height": height})
+            for box in boxes:
+                annotations.append(
+                    {"id": len(annotations), "image_id": i, "category_id": 1, "bbox": box, "area": 1, "iscrowd": 0}
+                )
+        coco = {"images": entries, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+        (root / split / "_annotations.coco.json").write_text(json.dumps(coco))
+    return str(root)
+
+
+CORNERS = [[60, 40, 90, 70], [50, 10, 95, 30], [10, 50, 40, 75], [70, 5, 85, 20]]  # x0, y0, x1, y1 in SIZE
+VALID = {"v.png": ([[5, 5, 10, 10]], SIZE)}
+
+
+def test_coco_boxes_written_as_corners_are_refused(tmp_path):
+    """Read as (x, y, w, h), 3 of the 4 boxes run past their 100x80 image (and were clipped to it, silently);
+    as corners all fit."""
+    root = roboflow_coco(tmp_path, {"train": {"a.png": (CORNERS[:2], SIZE), "b.png": (CORNERS[2:], SIZE)}})
+    path = os.path.join(root, "train", "_annotations.coco.json")
+    with pytest.raises(ValueError, match="corners") as caught:
+        load_detection_dataset(root)
+    assert str(caught.value) == (
+        f"{path}: 4 of its 4 boxes run past their image as COCO's [x, y, w, h] but fit it as corners [x0, y0, x1, "
+        "y1] (annotations[0] (id 0): bbox [60, 40, 90, 70] on a.png, 100x80); COCO boxes are [x, y, w, h] in "
+        "pixels: write [x0, y0, x1 - x0, y1 - y0]"
+    )
+
+
+def test_a_few_coco_boxes_past_their_image_are_not_taken_for_corners(tmp_path):
+    """One box of four running past its image is a sloppy box (clipped, as before), not a file of corners."""
+    boxes = [[60, 40, 90, 70], [5, 5, 20, 10], [30, 30, 10, 10], [1, 1, 50, 50]]
+    root = roboflow_coco(tmp_path, {"train": {"a.png": (boxes, SIZE)}, "valid": VALID})
+    splits, _ = load_detection_dataset(root)
+    assert splits["train"][0]["objects"]["bbox"] == boxes
