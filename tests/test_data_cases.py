@@ -4,8 +4,10 @@ dataset. Each is refused naming the file (or left out by name and counted with s
 
 import json
 import os
+import re
 import zlib
 
+import datasets
 import numpy as np
 import pytest
 from PIL import Image
@@ -65,3 +67,35 @@ def test_a_few_coco_boxes_past_their_image_are_not_taken_for_corners(tmp_path):
     root = roboflow_coco(tmp_path, {"train": {"a.png": (boxes, SIZE)}, "valid": VALID})
     splits, _ = load_detection_dataset(root)
     assert splits["train"][0]["objects"]["bbox"] == boxes
+
+
+def test_images_missing_on_disk_are_refused_or_left_out_counted(tmp_path):
+    """An image listed in the COCO file but not on disk stopped the load even with skip_bad_images; with it, it
+    is left out by name and counted, as an unreadable one."""
+    images = {"a.png": ([[5, 5, 10, 10]], SIZE), "gone.png": ([[5, 5, 10, 10]], None), "b.png": ([], SIZE)}
+    root = roboflow_coco(tmp_path, {"train": images, "valid": VALID})
+    path, gone = (os.path.join(root, "train", name) for name in ("_annotations.coco.json", "gone.png"))
+    with pytest.raises(FileNotFoundError) as caught:
+        load_detection_dataset(root)
+    assert str(caught.value) == (
+        f"{path}: 1 image(s) missing on disk: {gone}; leave them out with skip_bad_images=True (--skip_bad_images)"
+    )
+    with pytest.warns(UserWarning, match="missing on disk") as caught:
+        splits, _ = load_detection_dataset(root, skip_bad_images=True)
+    assert [str(w.message) for w in caught] == [f"{path}: 1 image(s) missing on disk left out: {gone}"]
+    train = splits["train"].cast_column("image", datasets.Image(decode=False))
+    assert [os.path.basename(row["image"]["path"]) for row in train] == ["a.png", "b.png"]
+
+
+def test_voc_images_missing_on_disk_are_left_out_counted(tmp_path):
+    from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+    from tests.support.datasets_on_disk import write_voc
+
+    root = write_voc({"train": shapes_dataset(3, 64, seed=1)}, CLASS_NAMES, str(tmp_path))
+    gone = os.path.join(root, "JPEGImages", "train_001.jpg")
+    os.remove(gone)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"[train]: 1 image(s) missing on disk: {gone}; leave")):
+        load_detection_dataset(root)
+    with pytest.warns(UserWarning, match=re.escape(f"[train]: 1 image(s) missing on disk left out: {gone}")):
+        splits, _ = load_detection_dataset(root, skip_bad_images=True, validation_fraction=0.5)
+    assert len(splits["train"]) + len(splits["validation"]) == 2

@@ -185,8 +185,6 @@ def _coco_records(coco: dict, path: str, image_folder: str, index: dict) -> list
     records = []
     for image in coco["images"]:
         file = os.path.join(image_folder, image["file_name"])
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{path}: image {image['id']} is {file}, which does not exist")
         objects = by_image[image["id"]]
         records.append(
             {

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Value
 
 from .coco import load_coco
-from .image_files import header_or_error, listed, report_unreadable
+from .image_files import header_or_error, listed, report_bad
 from .objects import objects_of
 from .schema import SPLIT_NAMES
 from .voc import load_voc
@@ -258,5 +258,5 @@ def _readable_rows(split: Dataset, where: str, skip_bad_images: bool) -> Dataset
         _, why = header_or_error(example["image"])
         if why is not None:
             bad[row] = why
-    report_unreadable(list(bad.values()), where, skip_bad_images)
+    report_bad(list(bad.values()), "unreadable image(s)", where, skip_bad_images)
     return split.select([row for row in range(len(split)) if row not in bad]) if bad else split

@@ -4,6 +4,7 @@ orientation turns it are moved to the frame people see, which training, evaluati
 (`to_rgb_image` applies the orientation), when the annotation was made on the stored pixels."""
 
 import io
+import os
 import warnings
 
 from PIL import Image
@@ -59,15 +60,16 @@ def header_or_error(image) -> tuple[tuple[int, int, int] | None, str | None]:
         return None, f"{image_name(image)} ({type(error).__name__}: {error})"
 
 
-def report_unreadable(bad: list[str], where: str, skip_bad_images: bool):
-    """Raises ValueError listing the unreadable images `bad`, or with `skip_bad_images` warns once listing them."""
+def report_bad(bad: list[str], kind: str, where: str, skip_bad_images: bool, error: type = ValueError):
+    """Raises `error` listing the images `bad` ("3 `kind`: a.jpg, ..."), or with `skip_bad_images` warns once
+    listing them."""
     if bad and not skip_bad_images:
-        raise ValueError(
-            f"{where}: {len(bad)} unreadable image(s): {listed(bad, SHOWN)}; leave them out with skip_bad_images=True "
+        raise error(
+            f"{where}: {len(bad)} {kind}: {listed(bad, SHOWN)}; leave them out with skip_bad_images=True "
             "(--skip_bad_images)"
         )
     if bad:
-        warnings.warn(f"{where}: {len(bad)} unreadable image(s) left out: {listed(bad, SHOWN)}", stacklevel=3)
+        warnings.warn(f"{where}: {len(bad)} {kind} left out: {listed(bad, SHOWN)}", stacklevel=3)
 
 
 def check_images(records: list[dict], where: str, skip_bad_images: bool = False) -> list[dict]:
@@ -75,10 +77,15 @@ def check_images(records: list[dict], where: str, skip_bad_images: bool = False)
     `height` those people see and, for a JPEG turned by EXIF whose annotation gives the stored size, its boxes
     turned likewise (a square image, a 180-degree turn or a mirror cannot tell: the stored frame is assumed, as
     COCO tools write it). Warns once for the turned images and once for images whose size is not their
-    annotation's. Unreadable images raise ValueError listing them, or with `skip_bad_images` are left out with
-    one warning listing them."""
+    annotation's. Images missing on disk (FileNotFoundError) and unreadable ones (ValueError) are refused, listed,
+    or with `skip_bad_images` left out with one warning for each kind listing them."""
     kept, bad, turned, as_shown, other_size = [], [], [], 0, []
+    missing = [r["image"] for r in records if isinstance(r["image"], str) and not os.path.exists(r["image"])]
+    report_bad(missing, "image(s) missing on disk", where, skip_bad_images, FileNotFoundError)
+    gone = set(missing)
     for record in records:
+        if isinstance(record["image"], str) and record["image"] in gone:
+            continue
         header, why = header_or_error(record["image"])
         if header is None:
             bad.append(why)
@@ -100,7 +107,7 @@ def check_images(records: list[dict], where: str, skip_bad_images: bool = False)
                 f"{image_name(record['image'])} (annotated {annotated[0]}x{annotated[1]}, image {shown[0]}x{shown[1]})"
             )
         kept.append({**record, "width": shown[0], "height": shown[1]})
-    report_unreadable(bad, where, skip_bad_images)
+    report_bad(bad, "unreadable image(s)", where, skip_bad_images)
     if turned or as_shown:
         warnings.warn(
             f"{where}: {len(turned) + as_shown} JPEG(s) are turned by their EXIF orientation and are used as shown; "

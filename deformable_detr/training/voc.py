@@ -130,6 +130,4 @@ def _parse_voc_xml(folder: str, stem: str) -> dict:
     objects = [_voc_object(obj, f"{path}, object {i}") for i, obj in enumerate(root.iter("object"))]
     filename = root.findtext("filename") or f"{stem}.jpg"
     image = os.path.join(folder, "JPEGImages", os.path.basename(filename))
-    if not os.path.exists(image):
-        raise FileNotFoundError(f"{path} names the image {image}, which does not exist")
     return {"xml": path, "image": image, "width": width, "height": height, "objects": objects}
