@@ -99,3 +99,17 @@ def test_voc_images_missing_on_disk_are_left_out_counted(tmp_path):
     with pytest.warns(UserWarning, match=re.escape(f"[train]: 1 image(s) missing on disk left out: {gone}")):
         splits, _ = load_detection_dataset(root, skip_bad_images=True, validation_fraction=0.5)
     assert len(splits["train"]) + len(splits["validation"]) == 2
+
+
+def test_the_same_photo_in_two_splits_under_other_names_is_named(tmp_path):
+    """valid/b.png is a copy of train/a.png: only identical paths were noticed. Every photo has the same size,
+    so all of them are hashed, and only the copy is named."""
+    images = {name: ([[5, 5, 10, 10]], SIZE) for name in ("a.png", "c.png", "d.png")}
+    root = roboflow_coco(tmp_path, {"train": images, "valid": {"b.png": ([[1, 1, 5, 5]], SIZE), **VALID}})
+    (tmp_path / "valid" / "b.png").write_bytes((tmp_path / "train" / "a.png").read_bytes())
+    with pytest.warns(UserWarning, match="same bytes") as caught:
+        load_detection_dataset(root)
+    assert [str(w.message) for w in caught] == [
+        f"{root}: 1 image(s) are in more than one split under other names, the same bytes (train/a.png is "
+        "valid/b.png); a model validated or tested on images it trained on scores too well"
+    ]

@@ -4,6 +4,7 @@ the `category` ClassLabel; COCO and Pascal VOC folders add `objects.iscrowd` (re
 and on which evaluation ignores detections). Also the checks that the rows read from annotation files (voc.py,
 coco.py) pass on their way into it."""
 
+import hashlib
 import math
 import os
 import warnings
@@ -59,7 +60,8 @@ def keep_box(box, where: str) -> bool:
 
 
 def warn_of_shared_images(images: dict[str, list[str]], source: str):
-    """Warns when an image file is in more than one split. `images`: {a split's file: its image paths}.
+    """Warns when an image file is in more than one split, by its path or under another name (`_copies`).
+    `images`: {a split's file: its image paths}.
 
     A warning, not an error: a model validated on images it trains on scores too well and picks its best
     checkpoint on them, but some do it on purpose (a check that a model can learn a few images by heart)."""
@@ -78,3 +80,29 @@ def warn_of_shared_images(images: dict[str, list[str]], source: str):
             "validated or tested on images it trained on scores too well",
             stacklevel=1,  # about the data, not the caller
         )
+    copies = _copies(images)
+    if copies:
+        named = [" is ".join(os.path.relpath(path, source) for path in paths) for paths in copies]
+        warnings.warn(
+            f"{source}: {len(copies)} image(s) are in more than one split under other names, the same bytes "
+            f"({listed(named)}); a model validated or tested on images it trained on scores too well",
+            stacklevel=1,  # about the data, not the caller
+        )
+
+
+def _copies(images: dict[str, list[str]]) -> list[list[str]]:
+    """The files with the same bytes in more than one split (each group's paths, in split order), from {a split's
+    file: its image paths}. Only files whose sizes are shared by another split's are read and hashed."""
+    split_of, by_size = {}, {}  # path -> its first split; size -> paths
+    for split_file, paths in images.items():
+        for path in map(os.path.normpath, paths):
+            if path not in split_of and os.path.isfile(path):  # (a path in two splits is named as such)
+                split_of[path] = split_file
+                by_size.setdefault(os.path.getsize(path), []).append(path)
+    by_digest = {}
+    for paths in by_size.values():
+        if len({split_of[path] for path in paths}) > 1:
+            for path in paths:
+                with open(path, "rb") as f:
+                    by_digest.setdefault(hashlib.file_digest(f, "sha256").digest(), []).append(path)
+    return [paths for paths in by_digest.values() if len({split_of[path] for path in paths}) > 1]
