@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 
 from .backbone import Backbone, FrozenBatchNorm2d, ResNet, downsample_mask, load_backbone_weights
 from .configuration_deformable_detr import DeformableDetrConfig
@@ -30,6 +30,8 @@ from .loss_deformable_detr import DeformableDetrLoss
 from .ms_deform_attn import MultiScaleDeformableAttention
 from .position_encoding import PositionEmbeddingLearned, build_position_encoding
 from .transformers_mapping import from_pretrained_kwargs
+
+logger = logging.get_logger(__name__)
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class (focal-loss init)
 
@@ -117,7 +119,11 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _check_kwargs(kwargs: dict):
-    """TypeError naming the keyword arguments that are none of transformers' common ones (TransformersKwargs)."""
+    """TypeError naming the keyword arguments that are none of transformers' common ones (TransformersKwargs).
+    `decoder_input_ids`, which generic encoder-decoder code (the common model tests) gives every such model, is
+    dropped with a warning: this decoder's inputs are learned queries, not tokens."""
+    if kwargs.pop("decoder_input_ids", None) is not None:
+        logger.warning_once("decoder_input_ids is ignored: Deformable DETR's decoder starts from its learned queries")
     unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
@@ -457,8 +463,14 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         if decoder_inputs_embeds is not None:
             _check_shape("decoder_inputs_embeds", decoder_inputs_embeds, tgt.shape, "(batch, queries, d_model)")
             tgt = decoder_inputs_embeds
-        if decoder_attention_mask is not None:
-            _check_shape("decoder_attention_mask", decoder_attention_mask, tgt.shape[:2], "(batch, queries)")
+        if decoder_attention_mask is not None and tuple(decoder_attention_mask.shape) != tuple(tgt.shape[:2]):
+            # generic encoder-decoder code sends a mask over its own idea of the decoder's tokens; transformers'
+            # Deformable DETR ignores every decoder_attention_mask, so one that cannot be over the queries is too
+            logger.warning_once(
+                f"decoder_attention_mask of shape {tuple(decoder_attention_mask.shape)} is ignored: it must be "
+                f"(batch, queries) = {tuple(tgt.shape[:2])} to mask queries"
+            )
+            decoder_attention_mask = None
         hidden_states, references, decoder_attentions, cross_attentions = self.decoder(
             tgt,
             query_pos,

@@ -9,6 +9,7 @@ from transformers import ResNetConfig
 from transformers.modeling_outputs import BaseModelOutput
 
 from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection
+from deformable_detr import modeling_deformable_detr as modeling
 from deformable_detr.testing import padded_batch, small_hf_model
 from tests.support.models import tiny_model
 
@@ -101,8 +102,13 @@ def test_decoder_attention_mask_hides_queries_from_the_self_attention(attn_imple
     assert (masked.logits[1] - plain.logits[1]).abs().max() <= 1e-6  # image 1 is unmasked
     weights = masked.decoder_attentions[0]  # (B, M, Q, Q)
     assert weights[0, :, :, 3:].abs().max() == 0 and torch.allclose(weights[0].sum(-1), torch.ones(()), atol=1e-6)
-    with pytest.raises(ValueError, match="decoder_attention_mask must have shape"):
-        model(IMAGES, decoder_attention_mask=torch.ones(2, 8))
+    # a mask over anything but the queries (generic encoder-decoder code sends one over its "tokens") is ignored,
+    # named in a warning, as are decoder_input_ids
+    with mock.patch.object(modeling.logger, "warning_once") as warn, torch.no_grad():
+        unmasked = model(IMAGES, decoder_attention_mask=mask[:, :5], decoder_input_ids=IMAGES)
+    assert torch.equal(unmasked.logits, plain.logits)
+    warned = " ".join(call.args[0] for call in warn.call_args_list)
+    assert "decoder_attention_mask of shape (2, 5) is ignored" in warned and "decoder_input_ids is ignored" in warned
 
 
 def test_encoder_outputs_are_reused_without_running_the_encoder():
