@@ -113,3 +113,46 @@ def test_the_same_photo_in_two_splits_under_other_names_is_named(tmp_path):
         f"{root}: 1 image(s) are in more than one split under other names, the same bytes (train/a.png is "
         "valid/b.png); a model validated or tested on images it trained on scores too well"
     ]
+
+
+def test_images_too_thin_to_resize_are_refused_or_left_out_counted(tmp_path):
+    """10000x20 at max_image_size 96 has a short side of 0 pixels resized (20 * 96 / 10000 rounds to 0): training
+    stopped at its step ("height and width must be > 0"), naming no file. At the defaults (the training
+    command's), 2700x1 is such an image."""
+    from deformable_detr.training import TrainingOptions
+
+    defaults = TrainingOptions(dataset="d", config_name="tiny")
+    images = {"a.png": ([[5, 5, 10, 10]], SIZE), "thin.png": ([[5, 5, 10, 10]], (10000, 20))}
+    root = roboflow_coco(tmp_path, {"train": images, "valid": VALID})
+    path, thin = (os.path.join(root, "train", name) for name in ("_annotations.coco.json", "thin.png"))
+    why = f"{thin} (10000x20: its short side is 0 pixels resized to image_size 64, max_image_size 96)"
+    with pytest.raises(ValueError) as caught:
+        load_detection_dataset(root, image_size=64, max_image_size=96)
+    assert str(caught.value) == (
+        f"{path}: 1 image(s) too thin to resize: {why}; leave them out with skip_bad_images=True (--skip_bad_images)"
+    )
+    with pytest.warns(UserWarning, match="too thin") as caught:
+        splits, _ = load_detection_dataset(root, skip_bad_images=True, image_size=64, max_image_size=96)
+    assert [str(w.message) for w in caught] == [f"{path}: 1 image(s) too thin to resize left out: {why}"]
+    assert len(splits["train"]) == 1
+    assert len(load_detection_dataset(root)[0]["train"]) == 2  # 20 * 1333 / 10000 = 2.7 pixels at the defaults
+    Image.new("RGB", (2700, 1)).save(tmp_path / "train" / "thin.png")
+    with pytest.raises(ValueError, match=re.escape("(2700x1: its short side is 0 pixels resized to image_size 800")):
+        load_detection_dataset(root)
+    assert (defaults.image_size, defaults.max_image_size) == (800, 1333)
+
+
+def test_images_too_thin_to_resize_in_a_datasets_folder_are_left_out(tmp_path):
+    from datasets import DatasetDict
+
+    from deformable_detr.training.schema import records_to_dataset
+
+    objects = {"id": [0], "area": [1.0], "bbox": [[0, 0, 1, 1]], "category": [0]}
+    rows = [
+        {"image": Image.new("RGB", size), "image_id": i, "width": size[0], "height": size[1], "objects": objects}
+        for i, size in enumerate([(40, 30), (10000, 20), (40, 30)])
+    ]
+    DatasetDict(train=records_to_dataset(rows, ["thing"])).save_to_disk(str(tmp_path / "data"))
+    with pytest.warns(UserWarning, match=re.escape("1 image(s) too thin to resize left out: <bytes> (10000x20: its")):
+        splits, _ = load_detection_dataset(str(tmp_path / "data"), 0.5, skip_bad_images=True, max_image_size=96)
+    assert sorted([*splits["train"]["image_id"], *splits["validation"]["image_id"]]) == [0, 2]

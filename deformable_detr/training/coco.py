@@ -12,9 +12,12 @@ from .image_files import check_images
 from .schema import SPLIT_NAMES, finite_number, keep_box, records_to_dataset, warn_of_shared_images
 
 
-def load_coco(folder: str, skip_bad_images: bool = False) -> tuple[dict[str, Dataset], list[str]]:
+def load_coco(
+    folder: str, skip_bad_images: bool = False, sizes: tuple[int, int] | None = None
+) -> tuple[dict[str, Dataset], list[str]]:
     """A COCO folder in Roboflow's layout or the standard one; contiguous class ids in order of COCO id; images
-    checked by `check_images`; a warning where an image is in more than one split."""
+    checked by `check_images` (against `sizes`, those they are resized to); a warning where an image is in more
+    than one split."""
     files = {}
     for entry in sorted(os.listdir(folder)):
         if os.path.isfile(os.path.join(folder, entry, "_annotations.coco.json")):
@@ -35,7 +38,7 @@ def load_coco(folder: str, skip_bad_images: bool = False) -> tuple[dict[str, Dat
     records = {split: _coco_records(loaded[split], path, images, index) for split, (path, images) in files.items()}
     warn_of_shared_images({files[split][0]: [r["image"] for r in rows] for split, rows in records.items()}, folder)
     splits = {
-        split: records_to_dataset(check_images(records[split], path, skip_bad_images), class_names, crowds=True)
+        split: records_to_dataset(check_images(records[split], path, skip_bad_images, sizes), class_names, crowds=True)
         for split, (path, _) in files.items()
     }
     return splits, class_names

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Value
 
 from .coco import load_coco
-from .image_files import header_or_error, listed, report_bad
+from .image_files import SWAPS_AXES, header_or_error, image_name, listed, report_bad, too_thin
 from .objects import objects_of
 from .schema import SPLIT_NAMES
 from .voc import load_voc
@@ -159,17 +159,24 @@ def _largest_category(split: Dataset) -> int:
 
 
 def load_detection_dataset(
-    source: str, validation_fraction: float = 0.15, seed: int = 42, skip_bad_images: bool = False
+    source: str,
+    validation_fraction: float = 0.15,
+    seed: int = 42,
+    skip_bad_images: bool = False,
+    image_size: int = 800,
+    max_image_size: int = 1333,
 ) -> tuple[DatasetDict, list[str]]:
     """Any supported source -> (DatasetDict with 'train' and 'validation', and maybe 'test'; class names).
     Without a validation split, `validation_fraction` of 'train' becomes one (by `seed`; the defaults are the
     training command's, so that they hold out the images a run with default options held out). Every image's header
-    is read: unreadable images raise ValueError listing them, or are left out with `skip_bad_images`."""
-    kind = dataset_format(source)
+    is read: images missing on disk, unreadable, or whose short side is 0 pixels resized to `image_size` and
+    `max_image_size` (the training command's defaults) raise an error listing them, or are left out with
+    `skip_bad_images`."""
+    kind, sizes = dataset_format(source), (image_size, max_image_size)
     if kind == "voc":
-        splits, class_names = load_voc(source, skip_bad_images)
+        splits, class_names = load_voc(source, skip_bad_images, sizes)
     elif kind == "coco":
-        splits, class_names = load_coco(source, skip_bad_images)
+        splits, class_names = load_coco(source, skip_bad_images, sizes)
     else:
         loaded = datasets.load_from_disk(source) if kind == "save_to_disk" else datasets.load_dataset(source)
         if isinstance(loaded, Dataset):
@@ -179,7 +186,9 @@ def load_detection_dataset(
             raise ValueError(f"{source} has no 'train' split; its splits are {sorted(loaded)}")
         splits = _without_unlabelled_extra_splits(splits, source)
         class_names = category_names(splits, source)
-        splits = {name: _readable_rows(split, f"{source} [{name}]", skip_bad_images) for name, split in splits.items()}
+        splits = {
+            name: _readable_rows(split, f"{source} [{name}]", skip_bad_images, sizes) for name, split in splits.items()
+        }
     if "train" not in splits:
         raise ValueError(f"{source} has no train split; it has {sorted(splits)}")
     empty = [name for name, split in splits.items() if len(split) == 0]
@@ -249,14 +258,20 @@ def _without_unlabelled_extra_splits(splits: dict[str, Dataset], source: str) ->
     return {name: split for name, split in splits.items() if name not in bare}
 
 
-def _readable_rows(split: Dataset, where: str, skip_bad_images: bool) -> Dataset:
-    """`split` without the rows whose image cannot be read (with skip_bad_images; else ValueError naming them).
-    The images are read one row at a time, their headers only."""
+def _readable_rows(split: Dataset, where: str, skip_bad_images: bool, sizes: tuple[int, int]) -> Dataset:
+    """`split` without the rows whose image cannot be read or is too thin to resize to `sizes` (with
+    skip_bad_images; else ValueError naming them). The images are read one row at a time, their headers only."""
     undecoded = split.cast_column("image", datasets.Image(decode=False)).select_columns("image")
-    bad = {}  # row -> why
+    bad, thin = {}, {}  # row -> why
     for row, example in enumerate(undecoded):
-        _, why = header_or_error(example["image"])
+        header, why = header_or_error(example["image"])
         if why is not None:
             bad[row] = why
+            continue
+        width, height, orientation = header
+        if why := too_thin(*((height, width) if orientation in SWAPS_AXES else (width, height)), sizes):
+            thin[row] = f"{image_name(example['image'])} ({why})"
     report_bad(list(bad.values()), "unreadable image(s)", where, skip_bad_images)
-    return split.select([row for row in range(len(split)) if row not in bad]) if bad else split
+    report_bad(list(thin.values()), "image(s) too thin to resize", where, skip_bad_images)
+    left_out = bad | thin
+    return split.select([row for row in range(len(split)) if row not in left_out]) if left_out else split

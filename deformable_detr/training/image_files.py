@@ -8,6 +8,7 @@ import os
 import warnings
 
 from PIL import Image
+from transformers.image_transforms import get_size_with_aspect_ratio
 
 EXIF_ORIENTATION = 0x0112
 SWAPS_AXES = {5, 6, 7, 8}  # transpose, rotate 270, transverse, rotate 90
@@ -60,6 +61,16 @@ def header_or_error(image) -> tuple[tuple[int, int, int] | None, str | None]:
         return None, f"{image_name(image)} ({type(error).__name__}: {error})"
 
 
+def too_thin(width: int, height: int, sizes: tuple[int, int] | None) -> str | None:
+    """Why an image of width x height shown cannot be resized to `sizes` (image_size, max_image_size: the
+    shortest and longest side, as the image processor and the augmentation resize): its short side would round to
+    0 pixels. None where it can (or without `sizes`). The augmentation's smaller sides only shrink the images that
+    max_image_size does not cap, so image_size is the one to check."""
+    if sizes is None or min(get_size_with_aspect_ratio((height, width), *sizes)) > 0:
+        return None
+    return f"{width}x{height}: its short side is 0 pixels resized to image_size {sizes[0]}, max_image_size {sizes[1]}"
+
+
 def report_bad(bad: list[str], kind: str, where: str, skip_bad_images: bool, error: type = ValueError):
     """Raises `error` listing the images `bad` ("3 `kind`: a.jpg, ..."), or with `skip_bad_images` warns once
     listing them."""
@@ -72,14 +83,17 @@ def report_bad(bad: list[str], kind: str, where: str, skip_bad_images: bool, err
         warnings.warn(f"{where}: {len(bad)} {kind} left out: {listed(bad, SHOWN)}", stacklevel=3)
 
 
-def check_images(records: list[dict], where: str, skip_bad_images: bool = False) -> list[dict]:
+def check_images(
+    records: list[dict], where: str, skip_bad_images: bool = False, sizes: tuple[int, int] | None = None
+) -> list[dict]:
     """Reads the header of every record's image; -> the records, each with its image as shown: `width` and
     `height` those people see and, for a JPEG turned by EXIF whose annotation gives the stored size, its boxes
     turned likewise (a square image, a 180-degree turn or a mirror cannot tell: the stored frame is assumed, as
     COCO tools write it). Warns once for the turned images and once for images whose size is not their
-    annotation's. Images missing on disk (FileNotFoundError) and unreadable ones (ValueError) are refused, listed,
-    or with `skip_bad_images` left out with one warning for each kind listing them."""
-    kept, bad, turned, as_shown, other_size = [], [], [], 0, []
+    annotation's. Images missing on disk (FileNotFoundError), unreadable ones and those `too_thin` to resize to
+    `sizes` (ValueError) are refused, listed, or with `skip_bad_images` left out with one warning for each kind
+    listing them."""
+    kept, bad, thin, turned, as_shown, other_size = [], [], [], [], 0, []
     missing = [r["image"] for r in records if isinstance(r["image"], str) and not os.path.exists(r["image"])]
     report_bad(missing, "image(s) missing on disk", where, skip_bad_images, FileNotFoundError)
     gone = set(missing)
@@ -92,6 +106,9 @@ def check_images(records: list[dict], where: str, skip_bad_images: bool = False)
             continue
         width, height, orientation = header
         shown = (height, width) if orientation in SWAPS_AXES else (width, height)
+        if why := too_thin(*shown, sizes):
+            thin.append(f"{image_name(record['image'])} ({why})")
+            continue
         annotated = (record.get("width"), record.get("height"))
         if None in annotated:
             annotated = shown
@@ -108,6 +125,7 @@ def check_images(records: list[dict], where: str, skip_bad_images: bool = False)
             )
         kept.append({**record, "width": shown[0], "height": shown[1]})
     report_bad(bad, "unreadable image(s)", where, skip_bad_images)
+    report_bad(thin, "image(s) too thin to resize", where, skip_bad_images)
     if turned or as_shown:
         warnings.warn(
             f"{where}: {len(turned) + as_shown} JPEG(s) are turned by their EXIF orientation and are used as shown; "

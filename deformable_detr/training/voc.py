@@ -15,9 +15,12 @@ from .objects import objects_of_boxes
 from .schema import SPLIT_NAMES, finite_number, keep_box, records_to_dataset, warn_of_shared_images
 
 
-def load_voc(folder: str, skip_bad_images: bool = False) -> tuple[dict[str, Dataset], list[str]]:
+def load_voc(
+    folder: str, skip_bad_images: bool = False, sizes: tuple[int, int] | None = None
+) -> tuple[dict[str, Dataset], list[str]]:
     """Pascal VOC: one split per `ImageSets/Main/{train,val,test}.txt`; classes sorted by name; images checked
-    by `check_images`; a warning where an image is in more than one split."""
+    by `check_images` (against `sizes`, those they are resized to); a warning where an image is in more than one
+    split."""
     split_files = {}
     main = os.path.join(folder, "ImageSets", "Main")
     for name in sorted(os.listdir(main)) if os.path.isdir(main) else []:
@@ -59,7 +62,7 @@ def load_voc(folder: str, skip_bad_images: bool = False) -> tuple[dict[str, Data
                 }
             )
             image_id += 1
-        records = check_images(records, f"{folder} [{split}]", skip_bad_images)
+        records = check_images(records, f"{folder} [{split}]", skip_bad_images, sizes)
         splits[split] = records_to_dataset(records, class_names, crowds=True)
     return splits, class_names
 
