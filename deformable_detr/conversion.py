@@ -1,6 +1,7 @@
-"""Checkpoints from elsewhere -> ours: transformers' DeformableDetrForObjectDetection (v4 and v5 layouts) and the
-original fundamentalvision/Deformable-DETR `.pth` files. Every key is mapped explicitly; a key left over is
-an error, so that nothing is silently dropped."""
+"""Checkpoints from elsewhere -> ours: transformers' DeformableDetrForObjectDetection (v4 and v5 layouts, through
+the weight-conversion mapping of transformers_mapping.py, which from_pretrained applies too) and the original
+fundamentalvision/Deformable-DETR `.pth` files (their own renames, then that mapping's head placement). Every key is
+mapped explicitly; a key left over is an error, so that nothing is silently dropped."""
 
 import difflib
 import os
@@ -229,9 +230,12 @@ def load_model(source: str):
 def _refuse_unfit_weights(source: str, loading: dict):
     """ValueError naming the weights that do not fit the config, in from_pretrained's loading info: transformers
     would leave the missing and mismatched ones at random, with a warning, and detect nothing useful."""
-    unfit = [
-        f"{kind} keys {_some(loading[kind + '_keys'])}" for kind in ("missing", "unexpected") if loading[kind + "_keys"]
-    ]
+    found = {
+        "missing": loading["missing_keys"],
+        # batch-norm step counters (timm's, in some checkpoints): frozen norms have none, and nothing reads them
+        "unexpected": [key for key in loading["unexpected_keys"] if not key.endswith("num_batches_tracked")],
+    }
+    unfit = [f"{kind} keys {_some(keys)}" for kind, keys in found.items() if keys]
     unfit += [
         f"{key} is {tuple(stored)} in the weights but {tuple(wanted)} by the config"
         for key, stored, wanted in sorted(loading["mismatched_keys"])[:10]

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers.conversion_mapping import get_model_conversion_mapping
 
 from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrModel
+from deformable_detr.conversion import load_model
 from deformable_detr.testing import VARIANTS, hub_v4_state_dict, padded_batch, resnet50_hf_model, small_hf_model
 from deformable_detr.transformers_mapping import key_mapping
 from tests.support.models import TINY, tiny_model
@@ -42,11 +43,16 @@ def test_from_pretrained_loads_the_hub_v4_layout(tmp_path):
     config.pop("backbone_config")
     config.update(use_timm_backbone=True, backbone="resnet50")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    torch.save(hub_v4_state_dict(hf), tmp_path / "pytorch_model.bin")
+    state = hub_v4_state_dict(hf)
+    torch.save(state, tmp_path / "pytorch_model.bin")
     ours, loading = DeformableDetrForObjectDetection.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(loading[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert ours.config.backbone == "resnet50" and ours.config.backbone_config is None
     assert max_difference(hf, ours) <= TOLERANCE
+    # with timm's batch-norm step counters too: the strict loader the commands use takes it as well
+    state["model.backbone.conv_encoder.model.bn1.num_batches_tracked"] = torch.tensor(7)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert max_difference(hf, load_model(str(tmp_path))) <= TOLERANCE
 
 
 def test_config_kwargs_apply_to_the_converted_config(tmp_path):

@@ -13,7 +13,8 @@ import torch
 
 from deformable_detr import DeformableDetrImageProcessor
 from deformable_detr.cli import export_main
-from deformable_detr.onnx_export import _example_inputs
+from deformable_detr.conversion import load_model
+from deformable_detr.onnx_export import _example_inputs, max_abs_difference
 from deformable_detr.testing import perturb_, small_hf_config
 from deformable_detr.transformers_export import TOLERANCE, to_transformers, transformers_config
 from tests.support.models import saved_detector, tiny_model
@@ -116,7 +117,8 @@ def test_untied_heads_are_kept(tmp_path):
 
 
 def test_command_exports_a_saved_model(tmp_path, capsys):
-    saved_detector(tmp_path / "model")
+    """And the export loads back into ours (load_model, as the commands do) with the saved model's outputs."""
+    model, _ = saved_detector(tmp_path / "model")
     export_main(["--model", str(tmp_path / "model"), "--format", "transformers", "--output", str(tmp_path / "hf")])
     out = capsys.readouterr().out
     assert f"{tmp_path / 'hf'} written in" in out
@@ -126,6 +128,10 @@ def test_command_exports_a_saved_model(tmp_path, capsys):
     assert config["id2label"] == {"0": "RBC", "1": "WBC", "2": "Platelets"} and "auto_map" not in config
     processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
     assert processor["image_processor_type"] == "DeformableDetrImageProcessor" and "auto_map" not in processor
+    back = load_model(str(tmp_path / "hf"))
+    pixel_values, pixel_mask = _example_inputs(2, (96, 128), padded=True)
+    with torch.no_grad():
+        assert max_abs_difference(back(pixel_values, pixel_mask), model(pixel_values, pixel_mask)) <= TOLERANCE
     with pytest.raises(SystemExit, match="is not an empty folder"):
         export_main(["--model", str(tmp_path / "model"), "--format", "transformers", "--output", str(tmp_path / "hf")])
     with pytest.raises(SystemExit):
