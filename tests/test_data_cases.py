@@ -156,3 +156,36 @@ def test_images_too_thin_to_resize_in_a_datasets_folder_are_left_out(tmp_path):
     with pytest.warns(UserWarning, match=re.escape("1 image(s) too thin to resize left out: <bytes> (10000x20: its")):
         splits, _ = load_detection_dataset(str(tmp_path / "data"), 0.5, skip_bad_images=True, max_image_size=96)
     assert sorted([*splits["train"]["image_id"], *splits["validation"]["image_id"]]) == [0, 2]
+
+
+def test_a_mistyped_local_folder_is_named_with_the_nearest_names_at_once(tmp_path, monkeypatch):
+    """data/racoon beside data/raccoon was taken for a Hub id, retried there for 28 s, then failed; dta/raccoon
+    (the parent mistyped) likewise. A Hub id whose parent is nothing here still goes to the Hub."""
+    from deformable_detr.training.data import dataset_format
+
+    monkeypatch.chdir(tmp_path)
+    roboflow_coco(tmp_path / "data" / "raccoon", {"train": {"a.png": ([[5, 5, 10, 10]], SIZE)}})
+    os.makedirs("data/other")
+    with pytest.raises(FileNotFoundError) as caught:
+        dataset_format("data/racoon")
+    assert str(caught.value) == "dataset data/racoon: no such folder; did you mean data/raccoon?"
+    with pytest.raises(FileNotFoundError, match=r"^dataset dta/raccoon: no such folder; did you mean data/raccoon\?$"):
+        load_detection_dataset("dta/raccoon")
+    with pytest.raises(FileNotFoundError, match=r"^dataset data/zebras: no such folder; data holds no folder of a"):
+        dataset_format("data/zebras")
+    os.makedirs("cppe-5x")
+    os.makedirs("users")
+    hub_ids = ("someone/raccoons", "cppe-5", "user/raccoons")
+    assert [dataset_format(hub_id) for hub_id in hub_ids] == ["load_dataset"] * 3
+
+
+def test_a_split_folder_given_as_the_dataset_is_named_with_its_dataset(tmp_path, monkeypatch):
+    """data/raccoon/train was read as an imagefolder: "needs the columns 'image' and 'objects', got ['image']"."""
+    monkeypatch.chdir(tmp_path)
+    roboflow_coco(tmp_path / "data" / "raccoon", {"train": {"a.png": ([[5, 5, 10, 10]], SIZE)}})
+    with pytest.raises(ValueError) as caught:
+        load_detection_dataset("data/raccoon/train")
+    assert str(caught.value) == (
+        "dataset data/raccoon/train: a split folder of the coco dataset data/raccoon; give data/raccoon, whose "
+        "splits are read together"
+    )
