@@ -7,7 +7,9 @@ Sources:
 - a `save_to_disk` folder;
 - a COCO folder (coco.py): Roboflow's `{split}/_annotations.coco.json` beside the images, or
   `annotations/instances_{split}.json` with the images in `{split}/`;
-- a Pascal VOC folder (voc.py): `Annotations/*.xml`, `JPEGImages/`, `ImageSets/Main/{split}.txt`.
+- a Pascal VOC folder (voc.py): `Annotations/*.xml`, `JPEGImages/`, `ImageSets/Main/{split}.txt`;
+- a YOLO folder (yolo.py): Ultralytics' `data.yaml` with `{split}/images` + `{split}/labels` (Roboflow's export)
+  or `images/{split}` + `labels/{split}`.
 
 The first two are in the schema already, or close to it (`objects` as a list of dicts, integer categories); their
 features are checked when they are loaded, every split's.
@@ -27,6 +29,7 @@ from .image_files import SWAPS_AXES, header_or_error, image_name, listed, report
 from .objects import objects_of
 from .schema import SPLIT_NAMES
 from .voc import load_voc
+from .yolo import is_yolo, load_yolo
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ LISTS = (List, LargeList)
 
 
 def dataset_format(source: str) -> str:
-    """'save_to_disk', 'coco', 'voc', or 'load_dataset' (Hub ids and folders that datasets reads itself).
+    """'save_to_disk', 'coco', 'voc', 'yolo', or 'load_dataset' (Hub ids and folders that datasets reads itself).
     FileNotFoundError for a local path that is not here (with the nearest names of its folder), ValueError for
     a split folder of a dataset of a known layout (its parent is the dataset)."""
     if not os.path.isdir(source):
@@ -79,7 +82,7 @@ def _refuse_mistyped_folder(source: str, cutoff: float = 0.8):
 
 
 def _layout(folder: str) -> str | None:
-    """'save_to_disk', 'coco' or 'voc' where `folder` holds a dataset of that layout, else None."""
+    """'save_to_disk', 'coco', 'voc' or 'yolo' where `folder` holds a dataset of that layout, else None."""
     entries = set(os.listdir(folder))
     if entries & {"dataset_dict.json", "state.json"}:
         return "save_to_disk"
@@ -90,6 +93,8 @@ def _layout(folder: str) -> str | None:
         and any(f.startswith("instances_") for f in os.listdir(os.path.join(folder, "annotations")))
     ):
         return "coco"
+    if is_yolo(folder, entries):
+        return "yolo"
     return None
 
 
@@ -219,6 +224,8 @@ def load_detection_dataset(
         splits, class_names = load_voc(source, skip_bad_images, sizes)
     elif kind == "coco":
         splits, class_names = load_coco(source, skip_bad_images, sizes)
+    elif kind == "yolo":
+        splits, class_names = load_yolo(source, skip_bad_images, sizes)
     else:
         loaded = datasets.load_from_disk(source) if kind == "save_to_disk" else datasets.load_dataset(source)
         if isinstance(loaded, Dataset):

@@ -84,16 +84,21 @@ def report_bad(bad: list[str], kind: str, where: str, skip_bad_images: bool, err
 
 
 def check_images(
-    records: list[dict], where: str, skip_bad_images: bool = False, sizes: tuple[int, int] | None = None
+    records: list[dict],
+    where: str,
+    skip_bad_images: bool = False,
+    sizes: tuple[int, int] | None = None,
+    boxes_as_shown: bool = False,
 ) -> list[dict]:
     """Reads the header of every record's image; -> the records, each with its image as shown: `width` and
     `height` those people see and, for a JPEG turned by EXIF whose annotation gives the stored size, its boxes
     turned likewise (a square image, a 180-degree turn or a mirror cannot tell: the stored frame is assumed, as
-    COCO tools write it). Warns once for the turned images and once for images whose size is not their
+    COCO tools write it; `boxes_as_shown`: the boxes are of the image as shown, never turned, as YOLO labels).
+    Warns once for the turned images and once for images whose size is not their
     annotation's. Images missing on disk (FileNotFoundError), unreadable ones and those `too_thin` to resize to
     `sizes` (ValueError) are refused, listed, or with `skip_bad_images` left out with one warning for each kind
     listing them."""
-    kept, bad, thin, turned, as_shown, other_size = [], [], [], [], 0, []
+    kept, bad, thin, turned, as_shown, other_size = [], [], [], [], 0, []  # as_shown: a count
     missing = [r["image"] for r in records if isinstance(r["image"], str) and not os.path.exists(r["image"])]
     report_bad(missing, "image(s) missing on disk", where, skip_bad_images, FileNotFoundError)
     gone = set(missing)
@@ -112,7 +117,7 @@ def check_images(
         annotated = (record.get("width"), record.get("height"))
         if None in annotated:
             annotated = shown
-        if orientation != 1 and annotated == (width, height):
+        if orientation != 1 and annotated == (width, height) and not boxes_as_shown:
             objects = dict(record["objects"])
             objects["bbox"] = [turn_box(box, orientation, width, height) for box in objects["bbox"]]
             record = {**record, "objects": objects}

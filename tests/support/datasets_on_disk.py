@@ -125,3 +125,38 @@ def edited_voc(dataset, root, pattern: str, replacement: str) -> tuple[str, str]
     with open(path, "w") as f:
         f.write(xml)
     return folder, path
+
+
+def write_yolo(
+    splits: dict, class_names: list[str], root: str, layout: str = "roboflow", names_as: str = "list"
+) -> str:
+    """splits: {split name: dataset}, written as YOLO labels (`class cx cy w h`, normalised) with a data.yaml.
+    layout "roboflow": {split}/images + {split}/labels, the yaml's paths "../{split}/images" as Roboflow writes
+    them; "ultralytics": images/{split} + labels/{split}, with `path: .`. names_as "list" or "dict" ({0: name})."""
+    lines = ["path: ." if layout == "ultralytics" else "", f"nc: {len(class_names)}"]
+    names = {i: name for i, name in enumerate(class_names)}
+    lines.append(
+        "names: [" + ", ".join(map(json.dumps, class_names)) + "]"
+        if names_as == "list"
+        else "names:\n" + "\n".join(f"  {i}: {json.dumps(name)}" for i, name in names.items())
+    )
+    for split, dataset in splits.items():
+        images, labels = (
+            (f"{split}/images", f"{split}/labels") if layout == "roboflow" else (f"images/{split}", f"labels/{split}")
+        )
+        key = {"valid": "val", "validation": "val"}.get(split, split)
+        lines.append(f"{key}: {'../' + images if layout == 'roboflow' else images}")
+        for folder in (images, labels):
+            os.makedirs(os.path.join(root, folder), exist_ok=True)
+        for index, example, objects in _rows(dataset):
+            stem = f"{split}_{index:03d}"
+            example["image"].save(os.path.join(root, images, f"{stem}.jpg"), quality=95)
+            width, height = example["image"].size
+            with open(os.path.join(root, labels, f"{stem}.txt"), "w") as f:
+                for (x, y, w, h), c in objects:
+                    f.write(
+                        f"{c} {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} {w / width:.6f} {h / height:.6f}\n"
+                    )
+    with open(os.path.join(root, "data.yaml"), "w") as f:
+        f.write("\n".join(line for line in lines if line) + "\n")
+    return root
