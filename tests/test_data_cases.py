@@ -186,6 +186,15 @@ def test_a_split_folder_given_as_the_dataset_is_named_with_its_dataset(tmp_path,
     with pytest.raises(ValueError) as caught:
         load_detection_dataset("data/raccoon/train")
     assert str(caught.value) == (
-        "dataset data/raccoon/train: a split folder of the coco dataset data/raccoon; give data/raccoon, whose "
-        "splits are read together"
+        "dataset data/raccoon/train: a folder inside the COCO dataset data/raccoon (one of its splits or image "
+        "folders); give data/raccoon, whose splits are read together"
     )
+
+
+def test_the_image_folder_of_a_voc_dataset_given_as_the_dataset_is_named_with_its_dataset(tmp_path):
+    from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+    from tests.support.datasets_on_disk import write_voc
+
+    root = write_voc({"train": shapes_dataset(2, 64, seed=1)}, CLASS_NAMES, str(tmp_path / "voc"))
+    with pytest.raises(ValueError, match=re.escape(f"a folder inside the Pascal VOC dataset {root} (one of its")):
+        load_detection_dataset(os.path.join(root, "JPEGImages"))

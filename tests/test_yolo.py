@@ -118,7 +118,7 @@ def test_yolo_checks_of_the_other_formats(shapes, tmp_path):
     with pytest.warns(UserWarning, match=re.escape("1 image(s) are in more than one split under other names")):
         splits, _ = load_detection_dataset(root)
     assert len(splits["validation"]) == 4
-    with pytest.raises(ValueError, match=re.escape(f"a split folder of the yolo dataset {root}; give {root}")):
+    with pytest.raises(ValueError, match=re.escape(f"a folder inside the YOLO dataset {root} (one of its splits")):
         load_detection_dataset(os.path.join(root, "train"))
 
 

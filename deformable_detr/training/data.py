@@ -34,6 +34,7 @@ from .yolo import is_yolo, load_yolo
 logger = logging.getLogger(__name__)
 
 LISTS = (List, LargeList)
+LAYOUT_NAMES = {"save_to_disk": "save_to_disk", "coco": "COCO", "voc": "Pascal VOC", "yolo": "YOLO"}
 
 
 def dataset_format(source: str) -> str:
@@ -49,8 +50,8 @@ def dataset_format(source: str) -> str:
     parent = os.path.dirname(os.path.normpath(source))
     if kind is None and (parent_kind := _layout(parent or ".")):
         raise ValueError(
-            f"dataset {source}: a split folder of the {parent_kind} dataset {parent}; give {parent}, whose splits "
-            "are read together"
+            f"dataset {source}: a folder inside the {LAYOUT_NAMES[parent_kind]} dataset {parent} (one of its "
+            f"splits or image folders); give {parent}, whose splits are read together"
         )
     return kind or "load_dataset"
 
