@@ -7,7 +7,11 @@ Every mixin test our classes do not pass is listed, with its reason, in SKIPPED 
 """
 
 import math
+import os
+import subprocess
+import sys
 import unittest
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,14 +46,7 @@ SKIPPED = {
 }
 
 # Failing today, each with why: xfail(strict), so that a fix shows as XPASS and its entry must go.
-KNOWN_FAILURES = {
-    "test_eager_matches_sdpa_inference": (
-        "the mixin passes decoder_input_ids to every encoder-decoder model; our forward rejects unknown keywords"
-    ),
-    "test_image_processor_save_load_with_autoimageprocessor": (
-        "AutoImageProcessor.from_pretrained(folder, backend='torchvision') returns transformers' class for ours"
-    ),
-}
+KNOWN_FAILURES = {}
 
 
 def _listed(name, table):
@@ -208,3 +205,19 @@ class DeformableDetrImageProcessingTest(
     unittest.TestCase,
 ):
     image_processor_tester_class = TinyImageProcessingTester
+
+
+@pytest.mark.skipif(
+    not os.environ.get("TRANSFORMERS_EXAMPLES"),
+    reason="set TRANSFORMERS_EXAMPLES to a folder with transformers' examples/pytorch/object-detection scripts "
+    "(they are not on PyPI); they need albumentations, torchmetrics and torchvision",
+)
+def test_transformers_example_scripts_train_and_save_our_model(tmp_path):
+    """transformers' object-detection examples, unmodified, train, evaluate and save a tiny model of ours, and the
+    saved folder loads with trust_remote_code where our package cannot be imported.
+
+    See scripts/run_transformers_examples.py."""
+    runner = Path(__file__).parent.parent / "scripts" / "run_transformers_examples.py"
+    command = [sys.executable, str(runner), "--examples", os.environ["TRANSFORMERS_EXAMPLES"], "--work", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
