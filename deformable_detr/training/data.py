@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Value
 
 from .coco import load_coco
-from .image_files import SWAPS_AXES, header_or_error, image_name, listed, report_bad, too_thin
+from .image_files import header_or_error, image_name, listed, report_bad, shown_size, too_thin
 from .objects import objects_of
 from .schema import SPLIT_NAMES
 from .voc import load_voc
@@ -318,8 +318,7 @@ def _readable_rows(split: Dataset, where: str, skip_bad_images: bool, sizes: tup
         if why is not None:
             bad[row] = why
             continue
-        width, height, orientation = header
-        if why := too_thin(*((height, width) if orientation in SWAPS_AXES else (width, height)), sizes):
+        if why := too_thin(*shown_size(*header), sizes):
             thin[row] = f"{image_name(example['image'])} ({why})"
     report_bad(list(bad.values()), "unreadable image(s)", where, skip_bad_images)
     report_bad(list(thin.values()), "image(s) too thin to resize", where, skip_bad_images)

@@ -61,6 +61,11 @@ def header_or_error(image) -> tuple[tuple[int, int, int] | None, str | None]:
         return None, f"{image_name(image)} ({type(error).__name__}: {error})"
 
 
+def shown_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """(width, height) of an image stored as width x height, as its EXIF `orientation` shows it."""
+    return (height, width) if orientation in SWAPS_AXES else (width, height)
+
+
 def too_thin(width: int, height: int, sizes: tuple[int, int] | None) -> str | None:
     """Why an image of width x height shown cannot be resized to `sizes` (image_size, max_image_size: the
     shortest and longest side, as the image processor and the augmentation resize): its short side would round to
@@ -110,7 +115,7 @@ def check_images(
             bad.append(why)
             continue
         width, height, orientation = header
-        shown = (height, width) if orientation in SWAPS_AXES else (width, height)
+        shown = shown_size(width, height, orientation)
         if why := too_thin(*shown, sizes):
             thin.append(f"{image_name(record['image'])} ({why})")
             continue
