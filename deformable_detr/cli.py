@@ -4,6 +4,7 @@ exceptions into one line and an exit status: bad options or data, files or folde
 or a full disk, 1 (argparse's own errors 2), a training stopped by a signal 128 + its number."""
 
 import argparse
+import os
 import sys
 import typing
 import warnings
@@ -115,6 +116,13 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=0, help="data loading processes")
     parser.add_argument("--output", default=None, help="where to write the metrics JSON (default: print only)")
     parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="where to write the pictures: precision_recall.png (per class, IoU 0.5 and 0.5:0.95) and "
+        "confusion_matrix.png (IoU 0.5, score >= 0.5), their numbers as .json beside them (default: --output's "
+        "folder, none without --output)",
+    )
+    parser.add_argument(
         "--validation_fraction",
         type=float,
         default=0.15,
@@ -139,12 +147,15 @@ def evaluate_main(argv=None):
 
         if args.output:  # before the work; the JSON is written after the table is printed
             check_output(args.output)
-        metrics = evaluate_saved_model(**(vars(args) | {"output": None}))
+        output_dir = args.output_dir or (os.path.dirname(os.path.abspath(args.output)) if args.output else None)
+        metrics = evaluate_saved_model(**(vars(args) | {"output": None, "output_dir": output_dir}))
         if PartialState().is_main_process:
             print(f"{args.model_path} on {args.dataset} [{args.split}]\n{format_metrics(metrics)}")
             if args.output:
                 write_metrics(metrics, args.output)
                 print(f"metrics written to {args.output}")
+            if output_dir:
+                print(f"precision-recall curves and confusion matrix written to {output_dir}")
 
     _run("deformable-detr-evaluate", evaluate)
 
@@ -279,3 +290,39 @@ def export_main(argv=None):
             print(f"  {compared}, {case}: max abs difference {difference:.1e}")
 
     _run("deformable-detr-export", export)
+
+
+COMMANDS = {  # name: (what it does, an example); each runs its <name>_main of this module
+    "train": ("train or fine-tune a detector", "train --dataset my-coco --output_dir runs/my-coco"),
+    "evaluate": ("COCO mAP of a model on a dataset", "evaluate --model runs/my-coco --dataset my-coco --split test"),
+    "detect": ("detect objects in images and videos", "detect photos/ --model runs/my-coco --output_dir detections"),
+    "export": ("export to ONNX or transformers' format", "export --model runs/my-coco --output my-coco.onnx"),
+    "data": ("check a dataset, or draw its boxes", "data check my-coco"),
+}
+
+
+def main(argv=None):
+    """`python -m deformable_detr.cli COMMAND ...` (and `python -m deformable_detr`): the commands as subcommands,
+    COMMAND's arguments handed to its <name>_main (`... detect --help` is deformable-detr-detect --help)."""
+    available = {name: entry for name, entry in COMMANDS.items() if f"{name}_main" in globals()}
+    width = max(map(len, available))
+    listing = "\n".join(
+        f"  {name:<{width}}  {summary}; e.g.\n  {'':<{width}}    python -m deformable_detr.cli {example}"
+        for name, (summary, example) in available.items()
+    )
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="python -m deformable_detr.cli",
+        description="Deformable DETR's commands, also installed as deformable-detr-COMMAND. "
+        "COMMAND --help lists its options.",
+        epilog=f"commands:\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=list(available), metavar="COMMAND", help=", ".join(available))
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="COMMAND's arguments")
+    args = parser.parse_args(argv)
+    globals()[f"{args.command}_main"](args.arguments)
+
+
+if __name__ == "__main__":  # the last lines: every command is defined above
+    main()
