@@ -58,7 +58,7 @@ def test_help_shows_the_defaults_that_say_something():
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"config_name": "tiny", "model_name_or_path": "x"}, "exactly one of model_name_or_path"),
+        ({"config_name": "tiny", "model_name_or_path": "x"}, "model_name_or_path .* config_name .*, not both"),
         ({"model_name_or_path": "x", "config_overrides": "d_model=8"}, "config_overrides changes a fresh model"),
         ({"config_name": "tiny", "max_steps": 0}, "max_steps must be at least 1, got 0"),
         ({"config_name": "tiny", "image_size": 0}, "image_size must be at least 1, got 0"),
@@ -104,3 +104,10 @@ def test_a_fresh_backbone_trains_its_batch_norms_unless_told_otherwise():
         TrainingOptions(dataset="d", config_name="tiny", config_overrides="freeze_backbone_batch_norms=true"), ["a"]
     )
     assert frozen.config.freeze_backbone_batch_norms is True and norms(frozen) == {FrozenBatchNorm2d}
+
+
+def test_without_a_model_the_papers_coco_model_is_fine_tuned():
+    """Neither model_name_or_path nor config_name: the paper's COCO checkpoint (an error before)."""
+    options = TrainingOptions(dataset="d")
+    assert options.model_name_or_path == "SenseTime/deformable-detr" and options.config_name is None
+    assert TrainingOptions(dataset="d", config_name="tiny").model_name_or_path is None

@@ -4,6 +4,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -255,10 +256,8 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path):
         train(TrainingOptions(dataset=shapes_folder, config_name="huge", output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="config_overrides 'd_model=oops'"):
         train(options(shapes_folder, tmp_path, overrides="d_model=oops"))
-    with pytest.raises(ValueError, match="exactly one of model_name_or_path"):
-        TrainingOptions(dataset=shapes_folder)
-    with pytest.raises(SystemExit, match="^deformable-detr-train: error: give exactly one of model_name_or_path"):
-        train_main(["--dataset", shapes_folder])
+    with pytest.raises(ValueError, match="give one of model_name_or_path .* and config_name .*, not both"):
+        TrainingOptions(dataset=shapes_folder, model_name_or_path="a", config_name="tiny")
     # an output_dir that is a file: one line from the command (a FileExistsError traceback before)
     (tmp_path / "a_file").write_text("")
     command = ["--dataset", shapes_folder, "--config_name", "tiny", "--output_dir", str(tmp_path / "a_file")]
@@ -472,3 +471,78 @@ def test_a_warning_raised_at_every_step_still_shows_once():
             model.weight.grad, model.bias.grad = torch.ones(1, 2), torch.zeros(1)
             optimiser_step(model, optimizer, scheduler, accelerator, options, state, False, torch.tensor(1.0))
     assert sum("every step" in str(w.message) for w in caught) == 1
+
+
+def serve_transformers_checkpoint(hub, repo_id: str, folder) -> dict:
+    """Puts transformers' small Deformable DETR, saved in `folder`, on the fake Hub as `repo_id`; -> its weights
+    converted to ours."""
+    from transformers import DeformableDetrForObjectDetection as HFModel
+
+    from deformable_detr.testing import perturb_
+    from tests.support.fake_hub import Repo
+
+    perturb_(HFModel(small_hf_config(num_labels=91))).save_pretrained(folder)
+    hub.repos[f"models/{repo_id}"] = Repo(private=False)
+    hub.repos[f"models/{repo_id}"].commit({p.name: p.read_bytes() for p in folder.iterdir()}, "upload")
+    return DeformableDetrForObjectDetection.from_transformers(str(folder)).state_dict()
+
+
+def test_fine_tuning_starts_from_the_papers_coco_model_by_default(shapes_folder, tmp_path, hub):
+    """No --model_name_or_path or --config_name: the run fine-tunes SenseTime/deformable-detr from the Hub (here
+    the fake one, serving transformers' format), with fresh class heads for the data's classes ("give exactly one
+    of model_name_or_path ... and config_name" before)."""
+    from tests.support.fake_hub import hub_env
+    from tests.support.processes import run_command
+
+    expected = serve_transformers_checkpoint(hub, "SenseTime/deformable-detr", tmp_path / "hf")
+    out = tmp_path / "run"
+    arguments = ["--dataset", shapes_folder, "--output_dir", out, "--max_steps", "1", "--eval_every_epochs", "0"]
+    arguments += ["--image_size", "64", "--max_image_size", "96", "--num_workers", "0"]
+    arguments += ["--learning_rate", "0", "--backbone_learning_rate", "0"]  # the weights stay the downloaded ones
+    script = "import sys; from deformable_detr.cli import train_main; train_main(sys.argv[1:])"
+    run_command([sys.executable, "-c", script, *arguments], env=hub_env(hub.endpoint, tmp_path / "home"))
+    model = DeformableDetrForObjectDetection.from_pretrained(out)
+    assert model.config.id2label == dict(enumerate(CLASS_NAMES))
+    trained = model.state_dict()
+    assert trained["class_embed.weight"].shape == (3, 64) and expected["class_embed.weight"].shape == (91, 64)
+    for name, tensor in expected.items():
+        if "class_embed" not in name:
+            assert torch.equal(trained[name], tensor), name
+    assert "--model_name_or_path SenseTime/deformable-detr" in open(out / "README.md").read()
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "no answer"])
+def test_the_default_model_offline_is_one_line_naming_config_name(shapes_folder, tmp_path, monkeypatch, offline):
+    """Offline, or with a Hub that does not answer, the default model fails at once in one line that names
+    --config_name, not after half a minute of retries."""
+    from huggingface_hub import constants
+
+    from tests.support.processes import free_port
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    if offline:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        why = r"offline mode \(HF_HUB_OFFLINE\) is on"
+    else:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+        why = r"the Hub \(http://127.0.0.1:\d+\) cannot be reached \(\w+\)"
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as stopped:
+        train_main(["--dataset", shapes_folder, "--output_dir", str(tmp_path / "run")])
+    message = str(stopped.value)
+    assert time.monotonic() - started < 5
+    assert re.fullmatch(
+        f"deformable-detr-train: error: model_name_or_path SenseTime/deformable-detr: {why}, and the model is not "
+        r"in the local cache; .*--config_name tiny \(or paper\)",
+        message,
+    ), message
+
+
+def test_a_fresh_model_on_few_images_is_warned_of(shapes_folder, tmp_path):
+    train(options(shapes_folder, tmp_path, max_steps=1, eval_every_epochs=0))
+    log = open(tmp_path / "train.log").read()
+    assert (
+        "WARNING a fresh model (--config_name tiny) starts from random weights: on 6 training images it will rarely "
+        "learn to detect (mAP near 0; "
+    ) in log
+    assert "leave out --config_name to start from SenseTime/deformable-detr (COCO), or give --model_name_or_path" in log

@@ -40,7 +40,7 @@ from .evaluation import coco_ground_truth, evaluate, format_metrics
 from .hub import hub_repo, push_to_hub
 from .launch import check_launch
 from .model_card import write_model_card
-from .model_setup import build_model, parameter_groups
+from .model_setup import build_model, check_hub_model, parameter_groups, warn_of_a_fresh_model
 from .options import TRACKING_DIR, TrainingOptions
 from .samples import DetectionCollator, DetectionSamples
 from .schedule import lr_factor
@@ -96,6 +96,8 @@ def train(options: TrainingOptions) -> dict | None:
     # ACCELERATE_USE_CPU, which makes several CPU processes one gloo group
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     setup_logging(processes, options.output_dir)
+    if options.model_name_or_path:
+        check_hub_model(options.model_name_or_path)  # before the data: offline, say so at once
     repo_id = None  # --push_to_hub's repo, created now (on the main process), so that it fails before training
     if options.push_to_hub and processes.is_main_process:
         repo_id = hub_repo(options)
@@ -115,6 +117,7 @@ def train(options: TrainingOptions) -> dict | None:
         len(splits["validation"]),
         class_names,
     )
+    warn_of_a_fresh_model(options, len(splits["train"]), logger)
     processor = DeformableDetrImageProcessor(
         size={"shortest_edge": options.image_size, "longest_edge": options.max_image_size}
     )

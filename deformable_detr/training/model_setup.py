@@ -4,9 +4,53 @@ paper's three learning rates."""
 import os
 
 from .. import DeformableDetrConfig, DeformableDetrForObjectDetection
-from .options import CONFIG_PRESETS
+from .options import CONFIG_PRESETS, DEFAULT_MODEL
 
 SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --sampling_lr_factor x the lr
+HUB_TIMEOUT = 5  # seconds the one request asking whether the Hub answers may take
+# below this many training images a fresh model (random transformer and heads) rarely learns to detect
+FEW_IMAGES = 3000
+
+
+def check_hub_model(source: str):
+    """Raises ConnectionError, in one line that names --config_name, where `source` is a Hub id (no folder here)
+    whose config is not in the local cache and the Hub cannot be asked: offline mode (HF_HUB_OFFLINE), or no
+    answer to one quick request, instead of half a minute of huggingface_hub's retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, get_session, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return  # no Hub id: load_model names the missing folder
+    if os.path.exists(source) or isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return
+    if constants.is_offline_mode():
+        why = "offline mode (HF_HUB_OFFLINE) is on"
+    else:
+        try:
+            get_session().get(f"{constants.ENDPOINT}/api/models/{source}", timeout=HUB_TIMEOUT)
+            return
+        except Exception as error:  # noqa: BLE001 -- DNS, refused, timeout, proxy: the Hub does not answer
+            why = f"the Hub ({constants.ENDPOINT}) cannot be reached ({type(error).__name__})"
+    raise ConnectionError(
+        f"model_name_or_path {source}: {why}, and the model is not in the local cache; connect to download it once, "
+        "give a saved model folder, or train a fresh model with --config_name tiny (or paper)"
+    )
+
+
+def warn_of_a_fresh_model(options, images: int, logger):
+    """A fresh model on few images: said at the start, since its mAP will stay low."""
+    if options.config_name and images < FEW_IMAGES:
+        logger.warning(
+            "a fresh model (--config_name %s) starts from random weights: on %d training images it will rarely learn "
+            "to detect (mAP near 0; DETR-style models need tens of thousands of images, or long training, from "
+            "scratch). Fine-tune a trained model instead: leave out --config_name to start from %s (COCO), or give "
+            "--model_name_or_path",
+            options.config_name,
+            images,
+            DEFAULT_MODEL,
+        )
 
 
 def build_config(name: str, overrides: str) -> DeformableDetrConfig:

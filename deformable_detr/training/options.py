@@ -34,6 +34,8 @@ CONFIG_PRESETS = {
         "num_feature_levels": 3,
     },
 }
+# fine-tuning starts from the paper's COCO-trained model (transformers' format, converted on the fly) unless told
+DEFAULT_MODEL = "SenseTime/deformable-detr"
 TRACKING_DIR = "deformable-detr"  # TensorBoard runs, under output_dir
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -78,7 +80,7 @@ class TrainingOptions:
         None,
         "model",
         "a saved model folder or Hub id: ours, or transformers' Deformable DETR (converted on the fly). A new "
-        "label set gets fresh class heads.",
+        f"label set gets fresh class heads. Default, unless config_name: {DEFAULT_MODEL}, the paper's COCO model",
     )
     config_name: str | None = option(
         None, "model", f"a fresh model: a config.json, or a preset: {', '.join(CONFIG_PRESETS)}"
@@ -192,10 +194,12 @@ class TrainingOptions:
 
     def check(self):
         """Raises ValueError naming the option where the options do not fit together."""
-        if bool(self.model_name_or_path) == bool(self.config_name):
+        if self.model_name_or_path and self.config_name:
             raise ValueError(
-                "give exactly one of model_name_or_path (start from a saved model) and config_name (a fresh one)"
+                "give one of model_name_or_path (start from a saved model) and config_name (a fresh one), not both"
             )
+        if not self.config_name:
+            self.model_name_or_path = self.model_name_or_path or DEFAULT_MODEL
         if self.config_overrides and not self.config_name:
             raise ValueError("config_overrides changes a fresh model's config; it needs config_name")
         if self.backbone_weights and not self.config_name:
