@@ -95,17 +95,22 @@ def test_a_folder_that_cannot_be_written_in_fails_before_the_evaluation(monkeypa
         evaluate_saved_model("model", "data", output="/proc/metrics.json")
 
 
+def saved_bccd_model(folder):
+    """A tiny model with the vendored BCCD's classes (in the loader's order), for small images."""
+    from deformable_detr import DeformableDetrImageProcessor
+    from tests.support.models import tiny_model
+
+    tiny_model(id2label={0: "Platelets", 1: "RBC", 2: "WBC"}).save_pretrained(folder)
+    DeformableDetrImageProcessor(size={"shortest_edge": 96, "longest_edge": 128}).save_pretrained(folder)
+
+
 def test_the_table_is_printed_before_the_json_is_written(tmp_path, monkeypatch, capsys):
     """When the JSON could not be written at the end, the metrics table was never printed: the work was lost."""
-    from deformable_detr import DeformableDetrImageProcessor
     from deformable_detr.cli import evaluate_main
     from deformable_detr.training import evaluation
     from tests.support.bccd import BCCD
-    from tests.support.models import tiny_model
 
-    tiny_model(id2label={0: "Platelets", 1: "RBC", 2: "WBC"}).save_pretrained(tmp_path / "model")
-    DeformableDetrImageProcessor(size={"shortest_edge": 96, "longest_edge": 128}).save_pretrained(tmp_path / "model")
-    score = evaluation.evaluate
+    score = evaluation.coco_metrics
 
     def and_then_the_folder_becomes_a_file(*args, **kwargs):
         metrics = score(*args, **kwargs)
@@ -113,10 +118,39 @@ def test_the_table_is_printed_before_the_json_is_written(tmp_path, monkeypatch, 
         (tmp_path / "results").write_text("")
         return metrics
 
-    monkeypatch.setattr(evaluation, "evaluate", and_then_the_folder_becomes_a_file)
+    saved_bccd_model(tmp_path / "model")
+    monkeypatch.setattr(evaluation, "coco_metrics", and_then_the_folder_becomes_a_file)
     output = tmp_path / "results" / "m.json"
     command = ["--model", str(tmp_path / "model"), "--dataset", str(BCCD), "--split", "test", "--output", str(output)]
+    command += ["--output_dir", str(tmp_path / "pictures")]
     with pytest.raises(SystemExit, match=f"^deformable-detr-evaluate: error: {output} cannot be written"):
         evaluate_main(command)
     printed = capsys.readouterr().out
     assert "mAP" in printed and "Platelets" in printed
+
+
+def test_evaluate_writes_the_pictures_beside_the_metrics(tmp_path, capsys):
+    """--output's folder gets the precision-recall curves and the confusion matrix, with their numbers: each of
+    the BCCD test split's objects is found or missed once (a row of the matrix per true class)."""
+    import json
+
+    from PIL import Image
+
+    from deformable_detr.cli import evaluate_main
+    from tests.support.bccd import BCCD
+
+    saved_bccd_model(tmp_path / "model")
+    output = tmp_path / "results" / "metrics.json"
+    evaluate_main(
+        ["--model", str(tmp_path / "model"), "--dataset", str(BCCD), "--split", "test"] + ["--output", str(output)]
+    )
+    assert f"confusion matrix written to {tmp_path / 'results'}" in capsys.readouterr().out
+    for name in ("precision_recall.png", "confusion_matrix.png"):
+        with Image.open(tmp_path / "results" / name) as picture:
+            assert picture.format == "PNG"
+    counts = json.loads((tmp_path / "results" / "confusion_matrix.json").read_text())
+    assert counts["classes"] == ["Platelets", "RBC", "WBC", "background"]
+    objects = json.loads(output.read_text())["per_class"]
+    assert [sum(row) for row in counts["counts"][:3]] == [objects[name]["objects"] for name in counts["classes"][:3]]
+    curves = json.loads((tmp_path / "results" / "precision_recall.json").read_text())
+    assert set(curves) == {"recall", "iou=0.50", "iou=0.50:0.95"} and len(curves["iou=0.50"]["RBC"]) == 101

@@ -67,7 +67,6 @@ def coco_metrics(ground_truth: dict, detections: list[dict], tools: str = "auto"
     Returns the twelve summary numbers (`map`, `map_50`, ...; -1 where the data has no such objects) and
     per class `{"name": {"ap", "ap_50", "objects"}}` under `per_class` (ap is None for a class without objects).
     """
-    COCO, COCOeval = coco_tools(tools)
     if not detections:  # pycocotools cannot load none: 0, or -1 where the data has no such objects, as it would say
         areas = [a["area"] for a in ground_truth["annotations"] if not a["iscrowd"]]
 
@@ -78,19 +77,14 @@ def coco_metrics(ground_truth: dict, detections: list[dict], tools: str = "auto"
         summary = {name: 0.0 if has_objects(name) else -1.0 for name in SUMMARY_NAMES}
         per_class = {c["name"]: {"ap": 0.0, "ap_50": 0.0} for c in ground_truth["categories"]}
     else:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            gt = COCO()
-            gt.dataset = ground_truth
-            gt.createIndex()
-            evaluator = COCOeval(gt, gt.loadRes(detections), iouType="bbox")
-            evaluator.evaluate()
-            evaluator.accumulate()
+        evaluator = accumulated_evaluation(ground_truth, detections, tools)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints the table
             evaluator.summarize()
         summary = {name: float(v) for name, v in zip(SUMMARY_NAMES, evaluator.stats)}
         precision = evaluator.eval["precision"]  # (IoU thresholds, recall points, classes, areas, max dets)
         per_class = {}
         for k, category_id in enumerate(evaluator.params.catIds):
-            name = gt.cats[category_id]["name"]
+            name = evaluator.cocoGt.cats[category_id]["name"]
             values = precision[:, :, k, 0, -1]
             per_class[name] = {"ap": _mean_valid(values), "ap_50": _mean_valid(values[0])}
     counts = np.bincount(
@@ -102,6 +96,21 @@ def coco_metrics(ground_truth: dict, detections: list[dict], tools: str = "auto"
         if not counts[category["id"]]:
             per_class[category["name"]].update(ap=None, ap_50=None)
     return summary | {"per_class": per_class}
+
+
+def accumulated_evaluation(ground_truth: dict, detections: list[dict], tools: str = "auto"):
+    """COCOeval of `detections` (at least one) on `ground_truth`, evaluated and accumulated: its
+    eval["precision"] is (10 IoU thresholds 0.5:0.95, 101 recall points, classes, 4 area ranges, 3 max dets), -1
+    for a class without objects."""
+    COCO, COCOeval = coco_tools(tools)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO()
+        gt.dataset = ground_truth
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(detections), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
 
 
 def _mean_valid(values: np.ndarray) -> float | None:
@@ -127,11 +136,18 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-@torch.no_grad()
 def evaluate(model, processor, dataloader, accelerator, ground_truth: dict, stop=None) -> dict | None:
+    """`coco_metrics` of `detections_of` the model on `dataloader`; None when `stop` stopped it."""
+    detections = detections_of(model, processor, dataloader, accelerator, stop)
+    return None if detections is None else coco_metrics(ground_truth, detections)
+
+
+@torch.no_grad()
+def detections_of(model, processor, dataloader, accelerator, stop=None) -> list[dict] | None:
     """Runs `model` over a prepared `dataloader` of `DetectionCollator` batches (image ids = row indices) in
-    every process, gathers the top-100 detections per image, and scores them with `coco_metrics`. With `stop`
-    (whose `requested` a signal sets), it returns None at the next batch once any process was asked to stop."""
+    every process and gathers the top-100 detections per image, in COCO's results format (`{"image_id",
+    "category_id", "bbox": [x, y, w, h], "score"}`), by image id. With `stop` (whose `requested` a signal sets), it
+    returns None at the next batch once any process was asked to stop."""
     was_training = model.training
     model.eval()
     detections = {}
@@ -163,7 +179,7 @@ def evaluate(model, processor, dataloader, accelerator, ground_truth: dict, stop
     for part in gather_object([detections]):
         merged.update(part)
     model.train(was_training)
-    return coco_metrics(ground_truth, [d for image_id in sorted(merged) for d in merged[image_id]])
+    return [d for image_id in sorted(merged) for d in merged[image_id]]
 
 
 def evaluate_saved_model(
@@ -176,12 +192,14 @@ def evaluate_saved_model(
     validation_fraction: float = 0.15,
     seed: int = 42,
     skip_bad_images: bool = False,
+    output_dir: str | None = None,
 ) -> dict:
     """The COCO metrics of a saved model (ours or transformers', a folder or a Hub id) on a split of `dataset`
     (any source `load_detection_dataset` reads; validation_fraction and seed as in training, for data without a
-    validation split). Writes them as JSON to `output` if given, whose path is checked first (`check_output`: one
-    that cannot be written fails before the work). Raises ValueError when the split is missing or the model's
-    classes are not the data's."""
+    validation split). Writes them as JSON to `output` if given, and the evaluation pictures
+    (`write_evaluation_pictures`: precision-recall curves, confusion matrix, their numbers) into `output_dir` if
+    given; both paths are checked first (`check_output`: one that cannot be written fails before the work). Raises
+    ValueError when the split is missing or the model's classes are not the data's."""
     from accelerate import Accelerator
 
     from ..detect import load_detector
@@ -190,6 +208,8 @@ def evaluate_saved_model(
 
     if output:
         check_output(output)
+    if output_dir:
+        check_writable(os.path.join(output_dir, "confusion_matrix.png"))
     accelerator = Accelerator()
     splits, class_names = load_detection_dataset(dataset, validation_fraction, seed, skip_bad_images)
     if split not in splits:
@@ -205,9 +225,13 @@ def evaluate_saved_model(
         collate_fn=DetectionCollator(processor),
         num_workers=num_workers,
     )
-    metrics = evaluate(
-        model, processor, accelerator.prepare(loader), accelerator, coco_ground_truth(examples, class_names)
-    )
+    ground_truth = coco_ground_truth(examples, class_names)
+    detections = detections_of(model, processor, accelerator.prepare(loader), accelerator)
+    metrics = coco_metrics(ground_truth, detections)
+    if accelerator.is_main_process and output_dir:
+        from .evaluation_plots import write_evaluation_pictures
+
+        write_evaluation_pictures(ground_truth, detections, output_dir)
     if accelerator.is_main_process and output:
         write_metrics(metrics, output)
     accelerator.end_training()
