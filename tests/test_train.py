@@ -123,8 +123,10 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
         load_file(tmp_path / "whole" / "model.safetensors"),
         load_file(tmp_path / "resumed" / "model.safetensors"),
     )
+    # (accelerate's checkpoint holds the weights under the model's own names, a saved model under transformers')
     start = load_file(tmp_path / "whole" / "checkpoint-4" / "model.safetensors")
-    assert any(not torch.equal(whole[k], start[k]) for k in whole)
+    trained = DeformableDetrForObjectDetection.from_pretrained(tmp_path / "whole").state_dict()
+    assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
     assert history(tmp_path / "whole") == history(tmp_path / "resumed")  # the log carries on from the checkpoint
@@ -546,3 +548,25 @@ def test_a_fresh_model_on_few_images_is_warned_of(shapes_folder, tmp_path):
         "learn to detect (mAP near 0; "
     ) in log
     assert "leave out --config_name to start from SenseTime/deformable-detr (COCO), or give --model_name_or_path" in log
+
+
+def test_device_places_the_run_and_one_this_torch_cannot_use_is_named(shapes_folder, tmp_path):
+    """--device (none before): cpu trains there; a device this torch cannot use fails at once, naming it."""
+    train(options(shapes_folder, tmp_path / "cpu", max_steps=1, eval_every_epochs=0, device="cpu"))
+    assert "on 1 process(es) (cpu)" in open(tmp_path / "cpu" / "train.log").read()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device 'cuda:1': CUDA is not available here \(torch "):
+            options(shapes_folder, tmp_path / "gpu", device="cuda:1")
+    with pytest.raises(ValueError, match=r"^device 'tpu0' is not a torch device \(such as cpu, cuda or cuda:1\)"):
+        options(shapes_folder, tmp_path / "bad", device="tpu0")
+    command = ["--dataset", shapes_folder, "--config_name", "tiny", "--device", "tpu0"]
+    with pytest.raises(SystemExit, match="^deformable-detr-train: error: device 'tpu0' is not a torch device"):
+        train_main(command + ["--output_dir", str(tmp_path / "cli")])
+
+
+def test_device_under_a_launcher_of_several_processes_is_refused(monkeypatch):
+    from deformable_detr.training.loop import process_state
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"^device 'cpu': the launcher places each of the 2 processes on its own"):
+        process_state("cpu")

@@ -86,15 +86,12 @@ class Run:
 def train(options: TrainingOptions) -> dict | None:
     """Trains as `options` say; returns the final validation metrics. Bad data raise ValueError /
     FileNotFoundError naming the file; a signal raises TrainingStopped after writing a checkpoint."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env, set_seed
+    from accelerate.utils import set_seed
 
     if os.path.exists(options.output_dir) and not os.path.isdir(options.output_dir):
         raise ValueError(f"output_dir {options.output_dir} is a file, not a folder")
     os.makedirs(options.output_dir, exist_ok=True)
-    # the processes, known before the Accelerator (which needs the model's config) exists; as it, honour
-    # ACCELERATE_USE_CPU, which makes several CPU processes one gloo group
-    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    processes = process_state(options.device)
     setup_logging(processes, options.output_dir)
     if options.model_name_or_path:
         check_hub_model(options.model_name_or_path)  # before the data: offline, say so at once
@@ -134,12 +131,13 @@ def train(options: TrainingOptions) -> dict | None:
     state = resume_or_start(run)
     num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
     logger.info(
-        "training %d steps (%d epochs of %d), %d images per step, on %d process(es), mixed precision %s",
+        "training %d steps (%d epochs of %d), %d images per step, on %d process(es) (%s), mixed precision %s",
         run.max_steps,
         num_epochs,
         run.steps_per_epoch,
         options.per_device_train_batch_size * options.gradient_accumulation_steps * accelerator.num_processes,
         accelerator.num_processes,
+        accelerator.device,
         accelerator.mixed_precision,
     )
     stop = StopRequest(logger)
@@ -188,6 +186,40 @@ def train(options: TrainingOptions) -> dict | None:
     return metrics
 
 
+def process_state(device: str | None):
+    """accelerate's state of the processes, known before the Accelerator (which needs the model's config) exists:
+    as it, it honours ACCELERATE_USE_CPU (which makes several CPU processes one gloo group); one process runs on
+    `device` where given (ValueError under a launcher of several, which places them itself)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device is not None:
+            raise ValueError(
+                f"device {device!r}: the launcher places each of the {os.environ['WORLD_SIZE']} processes on its own "
+                "device; leave --device out (ACCELERATE_USE_CPU=1 for CPU processes)"
+            )
+        return PartialState(cpu=cpu)
+    PartialState._reset_state()  # one process has no process group: an earlier run's state here keeps its device
+    if device is None:
+        return PartialState(cpu=cpu)
+    from ..detect import checked_device
+
+    device = checked_device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the fused kernels launch on the current device
+    before = os.environ.get("ACCELERATE_TORCH_DEVICE")
+    os.environ["ACCELERATE_TORCH_DEVICE"] = str(device)  # how accelerate takes a device for one process
+    try:
+        return PartialState(cpu=cpu)
+    finally:
+        if before is None:
+            del os.environ["ACCELERATE_TORCH_DEVICE"]
+        else:
+            os.environ["ACCELERATE_TORCH_DEVICE"] = before
+
+
 def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, Any]:
     """The model, optimiser, lr schedule and loaders, prepared by an Accelerator; -> (run, validation loader)."""
     from accelerate import Accelerator
@@ -206,6 +238,7 @@ def prepare(options, splits, class_names: list[str], processor) -> tuple[Run, An
     # (a notebook, the tests) may want another mixed precision, so that state starts afresh with each run
     AcceleratorState._reset_state()
     accelerator = Accelerator(
+        cpu=options.device == "cpu",  # (accelerate reads ACCELERATE_USE_CPU itself)
         mixed_precision=options.mixed_precision,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         log_with=tracker_names(options.report_to),

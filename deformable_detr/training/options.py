@@ -134,6 +134,12 @@ class TrainingOptions:
     mixed_precision: str | None = option(
         None, "optimisation", f"one of {', '.join(MIXED_PRECISION)}; default: what `accelerate config` chose, else no"
     )
+    device: str | None = option(
+        None,
+        "optimisation",
+        "the torch device of a one-process run: cpu, cuda, cuda:N or mps (default: the GPU or other accelerator "
+        "accelerate finds, else cpu); under `accelerate launch` the launcher places the processes",
+    )
     seed: int = option(42, "optimisation", "initialisation, data order, augmentation, validation split")
     torch_compile: bool = option(
         False,
@@ -259,6 +265,10 @@ class TrainingOptions:
                 f'checkpointing_steps must be "epoch", "no" or a number of steps (at least 1), got '
                 f"{self.checkpointing_steps!r}"
             )
+        if self.device is not None:
+            from ..detect import checked_device
+
+            checked_device(self.device)  # raises naming a device this torch cannot use here
         if self.with_tracking and self.report_to == "none":
             self.report_to = "tensorboard"
         tracker_names(self.report_to)  # raises naming an unknown tracker or a missing package
