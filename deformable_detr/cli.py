@@ -324,5 +324,59 @@ def main(argv=None):
     globals()[f"{args.command}_main"](args.arguments)
 
 
+DATA_DESCRIPTION = """Look at a detection dataset (any format the training command reads: a Hub id, save_to_disk
+folder, COCO, Pascal VOC or YOLO folder) before training on it, as training loads it.
+
+  check: images and objects per split and class, a histogram of box sizes, and every problem the loader warns of
+         (bad images are listed, not refused); a dataset it refuses fails with the reason.
+  show:  the first --images_per_split images of each split with their boxes and class names drawn, as JPEGs
+         under --output_dir/{split}/.
+
+examples:
+  deformable-detr-data check data/my-coco
+  deformable-detr-data show data/my-coco --output_dir my-coco-boxes --images_per_split 8"""
+
+
+def data_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="deformable-detr-data", description=DATA_DESCRIPTION, formatter_class=HelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{check,show}")
+    for name, summary in (("check", "count the data and list its problems"), ("show", "draw its boxes")):
+        command = commands.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
+        command.add_argument("dataset", help="Hub id, save_to_disk folder, COCO, Pascal VOC or YOLO folder")
+        command.add_argument(
+            "--validation_fraction",
+            type=float,
+            default=0.15,
+            help="as in training: the share of training images held out when the data has no validation split",
+        )
+        command.add_argument("--seed", type=int, default=42, help="as in training: the seed of that held-out split")
+        command.add_argument(
+            "--image_size", type=int, default=800, help="as in training: images too thin for it are listed"
+        )
+        command.add_argument("--max_image_size", type=int, default=1333, help="as in training")
+        if name == "show":
+            command.add_argument("--output_dir", required=True, help="where the pictures go, a folder per split")
+            command.add_argument("--images_per_split", type=int, default=4, help="images drawn per split")
+    return parser
+
+
+def data_main(argv=None):
+    from .dataset_report import check_dataset, format_report, show_dataset
+
+    args = vars(data_parser().parse_args(argv))
+    command, source = args.pop("command"), args.pop("dataset")
+
+    def run():
+        if command == "check":
+            print(format_report(check_dataset(source, **args)))
+        else:
+            written = show_dataset(source, **args)
+            print(f"{len(written)} picture(s) written to {args['output_dir']}")
+
+    _run("deformable-detr-data", run)
+
+
 if __name__ == "__main__":  # the last lines: every command is defined above
     main()

@@ -102,7 +102,8 @@ def class_colour(label: int) -> tuple[int, int, int]:
 
 
 def draw_detections(image: Image.Image, detections: list[dict]) -> Image.Image:
-    """Boxes in their class colour, with "name score" on a filled tag above each box."""
+    """Boxes in their class colour, with "name score" on a filled tag above each box ("name" without a score: the
+    data's own boxes, as `deformable-detr-data show` draws them)."""
     image = image.convert("RGB")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=max(12, image.height // 40))
@@ -111,7 +112,7 @@ def draw_detections(image: Image.Image, detections: list[dict]) -> Image.Image:
         x0, y0, x1, y1 = det["box"]
         colour = class_colour(det["label_id"])
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-        text = f"{det['label']} {det['score']:.2f}"
+        text = det["label"] if det.get("score") is None else f"{det['label']} {det['score']:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tag_y = y0 - (bottom - top) - 4 if y0 - (bottom - top) - 4 >= 0 else y0
         draw.rectangle([x0, tag_y, x0 + right - left + 4, tag_y + bottom - top + 4], fill=colour)
