@@ -187,8 +187,7 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
         tensor left at an unaligned address (safetensors stores them 8-byte aligned) is copied to fresh memory: CPU
         BLAS kernels round differently on unaligned weights, and a reloaded model must give bit-identical outputs."""
         stored = _stored_config(pretrained_model_name_or_path, kwargs) if kwargs.get("config") is None else None
-        from_transformers = stored is not None and stored.get("model_type") == "deformable_detr"
-        if from_transformers:
+        if stored is not None and stored.get("model_type") == "deformable_detr":
             kwargs = from_pretrained_kwargs(stored, kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
@@ -196,9 +195,10 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
             for tensor in list(model.parameters()) + list(model.buffers()):
                 if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
                     tensor.data = tensor.data.clone()
-        if from_transformers:
-            # the config's key_mapping cannot be reversed: a save writes what one of a model built here would
-            model._weight_conversions = None
+        # a save writes what one of a model built here would, transformers' layer names, whatever layout was loaded:
+        # transformers keeps only the conversions that matched (none for a checkpoint in our names, some for a mix)
+        # and a key_mapping cannot be reversed
+        model._weight_conversions = None
         return loaded
 
     def _initialize_weights(self, module, is_custom_code: bool = False):

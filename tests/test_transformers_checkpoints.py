@@ -124,3 +124,15 @@ def test_original_checkpoint_heads_that_differ_are_named():
     renames = key_mapping(DeformableDetrConfig(**TINY))
     with pytest.raises(ValueError, match="class_embed.0.weight and class_embed.1.weight both give our class_embed"):
         _renamed(state, renames, "ckpt")
+
+
+def test_a_checkpoint_in_our_names_saves_in_transformers_names(tmp_path):
+    """A folder written in our own layer names (save_original_format=False, or a save from before the mapping) loads,
+    and its next save writes transformers' names as any other: out_proj alone matched our names, and a save reversing
+    only what matched mixed the layouts (in_proj and self_attn_norm beside o_proj)."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ours", save_original_format=False)
+    model.save_pretrained(tmp_path / "fresh")
+    DeformableDetrForObjectDetection.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "again")
+    again, fresh = (load_file(tmp_path / folder / "model.safetensors") for folder in ("again", "fresh"))
+    assert again.keys() == fresh.keys() and all(torch.equal(again[key], value) for key, value in fresh.items())
