@@ -570,3 +570,21 @@ def test_device_under_a_launcher_of_several_processes_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"^device 'cpu': the launcher places each of the 2 processes on its own"):
         process_state("cpu")
+
+
+def test_a_checkpoint_folder_is_a_model_that_detect_and_evaluate_load(shapes_folder, tmp_path, capsys):
+    """checkpoint-N/ held accelerate's state only (no config.json): detect and evaluate refused it."""
+    from deformable_detr.detect import load_detector
+
+    train(options(shapes_folder, tmp_path, max_steps=2, checkpointing_steps=1, eval_every_epochs=0))
+    checkpoint = tmp_path / "checkpoint-1"
+    assert {"config.json", "preprocessor_config.json", "model.safetensors", "trainer_state.json"} <= set(
+        os.listdir(checkpoint)
+    )
+    model, processor = load_detector(str(checkpoint), "cpu")
+    weights = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+    assert model.config.id2label == dict(enumerate(CLASS_NAMES))
+    assert processor.size == {"shortest_edge": 64, "longest_edge": 96}
+    evaluate_main(["--model", str(checkpoint), "--dataset", shapes_folder, "--output", str(tmp_path / "m.json")])
+    assert json.load(open(tmp_path / "m.json"))["map"] >= 0

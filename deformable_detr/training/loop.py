@@ -81,6 +81,7 @@ class Run:
     sharded: bool = False  # the model sharded by the loop itself (sharding.py), not by accelerate
     started: float = 0.0  # time.time() when the run (its first part, if resumed) would have started
     hub_repo_id: str | None = None  # with --push_to_hub, on the main process: the repo as the Hub names it
+    processor: Any = None  # the evaluation's, saved with each checkpoint
 
 
 def train(options: TrainingOptions) -> dict | None:
@@ -119,7 +120,7 @@ def train(options: TrainingOptions) -> dict | None:
         size={"shortest_edge": options.image_size, "longest_edge": options.max_image_size}
     )
     run, eval_loader = prepare(options, splits, class_names, processor)
-    run.hub_repo_id = repo_id
+    run.hub_repo_id, run.processor = repo_id, processor
     accelerator = run.accelerator
     if options.deterministic and accelerator.device.type not in ("cpu", "cuda"):
         raise ValueError(
@@ -542,14 +543,19 @@ def write_checkpoint(run: Run, state: TrainState) -> str:
             average = run.ema.average if run.ema is not None else None
             save_shards(folder, run.model, run.optimizer, accelerator.process_index, accelerator.num_processes, average)
 
+    def loadable(folder):
+        """config.json and preprocessor_config.json beside accelerate's model.safetensors (the model's own names,
+        which from_pretrained reads too): detect and evaluate load the folder as a saved model. Sharded runs write
+        shards instead, which only resuming reads."""
+        if run.sharded:
+            return
+        bare(run).config.save_pretrained(folder)
+        run.processor.save_pretrained(folder)
+        if run.ema is not None:
+            run.ema.save(folder)
+
     return save_checkpoint(
-        accelerator,
-        run.options.output_dir,
-        state,
-        run.options.checkpoints_total_limit,
-        needed,
-        run.ema.save if run.ema is not None and not run.sharded else None,
-        shards,
+        accelerator, run.options.output_dir, state, run.options.checkpoints_total_limit, needed, loadable, shards
     )
 
 
