@@ -338,17 +338,19 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             return min(real) < H * W
         return False
 
-    def _encoder_inputs(self, pixel_values, pixel_mask):
+    def _encoder_inputs(self, pixel_values, pixel_mask, with_features: bool = True):
         """Backbone maps, projected to C channels, flattened over the levels: pixel_values (B, 3, H, W), pixel_mask
         (B, H, W) bool -> features and position embeddings (B, S, C), padding mask (B, S) True on padding, the
-        levels' [(H_l, W_l)] and valid ratios (B, L, 2), the (w, h) fractions of real columns and rows."""
-        features = self.backbone(pixel_values, pixel_mask)
-        sources = [proj(feature) for proj, (feature, _) in zip(self.input_proj, features)]
-        masks = [mask for _, mask in features]
-        for level in range(len(features), self.config.num_feature_levels):
-            previous = features[-1][0] if level == len(features) else sources[-1]
-            sources.append(self.input_proj[level](previous))
-            masks.append(downsample_mask(pixel_mask, sources[-1].shape[-2:]))
+        levels' [(H_l, W_l)] and valid ratios (B, L, 2), the (w, h) fractions of real columns and rows. Without
+        `with_features` (the caller replaces them) the features build no graph; the position embeddings still do."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and with_features):
+            features = self.backbone(pixel_values, pixel_mask)
+            sources = [proj(feature) for proj, (feature, _) in zip(self.input_proj, features)]
+            masks = [mask for _, mask in features]
+            for level in range(len(features), self.config.num_feature_levels):
+                previous = features[-1][0] if level == len(features) else sources[-1]
+                sources.append(self.input_proj[level](previous))
+                masks.append(downsample_mask(pixel_mask, sources[-1].shape[-2:]))
         positions = [
             self.position_embedding(mask, pixel_values.dtype).to(src.dtype) for src, mask in zip(sources, masks)
         ]
@@ -439,10 +441,9 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             pixel_values, pixel_mask = nn.functional.pad(pixel_values, padding), nn.functional.pad(pixel_mask, padding)
             padded = True
 
-        with torch.set_grad_enabled(torch.is_grad_enabled() and inputs_embeds is None):
-            src_flatten, pos_flatten, padding_mask, spatial_shapes, valid_ratios = self._encoder_inputs(
-                pixel_values, pixel_mask
-            )
+        src_flatten, pos_flatten, padding_mask, spatial_shapes, valid_ratios = self._encoder_inputs(
+            pixel_values, pixel_mask, with_features=inputs_embeds is None and encoder_outputs is None
+        )
         # the attention layers zero the values at padded positions; where nothing is padded they are spared that
         value_mask = padding_mask if padded else None
         if encoder_outputs is None:

@@ -146,6 +146,22 @@ def test_inputs_embeds_replace_the_flattened_features():
         model(IMAGES, inputs_embeds=features[:, :-1])
 
 
+def test_inputs_embeds_train_the_level_and_position_embeddings():
+    """With inputs_embeds only the backbone and its projections are left out of the graph: the encoder's position
+    embeddings (learned rows and columns, level embeddings) still come from pixel_values and learn."""
+    model = tiny_model(position_embedding_type="learned").train()
+    with torch.no_grad():
+        for layer in model.model.encoder.layers:  # zero at init: the queries (and positions) would not count yet
+            for linear in (layer.self_attn.sampling_offsets, layer.self_attn.attention_weights):
+                linear.weight.normal_(std=0.1)
+        features = model.model(IMAGES, output_hidden_states=True).encoder_hidden_states[0]
+    model(IMAGES, inputs_embeds=features.requires_grad_()).logits.sum().backward()
+    for name in ("level_embed", "position_embedding.row_embed.weight", "position_embedding.col_embed.weight"):
+        assert model.model.get_parameter(name).grad.abs().sum() > 0, name
+    assert features.grad.abs().sum() > 0
+    assert model.model.input_proj[0][0].weight.grad is None  # replaced features: nothing to learn there
+
+
 def test_decoder_inputs_embeds_are_the_queries():
     model = tiny_model()
     with torch.no_grad():
