@@ -192,6 +192,7 @@ def load_model(source: str):
     from safetensors import SafetensorError
     from transformers import PretrainedConfig
 
+    from .console import transformers_progress_bars_off
     from .modeling_deformable_detr import DeformableDetrForObjectDetection
 
     not_here = _mistyped_local_path(source)
@@ -211,13 +212,14 @@ def load_model(source: str):
     if model_type not in ("deformable_detr", DeformableDetrConfig.model_type):
         raise ValueError(f"{source} holds a {model_type!r} model, not a Deformable DETR")
     try:
-        if model_type == "deformable_detr":  # transformers' own checkpoint
-            model = DeformableDetrForObjectDetection.from_transformers(source)
-        else:
-            model, loading = DeformableDetrForObjectDetection.from_pretrained(
-                source, output_loading_info=True, ignore_mismatched_sizes=True
-            )
-            _refuse_unfit_weights(source, loading)
+        with transformers_progress_bars_off():
+            if model_type == "deformable_detr":  # transformers' own checkpoint
+                model = DeformableDetrForObjectDetection.from_transformers(source)
+            else:
+                model, loading = DeformableDetrForObjectDetection.from_pretrained(
+                    source, output_loading_info=True, ignore_mismatched_sizes=True
+                )
+                _refuse_unfit_weights(source, loading)
     except SafetensorError as error:
         weights = os.path.join(source, "model.safetensors") if os.path.isdir(source) else source
         raise ValueError(f"{weights} cannot be read: {error}") from None

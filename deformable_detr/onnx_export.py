@@ -12,8 +12,11 @@ and the file no faster in onnxruntime, which (as OpenVINO and TensorRT) optimise
 """
 
 import json
+import logging
 import os
 import time
+import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -24,6 +27,14 @@ OPSET = 18  # GridSample (16+) in every runtime we target; onnxruntime >= 1.14, 
 MIN_OPSET = 16  # GridSample
 TOLERANCE = 1e-4  # max abs difference of logits and boxes, fp32, onnxruntime vs PyTorch
 MAX_SIDE = 4096
+# What torch's exporter says on every export of ours that is no news to the user: the warnings it raises (a torch
+# deprecation inside torch.export; our Dims shared by pixel_values and pixel_mask, which is the intent) and the log
+# lines of its registry (torchvision's ops, which our graph does not use, are skipped when torchvision is absent).
+EXPORTER_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (UserWarning, r"# The axis name: \w+ will not be used, since it shares the same shape constraints"),
+)
+EXPORTER_LOG = ("torch.onnx._internal.exporter._registration", "torchvision is not installed. Skipping torchvision::")
 
 
 class ExportCheckError(ValueError):
@@ -42,6 +53,42 @@ class _Outputs(torch.nn.Module):
         return outputs.logits, outputs.pred_boxes
 
 
+class _Dropped(logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextmanager
+def exporter_quiet():
+    """EXPORTER_WARNINGS and EXPORTER_LOG's lines left out inside; every other warning and log line kept."""
+    logger, dropped = logging.getLogger(EXPORTER_LOG[0]), _Dropped(EXPORTER_LOG[1])
+    logger.addFilter(dropped)
+    try:
+        with warnings.catch_warnings():
+            for category, message in EXPORTER_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        logger.removeFilter(dropped)
+
+
+def refuse_an_export(model_path: str):
+    """ValueError for an .onnx file as the model to export: it is an export already, and holds no PyTorch model."""
+    from .detect import is_onnx
+
+    if is_onnx(model_path):
+        raise ValueError(
+            f"model {model_path!r} is an .onnx file, an export already: give the saved model (a folder or Hub id) "
+            "it was exported from"
+        )
+
+
 def export_onnx(model_path: str, output: str, check: bool = True, opset: int = OPSET) -> dict:
     """Writes `model_path`'s detector to `output` (.onnx) and, with `check`, compares it with PyTorch in
     onnxruntime; -> {"seconds": export time, "max_abs_difference": {case: figure}}. The file is written beside
@@ -53,6 +100,7 @@ def export_onnx(model_path: str, output: str, check: bool = True, opset: int = O
 
     from .detect import load_detector
 
+    refuse_an_export(model_path)
     if not output.lower().endswith(".onnx"):
         raise ValueError(f"output {output!r} must end in .onnx")
     if opset < MIN_OPSET:
@@ -70,20 +118,21 @@ def export_onnx(model_path: str, output: str, check: bool = True, opset: int = O
     example = _example_inputs(2, (smallest + 32, smallest + 64), padded=False)  # batch 2: no batch-1 special case
     started = time.time()
     try:
-        program = torch.onnx.export(
-            _Outputs(model).eval(),
-            example,
-            dynamo=True,
-            opset_version=opset,
-            input_names=list(INPUTS),
-            output_names=list(OUTPUTS),
-            dynamic_shapes={
-                "pixel_values": {0: batch, 2: height, 3: width},
-                "pixel_mask": {0: batch, 1: height, 2: width},
-            },
-            optimize=False,
-            verbose=False,
-        )
+        with exporter_quiet():
+            program = torch.onnx.export(
+                _Outputs(model).eval(),
+                example,
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(INPUTS),
+                output_names=list(OUTPUTS),
+                dynamic_shapes={
+                    "pixel_values": {0: batch, 2: height, 3: width},
+                    "pixel_mask": {0: batch, 1: height, 2: width},
+                },
+                optimize=False,
+                verbose=False,
+            )
     except Exception as error:  # the exporter's many exception types
         raise ValueError(
             f"{model_path}: the model cannot be exported to ONNX ({type(error).__name__}: {error})"

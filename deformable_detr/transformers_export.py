@@ -18,7 +18,8 @@ import warnings
 import torch
 
 from .configuration_deformable_detr import RESNET_SPECS
-from .onnx_export import _example_inputs, max_abs_difference
+from .console import transformers_progress_bars_off
+from .onnx_export import _example_inputs, max_abs_difference, refuse_an_export
 from .transformers_mapping import IN_PROJ_PARTS, SHARED_CONFIG_FIELDS, conversions, key_mapping
 
 TOLERANCE = 1e-4  # max abs difference of logits and boxes, fp32, transformers' model vs ours
@@ -153,6 +154,7 @@ def _check(model, folder: str) -> dict:
     return differences
 
 
+@transformers_progress_bars_off()  # its save and the check's load: bars of a second
 def to_transformers(model, output: str, processor=None, check: bool = True) -> dict:
     """Writes our detector `model` (and `processor`, ours, when given) to the folder `output` in transformers' own
     format; -> {"seconds", "max_abs_difference": {case: figure}} (empty without `check`). The folder is written
@@ -186,9 +188,8 @@ def to_transformers(model, output: str, processor=None, check: bool = True) -> d
 
 def export_transformers(model_path: str, output: str, check: bool = True) -> dict:
     """`to_transformers` of a saved model (ours or transformers', a folder or a Hub id) and its image processor."""
-    from .detect import is_onnx, load_detector
+    from .detect import load_detector
 
-    if is_onnx(model_path):
-        raise ValueError(f"{model_path} is an ONNX file: export the saved model it was made from")
+    refuse_an_export(model_path)
     model, processor = load_detector(model_path, "cpu")
     return to_transformers(model, output, processor, check)

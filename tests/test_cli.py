@@ -34,3 +34,23 @@ def test_every_listed_command_is_one():
     import deformable_detr.cli as cli
 
     assert {"train", "evaluate", "detect", "export"} <= {name for name in COMMANDS if hasattr(cli, f"{name}_main")}
+
+
+def test_loading_and_exporting_print_no_transformers_bars_and_restore_them(tmp_path, capfd):
+    """transformers' "Loading weights 188/188" (every command's model load) and "Writing model shards 1/1" (the
+    transformers export) bars were printed; its and the Hub's switches are as they were after."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils.logging import is_progress_bar_enabled
+
+    from deformable_detr.conversion import load_model
+    from deformable_detr.transformers_export import export_transformers
+    from tests.support.models import saved_detector
+
+    saved_detector(tmp_path / "model")
+    capfd.readouterr()
+    load_model(str(tmp_path / "model"))
+    export_transformers(str(tmp_path / "model"), str(tmp_path / "hf"))
+    load_model(str(tmp_path / "hf"))  # transformers' own checkpoint, converted
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert is_progress_bar_enabled() and not are_progress_bars_disabled()

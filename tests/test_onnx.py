@@ -137,6 +137,11 @@ def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch
 
         detect_main([str(BCCD / "JPEGImages"), "--model", str(tmp_path / "absent.onnx")])
 
+    # an .onnx file as the model to export ended in AttributeError: 'OnnxDetector' object has no attribute 'model'
+    for format in ("onnx", "transformers"):
+        with pytest.raises(SystemExit, match=r"error: model '.*model\.onnx' is an \.onnx file, an export already"):
+            export_main(["--model", str(exported[1]), "--format", format, "--output", str(tmp_path / "again.onnx")])
+
     def refuses(*args, **kwargs):
         raise RuntimeError("Failed to export the model with torch.export.\\nunsupported op\\n(details)")
 
@@ -180,3 +185,25 @@ def test_a_bad_output_or_opset_fails_before_the_export_and_a_failed_check_leaves
     with pytest.raises(onnx_export.ExportCheckError, match=r"x\.ONNX not written: the exported file differs"):
         export_onnx(str(exported[0]), str(tmp_path / "x.ONNX"))  # the suffix in any case
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_export_prints_none_of_the_exporters_warnings_and_keeps_others(tmp_path, capfd, caplog):
+    """Every export printed four "torchvision is not installed. Skipping torchvision::..." log lines, a
+    FutureWarning (LeafSpec) and three UserWarnings ("The axis name: batch will not be used")."""
+    import logging
+    import warnings
+
+    from deformable_detr.onnx_export import EXPORTER_LOG
+
+    tiny_model(num_feature_levels=1).save_pretrained(tmp_path / "model")
+    DeformableDetrImageProcessor().save_pretrained(tmp_path / "model")
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        export_onnx(str(tmp_path / "model"), str(tmp_path / "model.onnx"), check=False)
+        logging.getLogger(EXPORTER_LOG[0]).warning("another line of the exporter's")  # kept
+        warnings.warn("another warning", UserWarning, stacklevel=1)  # kept
+    assert [str(w.message) for w in caught] == ["another warning"]
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert logged == ["another line of the exporter's"]
+    assert capfd.readouterr().err == ""
