@@ -377,7 +377,10 @@ class DeformableDetrImageProcessor(BaseImageProcessor):
             or len(values) not in (1, 3, 4)
             or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v) for v in values)
         ):
-            raise ValueError(f"{name} must be three finite numbers, one per channel (R, G, B), got {values!r}")
+            raise ValueError(
+                f"{name} must be finite numbers, one for every channel or one per channel (1, 3 or 4 of them), "
+                f"got {values!r}"
+            )
         if name == "image_std" and 0 in values:
             raise ValueError(f"image_std must not hold 0 (it divides the pixels), got {list(values)}")
         return [float(v) for v in values]

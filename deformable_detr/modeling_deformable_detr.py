@@ -423,6 +423,10 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
                 accepted and unused; any other is a TypeError.
         """
         _check_kwargs(kwargs)
+        if encoder_outputs is not None and inputs_embeds is not None:
+            raise ValueError(
+                "give encoder_outputs or inputs_embeds, not both: the encoder's input is unused with its output"
+            )
         padded = self._check_inputs(pixel_values, pixel_mask)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_hidden_states is None:

@@ -90,6 +90,7 @@ def test_a_call_keyword_is_for_that_call_only_and_checked():
             "pad_size must have the keys \\['height', 'width'\\]",
         ),
         ({"image_std": [0.2, 0.0, 0.2]}, ValueError, "image_std must not hold 0"),
+        ({"image_mean": [0.5, 0.5]}, ValueError, "image_mean must be finite numbers, .* \\(1, 3 or 4 of them\\)"),
         ({"image_mean": [0.5] * 4}, ValueError, "image_mean has 4 values for images of 3 channels"),
         ({"do_resize": "yes"}, ValueError, "do_resize must be True or False, got 'yes'"),
         ({"format": "coco_keypoints"}, ValueError, "format must be one of \\['coco_detection', 'coco_panoptic'\\]"),

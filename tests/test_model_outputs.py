@@ -128,6 +128,8 @@ def test_encoder_outputs_are_reused_without_running_the_encoder():
     assert reused.encoder_hidden_states is encoded.hidden_states
     assert reused.encoder_attentions is encoded.attentions
     assert (as_tensor.logits - full.logits).abs().max() > 1e-3  # the memory given is the one decoded
+    with pytest.raises(ValueError, match="give encoder_outputs or inputs_embeds, not both"):
+        model(IMAGES, encoder_outputs=encoded, inputs_embeds=torch.zeros_like(full.encoder_last_hidden_state))
     with pytest.raises(ValueError, match="encoder_outputs must have shape"):
         model(IMAGES, encoder_outputs=(full.encoder_last_hidden_state[:, 1:],))
 
