@@ -134,6 +134,12 @@ def evaluate_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out (and list) images that cannot be read instead of refusing the dataset",
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or mps (default: the GPU or MPS if there is one, else cpu); one torch cannot use here is an "
+        "error; pick one of several GPUs with CUDA_VISIBLE_DEVICES",
+    )
     return parser
 
 

@@ -228,6 +228,21 @@ def checked_device(device: str | None) -> torch.device:
     return parsed
 
 
+def accelerator_options(device: str | None) -> dict:
+    """Accelerator's keyword arguments for `device` (checked as `checked_device` checks it): None, its default (the
+    GPU or MPS if there is one, else the CPU); "cpu", cpu=True; cuda or mps, the default once found here. A device
+    index is refused: accelerate runs on the current device, which CUDA_VISIBLE_DEVICES picks."""
+    if device is None:
+        return {}
+    parsed = checked_device(device)
+    if parsed.index is not None:
+        raise ValueError(
+            f"device {device!r}: give {parsed.type} without an index, and pick the GPU with "
+            f"CUDA_VISIBLE_DEVICES={parsed.index}"
+        )
+    return {"cpu": True} if parsed.type == "cpu" else {}
+
+
 def read_image(path: str) -> Image.Image:
     """An image file as RGB (`to_rgb_image`); one of UNREADABLE if PIL cannot read it, and PIL's warnings (a
     decompression bomb of 89 to 179 Mpx) again with the file's name."""

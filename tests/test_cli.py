@@ -54,3 +54,18 @@ def test_loading_and_exporting_print_no_transformers_bars_and_restore_them(tmp_p
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "Writing model shards" not in err, err
     assert is_progress_bar_enabled() and not are_progress_bars_disabled()
+
+
+def test_evaluate_takes_a_device_checked_as_detect_checks_it(tmp_path, monkeypatch):
+    """deformable-detr-evaluate had no --device ("unrecognized arguments: --device cpu")."""
+    from deformable_detr.cli import evaluate_parser
+    from deformable_detr.detect import accelerator_options
+
+    assert evaluate_parser().parse_args(["--model", "m", "--dataset", "d", "--device", "cpu"]).device == "cpu"
+    assert accelerator_options(None) == {} and accelerator_options("cpu") == {"cpu": True}
+    with pytest.raises(SystemExit, match=r"^deformable-detr-evaluate: error: device 'mps': MPS is not available here"):
+        main(["evaluate", "--model", str(tmp_path / "m"), "--dataset", str(tmp_path / "d"), "--device", "mps"])
+    monkeypatch.setattr("deformable_detr.detect.checked_device", lambda device: __import__("torch").device(device))
+    with pytest.raises(ValueError, match=r"device 'cuda:1': give cuda without an index, .*CUDA_VISIBLE_DEVICES=1"):
+        accelerator_options("cuda:1")
+    assert accelerator_options("cuda") == {}

@@ -193,16 +193,18 @@ def evaluate_saved_model(
     seed: int = 42,
     skip_bad_images: bool = False,
     output_dir: str | None = None,
+    device: str | None = None,
 ) -> dict:
     """The COCO metrics of a saved model (ours or transformers', a folder or a Hub id) on a split of `dataset`
     (any source `load_detection_dataset` reads; validation_fraction and seed as in training, for data without a
-    validation split). Writes them as JSON to `output` if given, and the evaluation pictures
+    validation split; device: cpu, cuda or mps, default the accelerator's: `accelerator_options`). Writes them as
+    JSON to `output` if given, and the evaluation pictures
     (`write_evaluation_pictures`: precision-recall curves, confusion matrix, their numbers) into `output_dir` if
     given; both paths are checked first (`check_output`: one that cannot be written fails before the work). Raises
     ValueError when the split is missing or the model's classes are not the data's."""
     from accelerate import Accelerator
 
-    from ..detect import load_detector
+    from ..detect import accelerator_options, load_detector
     from .data import load_detection_dataset
     from .samples import DetectionCollator, DetectionSamples
 
@@ -210,7 +212,7 @@ def evaluate_saved_model(
         check_output(output)
     if output_dir:
         check_writable(os.path.join(output_dir, "confusion_matrix.png"))
-    accelerator = Accelerator()
+    accelerator = Accelerator(**accelerator_options(device))
     splits, class_names = load_detection_dataset(dataset, validation_fraction, seed, skip_bad_images)
     if split not in splits:
         raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
