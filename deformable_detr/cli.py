@@ -170,7 +170,16 @@ DETECT_DESCRIPTION = """Detect objects in images with a saved Deformable DETR (o
 image it writes a JSON of the detections (label, score, box as x0, y0, x1, y1 pixels) and a picture with the boxes
 drawn, under --output_dir: a/x.jpg gives a/x.jpg.detections.json and a/x.jpg.detections.jpg. Files that are not
 readable images are named and skipped; if none can be read, it fails. Ctrl-C keeps the outputs already written
-(exit status 130)."""
+(exit status 130).
+
+Videos (.mp4, .avi, .mov, .mkv, .webm, given as files or globs; needs the [video] extra: pip install
+'hub-deformable-detr[video]') are read frame by frame: v.mp4 gives v.mp4.detections.json ({"video", "width",
+"height", "fps", "frames": [{"frame", "detections"}]}) and v.mp4.detections.mp4, the boxes drawn.
+
+At the end, --output_dir/detections.json holds every image's and frame's detections in COCO's results format:
+{"images": [{"id", "file_name", "width", "height", and "frame" (from 0) for a video's}], "categories": [{"id",
+"name"}], "annotations": [{"image_id", "category_id", "bbox": [x, y, width, height] pixels, "score"}]}; the
+annotations list is what pycocotools' loadRes takes."""
 
 
 def detect_parser() -> argparse.ArgumentParser:
@@ -199,6 +208,12 @@ def detect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     parser.add_argument("--image_format", choices=["jpg", "png"], default="jpg", help="format of the drawn pictures")
+    parser.add_argument(
+        "--classes",
+        type=lambda names: [name.strip() for name in names.split(",")],
+        default=None,
+        help="the class names to keep, comma-separated (default: all); a name the model lacks is an error listing its",
+    )
     return parser
 
 

@@ -22,6 +22,8 @@ from .file_writing import replaced_when_done
 from .training.image_files import SHOWN, UNREADABLE, listed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")  # read with PyAV (the [video] extra), given as files
+COMBINED = "detections.json"  # every image's detections in one file, in COCO's results format (`combined_results`)
 OUTPUT_SUFFIX = ".detections"  # x.jpg -> x.jpg.detections.json and x.jpg.detections.<image_format>
 PROCESSOR_FILE = "preprocessor_config.json"
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}
@@ -37,7 +39,11 @@ class DetectionInterrupted(KeyboardInterrupt):
 
 def is_output(path: str) -> bool:
     """A file this command wrote (x.jpg.detections.png, x.jpg.detections.json)."""
-    return os.path.splitext(path)[0].lower().endswith(tuple(s + OUTPUT_SUFFIX for s in IMAGE_SUFFIXES))
+    return os.path.splitext(path)[0].lower().endswith(tuple(s + OUTPUT_SUFFIX for s in IMAGE_SUFFIXES + VIDEO_SUFFIXES))
+
+
+def is_video(path: str) -> bool:
+    return path.lower().endswith(VIDEO_SUFFIXES)
 
 
 def images_in(folder: str) -> list[str]:
@@ -80,7 +86,8 @@ def find_images(inputs: list[str]) -> list[str]:
 
 def output_paths(paths: list[str], output_dir: str, image_format: str) -> dict[str, tuple[str, str]]:
     """Each image's JSON and picture: its path relative to the images' common folder, under output_dir, with
-    ".detections.json" and ".detections.<image_format>" added. ValueError, naming it, if one would be an input."""
+    ".detections.json" and ".detections.<image_format>" added (".detections.mp4" for a video). ValueError, naming
+    it, if one would be an input."""
     if not paths:
         return {}
     common = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in paths])
@@ -88,7 +95,7 @@ def output_paths(paths: list[str], output_dir: str, image_format: str) -> dict[s
     outputs = {}
     for path in paths:
         base = os.path.join(output_dir, os.path.relpath(os.path.abspath(path), common)) + OUTPUT_SUFFIX
-        outputs[path] = (base + ".json", f"{base}.{image_format}")
+        outputs[path] = (base + ".json", f"{base}.{'mp4' if is_video(path) else image_format}")
         for output in outputs[path]:
             if os.path.realpath(output) in inputs:
                 raise ValueError(f"{output} would overwrite the input {inputs[os.path.realpath(output)]}")
@@ -266,13 +273,17 @@ def detect_files(
     batch_size: int = 4,
     device: str | None = None,
     image_format: str = "jpg",
+    classes: list[str] | None = None,
 ) -> dict:
     """Detections of a saved model (folder or Hub id) in image files, folders or glob patterns: one JSON and one
     picture per image in output_dir, named as `output_paths` says (a/x.jpg -> a/x.jpg.detections.json and
     a/x.jpg.detections.jpg, a/ relative to the images' common folder), so no two images share an output and no
     input is overwritten (ValueError before anything is written if one would be). Unreadable images are named
-    in a warning and skipped; ValueError if none could be read. Ctrl-C raises DetectionInterrupted, with the
-    images written so far. -> {"written": [...], "skipped": {path: reason}}."""
+    in a warning and skipped; ValueError if none could be read. A video (VIDEO_SUFFIXES, needs PyAV: the [video]
+    extra) is read frame by frame: one JSON of every frame's detections and a new video with the boxes drawn.
+    classes: the class names to keep (ValueError listing the model's for one it lacks). Every image's and frame's
+    detections also go to output_dir/detections.json (`combined_results`), written last. Ctrl-C raises
+    DetectionInterrupted, with the images written so far. -> {"written": [...], "skipped": {path: reason}}."""
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     if top_k < 1 or batch_size < 1:
@@ -284,12 +295,24 @@ def detect_files(
     device = checked_device(device)
     paths = find_images(inputs)
     outputs = output_paths(paths, output_dir, image_format)
+    videos = [path for path in paths if is_video(path)]
+    if videos:
+        video_library(videos[0])
     model, processor = load_detector(model_path, device)
+    keep = class_ids(model.config.id2label, classes)
     os.makedirs(output_dir, exist_ok=True)
-    written, skipped, broken = [], {}, []
-    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    written, skipped, broken, entries = [], {}, [], []
+    images_only = [path for path in paths if not is_video(path)]
+    batches = [images_only[i : i + batch_size] for i in range(0, len(images_only), batch_size)]
     try:
-        for batch in tqdm(batches, desc="detecting", unit="batch", disable=len(paths) <= 1):
+        for path in videos:
+            try:
+                entries += detect_video(path, model, processor, (threshold, top_k, batch_size, keep), *outputs[path])
+                written.append(path)
+            except VideoError as error:
+                skipped[path] = str(error)
+                warnings.warn(f"skipped {path}: {error}", stacklevel=2)
+        for batch in tqdm(batches, desc="detecting", unit="batch", disable=len(images_only) <= 1):
             images, names = [], []
             for path in batch:
                 try:
@@ -303,14 +326,121 @@ def detect_files(
             detections, not_finite_rows = detect(model, processor, images, threshold, top_k)
             broken += [names[i] for i in not_finite_rows]
             for path, image, found in zip(names, images, detections):
+                found = kept(found, keep)
                 write_outputs(path, image, found, *outputs[path], PIL_FORMATS[image_format])
                 written.append(path)
+                entries.append({"file_name": path, "width": image.width, "height": image.height, "found": found})
     except KeyboardInterrupt:
         raise DetectionInterrupted(written) from None
     warn_of_non_finite_outputs(broken)
     if not written:
         raise ValueError(f"none of the {len(paths)} image(s) could be read: {listed(list(skipped), SHOWN)}")
+    with replaced_when_done(os.path.join(output_dir, COMBINED)) as temporary, open(temporary, "w") as f:
+        json.dump(combined_results(entries, model.config.id2label), f)
     return {"written": written, "skipped": skipped}
+
+
+def class_ids(id2label: dict[int, str], classes: list[str] | None) -> set[int] | None:
+    """The ids of the class names to keep (None: all); ValueError naming those the model lacks, with its own."""
+    if classes is None:
+        return None
+    ids = {name: i for i, name in id2label.items()}
+    unknown = [name for name in classes if name not in ids]
+    if unknown or not classes:
+        raise ValueError(
+            f"classes {unknown or classes}: the model's classes are {[id2label[i] for i in sorted(id2label)]}"
+        )
+    return {ids[name] for name in classes}
+
+
+def kept(found: list[dict], keep: set[int] | None) -> list[dict]:
+    return found if keep is None else [det for det in found if det["label_id"] in keep]
+
+
+def combined_results(entries: list[dict], id2label: dict[int, str]) -> dict:
+    """The detections of every image (and video frame) in one COCO-style file: "annotations" is a COCO results list
+    ({"image_id", "category_id", "bbox": [x, y, w, h] pixels, "score"}, what pycocotools' loadRes takes), "images"
+    ({"id", "file_name", "width", "height"}, and "frame" for a video's frame, counted from 0) and "categories"
+    ({"id", "name"}: the model's label ids) say what the ids are. entries: {"file_name", "width", "height",
+    "found": detections as `detect` gives them, and "frame" for a video}."""
+    images, annotations = [], []
+    for image_id, entry in enumerate(entries, 1):
+        images.append({"id": image_id} | {k: v for k, v in entry.items() if k != "found"})
+        for det in entry["found"]:
+            x0, y0, x1, y1 = det["box"]
+            bbox = [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)]
+            annotations.append(
+                {"image_id": image_id, "category_id": det["label_id"], "bbox": bbox, "score": det["score"]}
+            )
+    categories = [{"id": i, "name": id2label[i]} for i in sorted(id2label)]
+    return {"images": images, "categories": categories, "annotations": annotations}
+
+
+class VideoError(ValueError):
+    """A video PyAV cannot read (or whose boxes cannot be encoded)."""
+
+
+def video_library(path: str):
+    """PyAV (the `av` module); ValueError naming `path` and the [video] extra where it is not installed."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(
+            f"{path} is a video: reading videos needs PyAV, the [video] extra: pip install "
+            "'hub-deformable-detr[video]' (or pip install av)"
+        ) from None
+    return av
+
+
+def detect_video(path: str, model, processor, settings: tuple, json_path: str, video_path: str) -> list[dict]:
+    """A video's detections frame by frame (settings: threshold, top_k, batch_size, kept class ids): the JSON
+    {"video", "width", "height", "fps", "frames": [{"frame", "detections"}]} and a new MPEG-4 video with the boxes
+    drawn, both written whole or not at all; -> the frames' entries for `combined_results`. VideoError if PyAV
+    cannot read or write it."""
+    av = video_library(path)
+    threshold, top_k, batch_size, keep = settings
+    os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    frames, entries = [], []
+    try:
+        with replaced_when_done(video_path) as video_temporary, av.open(path) as source:
+            stream = source.streams.video[0]
+            fps = stream.average_rate or 25
+            with av.open(video_temporary, "w", format="mp4") as target:
+                encoder = target.add_stream("mpeg4", rate=fps)
+                encoder.width, encoder.height = stream.codec_context.width, stream.codec_context.height
+                encoder.pix_fmt = "yuv420p"
+                batch = []
+                for frame in source.decode(stream):
+                    batch.append(frame.to_image().convert("RGB"))
+                    if len(batch) == batch_size:
+                        frames += _detect_frames(model, processor, batch, threshold, top_k, keep, encoder, target)
+                        batch = []
+                if batch:
+                    frames += _detect_frames(model, processor, batch, threshold, top_k, keep, encoder, target)
+                for packet in encoder.encode():
+                    target.mux(packet)
+            width, height = encoder.width, encoder.height
+            record = {"video": path, "width": width, "height": height, "fps": float(fps)}
+            record["frames"] = [{"frame": i, "detections": found} for i, found in enumerate(frames)]
+            with replaced_when_done(json_path) as json_temporary, open(json_temporary, "w") as f:
+                json.dump(record, f, indent=1)
+    except av.FFmpegError as error:
+        raise VideoError(f"PyAV cannot read or write it ({error})") from None
+    for i, found in enumerate(frames):
+        entries.append({"file_name": path, "frame": i, "width": width, "height": height, "found": found})
+    return entries
+
+
+def _detect_frames(model, processor, images, threshold, top_k, keep, encoder, target) -> list[list[dict]]:
+    """A batch of a video's frames: their detections, each frame drawn and encoded into `target`."""
+    import av
+
+    detections, _ = detect(model, processor, images, threshold, top_k)
+    detections = [kept(found, keep) for found in detections]
+    for image, found in zip(images, detections):
+        for packet in encoder.encode(av.VideoFrame.from_image(draw_detections(image, found))):
+            target.mux(packet)
+    return detections
 
 
 def write_outputs(path: str, image: Image.Image, found: list[dict], json_path: str, picture_path: str, pil_format):

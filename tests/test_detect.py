@@ -90,6 +90,7 @@ def test_globs_and_the_console_command(tmp_path, folder_of_images):
         "BloodImage_00000.jpg.detections.png",
         "BloodImage_00001.jpg.detections.json",
         "BloodImage_00001.jpg.detections.png",
+        "detections.json",
     ]
 
 
@@ -105,6 +106,7 @@ def test_the_input_folder_as_output_dir_leaves_every_input_intact(tmp_path):
         assert result["written"] == [str(images / "x.jpg"), str(images / "x.png")]
         assert {p.name: p.read_bytes() for p in images.iterdir() if p.name in before} == before
         assert sorted(p.name for p in images.iterdir() if p.name not in before) == [
+            "detections.json",
             "x.jpg.detections.json",
             "x.jpg.detections.png",
             "x.png.detections.json",
@@ -140,7 +142,8 @@ def test_same_stems_in_different_folders_and_formats_get_one_output_each(tmp_pat
     assert result == {"written": inputs, "skipped": {}}
     on_disk = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert on_disk == sorted(
-        f"{name}.detections.{ext}" for name in ("x/img.jpg", "x/img.png", "y/img.jpg") for ext in ("json", "jpg")
+        ["detections.json"]
+        + [f"{name}.detections.{ext}" for name in ("x/img.jpg", "x/img.png", "y/img.jpg") for ext in ("json", "jpg")]
     )
     for name, path in zip(("x/img.jpg", "x/img.png", "y/img.jpg"), inputs):
         assert json.loads((tmp_path / "out" / f"{name}.detections.json").read_text())["image"] == path
@@ -308,3 +311,64 @@ def test_help_texts_and_spellings_of_options(tmp_path, capsys):
         main([str(BCCD / "JPEGImages"), "--model", str(tmp_path / "absent.ONNX")])
     with pytest.raises(SystemExit, match=r"error: output_dir \(--output_dir\) is empty"):
         main([str(BCCD / "JPEGImages"), "--model", str(tmp_path / "no-model"), "--output_dir", ""])
+
+
+def test_classes_filter_and_one_combined_coco_results_file(tmp_path, folder_of_images):
+    """detect had no --classes and wrote no combined results file."""
+    saved_detector(tmp_path / "model")
+    arguments = [str(folder_of_images / "BloodImage_0000[01].jpg"), "--model", str(tmp_path / "model")]
+    with pytest.raises(SystemExit, match=r"error: classes \['Cat'\]: the model's classes are \['RBC', 'WBC', 'Pla"):
+        main([*arguments, "--classes", "RBC,Cat"])
+    main([*arguments, "--output_dir", str(tmp_path / "all"), "--threshold", "0.01"])
+    main([*arguments, "--output_dir", str(tmp_path / "out"), "--threshold", "0.01", "--classes", "WBC, Platelets"])
+    combined = json.loads((tmp_path / "out" / "detections.json").read_text())
+    everything = json.loads((tmp_path / "all" / "detections.json").read_text())
+    assert combined["categories"] == [
+        {"id": 0, "name": "RBC"},
+        {"id": 1, "name": "WBC"},
+        {"id": 2, "name": "Platelets"},
+    ]
+    assert combined["images"] == [
+        {"id": i + 1, "file_name": str(folder_of_images / f"BloodImage_0000{i}.jpg"), "width": 640, "height": 480}
+        for i in range(2)
+    ]
+    assert combined["annotations"] == [a for a in everything["annotations"] if a["category_id"] in (1, 2)]
+    assert {a["category_id"] for a in everything["annotations"]} - {1, 2}  # the filter left something out
+    per_image = json.loads((tmp_path / "out" / "BloodImage_00000.jpg.detections.json").read_text())["detections"]
+    assert {d["label"] for d in per_image} <= {"WBC", "Platelets"}
+    first = [a for a in combined["annotations"] if a["image_id"] == 1]
+    assert [(a["category_id"], a["score"]) for a in first] == [(d["label_id"], d["score"]) for d in per_image]
+    for a, d in zip(first, per_image):  # x, y, width, height of the x0, y0, x1, y1 box
+        x0, y0, x1, y1 = d["box"]
+        assert a["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.01)
+
+
+def test_a_video_gives_its_frames_detections_and_a_drawn_video(tmp_path):
+    av = pytest.importorskip("av", reason="the [video] extra is not installed")
+    saved_detector(tmp_path / "model")
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as target:
+        stream = target.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(4):
+            picture = Image.new("RGB", (64, 64), (40 * i, 120, 200))
+            for packet in stream.encode(av.VideoFrame.from_image(picture)):
+                target.mux(packet)
+        for packet in stream.encode():
+            target.mux(packet)
+    main([str(video), "--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"), "--threshold", "0"])
+    record = json.loads((tmp_path / "out" / "clip.mp4.detections.json").read_text())
+    assert (record["width"], record["height"], record["fps"]) == (64, 64, 5.0)
+    assert [f["frame"] for f in record["frames"]] == [0, 1, 2, 3] and all(f["detections"] for f in record["frames"])
+    with av.open(str(tmp_path / "out" / "clip.mp4.detections.mp4")) as drawn:
+        frames = [frame.to_image() for frame in drawn.decode(video=0)]
+    assert len(frames) == 4 and frames[0].size == (64, 64)
+    combined = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert [(i["frame"], i["file_name"]) for i in combined["images"]] == [(n, str(video)) for n in range(4)]
+
+
+def test_a_video_without_the_video_extra_is_an_error_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "av", None)  # import av fails
+    with pytest.raises(SystemExit, match=r"clip\.mp4 is a video: reading videos needs PyAV, the \[video\] extra"):
+        main([str(tmp_path / "clip.mp4"), "--model", str(tmp_path / "no-model")])
