@@ -325,11 +325,10 @@ COMMANDS = {  # name: (what it does, an example); each runs its <name>_main of t
 def main(argv=None):
     """`python -m deformable_detr.cli COMMAND ...` (and `python -m deformable_detr`): the commands as subcommands,
     COMMAND's arguments handed to its <name>_main (`... detect --help` is deformable-detr-detect --help)."""
-    available = {name: entry for name, entry in COMMANDS.items() if f"{name}_main" in globals()}
-    width = max(map(len, available))
+    width = max(map(len, COMMANDS))
     listing = "\n".join(
         f"  {name:<{width}}  {summary}; e.g.\n  {'':<{width}}    python -m deformable_detr.cli {example}"
-        for name, (summary, example) in available.items()
+        for name, (summary, example) in COMMANDS.items()
     )
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
@@ -339,7 +338,7 @@ def main(argv=None):
         epilog=f"commands:\n{listing}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=list(available), metavar="COMMAND", help=", ".join(available))
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
     parser.add_argument("arguments", nargs=argparse.REMAINDER, help="COMMAND's arguments")
     args = parser.parse_args(argv)
     globals()[f"{args.command}_main"](args.arguments)

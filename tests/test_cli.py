@@ -14,7 +14,7 @@ from tests.support.processes import run_command
 def test_python_m_lists_the_commands_with_an_example_each(module):
     """`python -m deformable_detr.cli --help` printed nothing and exited 0."""
     text = run_command([sys.executable, "-m", module, "--help"], timeout=120).stdout
-    for name in ("train", "evaluate", "detect", "export"):
+    for name in ("train", "evaluate", "detect", "export", "data"):
         assert re.search(rf"^  {name} +\S.*; e\.g\.\n +python -m deformable_detr\.cli {name} \S", text, re.M), text
     assert not re.search(r"`|\w+\.py\b|\w+_\w+\(", text), text
 
@@ -33,7 +33,7 @@ def test_a_subcommand_gets_its_arguments_and_its_own_errors(capsys):
 def test_every_listed_command_is_one():
     import deformable_detr.cli as cli
 
-    assert {"train", "evaluate", "detect", "export"} <= {name for name in COMMANDS if hasattr(cli, f"{name}_main")}
+    assert set(COMMANDS) == {name for name in COMMANDS if hasattr(cli, f"{name}_main")}
 
 
 def test_loading_and_exporting_print_no_transformers_bars_and_restore_them(tmp_path, capfd):
