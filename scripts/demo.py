@@ -18,6 +18,7 @@ from PIL import Image
 from deformable_detr.cli import HelpFormatter
 from deformable_detr.detect import detect, draw_detections, load_detector
 from deformable_detr.training import TrainingOptions, train
+from deformable_detr.training.curves import plot_training
 from deformable_detr.training.evaluation import evaluate_saved_model, format_metrics
 from deformable_detr.training.shapes import shapes_dataset
 
@@ -34,33 +35,6 @@ def parse_args():
     parser.add_argument("--image_size", type=int, default=128, help="side of the square images")
     parser.add_argument("--seed", type=int, default=0, help="of the data and the training")
     return parser.parse_args()
-
-
-def plot_history(history: list[dict], path: str):
-    """Training loss per logged step and validation mAP per epoch, one above the other."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval"]["map"], h["eval"]["map_50"]) for h in history if "eval" in h]
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    top.plot(*zip(*losses), color="tab:red")
-    top.set_ylabel("training loss")
-    top.set_yscale("log")
-    steps, maps, maps_50 = zip(*evals)
-    bottom.plot(steps, maps, "o-", label="mAP@[.5:.95]")
-    bottom.plot(steps, maps_50, "s--", label="mAP@.50")
-    bottom.set_ylim(0, 1)
-    bottom.set_xlabel("optimiser step")
-    bottom.set_ylabel("validation mAP")
-    bottom.legend(loc="lower right")
-    for axis in (top, bottom):
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def main():
@@ -114,7 +88,7 @@ def main():
             image.resize((4 * size, 4 * size), Image.NEAREST), [d | {"box": [4 * v for v in d["box"]]} for d in found]
         ).save(os.path.join(pictures_dir, f"test_{index}.png"))
     with open(os.path.join(model_dir, "history.json")) as f:
-        plot_history(json.load(f), os.path.join(args.output_dir, "training.png"))
+        plot_training(json.load(f), os.path.join(args.output_dir, "training.png"))
 
     minutes = (time.time() - started) / 60
     print(f"\ndone in {minutes:.1f} minutes; test mAP@[.5:.95] {metrics['map']:.3f}, mAP@.50 {metrics['map_50']:.3f}")

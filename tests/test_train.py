@@ -1,6 +1,7 @@
 """The training command end to end, on small generated data and tiny models."""
 
 import glob
+import io
 import json
 import logging
 import os
@@ -63,7 +64,8 @@ def test_loss_falls_on_a_fixed_batch(tmp_path, capsys):
     assert json.load(open(tmp_path / "cli.json")) == json.loads(json.dumps(metrics))
     table = format_metrics(metrics)
     written = f"metrics written to {tmp_path / 'cli.json'}"
-    assert capsys.readouterr().out == f"{tmp_path / 'run'} on {data} [validation]\n{table}\n{written}\n"
+    pictures = f"precision-recall curves and confusion matrix written to {tmp_path}"
+    assert capsys.readouterr().out == f"{tmp_path / 'run'} on {data} [validation]\n{table}\n{written}\n{pictures}\n"
     # a split the data lacks: an error naming it from the library, one line from the command
     with pytest.raises(ValueError, match="has no split 'nope'; it has"):
         evaluate_saved_model(str(tmp_path / "run"), data, "nope")
@@ -188,7 +190,8 @@ def test_freeze_backbone_trains_only_the_transformer_and_heads(shapes_folder, tm
     the rest moved."""
     run = options(shapes_folder, tmp_path, max_steps=2, eval_every_epochs=0, checkpointing_steps="1")
     train(run.__class__(**{**run.__dict__, "freeze_backbone": True, "lr_scheduler": "cosine", "warmup_steps": 1}))
-    start, end = load_file(tmp_path / "checkpoint-1" / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    start = load_file(tmp_path / "checkpoint-1" / "model.safetensors")  # the model's own names, as the loaded model's
+    end = DeformableDetrForObjectDetection.from_pretrained(tmp_path).state_dict()
     backbone = [k for k in end if ".backbone." in f".{k}"]
     assert backbone and all(torch.equal(start[k], end[k]) for k in backbone)
     assert any(not torch.equal(start[k], end[k]) for k in end if k not in backbone)
@@ -544,8 +547,8 @@ def test_a_fresh_model_on_few_images_is_warned_of(shapes_folder, tmp_path):
     train(options(shapes_folder, tmp_path, max_steps=1, eval_every_epochs=0))
     log = open(tmp_path / "train.log").read()
     assert (
-        "WARNING a fresh model (--config_name tiny) starts from random weights: on 6 training images it will rarely "
-        "learn to detect (mAP near 0; "
+        "WARNING a fresh model (--config_name tiny) starts from random weights: on 6 training images its mAP will "
+        "most likely stay low (near 0 on real photos: "
     ) in log
     assert "leave out --config_name to start from SenseTime/deformable-detr (COCO), or give --model_name_or_path" in log
 
@@ -588,3 +591,45 @@ def test_a_checkpoint_folder_is_a_model_that_detect_and_evaluate_load(shapes_fol
     assert processor.size == {"shortest_edge": 64, "longest_edge": 96}
     evaluate_main(["--model", str(checkpoint), "--dataset", shapes_folder, "--output", str(tmp_path / "m.json")])
     assert json.load(open(tmp_path / "m.json"))["map"] >= 0
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "redirected"])
+def test_log_lines_are_not_glued_to_the_bars_nor_redirected_logs_full_of_cursor_moves(
+    shapes_folder, tmp_path, monkeypatch, terminal
+):
+    """On a terminal, log lines printed over the bar ('lr=2.0e-04]21:39:07 INFO step 10' before); redirected, the
+    nested evaluation bar moved the cursor ('\\x1b[A'); transformers' 'Writing model shards' bars showed."""
+    stderr = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    train(options(shapes_folder, tmp_path, max_steps=3, load_best_model_at_end=True))
+    shown = stderr.getvalue()
+    assert re.search(r"(^|[\r\n])\d\d:\d\d:\d\d INFO step 3, epoch 1", shown), shown
+    assert not re.search(r"[^\r\n]\d\d:\d\d:\d\d (INFO|WARNING)", shown), shown
+    assert "Writing model shards" not in shown and "Loading weights" not in shown
+    assert ("training:" in shown) == terminal and ("\x1b[A" in shown) == terminal  # nested bars on a terminal only
+
+
+def test_the_model_card_counts_in_words_and_times_short_runs_in_seconds(tmp_path):
+    """'1 classes', '1 process(es)' and '0.0 minutes' before."""
+    from deformable_detr import DeformableDetrConfig
+    from deformable_detr.training.model_card import duration, write_model_card
+
+    config = DeformableDetrConfig(id2label={0: "circle"}, label2id={"circle": 0})
+    fields = dict(dataset="data", command="c", steps=1, skipped_steps=1, seconds=12.3, processes=1, model_id="m")
+    card = open(write_model_card(str(tmp_path), config, None, **fields)).read()
+    assert "to detect 1 class: circle." in card
+    assert "\n1 optimiser step in 12 seconds on 1 process, 1 step skipped for a non-finite loss or gradient." in card
+    assert [duration(s) for s in (0.4, 1, 42, 60, 90, 3600, 7200)] == [
+        "0 seconds",
+        "1 second",
+        "42 seconds",
+        "1 minute",
+        "1.5 minutes",
+        "60 minutes",
+        "2.0 hours",
+    ]

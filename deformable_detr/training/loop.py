@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import DeformableDetrForObjectDetection, DeformableDetrImageProcessor
 from ..backbone import set_gradient_checkpointing
+from ..console import transformers_progress_bars_off
 from ..file_writing import reporting_full_disk
 from ..loss_deformable_detr import MAIN_TERMS
 from .checkpoints import (
@@ -34,9 +36,11 @@ from .checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from .curves import write_training_curves
 from .data import load_detection_dataset
 from .ema import WeightAverage
-from .evaluation import coco_ground_truth, evaluate, format_metrics
+from .evaluation import coco_ground_truth, coco_metrics, detections_of, format_metrics
+from .evaluation_plots import write_evaluation_pictures
 from .hub import hub_repo, push_to_hub
 from .launch import check_launch
 from .model_card import write_model_card
@@ -82,6 +86,7 @@ class Run:
     started: float = 0.0  # time.time() when the run (its first part, if resumed) would have started
     hub_repo_id: str | None = None  # with --push_to_hub, on the main process: the repo as the Hub names it
     processor: Any = None  # the evaluation's, saved with each checkpoint
+    detections: list | None = None  # the last evaluation's, in COCO's results format, for its pictures at the end
 
 
 def train(options: TrainingOptions) -> dict | None:
@@ -142,47 +147,50 @@ def train(options: TrainingOptions) -> dict | None:
         accelerator.mixed_precision,
     )
     stop = StopRequest(logger)
-    progress = tqdm(
-        total=run.max_steps,
-        initial=state.global_step,
-        desc="training",
-        disable=not accelerator.is_local_main_process,
-    )
-    metrics = None
-    run.started = time.time() - state.seconds  # the time of the earlier parts of a resumed run counts too
-    try:
-        if state.global_step >= run.max_steps:  # resumed from the last step: evaluated there, unless a signal
-            metrics = evaluation_at(state, state.global_step)
-            if metrics is None:
-                epoch = state.epoch - (state.batches_in_epoch == 0)  # the last epoch trained in
-                metrics = evaluate_epoch(run, processor, eval_loader, ground_truth, state, epoch, stop)
-                keep_best(run, processor, state, metrics)
-        for epoch in range(state.epoch, num_epochs):
-            if state.global_step >= run.max_steps:
-                break
-            stopping = run_epoch(run, state, epoch, stop, progress)
-            finished = state.global_step >= run.max_steps
-            if stopping and not finished:
-                stop_here(run, state)
-            if finished or (options.eval_every_epochs and (epoch + 1) % options.eval_every_epochs == 0):
-                metrics = evaluate_epoch(run, processor, eval_loader, ground_truth, state, epoch, stop)
-                if keep_best(run, processor, state, metrics):
-                    logger.info(
-                        "no better %s in %d evaluations: stopping early at step %d",
-                        options.metric_for_best_model,
-                        state.evaluations_without_improvement,
-                        state.global_step,
-                    )
+    # log lines printed through tqdm while its bars are shown, on lines of their own
+    with logging_redirect_tqdm(loggers=[logging.getLogger("deformable_detr")]):
+        progress = tqdm(
+            total=run.max_steps,
+            initial=state.global_step,
+            desc="training",
+            # on a terminal only: redirected, its redraws would fill the log (and another bar under it moves the cursor)
+            disable=None if accelerator.is_local_main_process else True,
+        )
+        metrics = None
+        run.started = time.time() - state.seconds  # the time of the earlier parts of a resumed run counts too
+        try:
+            if state.global_step >= run.max_steps:  # resumed from the last step: evaluated there, unless a signal
+                metrics = evaluation_at(state, state.global_step)
+                if metrics is None:
+                    epoch = state.epoch - (state.batches_in_epoch == 0)  # the last epoch trained in
+                    metrics = evaluate_epoch(run, processor, eval_loader, ground_truth, state, epoch, stop)
+                    keep_best(run, processor, state, metrics)
+            for epoch in range(state.epoch, num_epochs):
+                if state.global_step >= run.max_steps:
                     break
-            if finished:
-                break
-            if options.checkpointing_steps == "epoch":
-                write_checkpoint(run, state)
-    finally:
-        stop.restore()
-        progress.close()
-        torch.use_deterministic_algorithms(deterministic_before)
-    finish(run, processor, state, metrics, (time.time() - run.started) / 60)
+                stopping = run_epoch(run, state, epoch, stop, progress)
+                finished = state.global_step >= run.max_steps
+                if stopping and not finished:
+                    stop_here(run, state)
+                if finished or (options.eval_every_epochs and (epoch + 1) % options.eval_every_epochs == 0):
+                    metrics = evaluate_epoch(run, processor, eval_loader, ground_truth, state, epoch, stop)
+                    if keep_best(run, processor, state, metrics):
+                        logger.info(
+                            "no better %s in %d evaluations: stopping early at step %d",
+                            options.metric_for_best_model,
+                            state.evaluations_without_improvement,
+                            state.global_step,
+                        )
+                        break
+                if finished:
+                    break
+                if options.checkpointing_steps == "epoch":
+                    write_checkpoint(run, state)
+        finally:
+            stop.restore()
+            progress.close()
+            torch.use_deterministic_algorithms(deterministic_before)
+    finish(run, processor, state, metrics, time.time() - run.started, ground_truth)
     accelerator.end_training()
     return metrics
 
@@ -433,7 +441,8 @@ def evaluate_epoch(run: Run, processor, eval_loader, ground_truth: dict, state: 
     accelerator = run.accelerator
     picture = None
     with averaged(run):
-        metrics = evaluate(run.model, processor, eval_loader, accelerator, ground_truth, stop)
+        run.detections = detections_of(run.model, processor, eval_loader, accelerator, stop)
+        metrics = None if run.detections is None else coco_metrics(ground_truth, run.detections)
         # (sharded, every process would have to draw with the main one: no picture)
         sharded = run.sharded or accelerator.distributed_type == DistributedType.FSDP
         if metrics is not None and accelerator.trackers and accelerator.is_main_process and not sharded:
@@ -450,6 +459,8 @@ def evaluate_epoch(run: Run, processor, eval_loader, ground_truth: dict, state: 
     logger.info("epoch %d, step %d, validation:\n%s", epoch + 1, state.global_step, format_metrics(metrics))
     if picture is not None:
         log_picture(accelerator, "eval/detections", picture, state.global_step)
+    if accelerator.is_main_process:
+        write_training_curves(state.history, run.options.output_dir)
     return metrics
 
 
@@ -469,7 +480,8 @@ def keep_best(run: Run, processor, state: TrainState, metrics: dict) -> bool:
         weights = whole_weights(run)
         if run.accelerator.is_main_process:
             with reporting_full_disk(partial, weight_bytes(run.model), remove_on_failure=True):
-                bare(run).save_pretrained(partial, state_dict=weights)
+                with transformers_progress_bars_off():
+                    bare(run).save_pretrained(partial, state_dict=weights)
                 processor.save_pretrained(partial)
                 with open(os.path.join(partial, "best.json"), "w") as f:
                     json.dump({"metric": options.metric_for_best_model, "value": value, "step": state.global_step}, f)
@@ -726,25 +738,30 @@ def log_training(accelerator, state: TrainState, running: list[dict], lr: float,
     )
 
 
-def finish(run: Run, processor, state, metrics, minutes):
-    """The trained model (the weight average, with --ema_decay), processor, history, metrics and model card in
-    output_dir."""
+def finish(run: Run, processor, state, metrics, seconds: float, ground_truth: dict):
+    """The trained model (the weight average, with --ema_decay), processor, history, metrics, model card, training
+    curves and the last evaluation's pictures (precision-recall, confusion matrix) in output_dir."""
     accelerator, options = run.accelerator, run.options
     accelerator.wait_for_everyone()
     weights = final_weights(run)
     if not accelerator.is_main_process:
         return
     if options.load_best_model_at_end and state.best_step is not None:
-        best = DeformableDetrForObjectDetection.from_pretrained(os.path.join(options.output_dir, BEST_DIR))
+        with transformers_progress_bars_off():
+            best = DeformableDetrForObjectDetection.from_pretrained(os.path.join(options.output_dir, BEST_DIR))
         weights = best.state_dict()
         metrics = evaluation_at(state, state.best_step)
         logger.info("the saved model is the best one, from step %d", state.best_step)
     model = bare(run)
     with reporting_full_disk(options.output_dir, weight_bytes(model)):
-        model.save_pretrained(options.output_dir, state_dict=weights)
+        with transformers_progress_bars_off():
+            model.save_pretrained(options.output_dir, state_dict=weights)
         processor.save_pretrained(options.output_dir)
         with open(os.path.join(options.output_dir, "history.json"), "w") as f:
             json.dump(state.history, f, indent=1)
+        write_training_curves(state.history, options.output_dir)
+        if run.detections is not None:  # (none when a resumed run found its last evaluation done)
+            write_evaluation_pictures(ground_truth, run.detections, options.output_dir)
         if metrics is not None:
             with open(os.path.join(options.output_dir, "eval_results.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
@@ -756,7 +773,7 @@ def finish(run: Run, processor, state, metrics, minutes):
             command=options.command(),
             steps=state.global_step,
             skipped_steps=state.skipped_steps,
-            minutes=minutes,
+            seconds=seconds,
             processes=accelerator.num_processes,
             model_id=run.hub_repo_id or options.output_dir,
         )

@@ -15,7 +15,7 @@ def write_model_card(
     command: str,
     steps: int,
     skipped_steps: int,
-    minutes: float,
+    seconds: float,
     processes: int,
     model_id: str,
 ) -> str:
@@ -42,7 +42,7 @@ tags:
 
 Deformable DETR (Zhu et al., ICLR 2021) trained on \
 `{dataset if hub_dataset else os.path.basename(os.path.normpath(dataset))}` \
-to detect {config.num_labels} classes: {classes}.
+to detect {counted(config.num_labels, "class", "classes")}: {classes}.
 Backbone {config.backbone if config.backbone_config is None else config.backbone_config.model_type}, \
 d_model {config.d_model}, {config.encoder_layers} encoder and {config.decoder_layers} decoder layers, \
 {config.num_queries} queries, {config.num_feature_levels} feature levels.
@@ -53,8 +53,10 @@ d_model {config.d_model}, {config.encoder_layers} encoder and {config.decoder_la
 
 ## Training
 
-{steps} optimiser steps in {minutes:.1f} minutes on {processes} process(es)\
-{f", {skipped_steps} step(s) skipped for a non-finite loss or gradient" if skipped_steps else ""}. Command:
+{counted(steps, "optimiser step", "optimiser steps")} in {duration(seconds)} on \
+{counted(processes, "process", "processes")}\
+{f", {counted(skipped_steps, 'step', 'steps')} skipped for a non-finite loss or gradient" if skipped_steps else ""}. \
+Command:
 
 ```
 {command}
@@ -73,3 +75,18 @@ detector("image.jpg", threshold=0.5)
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def counted(number: int, one: str, many: str) -> str:
+    """ "1 class", "3 classes"."""
+    return f"{number} {one if number == 1 else many}"
+
+
+def duration(seconds: float) -> str:
+    """ "42 seconds", "1 minute", "12.5 minutes", "3.2 hours": the unit that reads best."""
+    if seconds < 59.5:
+        return counted(round(seconds), "second", "seconds")
+    if seconds < 5940:
+        minutes = round(seconds / 60, 1)
+        return "1 minute" if minutes == 1 else f"{minutes:g} minutes"
+    return f"{seconds / 3600:.1f} hours"

@@ -43,10 +43,10 @@ def warn_of_a_fresh_model(options, images: int, logger):
     """A fresh model on few images: said at the start, since its mAP will stay low."""
     if options.config_name and images < FEW_IMAGES:
         logger.warning(
-            "a fresh model (--config_name %s) starts from random weights: on %d training images it will rarely learn "
-            "to detect (mAP near 0; DETR-style models need tens of thousands of images, or long training, from "
-            "scratch). Fine-tune a trained model instead: leave out --config_name to start from %s (COCO), or give "
-            "--model_name_or_path",
+            "a fresh model (--config_name %s) starts from random weights: on %d training images its mAP will most "
+            "likely stay low (near 0 on real photos: DETR-style models need tens of thousands of images, or long "
+            "training, to learn from scratch). Fine-tune a trained model instead: leave out --config_name to start "
+            "from %s (COCO), or give --model_name_or_path",
             options.config_name,
             images,
             DEFAULT_MODEL,
