@@ -198,3 +198,27 @@ def test_the_image_folder_of_a_voc_dataset_given_as_the_dataset_is_named_with_it
     root = write_voc({"train": shapes_dataset(2, 64, seed=1)}, CLASS_NAMES, str(tmp_path / "voc"))
     with pytest.raises(ValueError, match=re.escape(f"a folder inside the Pascal VOC dataset {root} (one of its")):
         load_detection_dataset(os.path.join(root, "JPEGImages"))
+
+
+def test_training_and_evaluation_check_images_at_their_own_sizes(tmp_path):
+    """The training command checks images at its --image_size / --max_image_size, evaluation at the saved
+    processor's edges: a 10000x20 image resizes to a short side of 0 pixels at 64/96 and at 128/200 (its step
+    stopped with "height and width must be > 0"), though not at the defaults."""
+    from deformable_detr.training import TrainingOptions, train
+    from deformable_detr.training.evaluation import evaluate_saved_model
+    from tests.support.models import saved_detector
+
+    images = {"a.png": ([[5, 5, 10, 10]], SIZE), "thin.png": ([[5, 5, 10, 10]], (10000, 20))}
+    root = roboflow_coco(tmp_path, {"train": images, "valid": images})
+    options = TrainingOptions(
+        dataset=root, config_name="tiny", image_size=64, max_image_size=96, output_dir=str(tmp_path / "run")
+    )
+    with pytest.raises(
+        ValueError, match=r"too thin to resize: .*thin\.png \(10000x20: .* image_size 64, max_image_size 96"
+    ):
+        train(options)
+    saved_detector(tmp_path / "model")  # its processor: shortest edge 128, longest 200
+    with pytest.raises(
+        ValueError, match=r"too thin to resize: .*thin\.png \(10000x20: .* image_size 128, max_image_size 200"
+    ):
+        evaluate_saved_model(str(tmp_path / "model"), root, split="validation")

@@ -213,10 +213,13 @@ def evaluate_saved_model(
     if output_dir:
         check_writable(os.path.join(output_dir, "confusion_matrix.png"))
     accelerator = Accelerator(**accelerator_options(device))
-    splits, class_names = load_detection_dataset(dataset, validation_fraction, seed, skip_bad_images)
+    model, processor = load_detector(model_path, accelerator.device)
+    # images the model's processor would resize to nothing are found at load, by name
+    sides = {"shortest_edge": "image_size", "longest_edge": "max_image_size"}
+    sizes = {sides[k]: v for k, v in (processor.size or {}).items() if k in sides}
+    splits, class_names = load_detection_dataset(dataset, validation_fraction, seed, skip_bad_images, **sizes)
     if split not in splits:
         raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
-    model, processor = load_detector(model_path, accelerator.device)
     model_classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if model_classes != class_names:
         raise ValueError(f"the model's classes {model_classes} are not {dataset}'s {class_names} (in that order)")

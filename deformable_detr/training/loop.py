@@ -111,7 +111,12 @@ def train(options: TrainingOptions) -> dict | None:
     set_seed(options.seed, deterministic=options.deterministic)
 
     splits, class_names = load_detection_dataset(
-        options.dataset, options.validation_fraction, options.seed, options.skip_bad_images
+        options.dataset,
+        options.validation_fraction,
+        options.seed,
+        options.skip_bad_images,
+        image_size=options.image_size,
+        max_image_size=options.max_image_size,
     )
     logger.info(
         "data %s: %d training and %d validation images, classes %s",
