@@ -26,7 +26,7 @@ from deformable_detr.training import TrainingOptions, train
 from deformable_detr.training.evaluation import evaluate_saved_model, format_metrics
 from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
 from tests.support.datasets_on_disk import write_coco
-from tests.support.models import TINY_OVERRIDES
+from tests.support.models import TINY_OVERRIDES, serve_transformers_checkpoint
 from tests.support.training import options
 
 
@@ -476,20 +476,6 @@ def test_a_warning_raised_at_every_step_still_shows_once():
             model.weight.grad, model.bias.grad = torch.ones(1, 2), torch.zeros(1)
             optimiser_step(model, optimizer, scheduler, accelerator, options, state, False, torch.tensor(1.0))
     assert sum("every step" in str(w.message) for w in caught) == 1
-
-
-def serve_transformers_checkpoint(hub, repo_id: str, folder) -> dict:
-    """Puts transformers' small Deformable DETR, saved in `folder`, on the fake Hub as `repo_id`; -> its weights
-    converted to ours."""
-    from transformers import DeformableDetrForObjectDetection as HFModel
-
-    from deformable_detr.testing import perturb_
-    from tests.support.fake_hub import Repo
-
-    perturb_(HFModel(small_hf_config(num_labels=91))).save_pretrained(folder)
-    hub.repos[f"models/{repo_id}"] = Repo(private=False)
-    hub.repos[f"models/{repo_id}"].commit({p.name: p.read_bytes() for p in folder.iterdir()}, "upload")
-    return DeformableDetrForObjectDetection.from_transformers(str(folder)).state_dict()
 
 
 def test_fine_tuning_starts_from_the_papers_coco_model_by_default(shapes_folder, tmp_path, hub):

@@ -38,3 +38,17 @@ def saved_detector(folder):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, processor
+
+
+def serve_transformers_checkpoint(hub, repo_id: str, folder) -> dict:
+    """Puts transformers' small Deformable DETR (91 COCO-sized labels), saved in `folder`, on the fake Hub
+    (tests/support/fake_hub.py) as `repo_id`; -> its weights converted to ours."""
+    from transformers import DeformableDetrForObjectDetection as HFModel
+
+    from deformable_detr.testing import perturb_, small_hf_config
+    from tests.support.fake_hub import Repo
+
+    perturb_(HFModel(small_hf_config(num_labels=91))).save_pretrained(folder)
+    hub.repos[f"models/{repo_id}"] = Repo(private=False)
+    hub.repos[f"models/{repo_id}"].commit({p.name: p.read_bytes() for p in folder.iterdir()}, "upload")
+    return DeformableDetrForObjectDetection.from_transformers(str(folder)).state_dict()
