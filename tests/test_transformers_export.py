@@ -15,17 +15,13 @@ from deformable_detr import DeformableDetrImageProcessor
 from deformable_detr.cli import export_main
 from deformable_detr.conversion import load_model
 from deformable_detr.onnx_export import _example_inputs, max_abs_difference
-from deformable_detr.testing import perturb_, small_hf_config
+from deformable_detr.testing import VARIANTS, perturb_, small_hf_config
 from deformable_detr.transformers_export import TOLERANCE, to_transformers, transformers_config
 from tests.support.models import saved_detector, tiny_model
 from tests.support.processes import run_command
 
-VARIANTS = {
-    "multi-scale": {},
-    "single-scale": {"num_feature_levels": 1},
-    "box-refine": {"with_box_refine": True},
-    "two-stage": {"with_box_refine": True, "two_stage": True},
-    "learned-positions": {"position_embedding_type": "learned"},
+EXPORTED = {
+    **VARIANTS,  # the parity tests' variants
     "resnet50, trained batch norms": {"backbone": "resnet50", "freeze_backbone_batch_norms": False},
     "transformers backbone": {"backbone_config": small_hf_config().backbone_config.to_dict()},
 }
@@ -61,7 +57,7 @@ def test_every_variant_loads_in_plain_transformers_with_our_outputs(tmp_path):
     processor = DeformableDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 100})
     inputs = dict(zip(("pixel_values", "pixel_mask"), _example_inputs(2, (96, 128), padded=True)))
     folders, expected = {}, {}
-    for variant, overrides in VARIANTS.items():
+    for variant, overrides in EXPORTED.items():
         model = perturb_(tiny_model(**overrides)).eval()  # no zero or identity initialisation hides a mistake
         folder = str(tmp_path / variant.replace(" ", "_").replace(",", ""))
         trained_norms = not model.config.freeze_backbone_batch_norms
