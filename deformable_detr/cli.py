@@ -59,6 +59,17 @@ def add_model_argument(parser: argparse.ArgumentParser, more: str = ""):
     )
 
 
+def add_held_out_arguments(parser: argparse.ArgumentParser):
+    """--validation_fraction and --seed, as the training command holds out a validation split where data has none."""
+    parser.add_argument(
+        "--validation_fraction",
+        type=float,
+        default=0.15,
+        help="as in training: the share of training images held out when the data has no validation split",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="as in training: the seed of that held-out split")
+
+
 def train_parser() -> argparse.ArgumentParser:
     """One flag per TrainingOptions field, in its group, with its type, default and help."""
     from .training import options as module
@@ -122,13 +133,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "confusion_matrix.png (IoU 0.5, score >= 0.5), their numbers as .json beside them (default: --output's "
         "folder, none without --output)",
     )
-    parser.add_argument(
-        "--validation_fraction",
-        type=float,
-        default=0.15,
-        help="as in training: the share of training images held out when the data has no validation split",
-    )
-    parser.add_argument("--seed", type=int, default=42, help="as in training: the seed of that held-out split")
+    add_held_out_arguments(parser)
     parser.add_argument(
         "--skip_bad_images",
         action="store_true",
@@ -365,13 +370,7 @@ def data_parser() -> argparse.ArgumentParser:
     for name, summary in (("check", "count the data and list its problems"), ("show", "draw its boxes")):
         command = commands.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
         command.add_argument("dataset", help="Hub id, save_to_disk folder, COCO, Pascal VOC or YOLO folder")
-        command.add_argument(
-            "--validation_fraction",
-            type=float,
-            default=0.15,
-            help="as in training: the share of training images held out when the data has no validation split",
-        )
-        command.add_argument("--seed", type=int, default=42, help="as in training: the seed of that held-out split")
+        add_held_out_arguments(command)
         command.add_argument(
             "--image_size", type=int, default=800, help="as in training: images too thin for it are listed"
         )
