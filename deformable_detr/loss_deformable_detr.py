@@ -97,6 +97,8 @@ def _num_boxes(targets, device) -> float:
 
 # The terms of one prediction set, under these names for the last decoder layer; the earlier layers' carry the
 # suffix `_{i}` (decoder layer i), the two-stage proposals' `_enc`.
+CORNERS_TOLERANCE = 0.01  # how far a (cx, cy, w, h) box may run past its image before it counts as running past
+
 MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
 
 
@@ -205,7 +207,12 @@ class DeformableDetrLoss(nn.Module):
         boxes = torch.cat([t["boxes"] for t in targets])
         bad_ids = (ids < 0) | (ids >= num_labels)
         bad_boxes = ~(torch.isfinite(boxes) & (boxes >= 0) & (boxes <= 1)).all(-1)
-        if not (bad_ids.any() | bad_boxes.any()):
+        # corners (x0, y0, x1, y1) read as (cx, cy, w, h) mostly run past the image: most boxes doing so, and
+        # fitting as corners, are corners
+        centres, sides = boxes[:, :2], boxes[:, 2:] / 2
+        past = ((centres - sides < -CORNERS_TOLERANCE) | (centres + sides > 1 + CORNERS_TOLERANCE)).any(-1)
+        as_corners = (past & (boxes[:, 2:] >= boxes[:, :2]).all(-1)).sum() * 2 > len(boxes)
+        if not (bad_ids.any() | bad_boxes.any() | as_corners):
             return
         sizes = [len(t["class_labels"]) for t in targets]
         per_image = zip(ids.split(sizes), bad_ids.split(sizes), boxes.split(sizes), bad_boxes.split(sizes))
@@ -221,3 +228,8 @@ class DeformableDetrLoss(nn.Module):
                     f"labels[{i}] has the box {box[0].tolist()}: boxes are (cx, cy, w, h) normalised to [0, 1] of "
                     "the image (the image processor makes them from pixel boxes)"
                 )
+        raise ValueError(
+            f"{int(past.sum())} of the labels' {len(boxes)} boxes run past their image as (cx, cy, w, h) but fit it as "
+            f"corners (x0, y0, x1, y1), e.g. {boxes[past][0].tolist()}: boxes are (cx, cy, w, h) normalised to "
+            "[0, 1] (box_ops.box_xyxy_to_cxcywh converts corners; the image processor makes them from pixel boxes)"
+        )

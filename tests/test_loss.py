@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deformable_detr import DeformableDetrForObjectDetection
-from deformable_detr.box_ops import generalized_box_iou
+from deformable_detr.box_ops import box_xyxy_to_cxcywh, generalized_box_iou
 from deformable_detr.loss_deformable_detr import HungarianMatcher
 from deformable_detr.testing import padded_batch, small_hf_model
 from tests.support.models import tiny_model
@@ -144,3 +144,21 @@ def test_a_bf16_model_sums_its_box_terms_in_fp32_and_terms_are_scalars_of_their_
     assert list(terms)[:5] == ["loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "loss_ce_0"]
     terms["loss_ce"].mul_(2)  # its own storage: no error, and the earlier layer's term keeps its value
     assert terms["loss_ce_0"].item() == pytest.approx(terms["loss_ce"].item() / 2, rel=1e-2)
+
+
+def test_corner_boxes_are_refused_with_that_explanation():
+    """Normalised corners (x0, y0, x1, y1) given as labels were trained on as (cx, cy, w, h): most of them run past
+    the image read that way. One box that runs past among boxes that fit is left alone (a box at the border)."""
+    model = tiny_model()
+    corners = torch.tensor([[0.1, 0.2, 0.6, 0.7], [0.3, 0.3, 0.9, 0.8], [0.05, 0.5, 0.4, 0.95]])
+    labels = [{"class_labels": torch.tensor([0, 1, 2]), "boxes": corners}]
+    message = (
+        r"3 of the labels' 3 boxes run past their image as \(cx, cy, w, h\) but fit it as corners \(x0, y0, x1, y1\), "
+        r"e.g. \[0.1.*box_xyxy_to_cxcywh converts corners"
+    )
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(1, 3, 64, 64), labels=labels)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64), labels=[labels[0] | {"boxes": box_xyxy_to_cxcywh(corners)}])
+        border = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2], [0.02, 0.5, 0.1, 0.3]])
+        model(torch.randn(1, 3, 64, 64), labels=[labels[0] | {"boxes": border}])
