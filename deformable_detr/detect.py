@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .file_writing import replaced_when_done
-from .training.image_files import SHOWN, UNREADABLE, listed
+from .training.image_files import SHOWN, UNREADABLE, listed, too_thin
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")  # read with PyAV (the [video] extra), given as files
@@ -316,11 +316,17 @@ def detect_files(
             images, names = [], []
             for path in batch:
                 try:
-                    images.append(read_image(path))
-                    names.append(path)
+                    image = read_image(path)
                 except UNREADABLE as error:
                     skipped[path] = f"{type(error).__name__}: {error}"
                     warnings.warn(f"skipped {path}: cannot read it as an image ({error})", stacklevel=2)
+                    continue
+                if thin := too_thin(image.width, image.height, resize_sides(processor)):
+                    skipped[path] = thin
+                    warnings.warn(f"skipped {path}: too thin to resize ({thin})", stacklevel=2)
+                    continue
+                images.append(image)
+                names.append(path)
             if not images:
                 continue
             detections, not_finite_rows = detect(model, processor, images, threshold, top_k)
@@ -338,6 +344,13 @@ def detect_files(
     with replaced_when_done(os.path.join(output_dir, COMBINED)) as temporary, open(temporary, "w") as f:
         json.dump(combined_results(entries, model.config.id2label), f)
     return {"written": written, "skipped": skipped}
+
+
+def resize_sides(processor) -> tuple[int, int] | None:
+    """(shortest, longest) edge the processor resizes images to, as the image checks take them; None for a
+    processor that resizes otherwise (to a fixed or a maximal height and width)."""
+    size = processor.size or {}
+    return (size["shortest_edge"], size["longest_edge"]) if {"shortest_edge", "longest_edge"} <= set(size) else None
 
 
 def class_ids(id2label: dict[int, str], classes: list[str] | None) -> set[int] | None:

@@ -372,3 +372,16 @@ def test_a_video_without_the_video_extra_is_an_error_naming_it(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "av", None)  # import av fails
     with pytest.raises(SystemExit, match=r"clip\.mp4 is a video: reading videos needs PyAV, the \[video\] extra"):
         main([str(tmp_path / "clip.mp4"), "--model", str(tmp_path / "no-model")])
+
+
+def test_an_image_too_thin_to_resize_is_skipped_by_name(tmp_path):
+    """10000x20 resizes to a short side of 0 pixels at the saved processor's edges (128, 200): the whole run
+    stopped ("height and width must be > 0"); now that image is named, skipped, and the others are written."""
+    saved_detector(tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (10000, 20)).save(tmp_path / "in" / "thin.png")
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "in" / "fine.png")
+    with pytest.warns(UserWarning, match=r"skipped .*thin\.png: too thin to resize \(10000x20: its short side is 0"):
+        result = detect_files([str(tmp_path / "in")], str(tmp_path / "model"), str(tmp_path / "out"))
+    assert [Path(p).name for p in result["written"]] == ["fine.png"]
+    assert [Path(p).name for p in result["skipped"]] == ["thin.png"]

@@ -204,7 +204,7 @@ def evaluate_saved_model(
     ValueError when the split is missing or the model's classes are not the data's."""
     from accelerate import Accelerator
 
-    from ..detect import accelerator_options, load_detector
+    from ..detect import accelerator_options, load_detector, resize_sides
     from .data import load_detection_dataset
     from .samples import DetectionCollator, DetectionSamples
 
@@ -215,8 +215,8 @@ def evaluate_saved_model(
     accelerator = Accelerator(**accelerator_options(device))
     model, processor = load_detector(model_path, accelerator.device)
     # images the model's processor would resize to nothing are found at load, by name
-    sides = {"shortest_edge": "image_size", "longest_edge": "max_image_size"}
-    sizes = {sides[k]: v for k, v in (processor.size or {}).items() if k in sides}
+    sides = resize_sides(processor)
+    sizes = {} if sides is None else {"image_size": sides[0], "max_image_size": sides[1]}
     splits, class_names = load_detection_dataset(dataset, validation_fraction, seed, skip_bad_images, **sizes)
     if split not in splits:
         raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
