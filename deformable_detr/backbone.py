@@ -172,6 +172,11 @@ class Backbone(nn.Module):
             self.frozen_prefixes = TRANSFORMERS_FROZEN_PREFIXES.get(config.backbone_config.model_type, ())
         if not frozen:  # trained from scratch: every layer learns
             self.frozen_prefixes = ()
+        self.freeze()
+
+    def freeze(self):
+        """The stem and first stage (`frozen_prefixes`) stop training. Loading weights makes new parameters, which
+        train, so `from_pretrained` calls this again."""
         for name, parameter in self.body.named_parameters():
             if name.startswith(self.frozen_prefixes):
                 parameter.requires_grad_(False)

@@ -199,6 +199,9 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
         # transformers keeps only the conversions that matched (none for a checkpoint in our names, some for a mix)
         # and a key_mapping cannot be reversed
         model._weight_conversions = None
+        for module in model.modules():
+            if isinstance(module, Backbone):
+                module.freeze()
         return loaded
 
     def _initialize_weights(self, module, is_custom_code: bool = False):

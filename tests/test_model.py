@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from deformable_detr import DeformableDetrConfig
+from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection
 from deformable_detr.deformable_transformer import refine_boxes
 from tests.support.models import tiny_model
 
@@ -109,11 +109,15 @@ def test_paper_initialisation():
     assert torch.allclose(out.pred_boxes[..., 2:], torch.sigmoid(torch.tensor(-2.0)).expand(1, 7, 2))
 
 
-def test_the_backbone_stem_and_first_stage_are_frozen():
-    model = tiny_model()
-    trainable = {n for n, p in model.model.backbone.body.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("layer2", "layer3", "layer4")) for n in trainable)
-    assert not any("running_mean" in n for n, _ in model.named_parameters())
+def test_the_backbone_stem_and_first_stage_are_frozen(tmp_path):
+    """Also in a model loaded back (and so when fine-tuning a saved one): loading made new parameters, all
+    training, so the stem and first stage trained."""
+    fresh = tiny_model()
+    fresh.save_pretrained(tmp_path)
+    for model in (fresh, DeformableDetrForObjectDetection.from_pretrained(tmp_path)):
+        trainable = {n for n, p in model.model.backbone.body.named_parameters() if p.requires_grad}
+        assert trainable and all(n.startswith(("layer2", "layer3", "layer4")) for n in trainable)
+        assert not any("running_mean" in n for n, _ in model.named_parameters())
 
 
 def test_without_box_refinement_one_head_serves_every_layer():
