@@ -40,6 +40,7 @@ except SourcesUnavailable as error:
 # needing files transformers' sdist does not ship.
 SKIPPED = {
     "test_inputs_embeds": "images in, no input embeddings",
+    "test_inputs_embeds_matches_input_ids": "images in, no input ids to embed",
     "test_model_get_set_embeddings": "no token embeddings to get or set",
     "test_resize_tokens_embeddings": "no token embeddings",
     "test_feed_forward_chunking": "feed-forward chunking is not implemented (nor in transformers' Deformable DETR)",
