@@ -22,6 +22,7 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 demo: install

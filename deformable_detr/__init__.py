@@ -3,14 +3,16 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
 from transformers.utils import logging as hf_logging
 
-from .configuration_deformable_detr import DeformableDetrConfig
-from .image_processing_deformable_detr import DeformableDetrImageProcessor
-from .modeling_deformable_detr import (
+from .model.configuration_deformable_detr import DeformableDetrConfig
+from .model.image_processing_deformable_detr import DeformableDetrImageProcessor
+from .model.modeling_deformable_detr import (
     DeformableDetrForObjectDetection,
     DeformableDetrModel,
     DeformableDetrPreTrainedModel,
 )
-from .ms_deform_attn import multi_scale_deformable_attention
+from .model.ms_deform_attn import multi_scale_deformable_attention
+from .weights.backbone_weights import load_backbone_weights
+from .weights.conversion import from_original_checkpoint, from_transformers
 
 __all__ = [
     "DeformableDetrConfig",
@@ -18,6 +20,9 @@ __all__ = [
     "DeformableDetrImageProcessor",
     "DeformableDetrModel",
     "DeformableDetrPreTrainedModel",
+    "from_original_checkpoint",
+    "from_transformers",
+    "load_backbone_weights",
     "multi_scale_deformable_attention",
 ]
 

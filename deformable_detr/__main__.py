@@ -1,5 +1,5 @@
 """`python -m deformable_detr COMMAND ...`: the commands (cli.py's `main`)."""
 
-from .cli import main
+from .apps.cli import main
 
 main()

@@ -20,8 +20,6 @@ from transformers import DeformableDetrConfig as HFConfig
 from transformers import DeformableDetrForObjectDetection as HFModel
 from transformers import ResNetConfig
 
-from . import DeformableDetrForObjectDetection
-
 __all__ = [
     "RESNET50_LIKE",
     "VARIANTS",
@@ -184,7 +182,9 @@ def full_size_pair(device):
         save_file(
             {k: v.contiguous() for k, v in hub_v4_state_dict(hf).items()}, os.path.join(folder, "model.safetensors")
         )
-        ours = DeformableDetrForObjectDetection.from_transformers(folder)
+        from .weights.conversion import from_transformers
+
+        ours = from_transformers(folder)
     # both train their backbone from layer2 on, as in the paper, and as transformers does with a timm ResNet; with
     # its own ResNet a name check looks for "stage.1" in "encoder.stages.1..." and freezes all of it
     for name, parameter in hf.model.backbone.named_parameters():

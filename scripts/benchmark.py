@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from deformable_detr.benchmarking import device_name, median_times, peak_memory
-from deformable_detr.ms_deform_attn import available_backends, multi_scale_deformable_attention
-from deformable_detr.onnx_export import max_abs_difference
+from deformable_detr.apps.onnx_export import max_abs_difference
+from deformable_detr.model.ms_deform_attn import available_backends, multi_scale_deformable_attention
 from deformable_detr.testing import full_size_pair
+from deformable_detr.utils.benchmarking import device_name, median_times, peak_memory
 
 ENCODER_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
 
@@ -166,7 +166,7 @@ def training_batch(device, batch_size=2):
 def bench_memory(device, repeats):
     import copy
 
-    from deformable_detr.backbone import set_gradient_checkpointing
+    from deformable_detr.model.gradient_checkpointing import set_gradient_checkpointing
 
     _, plain = full_size_pair(device)
     checkpointed = copy.deepcopy(plain)
@@ -190,8 +190,8 @@ def bench_memory(device, repeats):
 
 
 def bench_evaluation():
+    from deformable_detr.metrics.evaluation import SUMMARY_NAMES, coco_metrics
     from deformable_detr.testing import synthetic_coco
-    from deformable_detr.training.evaluation import SUMMARY_NAMES, coco_metrics
 
     gt, detections = synthetic_coco()
     print("\n(f) COCO evaluation, 5,000 images x 100 detections: faster-coco-eval vs pycocotools")
@@ -214,8 +214,8 @@ def bench_export(repeats):
     import onnxruntime
 
     from deformable_detr import DeformableDetrForObjectDetection
-    from deformable_detr.onnx_detector import OnnxDetector
-    from deformable_detr.onnx_export import _example_inputs, export_onnx
+    from deformable_detr.apps.onnx_detector import OnnxDetector
+    from deformable_detr.apps.onnx_export import _example_inputs, export_onnx
 
     device = torch.device("cpu")
     hf, ours = full_size_pair(device)

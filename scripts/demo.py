@@ -15,12 +15,15 @@ import time
 from datasets import DatasetDict, load_from_disk
 from PIL import Image
 
-from deformable_detr.cli import HelpFormatter
-from deformable_detr.detect import detect, draw_detections, load_detector
-from deformable_detr.training import TrainingOptions, train
-from deformable_detr.training.curves import plot_training
-from deformable_detr.training.evaluation import evaluate_saved_model, format_metrics
-from deformable_detr.training.shapes import shapes_dataset
+from deformable_detr.apps.cli import HelpFormatter
+from deformable_detr.apps.detect import load_detector
+from deformable_detr.apps.evaluate import evaluate_saved_model
+from deformable_detr.data.shapes import shapes_dataset
+from deformable_detr.engine import TrainingOptions, train
+from deformable_detr.engine.curves import plot_training
+from deformable_detr.metrics.evaluation import format_metrics
+from deformable_detr.metrics.predictions import detect
+from deformable_detr.utils.drawing import draw_detections
 
 # the tiny preset with box refinement and 30 queries (at most 4 shapes per image), trained from scratch
 MODEL = "num_queries=30,with_box_refine=true"

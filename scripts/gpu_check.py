@@ -32,6 +32,8 @@ from functools import partial
 
 import torch
 
+from deformable_detr import from_transformers
+
 ENCODER_SHAPES = [(100, 167), (50, 84), (25, 42), (13, 21)]  # an 800x1333 image at strides 8, 16, 32, 64
 QUICK_SHAPES = [(8, 12), (4, 6), (2, 3), (1, 2)]
 TIMED_QUICK_SHAPES = [(2, 3), (1, 2)]  # --quick, where it times: the interpreter runs every program in Python
@@ -157,7 +159,7 @@ def relative(a, b) -> float:
 
 def copy_bandwidth(device, quick) -> float:
     """Bytes per second of a device-to-device copy, counting bytes read and written."""
-    from deformable_detr.benchmarking import median_time
+    from deformable_detr.utils.benchmarking import median_time
 
     source = torch.empty(2**24 if quick else 2**28, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
@@ -208,7 +210,7 @@ def encoder_locations(shapes, batch, heads, points, generator, spread=2.0):
 
 def run_op(backend, value, shapes, locations, weights, grad_output=None):
     """Output and, with grad_output, the gradients of value, locations and weights."""
-    from deformable_detr.ms_deform_attn import BACKENDS
+    from deformable_detr.model.ms_deform_attn import BACKENDS
 
     inputs = [t.detach().requires_grad_(grad_output is not None) for t in (value, locations, weights)]
     output = BACKENDS[backend](inputs[0], shapes, inputs[1], inputs[2])
@@ -244,7 +246,7 @@ def compare_op(report, name, value, shapes, locations, weights, dtype, forward_l
 
 def op_correctness(report, device, quick):
     """The self-check, and Triton against the reference at the encoder and decoder shapes, in each type."""
-    from deformable_detr.ms_deform_attn import (
+    from deformable_detr.model.ms_deform_attn import (
         _compare_triton_with_reference,
         triton_self_check,
     )
@@ -292,8 +294,8 @@ def op_deterministic(report, device, quick):
     """Under torch.use_deterministic_algorithms(True) the backward sums the value gradient in a fixed order: the
     same bits twice, the atomic sums' values to rounding, and what it costs, at the encoder shapes (batch 8)."""
     from deformable_detr import ms_deform_attn_triton as kernels
-    from deformable_detr.benchmarking import median_time
-    from deformable_detr.ms_deform_attn import kernel_shapes
+    from deformable_detr.model.ms_deform_attn import kernel_shapes
+    from deformable_detr.utils.benchmarking import median_time
 
     shapes = TIMED_QUICK_SHAPES if quick else ENCODER_SHAPES
     batch, heads = (2, 2) if quick else (8, 8)
@@ -407,7 +409,7 @@ def op_edge_cases(report, device, quick):
 
 def op_gradcheck(report, device, quick):
     """Exact gradients in fp64 (tiny shapes: gradcheck perturbs every input element)."""
-    from deformable_detr.ms_deform_attn import multi_scale_deformable_attention_triton
+    from deformable_detr.model.ms_deform_attn import multi_scale_deformable_attention_triton
 
     section = "op: Triton vs reference"
     shapes, queries, heads, dim, points = ([(2, 2), (1, 2)], 2, 1, 2, 1) if quick else ([(3, 4), (2, 2)], 3, 2, 4, 2)
@@ -447,8 +449,8 @@ def floor_bytes(value, locations, weights, backward: bool) -> int:
 def op_speed(report, device, quick, bandwidth):
     """Per encoder layer, Triton against the reference, at uniform sampling locations (no two queries share a
     value row: a worst case for the caches) and at an encoder layer's own (encoder_locations)."""
-    from deformable_detr.benchmarking import median_time, peak_memory
-    from deformable_detr.ms_deform_attn import BACKENDS
+    from deformable_detr.model.ms_deform_attn import BACKENDS
+    from deformable_detr.utils.benchmarking import median_time, peak_memory
 
     section = "op speed, one encoder layer"
     heads = 2 if quick else 8
@@ -526,8 +528,8 @@ def sweep(report, device, quick):
     """Times the kernels' launch settings at the encoder shapes (batch 8), uniform and encoder's locations:
     BLOCK_Q x num_warps (each setting compiles once, for both)."""
     from deformable_detr import ms_deform_attn_triton as kernels
-    from deformable_detr.benchmarking import median_time
-    from deformable_detr.ms_deform_attn import kernel_shapes
+    from deformable_detr.model.ms_deform_attn import kernel_shapes
+    from deformable_detr.utils.benchmarking import median_time
 
     shapes = TIMED_QUICK_SHAPES if quick else ENCODER_SHAPES
     batch, heads = (2, 2) if quick else (8, 8)
@@ -568,13 +570,12 @@ def sweep(report, device, quick):
 
 def model_pair(device, quick):
     """transformers' Deformable DETR and ours with the same weights: ResNet-50 6+6 (or a tiny one with --quick)."""
-    from deformable_detr import DeformableDetrForObjectDetection
     from deformable_detr.testing import full_size_pair, small_hf_model
 
     if not quick:
         return full_size_pair(device)
     hf = small_hf_model("multi-scale")
-    return hf.to(device), DeformableDetrForObjectDetection.from_transformers(hf).to(device)
+    return hf.to(device), from_transformers(hf).to(device)
 
 
 def inference_section(quick):
@@ -582,8 +583,8 @@ def inference_section(quick):
 
 
 def inference(report, device, quick, hf, ours):
-    from deformable_detr.benchmarking import median_time, peak_memory
-    from deformable_detr.onnx_export import max_abs_difference
+    from deformable_detr.apps.onnx_export import max_abs_difference
+    from deformable_detr.utils.benchmarking import median_time, peak_memory
 
     section = inference_section(quick)
     height, width = (96, 128) if quick else (800, 1333)
@@ -650,8 +651,8 @@ def compiled_inference(report, device, quick, ours, variants=False):
     Inductor's layout optimisation off (which turns convolutions channels-last)."""
     from torch._dynamo.utils import counters
 
-    from deformable_detr.benchmarking import median_time
-    from deformable_detr.onnx_export import max_abs_difference
+    from deformable_detr.apps.onnx_export import max_abs_difference
+    from deformable_detr.utils.benchmarking import median_time
 
     batch, height, width = (2, 96, 128) if quick else (8, 800, 1333)
     x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch)).to(device)
@@ -719,7 +720,7 @@ def profile_calls(calls: dict, device) -> tuple[dict, str]:
     40 kernels that took longest in each, as tables). On the CPU, kernels are its ops and busy is their time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from deformable_detr.benchmarking import synchronize
+    from deformable_detr.utils.benchmarking import synchronize
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -749,11 +750,11 @@ def training_steps(model, batches, precision: str, device, steps: int) -> tuple[
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from deformable_detr.benchmarking import PeakMemory, synchronize
-    from deformable_detr.training.checkpoints import TrainState
-    from deformable_detr.training.loop import forward_backward, optimiser_step
-    from deformable_detr.training.model_setup import parameter_groups
-    from deformable_detr.training.options import TrainingOptions
+    from deformable_detr.engine.checkpoints import TrainState
+    from deformable_detr.engine.model_setup import parameter_groups
+    from deformable_detr.engine.options import TrainingOptions
+    from deformable_detr.engine.trainer import forward_backward, optimiser_step
+    from deformable_detr.utils.benchmarking import PeakMemory, synchronize
 
     options = TrainingOptions(dataset="shapes", config_name="paper")  # the paper's recipe
     state, losses, times = TrainState(), [], []
@@ -788,8 +789,8 @@ def training(report, device, quick, hf, ours):
     twice, alternately (ours, transformers, ours, transformers), and each model's step time is its better median:
     one run after the other, the ratio moved by 10 % between H100 machines."""
     from deformable_detr import DeformableDetrImageProcessor
-    from deformable_detr.training.samples import DetectionCollator, DetectionSamples
-    from deformable_detr.training.shapes import shapes_records
+    from deformable_detr.data.samples import DetectionCollator, DetectionSamples
+    from deformable_detr.data.shapes import shapes_records
 
     batch_size, steps, size = (2, 6, 128) if quick else (8, 30, 512)
     section = f"training, batch {batch_size} of {size}x{size} shapes, {steps} steps"
@@ -843,7 +844,7 @@ def training(report, device, quick, hf, ours):
 def environment(device) -> dict:
     import transformers
 
-    from deformable_detr.benchmarking import device_name
+    from deformable_detr.utils.benchmarking import device_name
 
     try:
         import triton

@@ -45,8 +45,8 @@ print(type(model).__module__, type(model).__name__, type(processor).__name__, le
 
 def write_dataset(folder: Path, sizes=(("train", 24), ("validation", 8), ("test", 8))) -> Path:
     """Our synthetic shapes (3 classes) in the cppe-5 schema, one parquet file per split; returns `folder`."""
-    from deformable_detr.training.schema import records_to_dataset
-    from deformable_detr.training.shapes import CLASS_NAMES, shapes_records
+    from deformable_detr.data.schema import records_to_dataset
+    from deformable_detr.data.shapes import CLASS_NAMES, shapes_records
 
     folder.mkdir(parents=True, exist_ok=True)
     for seed, (split, count) in enumerate(sizes):
@@ -58,7 +58,7 @@ def write_dataset(folder: Path, sizes=(("train", 24), ("validation", 8), ("test"
 def write_model(folder: Path) -> Path:
     """A tiny model of ours (random weights) and its processor, saved as for the Hub; returns `folder`."""
     from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
-    from deformable_detr.training.shapes import CLASS_NAMES
+    from deformable_detr.data.shapes import CLASS_NAMES
 
     config = DeformableDetrConfig(
         backbone="resnet18",
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="transformers-examples-"))
     data, model = write_dataset(work / "shapes"), write_model(work / "tiny-model")
     image = work / "image.png"
-    from deformable_detr.training.shapes import shapes_records
+    from deformable_detr.data.shapes import shapes_records
 
     shapes_records(1, image_size=96, seed=9)[0]["image"].save(image)
     shim, ok = shim_path(work), True

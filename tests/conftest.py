@@ -2,7 +2,7 @@
 
 import pytest
 
-from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
 from tests.support.datasets_on_disk import write_coco
 from tests.support.fake_hub import FakeHub
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils import cpp_extension
 
 from deformable_detr import ms_deform_attn, ms_deform_attn_cpu
-from deformable_detr.ms_deform_attn import (
+from deformable_detr.model.ms_deform_attn import (
     available_backends,
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_reference,

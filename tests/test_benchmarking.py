@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deformable_detr import benchmarking
-from deformable_detr.benchmarking import PeakMemory, median_time, median_times, peak_memory
+from deformable_detr.utils.benchmarking import PeakMemory, median_time, median_times, peak_memory
 
 CPU = torch.device("cpu")
 

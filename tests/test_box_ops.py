@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from deformable_detr.box_ops import (
+from deformable_detr.model.box_ops import (
     box_area,
     box_cxcywh_to_xyxy,
     box_xywh_to_xyxy,
@@ -13,7 +13,7 @@ from deformable_detr.box_ops import (
     generalized_box_iou,
     paired_generalized_box_iou,
 )
-from deformable_detr.deformable_transformer import inverse_sigmoid, refine_boxes
+from deformable_detr.model.deformable_transformer import inverse_sigmoid, refine_boxes
 
 XYXY = torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 1.0, 1.0]])
 CXCYWH = torch.tensor([[30.0, 50.0, 40.0, 60.0], [0.5, 0.5, 1.0, 1.0]])

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from deformable_detr.training.checkpoints import (
+from deformable_detr.engine.checkpoints import (
     STATE_FILE,
     TrainState,
     find_checkpoint,

@@ -1,4 +1,4 @@
-"""`python -m deformable_detr.cli` (and `python -m deformable_detr`): the commands as subcommands, each handed its
+"""`python -m deformable_detr.apps.cli` (and `python -m deformable_detr`): the commands as subcommands, each handed its
 arguments, and a --help that lists them with an example each."""
 
 import re
@@ -6,16 +6,15 @@ import sys
 
 import pytest
 
-from deformable_detr.cli import COMMANDS, main
+from deformable_detr.apps.cli import COMMANDS, main
 from tests.support.processes import run_command
 
 
-@pytest.mark.parametrize("module", ["deformable_detr.cli", "deformable_detr"])
+@pytest.mark.parametrize("module", ["deformable_detr.apps.cli", "deformable_detr"])
 def test_python_m_lists_the_commands_with_an_example_each(module):
-    """`python -m deformable_detr.cli --help` printed nothing and exited 0."""
     text = run_command([sys.executable, "-m", module, "--help"], timeout=120).stdout
     for name in ("train", "evaluate", "detect", "export", "data"):
-        assert re.search(rf"^  {name} +\S.*; e\.g\.\n +python -m deformable_detr\.cli {name} \S", text, re.M), text
+        assert re.search(rf"^  {name} +\S.*; e\.g\.\n +python -m deformable_detr {name} \S", text, re.M), text
     assert not re.search(r"`|\w+\.py\b|\w+_\w+\(", text), text
 
 
@@ -31,7 +30,7 @@ def test_a_subcommand_gets_its_arguments_and_its_own_errors(capsys):
 
 
 def test_every_listed_command_is_one():
-    import deformable_detr.cli as cli
+    import deformable_detr.apps.cli as cli
 
     assert set(COMMANDS) == {name for name in COMMANDS if hasattr(cli, f"{name}_main")}
 
@@ -42,8 +41,8 @@ def test_loading_and_exporting_print_no_transformers_bars_and_restore_them(tmp_p
     from huggingface_hub.utils import are_progress_bars_disabled
     from transformers.utils.logging import is_progress_bar_enabled
 
-    from deformable_detr.conversion import load_model
-    from deformable_detr.transformers_export import export_transformers
+    from deformable_detr.apps.transformers_export import export_transformers
+    from deformable_detr.weights.loading import load_model
     from tests.support.models import saved_detector
 
     saved_detector(tmp_path / "model")
@@ -58,14 +57,16 @@ def test_loading_and_exporting_print_no_transformers_bars_and_restore_them(tmp_p
 
 def test_evaluate_takes_a_device_checked_as_detect_checks_it(tmp_path, monkeypatch):
     """deformable-detr-evaluate had no --device ("unrecognized arguments: --device cpu")."""
-    from deformable_detr.cli import evaluate_parser
-    from deformable_detr.detect import accelerator_options
+    from deformable_detr.apps.cli import evaluate_parser
+    from deformable_detr.utils.devices import accelerator_options
 
     assert evaluate_parser().parse_args(["--model", "m", "--dataset", "d", "--device", "cpu"]).device == "cpu"
     assert accelerator_options(None) == {} and accelerator_options("cpu") == {"cpu": True}
     with pytest.raises(SystemExit, match=r"^deformable-detr-evaluate: error: device 'mps': MPS is not available here"):
         main(["evaluate", "--model", str(tmp_path / "m"), "--dataset", str(tmp_path / "d"), "--device", "mps"])
-    monkeypatch.setattr("deformable_detr.detect.checked_device", lambda device: __import__("torch").device(device))
+    monkeypatch.setattr(
+        "deformable_detr.utils.devices.checked_device", lambda device: __import__("torch").device(device)
+    )
     with pytest.raises(ValueError, match=r"device 'cuda:1': give cuda without an index, .*CUDA_VISIBLE_DEVICES=1"):
         accelerator_options("cuda:1")
     assert accelerator_options("cuda") == {}

@@ -4,8 +4,8 @@ import json
 
 from PIL import Image
 
-from deformable_detr.training import train
-from deformable_detr.training.curves import plot_training
+from deformable_detr.engine import train
+from deformable_detr.engine.curves import plot_training
 from tests.support.training import options
 
 

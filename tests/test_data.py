@@ -9,12 +9,12 @@ import PIL.Image
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 
-from deformable_detr.image_processing_deformable_detr import DeformableDetrImageProcessor
-from deformable_detr.training import TrainingOptions
-from deformable_detr.training.data import dataset_format, load_detection_dataset
-from deformable_detr.training.samples import DetectionCollator, DetectionSamples
-from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
-from deformable_detr.training.transforms import DetrAugmentation
+from deformable_detr.data.samples import DetectionCollator, DetectionSamples
+from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.data.sources import dataset_format, load_detection_dataset
+from deformable_detr.data.transforms import DetrAugmentation
+from deformable_detr.engine import TrainingOptions
+from deformable_detr.model.image_processing_deformable_detr import DeformableDetrImageProcessor
 from tests.support.bccd import BCCD, BCCD_FULL
 from tests.support.datasets_on_disk import edited_coco, edited_voc, write_coco, write_imagefolder, write_voc
 
@@ -237,7 +237,7 @@ def test_label_boxes_are_relative_to_each_image_not_the_padded_canvas():
 
 
 def test_crowd_regions_are_kept_for_evaluation_only(shapes, tmp_path):
-    from deformable_detr.training.evaluation import coco_ground_truth, coco_metrics
+    from deformable_detr.metrics.evaluation import coco_ground_truth, coco_metrics
 
     root = write_coco({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path), "instances")
     path = os.path.join(root, "annotations", "instances_val.json")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deformable_detr.training.data import load_detection_dataset
+from deformable_detr.data.sources import load_detection_dataset
 
 SIZE = (100, 80)  # width, height
 
@@ -88,7 +88,7 @@ def test_images_missing_on_disk_are_refused_or_left_out_counted(tmp_path):
 
 
 def test_voc_images_missing_on_disk_are_left_out_counted(tmp_path):
-    from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+    from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
     from tests.support.datasets_on_disk import write_voc
 
     root = write_voc({"train": shapes_dataset(3, 64, seed=1)}, CLASS_NAMES, str(tmp_path))
@@ -119,7 +119,7 @@ def test_images_too_thin_to_resize_are_refused_or_left_out_counted(tmp_path):
     """10000x20 at max_image_size 96 has a short side of 0 pixels resized (20 * 96 / 10000 rounds to 0): training
     stopped at its step ("height and width must be > 0"), naming no file. At the defaults (the training
     command's), 2700x1 is such an image."""
-    from deformable_detr.training import TrainingOptions
+    from deformable_detr.engine import TrainingOptions
 
     defaults = TrainingOptions(dataset="d", config_name="tiny")
     images = {"a.png": ([[5, 5, 10, 10]], SIZE), "thin.png": ([[5, 5, 10, 10]], (10000, 20))}
@@ -145,7 +145,7 @@ def test_images_too_thin_to_resize_are_refused_or_left_out_counted(tmp_path):
 def test_images_too_thin_to_resize_in_a_datasets_folder_are_left_out(tmp_path):
     from datasets import DatasetDict
 
-    from deformable_detr.training.schema import records_to_dataset
+    from deformable_detr.data.schema import records_to_dataset
 
     objects = {"id": [0], "area": [1.0], "bbox": [[0, 0, 1, 1]], "category": [0]}
     rows = [
@@ -161,7 +161,7 @@ def test_images_too_thin_to_resize_in_a_datasets_folder_are_left_out(tmp_path):
 def test_a_mistyped_local_folder_is_named_with_the_nearest_names_at_once(tmp_path, monkeypatch):
     """data/racoon beside data/raccoon was taken for a Hub id, retried there for 28 s, then failed; dta/raccoon
     (the parent mistyped) likewise. A Hub id whose parent is nothing here still goes to the Hub."""
-    from deformable_detr.training.data import dataset_format
+    from deformable_detr.data.sources import dataset_format
 
     monkeypatch.chdir(tmp_path)
     roboflow_coco(tmp_path / "data" / "raccoon", {"train": {"a.png": ([[5, 5, 10, 10]], SIZE)}})
@@ -192,7 +192,7 @@ def test_a_split_folder_given_as_the_dataset_is_named_with_its_dataset(tmp_path,
 
 
 def test_the_image_folder_of_a_voc_dataset_given_as_the_dataset_is_named_with_its_dataset(tmp_path):
-    from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+    from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
     from tests.support.datasets_on_disk import write_voc
 
     root = write_voc({"train": shapes_dataset(2, 64, seed=1)}, CLASS_NAMES, str(tmp_path / "voc"))
@@ -204,8 +204,8 @@ def test_training_and_evaluation_check_images_at_their_own_sizes(tmp_path):
     """The training command checks images at its --image_size / --max_image_size, evaluation at the saved
     processor's edges: a 10000x20 image resizes to a short side of 0 pixels at 64/96 and at 128/200 (its step
     stopped with "height and width must be > 0"), though not at the defaults."""
-    from deformable_detr.training import TrainingOptions, train
-    from deformable_detr.training.evaluation import evaluate_saved_model
+    from deformable_detr.apps.evaluate import evaluate_saved_model
+    from deformable_detr.engine import TrainingOptions, train
     from tests.support.models import saved_detector
 
     images = {"a.png": ([[5, 5, 10, 10]], SIZE), "thin.png": ([[5, 5, 10, 10]], (10000, 20))}

@@ -10,11 +10,11 @@ import PIL.Image
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 
-from deformable_detr.image_processing_deformable_detr import DeformableDetrImageProcessor
-from deformable_detr.training.data import load_detection_dataset
-from deformable_detr.training.evaluation import coco_ground_truth, coco_metrics
-from deformable_detr.training.samples import DetectionCollator, DetectionSamples
-from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.data.samples import DetectionCollator, DetectionSamples
+from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.data.sources import load_detection_dataset
+from deformable_detr.metrics.evaluation import coco_ground_truth, coco_metrics
+from deformable_detr.model.image_processing_deformable_detr import DeformableDetrImageProcessor
 from tests.support.datasets_on_disk import edited_coco, edited_voc, write_coco, write_voc
 
 

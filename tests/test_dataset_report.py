@@ -3,9 +3,9 @@ from collections import Counter
 
 from PIL import Image
 
-from deformable_detr.cli import data_main
-from deformable_detr.dataset_report import check_dataset, show_dataset
-from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.apps.cli import data_main
+from deformable_detr.apps.dataset_report import check_dataset, show_dataset
+from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
 from tests.support.bccd import BCCD
 from tests.support.datasets_on_disk import write_coco
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from deformable_detr.cli import detect_main as main
-from deformable_detr.detect import class_colour, detect_files
+from deformable_detr.apps.cli import detect_main as main
+from deformable_detr.apps.detect import detect_files
+from deformable_detr.utils.drawing import class_colour
 from tests.support.bccd import BCCD
 from tests.support.models import saved_detector
 from tests.support.processes import run_command
@@ -193,8 +194,9 @@ def test_non_finite_outputs_warn_once_naming_the_images(tmp_path, folder_of_imag
     """Weights (or pixels) that make the outputs NaN give no detections: detect and evaluate say so once, naming
     the images, instead of reporting an empty result as a success."""
     from deformable_detr import DeformableDetrImageProcessor
-    from deformable_detr import detect as detect_module
-    from deformable_detr.training.evaluation import evaluate_saved_model
+    from deformable_detr.apps import detect as detect_module
+    from deformable_detr.apps import evaluate as evaluate_module
+    from deformable_detr.apps.evaluate import evaluate_saved_model
     from tests.support.models import tiny_model
 
     model = tiny_model(num_labels=3, id2label={0: "Platelets", 1: "RBC", 2: "WBC"})  # BCCD's classes, sorted
@@ -208,6 +210,7 @@ def test_non_finite_outputs_warn_once_naming_the_images(tmp_path, folder_of_imag
         return model, processor
 
     monkeypatch.setattr(detect_module, "load_detector", poisoned)
+    monkeypatch.setattr(evaluate_module, "load_detector", poisoned)
     with pytest.warns(RuntimeWarning, match=r"outputs for 3 image\(s\) are not finite .*BloodImage_0000"):
         detect_files([str(folder_of_images)], str(tmp_path / "model"), str(tmp_path / "out"))
     with pytest.warns(RuntimeWarning, match=r"outputs for 2 image\(s\) are not finite .*BloodImage_00"):
@@ -268,7 +271,7 @@ def test_nothing_to_detect_is_an_error_and_a_matched_folder_is_searched(tmp_path
 
 def test_ctrl_c_keeps_whole_outputs_only_and_exits_130(tmp_path, folder_of_images, monkeypatch, capsys):
     """Ctrl-C while a picture was being written left it truncated beside a complete JSON, with a traceback."""
-    from deformable_detr import detect as detect_module
+    from deformable_detr.apps import detect as detect_module
 
     saved_detector(tmp_path / "model")
     draw = detect_module.draw_detections
@@ -297,7 +300,7 @@ def test_ctrl_c_keeps_whole_outputs_only_and_exits_130(tmp_path, folder_of_image
 def test_help_texts_and_spellings_of_options(tmp_path, capsys):
     """--help printed the module's developer docstring (function and file names); --model X.ONNX was not taken
     for an ONNX file; --output_dir "" failed only after the model was loaded."""
-    from deformable_detr.cli import evaluate_main, export_main
+    from deformable_detr.apps.cli import evaluate_main, export_main
 
     for command in (main, evaluate_main, export_main):
         with pytest.raises(SystemExit):

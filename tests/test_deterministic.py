@@ -5,8 +5,8 @@ short training runs end with bitwise-equal weights."""
 import torch
 from safetensors.torch import load_file
 
-from deformable_detr.ms_deform_attn import multi_scale_deformable_attention_cpu
-from deformable_detr.training import train
+from deformable_detr.engine import train
+from deformable_detr.model.ms_deform_attn import multi_scale_deformable_attention_cpu
 from tests.support.op_inputs import random_inputs
 from tests.support.training import options
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from deformable_detr import DeformableDetrForObjectDetection
-from deformable_detr.training import train
-from deformable_detr.training.evaluation import evaluate_saved_model
+from deformable_detr.apps.evaluate import evaluate_saved_model
+from deformable_detr.engine import train
 from tests.support.processes import torchrun
 from tests.support.training import TINY, command_line, training_options
 
 # runs the training command and saves the initial weights and every rank's final weights
 DRIVER = """
 import sys, torch
-from deformable_detr.training import loop as t
-from deformable_detr.cli import train_main
+from deformable_detr.engine import loop as t
+from deformable_detr.apps.cli import train_main
 build_model = t.build_model
 def save_initial(*args):
     model = build_model(*args)
@@ -64,7 +64,7 @@ def test_two_processes_match_one_with_the_whole_batch(data, tmp_path):
     # the same saved model, evaluated by one and by two processes: the same numbers
     single = evaluate_saved_model(str(tmp_path / "one"), data)
     evaluate = tmp_path / "evaluate.py"
-    evaluate.write_text("import sys\nfrom deformable_detr.cli import evaluate_main\nevaluate_main(sys.argv[1:])\n")
+    evaluate.write_text("import sys\nfrom deformable_detr.apps.cli import evaluate_main\nevaluate_main(sys.argv[1:])\n")
     torchrun(
         str(evaluate),
         "--model",

@@ -6,8 +6,8 @@ import math
 import torch
 from safetensors.torch import load_file
 
-from deformable_detr.training import train
-from deformable_detr.training.ema import WeightAverage
+from deformable_detr.engine import train
+from deformable_detr.engine.ema import WeightAverage
 from tests.support.training import options
 
 

@@ -2,9 +2,9 @@ import os
 
 import pytest
 
+from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.metrics.evaluation import SUMMARY_NAMES, coco_ground_truth, coco_metrics, format_metrics
 from deformable_detr.testing import synthetic_coco
-from deformable_detr.training.evaluation import SUMMARY_NAMES, coco_ground_truth, coco_metrics, format_metrics
-from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_faster_coco_eval_gives_pycocotools_numbers():
 
 def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, monkeypatch):
     """It failed after the whole evaluation, the work lost."""
-    from deformable_detr.training.evaluation import evaluate_saved_model
+    from deformable_detr.apps.evaluate import evaluate_saved_model
 
     monkeypatch.setattr("accelerate.Accelerator", lambda *a, **k: pytest.fail("the evaluation started"))
     (tmp_path / "results").mkdir()
@@ -88,7 +88,7 @@ def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, 
 def test_a_folder_that_cannot_be_written_in_fails_before_the_evaluation(monkeypatch):
     """The folder exists, but no file can be made in it (as a read-only folder for other users; the tests may run
     as root, for whom only such a file system refuses): found only when the JSON was written, after the work."""
-    from deformable_detr.training.evaluation import evaluate_saved_model
+    from deformable_detr.apps.evaluate import evaluate_saved_model
 
     monkeypatch.setattr("accelerate.Accelerator", lambda *a, **k: pytest.fail("the evaluation started"))
     with pytest.raises(OSError, match="^/proc/metrics.json cannot be written"):
@@ -106,8 +106,8 @@ def saved_bccd_model(folder):
 
 def test_the_table_is_printed_before_the_json_is_written(tmp_path, monkeypatch, capsys):
     """When the JSON could not be written at the end, the metrics table was never printed: the work was lost."""
-    from deformable_detr.cli import evaluate_main
-    from deformable_detr.training import evaluation
+    from deformable_detr.apps.cli import evaluate_main
+    from deformable_detr.engine import evaluation
     from tests.support.bccd import BCCD
 
     score = evaluation.coco_metrics
@@ -136,7 +136,7 @@ def test_evaluate_writes_the_pictures_beside_the_metrics(tmp_path, capsys):
 
     from PIL import Image
 
-    from deformable_detr.cli import evaluate_main
+    from deformable_detr.apps.cli import evaluate_main
     from tests.support.bccd import BCCD
 
     saved_bccd_model(tmp_path / "model")

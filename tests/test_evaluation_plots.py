@@ -3,8 +3,8 @@ import json
 import pytest
 from PIL import Image
 
-from deformable_detr.training.evaluation import coco_metrics
-from deformable_detr.training.evaluation_plots import confusion_matrix, precision_recall, write_evaluation_pictures
+from deformable_detr.metrics.evaluation import coco_metrics
+from deformable_detr.metrics.evaluation_plots import confusion_matrix, precision_recall, write_evaluation_pictures
 
 CAT, DOG = 0, 1
 

@@ -10,9 +10,9 @@ import uuid
 import pytest
 from safetensors import SafetensorError
 
-from deformable_detr.cli import train_main
-from deformable_detr.file_writing import is_disk_full
-from deformable_detr.training.checkpoints import list_checkpoints
+from deformable_detr.apps.cli import train_main
+from deformable_detr.engine.checkpoints import list_checkpoints
+from deformable_detr.utils.file_writing import is_disk_full
 from tests.support.processes import run_command
 from tests.support.training import options
 
@@ -73,7 +73,7 @@ def test_training_onto_a_small_disk_says_so_in_one_line(shapes_folder):
     folder = small_disk("20m")
     try:
         run = options(shapes_folder, folder, max_steps=4, checkpointing_steps="2", eval_every_epochs=0)
-        command = [sys.executable, "-m", "deformable_detr.training", *shlex.split(run.command())[1:]]
+        command = [sys.executable, "-m", "deformable_detr", "train", *shlex.split(run.command())[1:]]
         result = run_command(command, returncode=1, timeout=300)
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("deformable-detr-train: error: ") and "checkpoint-2: the disk is full" in last, last

@@ -4,7 +4,7 @@ gradients, dropout included, with the backbone stages and the encoder and decode
 import pytest
 import torch
 
-from deformable_detr.backbone import set_gradient_checkpointing
+from deformable_detr.model.gradient_checkpointing import set_gradient_checkpointing
 from tests.support.models import tiny_model
 
 

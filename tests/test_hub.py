@@ -13,9 +13,10 @@ from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetecti
 from tests.support.models import tiny_model
 from tests.support.processes import run_command
 
-# exactly the files a saved model holds: the model's code (the Hub set), never the converters, the test oracle
-# (deformable_detr/testing.py) or training code
+# exactly the files a saved model holds: the model's code (deformable_detr/model/, the Hub set), never the
+# converters, the test oracle (deformable_detr/testing.py) or training code
 CODE_FILES = {
+    "gradient_checkpointing.py",
     "transformers_mapping.py",
     "configuration_deformable_detr.py",
     "modeling_deformable_detr.py",
@@ -28,6 +29,15 @@ CODE_FILES = {
     "loss_deformable_detr.py",
     "box_ops.py",
 }
+
+
+def test_the_hub_set_is_the_model_folder():
+    """What a saved model and its processor hold is deformable_detr/model/, file for file: nothing else is copied."""
+    import deformable_detr.model
+
+    folder = os.path.dirname(deformable_detr.model.__file__)
+    here = {name for name in os.listdir(folder) if name.endswith(".py")}
+    assert here == CODE_FILES | {"image_processing_deformable_detr.py", "__init__.py"}
 
 
 def outputs(model, seed=0):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from deformable_detr.cli import train_main
-from deformable_detr.training.data import load_detection_dataset
-from deformable_detr.training.image_files import EXIF_ORIENTATION, turn_box
-from deformable_detr.training.samples import DetectionSamples
+from deformable_detr.apps.cli import train_main
+from deformable_detr.data.image_files import EXIF_ORIENTATION, turn_box
+from deformable_detr.data.samples import DetectionSamples
+from deformable_detr.data.sources import load_detection_dataset
 
 STORED = (80, 48)  # width, height of the stored pixels
 BOX = [10, 6, 30, 12]  # x, y, w, h of the white rectangle on them
@@ -114,7 +114,7 @@ def test_unreadable_images_of_a_datasets_folder_are_listed_and_left_out(tmp_path
     """The same rule for a save_to_disk folder (images stored as bytes), its headers read one row at a time."""
     from datasets import DatasetDict
 
-    from deformable_detr.training.schema import records_to_dataset
+    from deformable_detr.data.schema import records_to_dataset
 
     picture(tmp_path / "a.jpg")
     good = {"bytes": (tmp_path / "a.jpg").read_bytes(), "path": "good.jpg"}

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from deformable_detr import DeformableDetrImageProcessor
-from deformable_detr.detect import read_image
-from deformable_detr.image_processing_deformable_detr import to_rgb_array
-from deformable_detr.training.samples import DetectionSamples
+from deformable_detr.apps.detect import read_image
+from deformable_detr.data.samples import DetectionSamples
+from deformable_detr.model.image_processing_deformable_detr import to_rgb_array
 
 
 def sixteen_bit_png(path) -> np.ndarray:

@@ -151,7 +151,7 @@ def test_annotations_and_images_of_the_wrong_shape_are_named():
 
 
 def test_post_processing_arguments_are_checked():
-    from deformable_detr.modeling_deformable_detr import DeformableDetrObjectDetectionOutput
+    from deformable_detr.model.modeling_deformable_detr import DeformableDetrObjectDetectionOutput
 
     outputs = DeformableDetrObjectDetectionOutput(logits=torch.zeros(2, 5, 3), pred_boxes=torch.full((2, 5, 4), 0.5))
     processor = DeformableDetrImageProcessor()
@@ -167,7 +167,7 @@ def test_post_processing_arguments_are_checked():
 
 
 def test_post_processing_same_as_transformers():
-    from deformable_detr.modeling_deformable_detr import DeformableDetrObjectDetectionOutput
+    from deformable_detr.model.modeling_deformable_detr import DeformableDetrObjectDetectionOutput
 
     g = torch.Generator().manual_seed(0)
     outputs = DeformableDetrObjectDetectionOutput(

@@ -374,7 +374,7 @@ def test_options_as_transformers_older_configs_and_defaults_give_them():
 def test_the_object_detection_example_scripts_use(tmp_path, use_fast):
     """run_object_detection.py: AutoImageProcessor.from_pretrained with size, pad_size and use_fast; numpy images
     from albumentations with float category ids; labels and post-processing as its compute_metrics uses them."""
-    from deformable_detr.modeling_deformable_detr import DeformableDetrObjectDetectionOutput
+    from deformable_detr.model.modeling_deformable_detr import DeformableDetrObjectDetectionOutput
 
     DeformableDetrImageProcessor().save_pretrained(tmp_path)
     options = dict(

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import PretrainedConfig
 
-from deformable_detr.cli import detect_main
-from deformable_detr.conversion import load_model
+from deformable_detr.apps.cli import detect_main
+from deformable_detr.weights.loading import load_model
 from tests.support.bccd import BCCD
 from tests.support.models import tiny_model
 

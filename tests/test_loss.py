@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from deformable_detr import DeformableDetrForObjectDetection
-from deformable_detr.box_ops import box_xyxy_to_cxcywh, generalized_box_iou
-from deformable_detr.loss_deformable_detr import HungarianMatcher
+from deformable_detr import from_transformers
+from deformable_detr.model.box_ops import box_xyxy_to_cxcywh, generalized_box_iou
+from deformable_detr.model.loss_deformable_detr import HungarianMatcher
 from deformable_detr.testing import padded_batch, small_hf_model
 from tests.support.models import tiny_model
 
@@ -23,7 +23,7 @@ def labels():
 @pytest.mark.parametrize("variant", ["multi-scale", "single-scale", "box-refine"])
 def test_same_loss_as_transformers(variant):
     hf = small_hf_model(variant, auxiliary_loss=True)
-    ours = DeformableDetrForObjectDetection.from_transformers(hf)
+    ours = from_transformers(hf)
     pixel_values, pixel_mask = padded_batch()
     with torch.no_grad():
         theirs = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels())
@@ -42,7 +42,7 @@ def test_perfect_predictions_have_no_box_loss_and_match_one_to_one():
     pred = torch.tensor([[[0.7, 0.6, 0.3, 0.2], [0.1, 0.1, 0.1, 0.1], [0.3, 0.4, 0.2, 0.3], [0.9, 0.9, 0.1, 0.1]]])
     queries, objects = matcher(logits, pred, [{"class_labels": torch.tensor([1, 0]), "boxes": boxes}])[0]
     assert dict(zip(queries.tolist(), objects.tolist())) == {0: 1, 2: 0}
-    from deformable_detr.loss_deformable_detr import DeformableDetrLoss
+    from deformable_detr.model.loss_deformable_detr import DeformableDetrLoss
 
     model = tiny_model()
     loss, terms = DeformableDetrLoss(model.config)(
@@ -111,7 +111,7 @@ def test_a_bf16_model_sums_its_box_terms_in_fp32_and_terms_are_scalars_of_their_
     each earlier layer's) and each is a tensor of its own, which a user may change in place."""
     from types import SimpleNamespace
 
-    from deformable_detr.loss_deformable_detr import DeformableDetrLoss
+    from deformable_detr.model.loss_deformable_detr import DeformableDetrLoss
 
     config = SimpleNamespace(
         class_cost=2.0,

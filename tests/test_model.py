@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection
-from deformable_detr.deformable_transformer import refine_boxes
+from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, load_backbone_weights
+from deformable_detr.model.deformable_transformer import refine_boxes
 from tests.support.models import tiny_model
 
 
@@ -145,17 +145,17 @@ def test_backbone_weights_load_from_a_torchvision_style_file(tmp_path):
     state["fc.weight"] = torch.zeros(1000, 512)  # the ImageNet classifier is ignored
     torch.save(state, tmp_path / "resnet18.pth")
     model = tiny_model()
-    model.model.load_backbone_weights(str(tmp_path / "resnet18.pth"))
+    load_backbone_weights(model, str(tmp_path / "resnet18.pth"))
     assert torch.equal(model.model.backbone.body.conv1.weight, state["conv1.weight"])
 
 
 def test_backbone_weights_that_cannot_be_had_say_so(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="no-such-user/no-such-resnet"):
-        tiny_model().model.load_backbone_weights("no-such-user/no-such-resnet")
+        load_backbone_weights(tiny_model(), "no-such-user/no-such-resnet")
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="missing"):
-        tiny_model().model.load_backbone_weights(str(tmp_path / "partial.pth"))
+        load_backbone_weights(tiny_model(), str(tmp_path / "partial.pth"))
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import torch
 from transformers import ResNetConfig
 from transformers.modeling_outputs import BaseModelOutput
 
-from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection
+from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, from_transformers
 from deformable_detr import modeling_deformable_detr as modeling
 from deformable_detr.testing import padded_batch, small_hf_model
 from tests.support.models import tiny_model
@@ -20,7 +20,7 @@ IMAGES = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
 def test_attentions_as_in_transformers(variant):
     """Every layer's encoder, decoder and cross-attention weights, with transformers' shapes, within 1e-5 (fp32)."""
     hf = small_hf_model(variant)
-    ours = DeformableDetrForObjectDetection.from_transformers(hf)
+    ours = from_transformers(hf)
     hf.set_attn_implementation("eager")  # its sdpa gives no weights
     pixel_values, pixel_mask = padded_batch()
     with torch.no_grad():

@@ -6,7 +6,12 @@ import sys
 import pytest
 import torch
 
-from deformable_detr.ms_deform_attn import BACKENDS, available_backends, kernel_shapes, multi_scale_deformable_attention
+from deformable_detr.model.ms_deform_attn import (
+    BACKENDS,
+    available_backends,
+    kernel_shapes,
+    multi_scale_deformable_attention,
+)
 from tests.support.op_inputs import naive, random_inputs
 from tests.support.processes import run_command
 
@@ -152,7 +157,7 @@ def test_level_tensors_made_under_fake_tensor_mode_are_not_kept():
 def test_without_a_compiler_the_reference_takes_over():
     script = (
         "import torch;"
-        "from deformable_detr.ms_deform_attn import available_backends, multi_scale_deformable_attention as f;"
+        "from deformable_detr.model.ms_deform_attn import available_backends, multi_scale_deformable_attention as f;"
         "assert available_backends() == ['reference'], available_backends();"
         "out = f(torch.randn(1, 6, 2, 4), torch.tensor([[2, 3]]), torch.rand(1, 5, 2, 1, 2, 2),"
         " torch.rand(1, 5, 2, 1, 2), backend='cpu');"

@@ -13,10 +13,10 @@ import torch
 pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
 
 from deformable_detr import DeformableDetrImageProcessor  # noqa: E402
-from deformable_detr.cli import export_main  # noqa: E402
-from deformable_detr.detect import detect_files  # noqa: E402
-from deformable_detr.onnx_detector import OnnxDetector  # noqa: E402
-from deformable_detr.onnx_export import TOLERANCE, _example_inputs, export_onnx  # noqa: E402
+from deformable_detr.apps.cli import export_main  # noqa: E402
+from deformable_detr.apps.detect import detect_files  # noqa: E402
+from deformable_detr.apps.onnx_detector import OnnxDetector  # noqa: E402
+from deformable_detr.apps.onnx_export import TOLERANCE, _example_inputs, export_onnx  # noqa: E402
 from tests.support.bccd import BCCD  # noqa: E402
 from tests.support.models import saved_detector, tiny_model  # noqa: E402
 
@@ -58,7 +58,7 @@ def test_the_export_writes_metadata(exported):
 
 def test_sizes_batches_and_padding_match_pytorch(exported):
     """Three sizes (none the traced one) and a padded batch: logits and boxes within 1e-4 of PyTorch."""
-    from deformable_detr.conversion import load_model
+    from deformable_detr.weights.loading import load_model
 
     model_folder, path = exported
     model, detector = load_model(str(model_folder)).eval(), OnnxDetector(str(path))
@@ -97,7 +97,7 @@ def test_detect_from_the_file_equals_detect_from_pytorch(exported, tmp_path):
 
 def test_the_file_runs_in_openvino(exported):
     openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed")
-    from deformable_detr.conversion import load_model
+    from deformable_detr.weights.loading import load_model
 
     model_folder, path = exported
     # f32: on CPUs with native bf16, OpenVINO otherwise computes in bf16 by default
@@ -121,7 +121,7 @@ def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch
     with pytest.raises(ValueError, match="opset 13: GridSample, which the attention needs, came in opset 16"):
         export_onnx(str(exported[0]), str(tmp_path / "x.onnx"), opset=13)
     # an output path that cannot be written fails before the export (it failed after it, the work lost)
-    monkeypatch.setattr("deformable_detr.detect.load_detector", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("deformable_detr.apps.detect.load_detector", lambda *a: pytest.fail("the model was loaded"))
     (tmp_path / "a_file").write_text("")
     with pytest.raises(FileExistsError):
         export_onnx(str(exported[0]), str(tmp_path / "a_file" / "x.onnx"))
@@ -133,7 +133,7 @@ def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch
     with pytest.raises(ValueError, match="text.onnx: not an ONNX model onnxruntime can load"):
         OnnxDetector(str(tmp_path / "text.onnx"))
     with pytest.raises(SystemExit, match="^deformable-detr-detect: error: model .*absent.onnx: no such file"):
-        from deformable_detr.cli import detect_main
+        from deformable_detr.apps.cli import detect_main
 
         detect_main([str(BCCD / "JPEGImages"), "--model", str(tmp_path / "absent.onnx")])
 
@@ -152,7 +152,7 @@ def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch
 
 def test_evaluate_from_the_file_equals_evaluate_from_pytorch(tmp_path):
     """The evaluate command takes the .onnx file too: the same metrics as the PyTorch model on BCCD's test split."""
-    from deformable_detr.training.evaluation import evaluate_saved_model
+    from deformable_detr.apps.evaluate import evaluate_saved_model
 
     model = tiny_model(id2label={0: "Platelets", 1: "RBC", 2: "WBC"})  # BCCD's classes, as the VOC loader sorts them
     model.save_pretrained(tmp_path / "model")
@@ -173,7 +173,7 @@ def test_a_bad_output_or_opset_fails_before_the_export_and_a_failed_check_leaves
     from deformable_detr import onnx_export
 
     with monkeypatch.context() as patched:
-        patched.setattr("deformable_detr.detect.load_detector", lambda *a: pytest.fail("the model was loaded"))
+        patched.setattr("deformable_detr.apps.detect.load_detector", lambda *a: pytest.fail("the model was loaded"))
         with pytest.raises(ValueError, match=r"^opset 99: torch .*'s ONNX exporter writes opsets up to \d+"):
             export_onnx(str(exported[0]), str(tmp_path / "x.onnx"), opset=99)
         with pytest.raises(SystemExit, match="error: opset 99: "):
@@ -193,7 +193,7 @@ def test_the_export_prints_none_of_the_exporters_warnings_and_keeps_others(tmp_p
     import logging
     import warnings
 
-    from deformable_detr.onnx_export import EXPORTER_LOG
+    from deformable_detr.apps.onnx_export import EXPORTER_LOG
 
     tiny_model(num_feature_levels=1).save_pretrained(tmp_path / "model")
     DeformableDetrImageProcessor().save_pretrained(tmp_path / "model")

@@ -5,10 +5,10 @@ import shlex
 import pytest
 from torch import nn
 
-from deformable_detr.backbone import FrozenBatchNorm2d
-from deformable_detr.cli import detect_parser, export_parser, train_parser
-from deformable_detr.training import TrainingOptions
-from deformable_detr.training.model_setup import build_model
+from deformable_detr.apps.cli import detect_parser, export_parser, train_parser
+from deformable_detr.engine import TrainingOptions
+from deformable_detr.engine.model_setup import build_model
+from deformable_detr.model.backbone import FrozenBatchNorm2d
 
 
 def test_the_command_line_round_trips_and_hides_the_token():

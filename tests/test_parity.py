@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from deformable_detr import DeformableDetrForObjectDetection
+from deformable_detr import DeformableDetrForObjectDetection, from_original_checkpoint, from_transformers
 from deformable_detr.testing import (
     VARIANTS,
     hub_v4_state_dict,
@@ -32,7 +32,7 @@ def max_differences(hf, ours):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_same_outputs_as_transformers(variant):
     hf = small_hf_model(variant)
-    ours = DeformableDetrForObjectDetection.from_transformers(hf)
+    ours = from_transformers(hf)
     logits_diff, boxes_diff = max_differences(hf, ours)
     print(f"{variant}: logits {logits_diff:.2e} boxes {boxes_diff:.2e}")
     assert logits_diff <= TOLERANCE and boxes_diff <= TOLERANCE
@@ -43,7 +43,7 @@ def test_hidden_states_as_in_transformers(variant):
     """The encoder's and decoder's inputs, then every layer's output; asked for by argument or by the config. Ours
     had each encoder layer's output only, and no decoder_hidden_states."""
     hf = small_hf_model(variant)
-    ours = DeformableDetrForObjectDetection.from_transformers(hf)
+    ours = from_transformers(hf)
     pixel_values, pixel_mask = padded_batch()
     with torch.no_grad():
         theirs = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, output_hidden_states=True)
@@ -58,7 +58,7 @@ def test_hidden_states_as_in_transformers(variant):
 def test_padding_changes_the_output_as_in_transformers():
     """The padded image's result depends on its mask: a test that would fail if masks were ignored."""
     hf = small_hf_model("multi-scale")
-    ours = DeformableDetrForObjectDetection.from_transformers(hf)
+    ours = from_transformers(hf)
     pixel_values, pixel_mask = padded_batch()
     with torch.no_grad():
         masked = ours(pixel_values, pixel_mask).logits[1]
@@ -69,7 +69,7 @@ def test_padding_changes_the_output_as_in_transformers():
 def test_saved_transformers_folder_converts(tmp_path):
     hf = small_hf_model("two-stage")
     hf.save_pretrained(tmp_path)
-    ours = DeformableDetrForObjectDetection.from_transformers(str(tmp_path))
+    ours = from_transformers(str(tmp_path))
     assert max(max_differences(hf, ours)) <= TOLERANCE
     # from_pretrained converts it too, through transformers' weight-conversion mapping
     assert max(max_differences(hf, DeformableDetrForObjectDetection.from_pretrained(tmp_path))) <= TOLERANCE
@@ -78,14 +78,14 @@ def test_saved_transformers_folder_converts(tmp_path):
 def test_what_from_transformers_cannot_take_is_named(tmp_path):
     """Each failed deep inside: an HFValidationError, an AttributeError, a list of unmapped keys."""
     with pytest.raises(FileNotFoundError, match="no-such-folder: no such folder"):
-        DeformableDetrForObjectDetection.from_transformers(str(tmp_path / "no-such-folder"))
+        from_transformers(str(tmp_path / "no-such-folder"))
     hf = small_hf_model("multi-scale")
     with pytest.raises(
         ValueError, match="got a DeformableDetrForObjectDetection \\(model_type 'hub_deformable_detr'\\)"
     ):
-        DeformableDetrForObjectDetection.from_transformers(DeformableDetrForObjectDetection.from_transformers(hf))
+        from_transformers(from_transformers(hf))
     with pytest.raises(ValueError, match="DeformableDetrModel has no class heads"):
-        DeformableDetrForObjectDetection.from_transformers(hf.model)
+        from_transformers(hf.model)
 
 
 @pytest.mark.parametrize("variant", ["multi-scale", "box-refine"])
@@ -101,7 +101,7 @@ def test_hub_checkpoint_layout_converts_onto_builtin_resnet50(tmp_path, variant)
     state = hub_v4_state_dict(hf)
     assert any(k.startswith("model.backbone.conv_encoder.model.layer4.2.conv3") for k in state)
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
-    ours = DeformableDetrForObjectDetection.from_transformers(str(tmp_path))
+    ours = from_transformers(str(tmp_path))
     assert ours.config.backbone == "resnet50" and ours.config.backbone_config is None
     assert max(max_differences(hf, ours)) <= TOLERANCE
 
@@ -115,7 +115,7 @@ def test_an_unmapped_key_is_an_error(tmp_path):
     state["model.something_new.weight"] = torch.zeros(3)
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="model.something_new.weight"):
-        DeformableDetrForObjectDetection.from_transformers(str(tmp_path))
+        from_transformers(str(tmp_path))
 
 
 def original_layout(hf_model):
@@ -182,8 +182,6 @@ def test_original_checkpoint_converts(tmp_path, variant):
     )
     torch.save({"model": original_layout(hf), "args": args}, tmp_path / "checkpoint.pth")
     # the paper's decoder has as many heads as the encoder: transformers' small config does not, so override
-    ours = DeformableDetrForObjectDetection.from_original_checkpoint(
-        tmp_path / "checkpoint.pth", decoder_attention_heads=c.decoder_attention_heads
-    )
+    ours = from_original_checkpoint(tmp_path / "checkpoint.pth", decoder_attention_heads=c.decoder_attention_heads)
     assert ours.config.num_labels == c.num_labels
     assert max(max_differences(hf, ours)) <= TOLERANCE

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deformable_detr import DeformableDetrForObjectDetection, DeformableDetrImageProcessor
-from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
 from tests.support.fake_hub import hub_env
 from tests.support.models import TINY_OVERRIDES
 from tests.support.processes import free_port, run_command
@@ -74,7 +74,8 @@ def test_training_script_pushes_and_the_repo_loads_anywhere(tmp_path, image, sha
         [
             sys.executable,
             "-m",
-            "deformable_detr.training",
+            "deformable_detr",
+            "train",
             "--dataset",
             data,
             "--output_dir",
@@ -155,7 +156,7 @@ def test_an_unreachable_hub_stops_the_run_before_training(tmp_path, shapes_coco)
     """--push_to_hub found a missing token or network only after training (a traceback, hours later); now the repo
     is created first, and the command stops with one line before a step is taken."""
     nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    command = [sys.executable, "-m", "deformable_detr.training", "--dataset", shapes_coco(4, 2)]
+    command = [sys.executable, "-m", "deformable_detr", "train", "--dataset", shapes_coco(4, 2)]
     command += ["--output_dir", tmp_path / "run", "--config_name", "tiny", "--max_steps", "1"]
     command += ["--push_to_hub", "--hub_model_id", "user/never"]
     result = run_command(command, env=hub_env(nowhere, tmp_path / "home"), timeout=300, returncode=1)

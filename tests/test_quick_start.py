@@ -11,8 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from deformable_detr.training.options import DEFAULT_MODEL
-from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.engine.options import DEFAULT_MODEL
 from tests.support.datasets_on_disk import write_coco
 from tests.support.fake_hub import hub_env
 from tests.support.models import serve_transformers_checkpoint

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from deformable_detr.training import TrainingOptions
-from deformable_detr.training.schedule import lr_factor
+from deformable_detr.engine import TrainingOptions
+from deformable_detr.engine.schedule import lr_factor
 
 
 def test_step_schedule_is_the_papers_with_an_optional_warmup():

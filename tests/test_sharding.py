@@ -13,11 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from deformable_detr import DeformableDetrForObjectDetection
-from deformable_detr.training import TrainingOptions, train
-from deformable_detr.training.checkpoints import TrainState
-from deformable_detr.training.launch import check_launch
-from deformable_detr.training.loop import shard_for
-from deformable_detr.training.sharding import load_shards
+from deformable_detr.engine import TrainingOptions, train
+from deformable_detr.engine.checkpoints import TrainState
+from deformable_detr.engine.launch import check_launch
+from deformable_detr.engine.sharding import load_shards
+from deformable_detr.engine.trainer import shard_for
 from tests.support.processes import free_port, run_command, torchrun
 from tests.support.training import TINY, command_line, training_options
 
@@ -40,7 +40,7 @@ def accelerate_launch(config, options: TrainingOptions, use_cpu=True, returncode
     if use_cpu:
         environment["ACCELERATE_USE_CPU"] = "1"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
-    command += ["--main_process_port", free_port(), "-m", "deformable_detr.training", *command_line(options)]
+    command += ["--main_process_port", free_port(), "-m", "deformable_detr", "train", *command_line(options)]
     return run_command(command, env=environment, timeout=600, returncode=returncode)
 
 
@@ -73,7 +73,7 @@ def test_sharded_training_matches_data_parallel_resumes_and_saves_a_whole_model(
     # the same steps data-parallel (whole weights on each process): the same weights
     parallel = tmp_path / "parallel"
     driver = tmp_path / "train.py"
-    driver.write_text("import sys\nfrom deformable_detr.cli import train_main\ntrain_main(sys.argv[1:])\n")
+    driver.write_text("import sys\nfrom deformable_detr.apps.cli import train_main\ntrain_main(sys.argv[1:])\n")
     torchrun(str(driver), *command_line(run_options(data, parallel)))
     reference = load_file(parallel / "model.safetensors")
     assert weights.keys() == reference.keys()

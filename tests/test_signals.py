@@ -12,7 +12,7 @@ from tests.support.processes import run_command
 
 LOADER = """
 import signal, sys, time, torch
-from deformable_detr.training.signals import ignore_stop_signals, worker_context
+from deformable_detr.engine.signals import ignore_stop_signals, worker_context
 
 class Items(torch.utils.data.Dataset):
     def __len__(self):

@@ -5,7 +5,7 @@ import glob
 
 import pytest
 
-from deformable_detr.training import TrainingOptions, train
+from deformable_detr.engine import TrainingOptions, train
 from tests.support.training import options
 
 

@@ -20,11 +20,12 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from deformable_detr import DeformableDetrForObjectDetection
-from deformable_detr.cli import evaluate_main, train_main
+from deformable_detr.apps.cli import evaluate_main, train_main
+from deformable_detr.apps.evaluate import evaluate_saved_model
+from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.engine import TrainingOptions, train
+from deformable_detr.metrics.evaluation import format_metrics
 from deformable_detr.testing import small_hf_config
-from deformable_detr.training import TrainingOptions, train
-from deformable_detr.training.evaluation import evaluate_saved_model, format_metrics
-from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
 from tests.support.datasets_on_disk import write_coco
 from tests.support.models import TINY_OVERRIDES, serve_transformers_checkpoint
 from tests.support.training import options
@@ -158,7 +159,7 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
 def test_a_hub_that_fails_at_the_end_costs_no_work(shapes_folder, tmp_path, monkeypatch):
     """The repo is named once, before training: a second call at the end, before the model was saved, lost the
     whole run when the token or network had gone meanwhile."""
-    from deformable_detr.training import loop
+    from deformable_detr.engine import loop
 
     calls, pushed = [], []
 
@@ -272,7 +273,7 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path):
 
 def test_a_second_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     """It printed KeyboardInterrupt's traceback from wherever the run was (inside torch.save, say)."""
-    from deformable_detr.training import loop
+    from deformable_detr.engine import loop
 
     def interrupted(options):
         raise KeyboardInterrupt
@@ -287,7 +288,7 @@ def test_a_second_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
 def signalled_run(run: TrainingOptions, after: str, whole_group: bool = False) -> str:
     """Runs the training command of `run` in a fresh process, sends it SIGTERM (to its whole process group if
     `whole_group`) once train.log holds `after`, asserts that it exits with status 143; -> train.log."""
-    command = [sys.executable, "-m", "deformable_detr.training", *shlex.split(run.command())[1:]]
+    command = [sys.executable, "-m", "deformable_detr", "train", *shlex.split(run.command())[1:]]
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -349,7 +350,7 @@ def test_sigterm_during_evaluation_stops_it(shapes_coco, tmp_path):
 
 
 def test_mixed_precision_that_does_not_pay_on_the_cpu_warns(shapes_folder, tmp_path, monkeypatch):
-    from deformable_detr.training import loop
+    from deformable_detr.engine import loop
 
     (tmp_path / "avx2").write_text("flags : fpu sse avx avx2 fma")
     (tmp_path / "sapphire").write_text("flags : fpu avx2 avx512f avx512_bf16 amx_bf16")
@@ -435,8 +436,8 @@ def test_a_non_finite_gradient_norm_skips_the_step_and_a_finite_one_is_returned(
 
     from accelerate import Accelerator
 
-    from deformable_detr.training.checkpoints import TrainState
-    from deformable_detr.training.loop import optimiser_step
+    from deformable_detr.engine.checkpoints import TrainState
+    from deformable_detr.engine.trainer import optimiser_step
 
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -462,8 +463,8 @@ def test_a_warning_raised_at_every_step_still_shows_once():
 
     from accelerate import Accelerator
 
-    from deformable_detr.training.checkpoints import TrainState
-    from deformable_detr.training.loop import optimiser_step
+    from deformable_detr.engine.checkpoints import TrainState
+    from deformable_detr.engine.trainer import optimiser_step
 
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -490,7 +491,7 @@ def test_fine_tuning_starts_from_the_papers_coco_model_by_default(shapes_folder,
     arguments = ["--dataset", shapes_folder, "--output_dir", out, "--max_steps", "1", "--eval_every_epochs", "0"]
     arguments += ["--image_size", "64", "--max_image_size", "96", "--num_workers", "0"]
     arguments += ["--learning_rate", "0", "--backbone_learning_rate", "0"]  # the weights stay the downloaded ones
-    script = "import sys; from deformable_detr.cli import train_main; train_main(sys.argv[1:])"
+    script = "import sys; from deformable_detr.apps.cli import train_main; train_main(sys.argv[1:])"
     run_command([sys.executable, "-c", script, *arguments], env=hub_env(hub.endpoint, tmp_path / "home"))
     model = DeformableDetrForObjectDetection.from_pretrained(out)
     assert model.config.id2label == dict(enumerate(CLASS_NAMES))
@@ -554,7 +555,7 @@ def test_device_places_the_run_and_one_this_torch_cannot_use_is_named(shapes_fol
 
 
 def test_device_under_a_launcher_of_several_processes_is_refused(monkeypatch):
-    from deformable_detr.training.loop import process_state
+    from deformable_detr.engine.trainer import process_state
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"^device 'cpu': the launcher places each of the 2 processes on its own"):
@@ -563,7 +564,7 @@ def test_device_under_a_launcher_of_several_processes_is_refused(monkeypatch):
 
 def test_a_checkpoint_folder_is_a_model_that_detect_and_evaluate_load(shapes_folder, tmp_path, capsys):
     """checkpoint-N/ held accelerate's state only (no config.json): detect and evaluate refused it."""
-    from deformable_detr.detect import load_detector
+    from deformable_detr.apps.detect import load_detector
 
     train(options(shapes_folder, tmp_path, max_steps=2, checkpointing_steps=1, eval_every_epochs=0))
     checkpoint = tmp_path / "checkpoint-1"
@@ -603,7 +604,7 @@ def test_log_lines_are_not_glued_to_the_bars_nor_redirected_logs_full_of_cursor_
 def test_the_model_card_counts_in_words_and_times_short_runs_in_seconds(tmp_path):
     """'1 classes', '1 process(es)' and '0.0 minutes' before."""
     from deformable_detr import DeformableDetrConfig
-    from deformable_detr.training.model_card import duration, write_model_card
+    from deformable_detr.engine.model_card import duration, write_model_card
 
     config = DeformableDetrConfig(id2label={0: "circle"}, label2id={"circle": 0})
     fields = dict(dataset="data", command="c", steps=1, skipped_steps=1, seconds=12.3, processes=1, model_id="m")

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from transformers.conversion_mapping import get_model_conversion_mapping
 
 from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrModel
-from deformable_detr.conversion import load_model
+from deformable_detr.model.transformers_mapping import key_mapping
 from deformable_detr.testing import VARIANTS, hub_v4_state_dict, padded_batch, resnet50_hf_model, small_hf_model
-from deformable_detr.transformers_mapping import key_mapping
+from deformable_detr.weights.loading import load_model
 from tests.support.models import TINY, tiny_model
 
 TOLERANCE = 1e-4
@@ -118,7 +118,7 @@ def test_a_loaded_transformers_checkpoint_saves_as_ours_does(tmp_path):
 
 def test_original_checkpoint_heads_that_differ_are_named():
     """Without box refinement every layer's copy of the one head must hold the same weights."""
-    from deformable_detr.conversion import _renamed
+    from deformable_detr.weights.conversion import _renamed
 
     state = {"class_embed.0.weight": torch.zeros(2), "class_embed.1.weight": torch.ones(2)}
     renames = key_mapping(DeformableDetrConfig(**TINY))

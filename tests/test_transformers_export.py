@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from deformable_detr import DeformableDetrImageProcessor
-from deformable_detr.cli import export_main
-from deformable_detr.conversion import load_model
-from deformable_detr.onnx_export import _example_inputs, max_abs_difference
+from deformable_detr.apps.cli import export_main
+from deformable_detr.apps.onnx_export import _example_inputs, max_abs_difference
+from deformable_detr.apps.transformers_export import TOLERANCE, to_transformers, transformers_config
 from deformable_detr.testing import VARIANTS, perturb_, small_hf_config
-from deformable_detr.transformers_export import TOLERANCE, to_transformers, transformers_config
+from deformable_detr.weights.loading import load_model
 from tests.support.models import saved_detector, tiny_model
 from tests.support.processes import run_command
 

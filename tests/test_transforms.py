@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from deformable_detr.training.transforms import DetrAugmentation, crop, hflip, resize
+from deformable_detr.data.transforms import DetrAugmentation, crop, hflip, resize
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 BOXES = np.asarray([[10, 20, 70, 60], [100, 5, 190, 150], [30, 90, 60, 140], [150, 120, 198, 158]], dtype=np.float32)
@@ -67,7 +67,7 @@ def test_flip_resize_crop_exact():
 
 def test_multi_scale_sides_are_the_ones_given():
     """--multi_scale "96,128": every augmented image's shortest side is one of them (the longest side allows it)."""
-    from deformable_detr.training import TrainingOptions
+    from deformable_detr.engine import TrainingOptions
 
     scales = TrainingOptions(dataset="x", config_name="tiny", multi_scale="96, 128").training_scales()
     assert scales == [96, 128]

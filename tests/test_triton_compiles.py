@@ -13,7 +13,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from deformable_detr import ms_deform_attn_triton as kernels  # noqa: E402
-from deformable_detr.ms_deform_attn import kernel_shapes  # noqa: E402
+from deformable_detr.model.ms_deform_attn import kernel_shapes  # noqa: E402
 from tests.support.op_inputs import random_inputs  # noqa: E402
 
 KERNELS = ("_forward_kernel", "_backward_kernel", "_corners_kernel", "_ordered_sum_kernel")

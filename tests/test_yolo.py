@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from deformable_detr.training.data import dataset_format, load_detection_dataset
-from deformable_detr.training.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
+from deformable_detr.data.sources import dataset_format, load_detection_dataset
 from tests.support.bccd import BCCD
 from tests.support.datasets_on_disk import write_yolo
 

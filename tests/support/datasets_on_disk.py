@@ -101,7 +101,7 @@ def write_imagefolder(dataset, class_names: list[str], root: str) -> str:
 def edited_coco(dataset, root, change) -> tuple[str, str]:
     """A COCO folder (standard layout) of `dataset` as its train split, whose loaded file `change(coco)` edits;
     (folder, file). inf and nan are written as JSON's usual Infinity and NaN."""
-    from deformable_detr.training.shapes import CLASS_NAMES
+    from deformable_detr.data.shapes import CLASS_NAMES
 
     folder = write_coco({"train": dataset}, CLASS_NAMES, str(root), "instances")
     path = os.path.join(folder, "annotations", "instances_train.json")
@@ -116,7 +116,7 @@ def edited_coco(dataset, root, change) -> tuple[str, str]:
 def edited_voc(dataset, root, pattern: str, replacement: str) -> tuple[str, str]:
     """A VOC folder of `dataset` as its train split, whose train_000.xml has the first match of `pattern` replaced;
     (folder, file)."""
-    from deformable_detr.training.shapes import CLASS_NAMES
+    from deformable_detr.data.shapes import CLASS_NAMES
 
     folder = write_voc({"train": dataset}, CLASS_NAMES, str(root))
     path = os.path.join(folder, "Annotations", "train_000.xml")

@@ -2,7 +2,12 @@
 
 import torch
 
-from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+from deformable_detr import (
+    DeformableDetrConfig,
+    DeformableDetrForObjectDetection,
+    DeformableDetrImageProcessor,
+    from_transformers,
+)
 
 TINY = dict(
     backbone="resnet18",
@@ -51,4 +56,4 @@ def serve_transformers_checkpoint(hub, repo_id: str, folder) -> dict:
     perturb_(HFModel(small_hf_config(num_labels=91))).save_pretrained(folder)
     hub.repos[f"models/{repo_id}"] = Repo(private=False)
     hub.repos[f"models/{repo_id}"].commit({p.name: p.read_bytes() for p in folder.iterdir()}, "upload")
-    return DeformableDetrForObjectDetection.from_transformers(str(folder)).state_dict()
+    return from_transformers(str(folder)).state_dict()

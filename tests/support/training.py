@@ -2,7 +2,7 @@
 
 import shlex
 
-from deformable_detr.training import TrainingOptions
+from deformable_detr.engine import TrainingOptions
 from tests.support.models import TINY_OVERRIDES
 
 

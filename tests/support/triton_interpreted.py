@@ -8,7 +8,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from deformable_detr.ms_deform_attn import (  # noqa: E402
+from deformable_detr.model.ms_deform_attn import (  # noqa: E402
     BACKENDS,
     _compare_triton_with_reference,
     available_backends,

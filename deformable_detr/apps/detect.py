@@ -8,18 +8,19 @@ b/x.png.detections.jpg. Inputs are never overwritten, and these outputs are left
 output is written to a temporary file beside it and renamed when complete, so an interrupted run leaves no partial
 file."""
 
-import colorsys
 import glob
 import json
 import os
 import warnings
 
-import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm.auto import tqdm
 
-from .file_writing import replaced_when_done
-from .training.image_files import SHOWN, UNREADABLE, listed, too_thin
+from ..data.image_files import SHOWN, UNREADABLE, listed, too_thin
+from ..metrics.predictions import detect, warn_of_non_finite_outputs
+from ..utils.devices import checked_device
+from ..utils.drawing import draw_detections
+from ..utils.file_writing import replaced_when_done
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")  # read with PyAV (the [video] extra), given as files
@@ -102,38 +103,13 @@ def output_paths(paths: list[str], output_dir: str, image_format: str) -> dict[s
     return outputs
 
 
-def class_colour(label: int) -> tuple[int, int, int]:
-    """Distinct, saturated colours: hues spaced by the golden ratio."""
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def draw_detections(image: Image.Image, detections: list[dict]) -> Image.Image:
-    """Boxes in their class colour, with "name score" on a filled tag above each box ("name" without a score: the
-    data's own boxes, as `deformable-detr-data show` draws them)."""
-    image = image.convert("RGB")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(12, image.height // 40))
-    width = max(2, image.height // 250)
-    for det in detections:
-        x0, y0, x1, y1 = det["box"]
-        colour = class_colour(det["label_id"])
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-        text = det["label"] if det.get("score") is None else f"{det['label']} {det['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tag_y = y0 - (bottom - top) - 4 if y0 - (bottom - top) - 4 >= 0 else y0
-        draw.rectangle([x0, tag_y, x0 + right - left + 4, tag_y + bottom - top + 4], fill=colour)
-        draw.text((x0 + 2 - left, tag_y + 2 - top), text, fill=(0, 0, 0), font=font)
-    return image
-
-
 def load_detector(model_path: str, device: str):
     """Our detector (converted when the folder or Hub id holds transformers' model) and its processor; for an
     .onnx file, an `OnnxDetector` (onnxruntime, on the CPU) and the processor stored in it."""
     from transformers.utils import cached_file
 
-    from . import DeformableDetrImageProcessor
-    from .conversion import load_model
+    from ..model.image_processing_deformable_detr import DeformableDetrImageProcessor
+    from ..weights.loading import load_model
 
     if is_onnx(model_path):
         from .onnx_detector import OnnxDetector
@@ -169,91 +145,10 @@ def is_onnx(model_path: str) -> bool:
     return model_path.lower().endswith(".onnx")
 
 
-def not_finite(outputs) -> list[int]:
-    """The images of a batch whose class logits or boxes hold a NaN or an infinity (NaN pixels, NaN weights, an
-    overflow in half precision): their detections would silently be none."""
-    finite = outputs.logits.isfinite().flatten(1).all(1) & outputs.pred_boxes.isfinite().flatten(1).all(1)
-    return [i for i, ok in enumerate(finite.tolist()) if not ok]
-
-
-def warn_of_non_finite_outputs(names: list[str]):
-    """One warning naming the images whose outputs were not finite."""
-    if names:
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        warnings.warn(
-            f"the model's outputs for {len(names)} image(s) are not finite (NaN or inf), so they have no "
-            f"detections: {shown}; check these images and the model's weights",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-
-def detect(model, processor, images: list[Image.Image], threshold: float, top_k: int) -> tuple[list[list[dict]], list]:
-    """-> (the detections of each image, boxes as x0, y0, x1, y1 pixels clipped to the image, and the indices of
-    images whose outputs were not finite)."""
-    inputs = processor(images, return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        outputs = model(**inputs)
-    sizes = [(im.height, im.width) for im in images]
-    results = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes, top_k=top_k)
-    id2label = model.config.id2label
-    detections = [
-        [
-            {
-                "label": id2label.get(label, str(label)),
-                "label_id": label,
-                "score": round(s, 5),
-                "box": [round(min(max(v, 0.0), side), 2) for v, side in zip(b, (w, h, w, h))],
-            }
-            for s, label, b in zip(r["scores"].tolist(), r["labels"].tolist(), r["boxes"].tolist())
-        ]
-        for r, (h, w) in zip(results, sizes)
-    ]
-    return detections, not_finite(outputs)
-
-
-def checked_device(device: str | None) -> torch.device:
-    """`device` as a torch.device (None: cuda if present, else cpu); ValueError naming one torch cannot use here (a
-    type this torch was not built with, or whose hardware is absent: mps, xpu, cuda without a GPU)."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r} is not a torch device (such as cpu, cuda or cuda:1)") from None
-    if parsed.type == "cpu":
-        return parsed
-    if hasattr(torch, "accelerator"):  # torch >= 2.6: the one accelerator this machine's torch can use, if any
-        here = torch.accelerator.current_accelerator(check_available=True)  # built for, and present
-    else:
-        here = torch.device("cuda") if torch.cuda.is_available() else None
-    if here is None or here.type != parsed.type:
-        also = f"; it has {here.type}" if here is not None else ""
-        raise ValueError(
-            f"device {device!r}: {parsed.type.upper()} is not available here (torch {torch.__version__}{also})"
-        )
-    return parsed
-
-
-def accelerator_options(device: str | None) -> dict:
-    """Accelerator's keyword arguments for `device` (checked as `checked_device` checks it): None, its default (the
-    GPU or MPS if there is one, else the CPU); "cpu", cpu=True; cuda or mps, the default once found here. A device
-    index is refused: accelerate runs on the current device, which CUDA_VISIBLE_DEVICES picks."""
-    if device is None:
-        return {}
-    parsed = checked_device(device)
-    if parsed.index is not None:
-        raise ValueError(
-            f"device {device!r}: give {parsed.type} without an index, and pick the GPU with "
-            f"CUDA_VISIBLE_DEVICES={parsed.index}"
-        )
-    return {"cpu": True} if parsed.type == "cpu" else {}
-
-
 def read_image(path: str) -> Image.Image:
     """An image file as RGB (`to_rgb_image`); one of UNREADABLE if PIL cannot read it, and PIL's warnings (a
     decompression bomb of 89 to 179 Mpx) again with the file's name."""
-    from .image_processing_deformable_detr import to_rgb_image
+    from ..model.image_processing_deformable_detr import to_rgb_image
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -3,14 +3,14 @@ the weight-conversion mapping of transformers_mapping.py, which from_pretrained 
 fundamentalvision/Deformable-DETR `.pth` files (their own renames, then that mapping's head placement). Every key is
 mapped explicitly; a key left over is an error, so that nothing is silently dropped."""
 
-import difflib
 import os
 import re
 
 import torch
 
-from .configuration_deformable_detr import DeformableDetrConfig
-from .transformers_mapping import from_pretrained_kwargs, key_mapping
+from ..model.configuration_deformable_detr import DeformableDetrConfig
+from ..model.transformers_mapping import from_pretrained_kwargs, key_mapping
+from .checks import mistyped_local_path, refuse_unfit_weights, some
 
 ORIGINAL_RENAMES = [
     (r"^backbone\.0\.body\.", "model.backbone.body."),
@@ -59,21 +59,15 @@ def _renamed(state: dict, renames: dict[str, str], source: str) -> dict:
     return out
 
 
-def _some(keys) -> str:
-    """The first ten of `keys`, sorted, for a message: "['a', 'b'] ..." when there are more."""
-    keys = sorted(keys)
-    return f"{keys[:10]}{' ...' if len(keys) > 10 else ''}"
-
-
 def _load_converted(config, state, source):
-    from .modeling_deformable_detr import DeformableDetrForObjectDetection
+    from ..model.modeling_deformable_detr import DeformableDetrForObjectDetection
 
     model = DeformableDetrForObjectDetection(config)
     expected = model.state_dict()
     unknown = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state]
     if unknown or missing:
-        raise ValueError(f"{source}: keys left unmapped {_some(unknown)}; our keys not found {_some(missing)}")
+        raise ValueError(f"{source}: keys left unmapped {some(unknown)}; our keys not found {some(missing)}")
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, ours {tuple(expected[key].shape)}")
@@ -89,11 +83,11 @@ def from_transformers(source):
     another model (ours included) or transformers' bare DeformableDetrModel, which has no heads."""
     from transformers import PretrainedConfig
 
-    from .modeling_deformable_detr import DeformableDetrForObjectDetection
+    from ..model.modeling_deformable_detr import DeformableDetrForObjectDetection
 
     if isinstance(source, (str, os.PathLike)):
         name = str(source)
-        not_here = _mistyped_local_path(name)
+        not_here = mistyped_local_path(name)
         if not_here:
             raise FileNotFoundError(not_here)
         hf_config, weights = PretrainedConfig.get_config_dict(name)[0], {"pretrained_model_name_or_path": name}
@@ -123,7 +117,7 @@ def from_transformers(source):
             f"{name} has no class heads (class_embed): from_transformers takes transformers' "
             "DeformableDetrForObjectDetection, not its bare DeformableDetrModel"
         )
-    _refuse_unfit_weights(name, loading)
+    refuse_unfit_weights(name, loading)
     return model.eval()
 
 
@@ -181,91 +175,3 @@ def from_original_checkpoint(path, **config_overrides):
     config = config_from_original_args(checkpoint.get("args"), num_labels, **config_overrides)
     renamed = {_rename(k, ORIGINAL_RENAMES): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     return _load_converted(config, _renamed(renamed, key_mapping(config), str(path)), str(path))
-
-
-def load_model(source: str):
-    """A saved model folder or Hub id, ours or transformers' Deformable DETR (converted) -> our detector.
-
-    Raises FileNotFoundError when `source` is neither a folder here nor a model on the Hub (or the folder has no
-    config.json), and ValueError naming the file or the parameters when the weights cannot be read, do not fit the
-    config (transformers would leave those at random) or hold NaN or infinity."""
-    from safetensors import SafetensorError
-    from transformers import PretrainedConfig
-
-    from .console import transformers_progress_bars_off
-    from .modeling_deformable_detr import DeformableDetrForObjectDetection
-
-    not_here = _mistyped_local_path(source)
-    if not_here:
-        raise FileNotFoundError(not_here)
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
-        raise FileNotFoundError(
-            f"{os.path.join(source, 'config.json')}: no such file (a saved model is config.json beside its weights)"
-        )
-    try:
-        model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
-    except OSError as error:
-        if os.path.exists(source):
-            raise
-        summary = str(error).strip().splitlines()[0]
-        raise FileNotFoundError(f"model {source}: no such folder here, and no model on the Hub ({summary})") from None
-    if model_type not in ("deformable_detr", DeformableDetrConfig.model_type):
-        raise ValueError(f"{source} holds a {model_type!r} model, not a Deformable DETR")
-    try:
-        with transformers_progress_bars_off():
-            if model_type == "deformable_detr":  # transformers' own checkpoint
-                model = DeformableDetrForObjectDetection.from_transformers(source)
-            else:
-                model, loading = DeformableDetrForObjectDetection.from_pretrained(
-                    source, output_loading_info=True, ignore_mismatched_sizes=True
-                )
-                _refuse_unfit_weights(source, loading)
-    except SafetensorError as error:
-        weights = os.path.join(source, "model.safetensors") if os.path.isdir(source) else source
-        raise ValueError(f"{weights} cannot be read: {error}") from None
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{source}: the weights {name} hold NaN or infinity; the model cannot detect anything")
-    return model
-
-
-def _refuse_unfit_weights(source: str, loading: dict):
-    """ValueError naming the weights that do not fit the config, in from_pretrained's loading info: transformers
-    would leave the missing and mismatched ones at random, with a warning, and detect nothing useful."""
-    found = {
-        "missing": loading["missing_keys"],
-        # batch-norm step counters (timm's, in some checkpoints): frozen norms have none, and nothing reads them
-        "unexpected": [key for key in loading["unexpected_keys"] if not key.endswith("num_batches_tracked")],
-    }
-    unfit = [f"{kind} keys {_some(keys)}" for kind, keys in found.items() if keys]
-    unfit += [
-        f"{key} is {tuple(stored)} in the weights but {tuple(wanted)} by the config"
-        for key, stored, wanted in sorted(loading["mismatched_keys"])[:10]
-    ]
-    if unfit:
-        raise ValueError(f"{source}: the weights do not fit its config.json: {'; '.join(unfit)}")
-
-
-def _mistyped_local_path(source: str) -> str | None:
-    """Why `source` is a local folder that is not here, rather than a Hub id: it is no valid Hub id, or its parent
-    folder is here (runs/mdoel beside runs/model); None when it may be a Hub id. Asking the Hub first would take
-    a minute of retries offline."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if os.path.exists(source):
-        return None
-    parent = os.path.dirname(os.path.normpath(source))
-    local_parent = bool(parent) and os.path.isdir(parent)
-    try:
-        validate_repo_id(source)
-        if not local_parent:
-            return None
-    except HFValidationError:
-        pass
-    message = f"model {source}: no such folder"
-    near = (
-        difflib.get_close_matches(os.path.basename(os.path.normpath(source)), os.listdir(parent), 3)
-        if local_parent
-        else []
-    )
-    return message + (f"; did you mean {' or '.join(os.path.join(parent, name) for name in near)}?" if near else "")

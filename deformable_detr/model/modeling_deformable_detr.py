@@ -4,7 +4,6 @@ its class and box heads (`DeformableDetrForObjectDetection`).
 Shapes: B batch, C = d_model, L levels, S = sum_l H_l * W_l encoder positions, Q queries, N classes.
 """
 
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, TransformersKwargs, logging
 
-from .backbone import Backbone, FrozenBatchNorm2d, ResNet, downsample_mask, load_backbone_weights
+from .backbone import Backbone, FrozenBatchNorm2d, ResNet, downsample_mask
 from .configuration_deformable_detr import DeformableDetrConfig
 from .deformable_transformer import (
     MLP,
@@ -34,17 +33,6 @@ from .transformers_mapping import from_pretrained_kwargs
 logger = logging.get_logger(__name__)
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class (focal-loss init)
-
-
-def _converters():
-    """conversion.py of the installed package. It is imported by name, not with `from .`, so that
-    `save_pretrained` (which copies every module this file imports relatively) leaves it out of saved models."""
-    try:
-        return importlib.import_module("deformable_detr.conversion")
-    except ImportError as error:
-        raise ImportError(
-            "converting checkpoints needs this model's package: pip install hub-deformable-detr"
-        ) from error
 
 
 @dataclass
@@ -286,16 +274,6 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             self.reference_points = nn.Linear(C, 2)
         self.post_init()
 
-    def load_backbone_weights(self, source: str):
-        """Loads pretrained weights into the built-in ResNet: a local file (.safetensors, .pth, .bin with
-        torchvision names, e.g. torchvision's or timm's ResNet-50) or a Hub id; only this ever downloads."""
-        if not isinstance(self.backbone.body, ResNet):
-            raise ValueError(
-                "load_backbone_weights is for the built-in ResNets; give a transformers backbone its weights "
-                "with its own from_pretrained and copy them into model.backbone.body"
-            )
-        load_backbone_weights(self.backbone.body, source)
-
     @property
     def min_image_size(self) -> int | None:
         """Side in pixels below which the coarsest level would have no pixel: a thinner canvas is padded up to it."""
@@ -524,17 +502,6 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
             self.class_embed = HeadLinear(C, config.num_labels)
             self.bbox_embed = MLP(C, C, 4, 3)
         self.post_init()
-
-    @classmethod
-    def from_transformers(cls, source) -> "DeformableDetrForObjectDetection":
-        """transformers' DeformableDetrForObjectDetection (in memory, or a saved folder / Hub id of one, v4 or v5
-        layout) -> ours, with the same outputs."""
-        return _converters().from_transformers(source)
-
-    @classmethod
-    def from_original_checkpoint(cls, path, **config_overrides) -> "DeformableDetrForObjectDetection":
-        """A fundamentalvision/Deformable-DETR `.pth` -> ours; its stored args set the architecture."""
-        return _converters().from_original_checkpoint(path, **config_overrides)
 
     def set_labels(self, class_names: list[str]):
         """A new label set: `config.id2label`/`label2id` follow `class_names`, and every class head (also the

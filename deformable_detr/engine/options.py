@@ -15,7 +15,7 @@ import math
 import shlex
 from dataclasses import MISSING, dataclass, field, fields
 
-from .metric_names import SUMMARY_NAMES
+from ..metrics.metric_names import SUMMARY_NAMES
 from .schedule import SCHEDULES
 from .tracking import tracker_names
 
@@ -266,7 +266,7 @@ class TrainingOptions:
                 f"{self.checkpointing_steps!r}"
             )
         if self.device is not None:
-            from ..detect import checked_device
+            from ..utils.devices import checked_device
 
             checked_device(self.device)  # raises naming a device this torch cannot use here
         if self.with_tracking and self.report_to == "none":

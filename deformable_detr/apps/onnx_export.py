@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .file_writing import check_writable, replaced_when_done
+from ..utils.file_writing import check_writable, replaced_when_done
 from .onnx_detector import INPUTS, OUTPUTS, OnnxDetector
 
 OPSET = 18  # GridSample (16+) in every runtime we target; onnxruntime >= 1.14, OpenVINO >= 2023, TensorRT >= 8.6

@@ -3,7 +3,9 @@ paper's three learning rates."""
 
 import os
 
-from .. import DeformableDetrConfig, DeformableDetrForObjectDetection
+from ..model.configuration_deformable_detr import DeformableDetrConfig
+from ..model.modeling_deformable_detr import DeformableDetrForObjectDetection
+from ..weights.backbone_weights import load_backbone_weights
 from .options import CONFIG_PRESETS, DEFAULT_MODEL
 
 SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --sampling_lr_factor x the lr
@@ -77,7 +79,7 @@ def build_model(options, class_names: list[str]) -> DeformableDetrForObjectDetec
     """The run's model: the saved one of model_name_or_path (ours or transformers'), or a fresh one of config_name
     (with backbone_weights, if given), with class heads for `class_names`."""
     if options.model_name_or_path:
-        from ..conversion import load_model
+        from ..weights.loading import load_model
 
         model = load_model(options.model_name_or_path)
     else:
@@ -89,7 +91,7 @@ def build_model(options, class_names: list[str]) -> DeformableDetrForObjectDetec
         config.label2id = {name: i for i, name in enumerate(class_names)}
         model = DeformableDetrForObjectDetection(config)
         if options.backbone_weights:
-            model.model.load_backbone_weights(options.backbone_weights)
+            load_backbone_weights(model, options.backbone_weights)
     model.set_labels(class_names)
     return model
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from types import UnionType
 from typing import get_args, get_origin
 
-from ..file_writing import reporting_full_disk
+from ..utils.file_writing import reporting_full_disk
 
 logger = logging.getLogger(__name__)
 

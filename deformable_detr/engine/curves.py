@@ -3,8 +3,8 @@ learning rate and the validation mAP, one panel above the other."""
 
 import os
 
-from ..file_writing import replaced_when_done
-from ..loss_deformable_detr import MAIN_TERMS
+from ..model.loss_deformable_detr import MAIN_TERMS
+from ..utils.file_writing import replaced_when_done
 
 CURVES_FILE = "training.png"
 

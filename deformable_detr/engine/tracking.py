@@ -28,7 +28,8 @@ def tracker_names(report_to: str) -> list[str] | str | None:
 
 def detections_picture(model, processor, images: list[Image.Image], threshold: float = 0.3) -> np.ndarray:
     """The model's detections drawn on `images`, side by side at one height: (H, W, 3) uint8."""
-    from ..detect import detect, draw_detections
+    from ..metrics.predictions import detect
+    from ..utils.drawing import draw_detections
 
     training = model.training
     model.eval()

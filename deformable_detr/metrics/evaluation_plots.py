@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from ..file_writing import replaced_when_done
+from ..utils.file_writing import replaced_when_done
 from .evaluation import accumulated_evaluation
 
 PR_IOUS = {"iou=0.50": slice(0, 1), "iou=0.50:0.95": slice(None)}  # of COCOeval's 10 IoU thresholds

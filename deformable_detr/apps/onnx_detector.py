@@ -61,7 +61,7 @@ class OnnxDetector:
         self.config = SimpleNamespace(id2label=id2label, num_labels=len(id2label))
 
     def image_processor(self):
-        from .image_processing_deformable_detr import DeformableDetrImageProcessor
+        from ..model.image_processing_deformable_detr import DeformableDetrImageProcessor
 
         return DeformableDetrImageProcessor(**json.loads(self.metadata["image_processor"]))
 

@@ -10,8 +10,8 @@ import typing
 import warnings
 from dataclasses import MISSING, fields
 
-from .training.options import MIXED_PRECISION, TrainingOptions
-from .training.schedule import SCHEDULES
+from ..engine.options import MIXED_PRECISION, TrainingOptions
+from ..engine.schedule import SCHEDULES
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -72,7 +72,7 @@ def add_held_out_arguments(parser: argparse.ArgumentParser):
 
 def train_parser() -> argparse.ArgumentParser:
     """One flag per TrainingOptions field, in its group, with its type, default and help."""
-    from .training import options as module
+    from ..engine import options as module
 
     parser = argparse.ArgumentParser(
         allow_abbrev=False, prog="deformable-detr-train", description=module.__doc__, formatter_class=HelpFormatter
@@ -93,8 +93,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv=None):
-    from .training.loop import train
-    from .training.signals import RESUME_HINT, TrainingStopped
+    from ..engine.signals import RESUME_HINT, TrainingStopped
+    from ..engine.trainer import train
 
     args = train_parser().parse_args(argv)
     try:
@@ -149,7 +149,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv=None):
-    from .training.evaluation import check_output, evaluate_saved_model, format_metrics, write_metrics
+    from ..metrics.evaluation import format_metrics
+    from .evaluate import check_output, evaluate_saved_model, write_metrics
 
     args = evaluate_parser().parse_args(argv)  # its destinations are the function's parameter names
 
@@ -328,16 +329,16 @@ COMMANDS = {  # name: (what it does, an example); each runs its <name>_main of t
 
 
 def main(argv=None):
-    """`python -m deformable_detr.cli COMMAND ...` (and `python -m deformable_detr`): the commands as subcommands,
+    """`python -m deformable_detr COMMAND ...` (and `python -m deformable_detr`): the commands as subcommands,
     COMMAND's arguments handed to its <name>_main (`... detect --help` is deformable-detr-detect --help)."""
     width = max(map(len, COMMANDS))
     listing = "\n".join(
-        f"  {name:<{width}}  {summary}; e.g.\n  {'':<{width}}    python -m deformable_detr.cli {example}"
+        f"  {name:<{width}}  {summary}; e.g.\n  {'':<{width}}    python -m deformable_detr {example}"
         for name, (summary, example) in COMMANDS.items()
     )
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
-        prog="python -m deformable_detr.cli",
+        prog="python -m deformable_detr",
         description="Deformable DETR's commands, also installed as deformable-detr-COMMAND. "
         "COMMAND --help lists its options.",
         epilog=f"commands:\n{listing}",

@@ -1,15 +1,13 @@
 """The convolutional backbone: a built-in ResNet with torchvision's parameter names, or any transformers
 backbone, with frozen batch norm; it returns up to three feature maps (strides 8, 16, 32) and their masks."""
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoBackbone
 
 from .configuration_deformable_detr import RESNET_SPECS
+from .gradient_checkpointing import run_layer
 
 # Parameters kept frozen, as in the paper, when batch norms are frozen: the stem and the first stage of a ResNet.
 # The built-in ResNets, and the transformers backbones known to be ResNets (by model_type); other backbones
@@ -193,93 +191,3 @@ class Backbone(nn.Module):
 def downsample_mask(mask, size):
     """(B, H, W) bool -> (B, h, w) bool, nearest neighbour."""
     return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
-
-
-def _read_state_dict(source: str) -> dict:
-    """A local .safetensors/.pth/.bin file, or a Hub id holding model.safetensors or pytorch_model.bin."""
-    import os
-
-    if not os.path.isfile(source):
-        from huggingface_hub import hf_hub_download
-
-        errors = []
-        for filename in ("model.safetensors", "pytorch_model.bin"):
-            try:
-                source = hf_hub_download(source, filename)
-                break
-            except Exception as error:  # offline, unknown repo, missing file: all reported together below
-                errors.append(f"{filename}: {type(error).__name__}: {error}")
-        else:
-            raise OSError(
-                f"backbone weights {source!r} are neither a local file nor downloadable from the Hub "
-                f"({'; '.join(errors)})"
-            )
-    if source.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(source)
-    state = torch.load(source, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
-BACKBONE_PREFIXES = (
-    "module.",
-    "model.backbone.conv_encoder.model.",
-    "model.backbone.body.",
-    "backbone.0.body.",
-    "_backbone.",
-)
-
-
-def load_backbone_weights(body: ResNet, source: str):
-    """Loads ImageNet (or other) weights with torchvision names into a built-in ResNet; the classifier (fc.*)
-    is ignored, any other key left over or missing is an error."""
-    state = {}
-    for key, value in _read_state_dict(source).items():
-        for prefix in BACKBONE_PREFIXES:
-            key = key[len(prefix) :] if key.startswith(prefix) else key
-        if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
-            state[key] = value
-    expected = {k: v for k, v in body.state_dict().items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"backbone weights {source!r} do not fit this ResNet: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    wrong = [k for k in state if state[k].shape != expected[k].shape]
-    if wrong:
-        raise ValueError(
-            f"backbone weights {source!r}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
-            f"this ResNet wants {tuple(expected[wrong[0]].shape)} (another depth?)"
-        )
-    body.load_state_dict(state, strict=False)  # strict but for num_batches_tracked, checked above
-
-
-def run_layer(owner: nn.Module, layer, x):
-    """layer(x); with `owner.gradient_checkpointing` while training with gradients, its activations are not kept
-    but recomputed in the backward pass (random state preserved: the same gradients), trading time for memory.
-
-    The checkpoint function is the one transformers' `activation_checkpointing_enable` sets
-    (`owner._gradient_checkpointing_func`, with its `activation_checkpointing_kwargs`). A stage after the frozen
-    stem gets an input that needs no gradient; the reentrant checkpoint would then give its parameters none, so
-    that input is made to ask for one. A frozen stage on such an input builds no graph: nothing to checkpoint."""
-    if owner.gradient_checkpointing and owner.training and torch.is_grad_enabled():
-        if not x.requires_grad:
-            if not any(p.requires_grad for p in layer.parameters()):
-                return layer(x)
-            x = x.detach().requires_grad_()
-        return getattr(owner, "_gradient_checkpointing_func", partial(checkpoint, use_reentrant=False))(layer, x)
-    return layer(x)
-
-
-def set_gradient_checkpointing(model, enable: bool = True, use_reentrant: bool = False):
-    """Activation checkpointing of the backbone stages and the encoder and decoder layers, through transformers'
-    switch (`activation_checkpointing_enable` / `_disable`); `model` is one of our PreTrainedModels."""
-    if enable:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    else:
-        model.activation_checkpointing_disable()

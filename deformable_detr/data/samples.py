@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..box_ops import box_area, box_xywh_to_xyxy, box_xyxy_to_xywh
-from ..image_processing_deformable_detr import DeformableDetrImageProcessor, to_rgb_image
+from ..model.box_ops import box_area, box_xywh_to_xyxy, box_xyxy_to_xywh
+from ..model.image_processing_deformable_detr import DeformableDetrImageProcessor, to_rgb_image
 from .image_files import UNREADABLE, image_name
 from .objects import objects_of
 

@@ -17,10 +17,10 @@ import warnings
 
 import torch
 
-from .configuration_deformable_detr import RESNET_SPECS
-from .console import transformers_progress_bars_off
+from ..model.configuration_deformable_detr import RESNET_SPECS
+from ..model.transformers_mapping import IN_PROJ_PARTS, SHARED_CONFIG_FIELDS, conversions, key_mapping
+from ..utils.console import transformers_progress_bars_off
 from .onnx_export import _example_inputs, max_abs_difference, refuse_an_export
-from .transformers_mapping import IN_PROJ_PARTS, SHARED_CONFIG_FIELDS, conversions, key_mapping
 
 TOLERANCE = 1e-4  # max abs difference of logits and boxes, fp32, transformers' model vs ours
 BACKBONE = "model.backbone.model."

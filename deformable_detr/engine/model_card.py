@@ -3,7 +3,7 @@ was made and how to load it."""
 
 import os
 
-from .evaluation import format_metrics
+from ..metrics.evaluation import format_metrics
 
 
 def write_model_card(

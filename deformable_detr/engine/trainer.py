@@ -1,6 +1,6 @@
 """The training loop: `train(TrainingOptions(...))` trains or fine-tunes Deformable DETR on a detection dataset
 with accelerate, on one or many devices (the `deformable-detr-train` command in cli.py runs it; with `accelerate
-launch -m deformable_detr.training` on several). It reads top to bottom as the paper's engine.py: `prepare`
+launch -m deformable_detr.engine` on several). It reads top to bottom as the paper's engine.py: `prepare`
 the model, optimiser, schedule and loaders, `resume_or_start`, then per epoch `run_epoch` (forward_backward,
 optimiser_step, after_step), `evaluate_epoch` and `keep_best`, and at the end `finish` (model, processor, card,
 history).
@@ -22,11 +22,17 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .. import DeformableDetrForObjectDetection, DeformableDetrImageProcessor
-from ..backbone import set_gradient_checkpointing
-from ..console import transformers_progress_bars_off
-from ..file_writing import reporting_full_disk
-from ..loss_deformable_detr import MAIN_TERMS
+from ..data.samples import DetectionCollator, DetectionSamples
+from ..data.sources import load_detection_dataset
+from ..data.transforms import DetrAugmentation
+from ..metrics.evaluation import coco_ground_truth, coco_metrics, detections_of, format_metrics
+from ..metrics.evaluation_plots import write_evaluation_pictures
+from ..model.gradient_checkpointing import set_gradient_checkpointing
+from ..model.image_processing_deformable_detr import DeformableDetrImageProcessor
+from ..model.loss_deformable_detr import MAIN_TERMS
+from ..model.modeling_deformable_detr import DeformableDetrForObjectDetection
+from ..utils.console import transformers_progress_bars_off
+from ..utils.file_writing import reporting_full_disk
 from .checkpoints import (
     BEST_DIR,
     TrainState,
@@ -37,16 +43,12 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .curves import write_training_curves
-from .data import load_detection_dataset
 from .ema import WeightAverage
-from .evaluation import coco_ground_truth, coco_metrics, detections_of, format_metrics
-from .evaluation_plots import write_evaluation_pictures
 from .hub import hub_repo, push_to_hub
 from .launch import check_launch
 from .model_card import write_model_card
 from .model_setup import build_model, check_hub_model, parameter_groups, warn_of_a_fresh_model
 from .options import TRACKING_DIR, TrainingOptions
-from .samples import DetectionCollator, DetectionSamples
 from .schedule import lr_factor
 from .sharding import (
     check_resumable,
@@ -58,7 +60,6 @@ from .sharding import (
 )
 from .signals import RESUME_HINT, StopRequest, TrainingStopped, ignore_stop_signals, worker_context
 from .tracking import detections_picture, log_picture, tracker_names
-from .transforms import DetrAugmentation
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def process_state(device: str | None):
     PartialState._reset_state()  # one process has no process group: an earlier run's state here keeps its device
     if device is None:
         return PartialState(cpu=cpu)
-    from ..detect import checked_device
+    from ..utils.devices import checked_device
 
     device = checked_device(device)
     if device.type == "cuda" and device.index is not None:

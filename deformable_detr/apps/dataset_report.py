@@ -7,12 +7,12 @@ import logging
 import os
 import warnings
 
-from .detect import draw_detections
-from .file_writing import replaced_when_done
-from .image_processing_deformable_detr import to_rgb_image
-from .training.data import dataset_format, load_detection_dataset
-from .training.image_files import image_name
-from .training.objects import objects_of
+from ..data.image_files import image_name
+from ..data.objects import objects_of
+from ..data.sources import dataset_format, load_detection_dataset
+from ..model.image_processing_deformable_detr import to_rgb_image
+from ..utils.drawing import draw_detections
+from ..utils.file_writing import replaced_when_done
 
 # box sizes, sqrt(area) in pixels: the edges of COCO's small (< 32) / medium / large (>= 96) among them
 SIZE_EDGES = [0, 8, 16, 32, 64, 96, 128, 256, 512]

@@ -1,0 +1,1 @@
+"""Helpers every layer above the model may use: atomic file writing, devices, drawing, console output, timing."""
