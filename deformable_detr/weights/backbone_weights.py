@@ -1,6 +1,7 @@
 """ImageNet (or other) weights with torchvision's names for the built-in ResNet backbone."""
 
 from ..model.backbone import ResNet
+from ..utils.messages import listed
 from .state_dicts import read_state_dict
 
 BACKBONE_PREFIXES = (
@@ -29,11 +30,11 @@ def load_backbone_weights(model, source: str):
         if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
             state[key] = value
     expected = {k: v for k, v in body.state_dict().items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
         raise ValueError(
-            f"backbone weights {source!r} do not fit this ResNet: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"backbone weights {source!r} do not fit this ResNet: missing [{listed(missing, 5, sort=True, quote=True)}]"
+            f", unexpected [{listed(unexpected, 5, sort=True, quote=True)}]"
         )
     wrong = [k for k in state if state[k].shape != expected[k].shape]
     if wrong:

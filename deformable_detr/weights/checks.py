@@ -4,6 +4,8 @@
 import difflib
 import os
 
+from ..utils.messages import listed
+
 
 def refuse_unfit_weights(source: str, loading: dict):
     """ValueError naming the weights that do not fit the config, in from_pretrained's loading info: transformers
@@ -13,7 +15,7 @@ def refuse_unfit_weights(source: str, loading: dict):
         # batch-norm step counters (timm's, in some checkpoints): frozen norms have none, and nothing reads them
         "unexpected": [key for key in loading["unexpected_keys"] if not key.endswith("num_batches_tracked")],
     }
-    unfit = [f"{kind} keys {some(keys)}" for kind, keys in found.items() if keys]
+    unfit = [f"{kind} keys [{listed(keys, 10, sort=True, quote=True)}]" for kind, keys in found.items() if keys]
     unfit += [
         f"{key} is {tuple(stored)} in the weights but {tuple(wanted)} by the config"
         for key, stored, wanted in sorted(loading["mismatched_keys"])[:10]
@@ -45,9 +47,3 @@ def mistyped_local_path(source: str) -> str | None:
         else []
     )
     return message + (f"; did you mean {' or '.join(os.path.join(parent, name) for name in near)}?" if near else "")
-
-
-def some(keys) -> str:
-    """The first ten of `keys`, sorted, for a message: "['a', 'b'] ..." when there are more."""
-    keys = sorted(keys)
-    return f"{keys[:10]}{' ...' if len(keys) > 10 else ''}"

@@ -10,7 +10,9 @@ import torch
 
 from ..model.configuration_deformable_detr import DeformableDetrConfig
 from ..model.transformers_mapping import from_pretrained_kwargs, key_mapping
-from .checks import mistyped_local_path, refuse_unfit_weights, some
+from ..utils.messages import listed
+from .checks import mistyped_local_path, refuse_unfit_weights
+from .state_dicts import read_checkpoint, state_dict_of
 
 ORIGINAL_RENAMES = [
     (r"^backbone\.0\.body\.", "model.backbone.body."),
@@ -67,7 +69,10 @@ def _load_converted(config, state, source):
     unknown = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state]
     if unknown or missing:
-        raise ValueError(f"{source}: keys left unmapped {some(unknown)}; our keys not found {some(missing)}")
+        raise ValueError(
+            f"{source}: keys left unmapped [{listed(unknown, 10, sort=True, quote=True)}]; "
+            f"our keys not found [{listed(missing, 10, sort=True, quote=True)}]"
+        )
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, ours {tuple(expected[key].shape)}")
@@ -162,11 +167,8 @@ def from_original_checkpoint(path, **config_overrides):
 
     The architecture comes from the stored `args` when present; `config_overrides` win over them.
     """
-    import argparse
-
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    checkpoint = read_checkpoint(path)
+    state = state_dict_of(checkpoint)
     if not isinstance(state, dict) or "query_embed.weight" not in state and "transformer.level_embed" not in state:
         raise ValueError(
             f"{path} does not look like an original Deformable-DETR checkpoint (no transformer.level_embed)"
