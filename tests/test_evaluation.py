@@ -105,12 +105,13 @@ def saved_bccd_model(folder):
 
 
 def test_the_table_is_printed_before_the_json_is_written(tmp_path, monkeypatch, capsys):
-    """When the JSON could not be written at the end, the metrics table was never printed: the work was lost."""
+    """The metrics table is printed before the JSON is written: a JSON path that cannot be written at the end (its
+    folder turned into a file during the evaluation) is an error after the table is on screen."""
+    from deformable_detr.apps import evaluate
     from deformable_detr.apps.cli import evaluate_main
-    from deformable_detr.engine import evaluation
     from tests.support.bccd import BCCD
 
-    score = evaluation.coco_metrics
+    score = evaluate.coco_metrics
 
     def and_then_the_folder_becomes_a_file(*args, **kwargs):
         metrics = score(*args, **kwargs)
@@ -119,7 +120,7 @@ def test_the_table_is_printed_before_the_json_is_written(tmp_path, monkeypatch, 
         return metrics
 
     saved_bccd_model(tmp_path / "model")
-    monkeypatch.setattr(evaluation, "coco_metrics", and_then_the_folder_becomes_a_file)
+    monkeypatch.setattr(evaluate, "coco_metrics", and_then_the_folder_becomes_a_file)
     output = tmp_path / "results" / "m.json"
     command = ["--model", str(tmp_path / "model"), "--dataset", str(BCCD), "--split", "test", "--output", str(output)]
     command += ["--output_dir", str(tmp_path / "pictures")]

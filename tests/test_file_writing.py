@@ -1,11 +1,14 @@
 """A disk that fills while a checkpoint is written: one line naming the folder, the free space and the space
 needed; the half-written checkpoint removed, the earlier one kept and resumable."""
 
+import errno
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import uuid
+from collections import namedtuple
 
 import pytest
 from safetensors import SafetensorError
@@ -16,36 +19,50 @@ from deformable_detr.utils.file_writing import is_disk_full
 from tests.support.processes import run_command
 from tests.support.training import options
 
-SAFETENSORS_FULL = (
-    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
-)
+SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+DiskUsage = namedtuple("DiskUsage", "total used free")  # what shutil.disk_usage returns
+TORCH_FULL = "[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 470"
+
+
+def disk_of(free: int):
+    """A stand-in for shutil.disk_usage: every folder's disk has `free` bytes free."""
+    return lambda path: DiskUsage(total=2**30, used=2**30 - free, free=free)
 
 
 @pytest.mark.parametrize(
-    "message, full",
+    "error, free, full",
     [
-        (SAFETENSORS_FULL, True),
-        ("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 470", True),
-        ("PytorchStreamWriter failed writing file data/0: file write failed", True),
-        ("Error while serializing: shape mismatch", False),
+        (SafetensorError(SAFETENSORS_FULL), 0, True),  # safetensors and torch.save give no errno: the free space says
+        (RuntimeError(TORCH_FULL), 10, True),
+        (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), 0, True),
+        (SafetensorError("Error while serializing: shape mismatch"), 2**20, False),
+        (OSError(errno.ENOSPC, "No space left on device"), 2**20, True),  # Python's writes give the errno
+        (OSError(errno.EACCES, "Permission denied"), 0, False),
     ],
 )
-def test_the_writers_words_for_a_full_disk(message, full):
-    assert is_disk_full(RuntimeError(message)) is full
-    assert is_disk_full(OSError(28, "No space left on device"))
+def test_a_full_disk_is_told_by_errno_or_by_the_free_space(error, free, full, tmp_path, monkeypatch):
+    """A write of 1,000 bytes into `tmp_path` failed with `error`: the disk is full where the error's errno is
+    ENOSPC, or, for a writer that gives no errno, where the folder has less free space than the write needs."""
+    monkeypatch.setattr(shutil, "disk_usage", disk_of(free))
+    assert is_disk_full(error, str(tmp_path), 1000) is full
+
+
+def test_a_full_disk_is_told_by_an_errno_in_the_errors_chain(tmp_path):
+    """torch.save's RuntimeError raised while handling an OSError ENOSPC is a full disk, whatever the free space."""
+    error = RuntimeError(TORCH_FULL)
+    error.__context__ = OSError(errno.ENOSPC, "No space left on device")
+    assert is_disk_full(error, str(tmp_path), 0)
 
 
 def test_a_checkpoint_on_a_full_disk_is_one_line_and_removed(shapes_folder, tmp_path, monkeypatch):
-    """The second checkpoint's weights meet a full disk (safetensors' own error, injected): the command ends with
-    one line naming checkpoint-4, and only checkpoint-2 is left."""
+    """The second checkpoint's weights meet a full disk (safetensors' own error, injected, and the disk's free space
+    then 0 bytes): the command ends with one line naming checkpoint-4, and only checkpoint-2 is left."""
     import accelerate.utils.other
-
-    written = []
 
     def save_file(tensors, path, metadata=None):
         if "checkpoint-4" in str(path):
+            monkeypatch.setattr(shutil, "disk_usage", disk_of(0))
             raise SafetensorError(SAFETENSORS_FULL)
-        written.append(path)
         return real(tensors, path, metadata=metadata)
 
     real = accelerate.utils.other.safe_save_file

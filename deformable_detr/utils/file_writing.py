@@ -1,9 +1,9 @@
 """Writing files without losing work: `check_writable` tries a path before the work that ends in writing it,
 `replaced_when_done` puts a file in place only once it is whole, and `reporting_full_disk` says a full disk in one
-line. Writers fail on a full disk in their own words (Python: OSError ENOSPC;
-safetensors: "IoError(Os { code: 28, kind: StorageFull ... })"; torch.save: "inline_container.cc ... unexpected
-pos" or "file write failed"); `reporting_full_disk` turns each into a `DiskFullError` naming the folder, the free
-space and about how much the write needs."""
+line. Python's own writes fail on a full disk with OSError ENOSPC; safetensors' SafetensorError and torch.save's
+RuntimeError carry no errno, so for them the folder's free space after the failure decides (`is_disk_full`);
+`reporting_full_disk` turns either into a `DiskFullError` naming the folder, the free space and about how much the
+write needs."""
 
 import errno
 import os
@@ -12,18 +12,17 @@ import tempfile
 import uuid
 from contextlib import contextmanager, suppress
 
-FULL_DISK_WORDS = ("No space left on device", "StorageFull", "unexpected pos", "file write failed", "code: 28")
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFullError(OSError):
     """The disk filled while writing `folder`."""
 
     def __init__(self, folder: str, needed: int):
-        free = shutil.disk_usage(folder if os.path.isdir(folder) else os.path.dirname(folder) or ".").free
         super().__init__(
             errno.ENOSPC,
-            f"{folder}: the disk is full ({megabytes(free)} free; writing this needs about {megabytes(needed)}); "
-            "free some space or write elsewhere",
+            f"{folder}: the disk is full ({megabytes(free_space(folder))} free; writing this needs about "
+            f"{megabytes(needed)}); free some space or write elsewhere",
         )
         self.folder = folder
 
@@ -35,10 +34,32 @@ def megabytes(size: int) -> str:
     return f"{size / 2**20:,.1f} MiB"
 
 
-def is_disk_full(error: BaseException) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return any(words in str(error) for words in FULL_DISK_WORDS)
+def free_space(path: str) -> int:
+    """The free bytes of the filesystem that holds `path`, or its nearest folder that exists."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def is_disk_full(error: BaseException, folder: str, needed: int) -> bool:
+    """Whether `error`, raised while writing about `needed` bytes into `folder`, means the disk is full: an OSError
+    in its chain (__cause__, __context__) with errno ENOSPC or EDQUOT says so; one with another errno says not. An
+    error without an errno (safetensors', torch.save's) means a full disk where `folder` has less free space than
+    the write needs."""
+    errnos = [e.errno for e in _chain(error) if isinstance(e, OSError) and e.errno is not None]
+    if errnos:
+        return any(number in FULL_DISK_ERRNOS for number in errnos)
+    return free_space(folder) < needed
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from or while handling, each once."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 @contextmanager
@@ -48,7 +69,7 @@ def reporting_full_disk(folder: str, needed: int, remove_on_failure: bool = Fals
     try:
         yield
     except Exception as error:
-        if not is_disk_full(error):
+        if not is_disk_full(error, folder, needed):
             raise
         if remove_on_failure:
             shutil.rmtree(folder, ignore_errors=True)
@@ -79,6 +100,6 @@ def replaced_when_done(path: str):
     except BaseException as error:
         with suppress(OSError):
             os.remove(temporary)
-        if isinstance(error, OSError) and temporary in str(error):  # named by `path`, not by the temporary file
+        if isinstance(error, OSError) and temporary in (error.filename, error.filename2):  # named by `path`
             raise type(error)(f"{path} cannot be written ({error})") from error
         raise
