@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..data.objects import objects_of
 from ..model.box_ops import box_xyxy_to_xywh
-from .metric_names import SUMMARY_LABELS, SUMMARY_NAMES
+from .metric_names import SUMMARY_AREAS, SUMMARY_LABELS, SUMMARY_NAMES
 from .predictions import not_finite, warn_of_non_finite_outputs
 
 AREA_RANGES = {"all": (0, 1e10), "small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}  # COCO's
@@ -66,8 +66,8 @@ def coco_metrics(ground_truth: dict, detections: list[dict], tools: str = "auto"
     if not detections:  # pycocotools cannot load none: 0, or -1 where the data has no such objects, as it would say
         areas = [a["area"] for a in ground_truth["annotations"] if not a["iscrowd"]]
 
-        def has_objects(name: str) -> bool:  # map_small -> small; map_50, mar_100 -> all
-            low, high = AREA_RANGES.get(name.split("_")[-1], AREA_RANGES["all"])
+        def has_objects(name: str) -> bool:
+            low, high = AREA_RANGES[SUMMARY_AREAS[name]]
             return any(low <= area <= high for area in areas)
 
         summary = {name: 0.0 if has_objects(name) else -1.0 for name in SUMMARY_NAMES}
