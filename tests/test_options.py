@@ -7,7 +7,7 @@ from torch import nn
 
 from deformable_detr.apps.cli import detect_parser, export_parser, train_parser
 from deformable_detr.engine import TrainingOptions
-from deformable_detr.engine.model_setup import build_model
+from deformable_detr.engine.model_setup import build_model, parameter_groups
 from deformable_detr.model.backbone import FrozenBatchNorm2d
 
 
@@ -111,3 +111,31 @@ def test_without_a_model_the_papers_coco_model_is_fine_tuned():
     options = TrainingOptions(dataset="d")
     assert options.model_name_or_path == "SenseTime/deformable-detr" and options.config_name is None
     assert TrainingOptions(dataset="d", config_name="tiny").model_name_or_path is None
+
+
+@pytest.mark.parametrize("variant", [{}, {"with_box_refine": True}, {"with_box_refine": True, "two_stage": True}])
+def test_the_three_learning_rates_go_to_the_backbone_the_sampling_modules_and_the_rest(variant):
+    """The groups hold, in the model's order, the backbone's parameters, those of every sampling_offsets and
+    reference_points module, and all others: the parameters these names pick."""
+    from tests.support.models import tiny_model
+
+    model = tiny_model(**variant)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    by_name = {
+        "backbone": [p for name, p in trainable if name.startswith("model.backbone.")],
+        "sampling": [
+            p
+            for name, p in trainable
+            if not name.startswith("model.backbone.") and ("sampling_offsets" in name or "reference_points" in name)
+        ],
+    }
+    by_name["rest"] = [p for _, p in trainable if not any(p is q for q in by_name["backbone"] + by_name["sampling"])]
+    options = TrainingOptions(dataset="d", config_name="tiny", learning_rate=1e-3, sampling_lr_factor=0.5)
+    groups = parameter_groups(model, options)
+    assert [group["name"] for group in groups] == ["backbone", "sampling", "rest"]
+    for group in groups:
+        assert [id(p) for p in group["params"]] == [id(p) for p in by_name[group["name"]]], group["name"]
+    assert [group["lr"] for group in groups] == [options.backbone_learning_rate, 5e-4, 1e-3]
+    assert len(by_name["sampling"]) == 2 * (model.config.encoder_layers + model.config.decoder_layers) + 2 * (
+        not model.config.two_stage
+    )

@@ -3,12 +3,14 @@ paper's three learning rates."""
 
 import os
 
+from torch import nn
+
 from ..model.configuration_deformable_detr import DeformableDetrConfig
 from ..model.modeling_deformable_detr import DeformableDetrForObjectDetection
+from ..model.ms_deform_attn import MultiScaleDeformableAttention
 from ..weights.backbone_weights import load_backbone_weights
 from .options import CONFIG_PRESETS, DEFAULT_MODEL
 
-SAMPLING_PARAMETERS = ("sampling_offsets", "reference_points")  # trained at --sampling_lr_factor x the lr
 HUB_TIMEOUT = 5  # seconds the one request asking whether the Hub answers may take
 # below this many training images a fresh model (random transformer and heads) rarely learns to detect
 FEW_IMAGES = 3000
@@ -96,18 +98,26 @@ def build_model(options, class_names: list[str]) -> DeformableDetrForObjectDetec
     return model
 
 
-def parameter_groups(model, options) -> list[dict]:
-    """The paper's three learning rates: backbone, sampling offsets and reference points, everything else."""
+def sampling_modules(model: DeformableDetrForObjectDetection) -> list[nn.Module]:
+    """The modules that say where deformable attention samples, trained at sampling_lr_factor x the lr: every
+    attention's sampling offsets, and the queries' reference points (a two-stage model takes them from the
+    encoder's proposals instead)."""
+    modules = [m.sampling_offsets for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    if not model.config.two_stage:
+        modules.append(model.model.reference_points)
+    return modules
+
+
+def parameter_groups(model: DeformableDetrForObjectDetection, options) -> list[dict]:
+    """The paper's three learning rates: the backbone's, the sampling modules' (`sampling_modules`), everything
+    else's; each group's trainable parameters in the model's order."""
+    backbone = {id(p) for p in model.model.backbone.parameters()}
+    sampling = {id(p) for module in sampling_modules(model) for p in module.parameters()}
     groups = {"backbone": [], "sampling": [], "rest": []}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if ".backbone." in f".{name}":
-            groups["backbone"].append(parameter)
-        elif any(key in name for key in SAMPLING_PARAMETERS):
-            groups["sampling"].append(parameter)
-        else:
-            groups["rest"].append(parameter)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            name = "backbone" if id(parameter) in backbone else "sampling" if id(parameter) in sampling else "rest"
+            groups[name].append(parameter)
     lrs = {
         "backbone": options.backbone_learning_rate,
         "sampling": options.learning_rate * options.sampling_lr_factor,
