@@ -1,8 +1,4 @@
-"""Checks before weights are loaded: weights that do not fit their config, and a local path that is not here
-(named at once instead of asked of the Hub, which would take a minute of retries offline)."""
-
-import difflib
-import os
+"""The check after weights are loaded: weights that do not fit their config are named, not left at random."""
 
 from ..utils.messages import listed
 
@@ -22,28 +18,3 @@ def refuse_unfit_weights(source: str, loading: dict):
     ]
     if unfit:
         raise ValueError(f"{source}: the weights do not fit its config.json: {'; '.join(unfit)}")
-
-
-def mistyped_local_path(source: str) -> str | None:
-    """Why `source` is a local folder that is not here, rather than a Hub id: it is no valid Hub id, or its parent
-    folder is here (runs/mdoel beside runs/model); None when it may be a Hub id. Asking the Hub first would take
-    a minute of retries offline."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if os.path.exists(source):
-        return None
-    parent = os.path.dirname(os.path.normpath(source))
-    local_parent = bool(parent) and os.path.isdir(parent)
-    try:
-        validate_repo_id(source)
-        if not local_parent:
-            return None
-    except HFValidationError:
-        pass
-    message = f"model {source}: no such folder"
-    near = (
-        difflib.get_close_matches(os.path.basename(os.path.normpath(source)), os.listdir(parent), 3)
-        if local_parent
-        else []
-    )
-    return message + (f"; did you mean {' or '.join(os.path.join(parent, name) for name in near)}?" if near else "")

@@ -10,8 +10,9 @@ import torch
 
 from ..model.configuration_deformable_detr import DeformableDetrConfig
 from ..model.transformers_mapping import from_pretrained_kwargs, key_mapping
+from ..utils.local_paths import mistyped_local_path
 from ..utils.messages import listed
-from .checks import mistyped_local_path, refuse_unfit_weights
+from .checks import refuse_unfit_weights
 from .state_dicts import read_checkpoint, state_dict_of
 
 ORIGINAL_RENAMES = [
@@ -92,7 +93,7 @@ def from_transformers(source):
 
     if isinstance(source, (str, os.PathLike)):
         name = str(source)
-        not_here = mistyped_local_path(name)
+        not_here = mistyped_local_path(name, "model")
         if not_here:
             raise FileNotFoundError(not_here)
         hf_config, weights = PretrainedConfig.get_config_dict(name)[0], {"pretrained_model_name_or_path": name}

@@ -6,7 +6,8 @@ import os
 import torch
 
 from ..model.configuration_deformable_detr import DeformableDetrConfig
-from .checks import mistyped_local_path, refuse_unfit_weights
+from ..utils.local_paths import mistyped_local_path
+from .checks import refuse_unfit_weights
 from .conversion import from_transformers
 
 
@@ -22,7 +23,7 @@ def load_model(source: str):
     from ..model.modeling_deformable_detr import DeformableDetrForObjectDetection
     from ..utils.console import transformers_progress_bars_off
 
-    not_here = mistyped_local_path(source)
+    not_here = mistyped_local_path(source, "model")
     if not_here:
         raise FileNotFoundError(not_here)
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
