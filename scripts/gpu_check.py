@@ -293,7 +293,7 @@ def op_correctness(report, device, quick):
 def op_deterministic(report, device, quick):
     """Under torch.use_deterministic_algorithms(True) the backward sums the value gradient in a fixed order: the
     same bits twice, the atomic sums' values to rounding, and what it costs, at the encoder shapes (batch 8)."""
-    from deformable_detr import ms_deform_attn_triton as kernels
+    from deformable_detr.model import ms_deform_attn_triton as kernels
     from deformable_detr.model.ms_deform_attn import kernel_shapes
     from deformable_detr.utils.benchmarking import median_time
 
@@ -527,7 +527,7 @@ def op_speed(report, device, quick, bandwidth):
 def sweep(report, device, quick):
     """Times the kernels' launch settings at the encoder shapes (batch 8), uniform and encoder's locations:
     BLOCK_Q x num_warps (each setting compiles once, for both)."""
-    from deformable_detr import ms_deform_attn_triton as kernels
+    from deformable_detr.model import ms_deform_attn_triton as kernels
     from deformable_detr.model.ms_deform_attn import kernel_shapes
     from deformable_detr.utils.benchmarking import median_time
 

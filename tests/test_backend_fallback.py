@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from deformable_detr import ms_deform_attn, ms_deform_attn_cpu
+from deformable_detr.model import ms_deform_attn, ms_deform_attn_cpu
 from deformable_detr.model.ms_deform_attn import (
     available_backends,
     multi_scale_deformable_attention,
@@ -109,7 +109,7 @@ def build_fails(monkeypatch):
         )
 
     monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
-    monkeypatch.setattr(ms_deform_attn_cpu, "_state", {"tried": False, "module": None})
+    monkeypatch.setattr(ms_deform_attn, "_cpu_kernel", {"tried": False, "module": None})
 
 
 def test_a_failed_cpu_kernel_build_warns_once_and_the_reference_takes_over(monkeypatch):
@@ -127,14 +127,14 @@ def test_opting_out_of_the_cpu_kernel_is_silent(monkeypatch):
     monkeypatch.setenv("DEFORMABLE_DETR_NO_CPU_KERNEL", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ms_deform_attn_cpu.load() is None
+        assert ms_deform_attn.load_cpu_kernel() is None
 
 
-def test_error_summary_keeps_the_cause_at_the_end():
-    """Triton's compile errors (as seen on an H200) start with source lines and end with the cause."""
+def test_compile_error_summary_keeps_the_cause_at_the_end():
+    """Triton's compile errors start with source lines and end with the cause: the summary keeps both ends."""
     source = "\n".join(f"    line {i} of the kernel" for i in range(20))
     error = RuntimeError(f"at 19:16:\n{source}\nValueError('dx is already defined. constexpr cannot be reassigned.')")
-    summary = ms_deform_attn_cpu.error_summary(error)
+    summary = ms_deform_attn._compile_error_summary(error)
     assert summary.startswith("RuntimeError: at 19:16:") and summary.endswith("constexpr cannot be reassigned.')")
     assert len(summary.splitlines()) == 7 and "line 10 of" not in summary
 
@@ -153,15 +153,14 @@ def test_the_cpu_kernel_is_built_portable_and_kept_per_torch(monkeypatch, tmp_pa
 
 
 def test_the_cpu_kernel_says_compiling_only_when_it_compiles(monkeypatch, tmp_path, caplog):
-    """Every run logged "compiling ... (once)", even when the cached binary was just loaded."""
+    """The log says "compiling (once)" when there is no cached binary, and "loading" when there is one."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.delenv("DEFORMABLE_DETR_NO_CPU_KERNEL", raising=False)
     monkeypatch.setattr(cpp_extension, "load_inline", lambda **kwargs: "the module")
     caplog.set_level("INFO", logger=ms_deform_attn_cpu.__name__)
     for cached in (False, True):
-        monkeypatch.setattr(ms_deform_attn_cpu, "_state", {"tried": False, "module": None})
         if cached:
             open(os.path.join(ms_deform_attn_cpu.build_folder(), "deformable_detr_ms_deform_attn_cpu.so"), "w").close()
         caplog.clear()
-        assert ms_deform_attn_cpu.load() == "the module"
+        assert ms_deform_attn_cpu.build() == "the module"
         assert ("loading the fused CPU" if cached else "compiling (once) the fused CPU") in caplog.text

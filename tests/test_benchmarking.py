@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from deformable_detr import benchmarking
+from deformable_detr.utils import benchmarking
 from deformable_detr.utils.benchmarking import PeakMemory, median_time, median_times, peak_memory
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ from transformers import ResNetConfig
 from transformers.modeling_outputs import BaseModelOutput
 
 from deformable_detr import DeformableDetrConfig, DeformableDetrForObjectDetection, from_transformers
-from deformable_detr import modeling_deformable_detr as modeling
+from deformable_detr.model import modeling_deformable_detr as modeling
 from deformable_detr.testing import padded_batch, small_hf_model
 from tests.support.models import tiny_model
 

@@ -112,7 +112,7 @@ def test_the_file_runs_in_openvino(exported):
 
 
 def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch):
-    from deformable_detr import onnx_export
+    from deformable_detr.apps import onnx_export
 
     with pytest.raises(FileNotFoundError, match="missing: no such folder"):
         export_onnx(str(tmp_path / "missing"), str(tmp_path / "x.onnx"))
@@ -170,7 +170,7 @@ def test_a_bad_output_or_opset_fails_before_the_export_and_a_failed_check_leaves
 ):
     """An output folder that cannot be written in and an opset above what torch writes were found only after the
     export (minutes, on a full model); a file that failed the check was left at the output, looking complete."""
-    from deformable_detr import onnx_export
+    from deformable_detr.apps import onnx_export
 
     with monkeypatch.context() as patched:
         patched.setattr("deformable_detr.apps.detect.load_detector", lambda *a: pytest.fail("the model was loaded"))

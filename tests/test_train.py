@@ -200,7 +200,7 @@ def test_freeze_backbone_trains_only_the_transformer_and_heads(shapes_folder, tm
 
 def nan_loss_on_call(monkeypatch, call: int):
     """The loss of the call-th batch (from 1) becomes NaN."""
-    from deformable_detr import loss_deformable_detr
+    from deformable_detr.model import loss_deformable_detr
 
     forward = loss_deformable_detr.DeformableDetrLoss.forward
     calls = []

@@ -1,8 +1,8 @@
 """The Triton kernels compile for real GPUs, without one: every launch the op makes (forward, backward with atomic
 adds, and the deterministic backward's two kernels) is recorded on the CPU and compiled by the installed Triton for
-sm_80 (A100) and sm_90 (H100, H200), at the model's sizes. Triton's interpreter (test_ms_deform_attn_triton.py)
-checks what the kernels compute; only a compile finds what Triton's GPU passes refuse, as Triton 3.6 refused the
-deterministic sum for sm_90 (fixed since)."""
+sm_80 (A100) and sm_90 (H100, H200), at the model's sizes. Triton's interpreter (test_ms_deform_attn_kernels.py)
+checks what the kernels compute; only a compile finds what Triton's GPU passes refuse (a kernel the interpreter
+runs can still fail to compile for one architecture)."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from deformable_detr import ms_deform_attn_triton as kernels  # noqa: E402
+from deformable_detr.model import ms_deform_attn_triton as kernels  # noqa: E402
 from deformable_detr.model.ms_deform_attn import kernel_shapes  # noqa: E402
 from tests.support.op_inputs import random_inputs  # noqa: E402
 
