@@ -16,11 +16,12 @@ import warnings
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.image_files import SHOWN, UNREADABLE, listed, too_thin
+from ..data.image_files import SHOWN, UNREADABLE, too_thin
 from ..metrics.predictions import detect, warn_of_non_finite_outputs
 from ..utils.devices import checked_device
 from ..utils.drawing import draw_detections
 from ..utils.file_writing import replaced_when_done
+from ..utils.messages import listed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")  # read with PyAV (the [video] extra), given as files

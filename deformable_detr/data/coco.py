@@ -5,10 +5,12 @@ is a ValueError naming the file, the entry, the field and its value."""
 import json
 import os
 import re
+from textwrap import shorten  # a value's repr cut short: a whole list of images would drown a message
 
 from datasets import Dataset
 
 from .image_files import check_images
+from .objects import coco_area
 from .schema import SPLIT_NAMES, finite_number, keep_box, records_to_dataset, warn_of_shared_images
 
 
@@ -59,10 +61,10 @@ def _read_coco_file(path: str) -> dict:
         )
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco[key], list):
-            raise ValueError(f"{path}: '{key}' is {_short(coco[key])}, not a list")
+            raise ValueError(f"{path}: '{key}' is {shorten(repr(coco[key]), 60)}, not a list")
         for j, entry in enumerate(coco[key]):
             if not isinstance(entry, dict):
-                raise ValueError(f"{path}, {key}[{j}] is {_short(entry)}, not an object")
+                raise ValueError(f"{path}, {key}[{j}] is {shorten(repr(entry), 60)}, not an object")
     for key, fields in (
         ("images", ("id",)),
         ("annotations", ("id", "image_id", "category_id")),
@@ -73,12 +75,6 @@ def _read_coco_file(path: str) -> dict:
                 if isinstance(entry.get(field), float) and entry[field].is_integer():
                     entry[field] = int(entry[field])
     return coco
-
-
-def _short(value) -> str:
-    """repr(value), cut to 60 characters: a whole list of images would drown the message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _integer(value, where: str) -> int:
@@ -197,7 +193,7 @@ def _coco_records(coco: dict, path: str, image_folder: str, index: dict) -> list
                 "height": image["height"],
                 "objects": {
                     "id": [a.get("id", j) for j, a in enumerate(objects)],
-                    "area": [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in objects],
+                    "area": [coco_area(a["bbox"], a.get("area")) for a in objects],
                     "bbox": [a["bbox"] for a in objects],
                     "category": [index[a["category_id"]] for a in objects],
                     "iscrowd": [int(a.get("iscrowd") or 0) for a in objects],

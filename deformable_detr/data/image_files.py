@@ -10,6 +10,8 @@ import warnings
 from PIL import Image
 from transformers.image_transforms import get_size_with_aspect_ratio
 
+from ..utils.messages import listed
+
 EXIF_ORIENTATION = 0x0112
 SWAPS_AXES = {5, 6, 7, 8}  # transpose, rotate 270, transverse, rotate 90
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad files
@@ -150,8 +152,3 @@ def check_images(
             stacklevel=2,
         )
     return kept
-
-
-def listed(items: list[str], shown: int = 3) -> str:
-    """'a, b, c and 2 more': the first `shown` of `items`, and how many more (for messages about the data)."""
-    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")

@@ -2,6 +2,12 @@
 or made from boxes. No datasets import: the training samples (samples.py) and the evaluation read rows with it."""
 
 
+def coco_area(box: list, area: float | None = None) -> float:
+    """The area of an object whose COCO box is `box` (x, y, w, h): `area` where the annotation gives one, else the
+    box's w * h, as COCO's own boxes without a segmentation have it."""
+    return box[2] * box[3] if area is None else area
+
+
 def objects_of(example: dict) -> dict:
     """The `objects` of one example as {"bbox", "category", "area", "iscrowd"} lists, whether they are stored as
     a dict of lists or a list of dicts; a missing area is the box's, a missing iscrowd 0."""
@@ -9,9 +15,7 @@ def objects_of(example: dict) -> dict:
     if isinstance(objects, list):
         objects = {key: [o.get(key) for o in objects] for key in ("bbox", "category", "area", "iscrowd")}
     count = len(objects["bbox"])
-    areas = [
-        w * h if a is None else a for a, (_, _, w, h) in zip(objects.get("area") or [None] * count, objects["bbox"])
-    ]
+    areas = [coco_area(box, area) for box, area in zip(objects["bbox"], objects.get("area") or [None] * count)]
     crowds = [int(c or 0) for c in objects.get("iscrowd") or [0] * count]
     return {"bbox": objects["bbox"], "category": objects["category"], "area": areas, "iscrowd": crowds}
 
@@ -20,7 +24,7 @@ def objects_of_boxes(boxes: list, categories: list, crowds: list | None = None) 
     """The `objects` of one image from its COCO boxes and class ids, and with `crowds` its iscrowd flags."""
     objects = {
         "id": list(range(len(boxes))),
-        "area": [w * h for _, _, w, h in boxes],
+        "area": [coco_area(box) for box in boxes],
         "bbox": boxes,
         "category": categories,
     }

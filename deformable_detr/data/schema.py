@@ -12,7 +12,7 @@ import warnings
 import datasets
 from datasets import ClassLabel, Dataset, Features, List, Value
 
-from .image_files import listed
+from ..utils.messages import listed
 
 SPLIT_NAMES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation", "test": "test"}
 

@@ -24,8 +24,9 @@ import datasets
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Value
 
+from ..utils.messages import listed
 from .coco import load_coco
-from .image_files import header_or_error, image_name, listed, report_bad, shown_size, too_thin
+from .image_files import header_or_error, image_name, report_bad, shown_size, too_thin
 from .objects import objects_of
 from .schema import SPLIT_NAMES
 from .voc import load_voc

@@ -10,7 +10,8 @@ from collections import Counter
 
 from datasets import Dataset
 
-from .image_files import check_images, listed
+from ..utils.messages import listed
+from .image_files import check_images
 from .objects import objects_of_boxes
 from .schema import SPLIT_NAMES, finite_number, keep_box, records_to_dataset, warn_of_shared_images
 

@@ -5,6 +5,9 @@ import warnings
 import torch
 from PIL import Image
 
+from ..data.image_files import SHOWN
+from ..utils.messages import listed
+
 
 def not_finite(outputs) -> list[int]:
     """The images of a batch whose class logits or boxes hold a NaN or an infinity (NaN pixels, NaN weights, an
@@ -16,10 +19,9 @@ def not_finite(outputs) -> list[int]:
 def warn_of_non_finite_outputs(names: list[str]):
     """One warning naming the images whose outputs were not finite."""
     if names:
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         warnings.warn(
             f"the model's outputs for {len(names)} image(s) are not finite (NaN or inf), so they have no "
-            f"detections: {shown}; check these images and the model's weights",
+            f"detections: {listed(names, SHOWN)}; check these images and the model's weights",
             RuntimeWarning,
             stacklevel=2,
         )
