@@ -17,14 +17,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.image_files import SHOWN, UNREADABLE, too_thin
-from ..metrics.predictions import detect, warn_of_non_finite_outputs
+from ..metrics.predictions import detect, of_classes, warn_of_non_finite_outputs
 from ..utils.devices import checked_device
 from ..utils.drawing import draw_detections
 from ..utils.file_writing import replaced_when_done
 from ..utils.messages import listed
+from .video import VIDEO_SUFFIXES, VideoError, detect_video, is_video, video_library
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")  # read with PyAV (the [video] extra), given as files
 COMBINED = "detections.json"  # every image's detections in one file, in COCO's results format (`combined_results`)
 OUTPUT_SUFFIX = ".detections"  # x.jpg -> x.jpg.detections.json and x.jpg.detections.<image_format>
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -42,10 +42,6 @@ class DetectionInterrupted(KeyboardInterrupt):
 def is_output(path: str) -> bool:
     """A file this command wrote (x.jpg.detections.png, x.jpg.detections.json)."""
     return os.path.splitext(path)[0].lower().endswith(tuple(s + OUTPUT_SUFFIX for s in IMAGE_SUFFIXES + VIDEO_SUFFIXES))
-
-
-def is_video(path: str) -> bool:
-    return path.lower().endswith(VIDEO_SUFFIXES)
 
 
 def images_in(folder: str) -> list[str]:
@@ -180,14 +176,7 @@ def detect_files(
     classes: the class names to keep (ValueError listing the model's for one it lacks). Every image's and frame's
     detections also go to output_dir/detections.json (`combined_results`), written last. Ctrl-C raises
     DetectionInterrupted, with the images written so far. -> {"written": [...], "skipped": {path: reason}}."""
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    if top_k < 1 or batch_size < 1:
-        raise ValueError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
-    if image_format not in PIL_FORMATS:
-        raise ValueError(f"image_format must be jpg or png, got {image_format!r}")
-    if not output_dir:
-        raise ValueError("output_dir (--output_dir) is empty; give a folder")
+    _check_settings(threshold, top_k, batch_size, image_format, output_dir)
     device = checked_device(device)
     paths = find_images(inputs)
     outputs = output_paths(paths, output_dir, image_format)
@@ -209,26 +198,13 @@ def detect_files(
                 skipped[path] = str(error)
                 warnings.warn(f"skipped {path}: {error}", stacklevel=2)
         for batch in tqdm(batches, desc="detecting", unit="batch", disable=len(images_only) <= 1):
-            images, names = [], []
-            for path in batch:
-                try:
-                    image = read_image(path)
-                except UNREADABLE as error:
-                    skipped[path] = f"{type(error).__name__}: {error}"
-                    warnings.warn(f"skipped {path}: cannot read it as an image ({error})", stacklevel=2)
-                    continue
-                if thin := too_thin(image.width, image.height, resize_sides(processor)):
-                    skipped[path] = thin
-                    warnings.warn(f"skipped {path}: too thin to resize ({thin})", stacklevel=2)
-                    continue
-                images.append(image)
-                names.append(path)
+            names, images = read_batch(batch, resize_sides(processor), skipped)
             if not images:
                 continue
             detections, not_finite_rows = detect(model, processor, images, threshold, top_k)
             broken += [names[i] for i in not_finite_rows]
             for path, image, found in zip(names, images, detections):
-                found = kept(found, keep)
+                found = of_classes(found, keep)
                 write_outputs(path, image, found, *outputs[path], PIL_FORMATS[image_format])
                 written.append(path)
                 entries.append({"file_name": path, "width": image.width, "height": image.height, "found": found})
@@ -240,6 +216,38 @@ def detect_files(
     with replaced_when_done(os.path.join(output_dir, COMBINED)) as temporary, open(temporary, "w") as f:
         json.dump(combined_results(entries, model.config.id2label), f)
     return {"written": written, "skipped": skipped}
+
+
+def _check_settings(threshold: float, top_k: int, batch_size: int, image_format: str, output_dir: str):
+    """ValueError naming the first of `detect_files`' settings out of its range."""
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
+    if image_format not in PIL_FORMATS:
+        raise ValueError(f"image_format must be jpg or png, got {image_format!r}")
+    if not output_dir:
+        raise ValueError("output_dir (--output_dir) is empty; give a folder")
+
+
+def read_batch(paths: list[str], sides: tuple[int, int] | None, skipped: dict) -> tuple[list[str], list[Image.Image]]:
+    """(the paths, the images) of those of `paths` that can be read and resized to `sides` (`resize_sides`); the
+    others go into `skipped` (path -> why) with a warning naming them."""
+    names, images = [], []
+    for path in paths:
+        try:
+            image = read_image(path)
+        except UNREADABLE as error:
+            skipped[path] = f"{type(error).__name__}: {error}"
+            warnings.warn(f"skipped {path}: cannot read it as an image ({error})", stacklevel=3)
+            continue
+        if thin := too_thin(image.width, image.height, sides):
+            skipped[path] = thin
+            warnings.warn(f"skipped {path}: too thin to resize ({thin})", stacklevel=3)
+            continue
+        images.append(image)
+        names.append(path)
+    return names, images
 
 
 def resize_sides(processor) -> tuple[int, int] | None:
@@ -262,10 +270,6 @@ def class_ids(id2label: dict[int, str], classes: list[str] | None) -> set[int] |
     return {ids[name] for name in classes}
 
 
-def kept(found: list[dict], keep: set[int] | None) -> list[dict]:
-    return found if keep is None else [det for det in found if det["label_id"] in keep]
-
-
 def combined_results(entries: list[dict], id2label: dict[int, str]) -> dict:
     """The detections of every image (and video frame) in one COCO-style file: "annotations" is a COCO results list
     ({"image_id", "category_id", "bbox": [x, y, w, h] pixels, "score"}, what pycocotools' loadRes takes), "images"
@@ -283,73 +287,6 @@ def combined_results(entries: list[dict], id2label: dict[int, str]) -> dict:
             )
     categories = [{"id": i, "name": id2label[i]} for i in sorted(id2label)]
     return {"images": images, "categories": categories, "annotations": annotations}
-
-
-class VideoError(ValueError):
-    """A video PyAV cannot read (or whose boxes cannot be encoded)."""
-
-
-def video_library(path: str):
-    """PyAV (the `av` module); ValueError naming `path` and the [video] extra where it is not installed."""
-    try:
-        import av
-    except ImportError:
-        raise ValueError(
-            f"{path} is a video: reading videos needs PyAV, the [video] extra: pip install "
-            "'hub-deformable-detr[video]' (or pip install av)"
-        ) from None
-    return av
-
-
-def detect_video(path: str, model, processor, settings: tuple, json_path: str, video_path: str) -> list[dict]:
-    """A video's detections frame by frame (settings: threshold, top_k, batch_size, kept class ids): the JSON
-    {"video", "width", "height", "fps", "frames": [{"frame", "detections"}]} and a new MPEG-4 video with the boxes
-    drawn, both written whole or not at all; -> the frames' entries for `combined_results`. VideoError if PyAV
-    cannot read or write it."""
-    av = video_library(path)
-    threshold, top_k, batch_size, keep = settings
-    os.makedirs(os.path.dirname(json_path), exist_ok=True)
-    frames, entries = [], []
-    try:
-        with replaced_when_done(video_path) as video_temporary, av.open(path) as source:
-            stream = source.streams.video[0]
-            fps = stream.average_rate or 25
-            with av.open(video_temporary, "w", format="mp4") as target:
-                encoder = target.add_stream("mpeg4", rate=fps)
-                encoder.width, encoder.height = stream.codec_context.width, stream.codec_context.height
-                encoder.pix_fmt = "yuv420p"
-                batch = []
-                for frame in source.decode(stream):
-                    batch.append(frame.to_image().convert("RGB"))
-                    if len(batch) == batch_size:
-                        frames += _detect_frames(model, processor, batch, threshold, top_k, keep, encoder, target)
-                        batch = []
-                if batch:
-                    frames += _detect_frames(model, processor, batch, threshold, top_k, keep, encoder, target)
-                for packet in encoder.encode():
-                    target.mux(packet)
-            width, height = encoder.width, encoder.height
-            record = {"video": path, "width": width, "height": height, "fps": float(fps)}
-            record["frames"] = [{"frame": i, "detections": found} for i, found in enumerate(frames)]
-            with replaced_when_done(json_path) as json_temporary, open(json_temporary, "w") as f:
-                json.dump(record, f, indent=1)
-    except av.FFmpegError as error:
-        raise VideoError(f"PyAV cannot read or write it ({error})") from None
-    for i, found in enumerate(frames):
-        entries.append({"file_name": path, "frame": i, "width": width, "height": height, "found": found})
-    return entries
-
-
-def _detect_frames(model, processor, images, threshold, top_k, keep, encoder, target) -> list[list[dict]]:
-    """A batch of a video's frames: their detections, each frame drawn and encoded into `target`."""
-    import av
-
-    detections, _ = detect(model, processor, images, threshold, top_k)
-    detections = [kept(found, keep) for found in detections]
-    for image, found in zip(images, detections):
-        for packet in encoder.encode(av.VideoFrame.from_image(draw_detections(image, found))):
-            target.mux(packet)
-    return detections
 
 
 def write_outputs(path: str, image: Image.Image, found: list[dict], json_path: str, picture_path: str, pil_format):

@@ -49,3 +49,8 @@ def detect(model, processor, images: list[Image.Image], threshold: float, top_k:
         for r, (h, w) in zip(results, sizes)
     ]
     return detections, not_finite(outputs)
+
+
+def of_classes(detections: list[dict], class_ids: set[int] | None) -> list[dict]:
+    """The detections (as `detect` gives them) of the classes `class_ids`; all of them where None."""
+    return detections if class_ids is None else [det for det in detections if det["label_id"] in class_ids]
