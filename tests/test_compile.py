@@ -6,8 +6,8 @@ from tests.support.models import tiny_model
 
 
 def test_torch_compile_matches_eager_in_one_graph():
-    """fullgraph: no graph break (choosing the CPU kernel took its build's lock, which torch.compile cannot
-    trace: a break around every attention layer)."""
+    """fullgraph: no graph break, although choosing the CPU kernel takes its build's lock, which torch.compile
+    cannot trace."""
     model = tiny_model(with_box_refine=True)
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -69,8 +69,8 @@ def _mismatched(value, locations, weights):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_inputs_that_disagree_are_refused_before_any_kernel_runs(backend):
-    """The fused kernels trust the shapes: a mismatch there read out of bounds (NaNs, or on a GPU an illegal memory
-    access); each backend now names the tensor and the shape it needs."""
+    """The fused kernels trust the shapes, so every backend checks them first: each mismatch is refused with the
+    tensor and the shape it needs named."""
     value, _, locations, weights = random_inputs([(3, 4), (2, 2)], B=2, Q=5, M=2, D=4, K=3, dtype=torch.float32)
     for inputs, message in _mismatched(value, locations, weights):
         with pytest.raises((ValueError, TypeError), match=message):
@@ -79,7 +79,8 @@ def test_inputs_that_disagree_are_refused_before_any_kernel_runs(backend):
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_a_nan_location_reaches_its_query_output_and_gradients(backend):
-    """As in the reference: the fused CPU kernel used to skip a NaN point, hiding it behind a finite output."""
+    """NaN in that query's output for that head and in the point's own gradients, as in the reference; nowhere
+    else."""
     value, spatial_shapes, locations, weights = random_inputs([(3, 4), (2, 2)], Q=3, K=2)
     locations[0, 1, 0, 1, 0, 0] = float("nan")  # batch 0, query 1, head 0, level 1, point 0: x
     inputs = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
@@ -94,7 +95,7 @@ def test_a_nan_location_reaches_its_query_output_and_gradients(backend):
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_mixed_float_types_give_the_values_type(backend):
-    """The reference failed inside grid_sample on fp32 values with fp64 locations, which the fused kernels take."""
+    """fp32 values with fp64 locations, which the fused kernels take: every backend returns fp32, close to fp64's."""
     value, spatial_shapes, locations, weights = random_inputs([(3, 4), (2, 2)], dtype=torch.float32)
     out = multi_scale_deformable_attention(value, spatial_shapes, locations.double(), weights, backend=backend)
     exact = multi_scale_deformable_attention(value.double(), spatial_shapes, locations.double(), weights.double())

@@ -7,7 +7,9 @@ Notation, used in every shape below:
     head, L feature levels, K sampling points per head and level.
 """
 
+import logging
 import math
+import os
 import threading
 import warnings
 
@@ -15,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ms_deform_attn_cpu import error_summary
-from .ms_deform_attn_cpu import load as load_cpu_kernel
+from .ms_deform_attn_cpu import build as build_cpu_kernel
+from .ms_deform_attn_inputs import op_inputs, output_gradient
 from .ms_deform_attn_triton import available as triton_available
 from .ms_deform_attn_triton import backward as triton_backward
 from .ms_deform_attn_triton import forward as triton_forward
+
+logger = logging.getLogger(__name__)
 
 
 def _shapes_as_list(spatial_shapes) -> list[tuple[int, int]]:
@@ -170,6 +174,46 @@ def _fused_op(name, kernel_forward, kernel_backward):
     return op
 
 
+def _compile_error_summary(error: BaseException, lines: int = 6, width: int = 200) -> str:
+    """A kernel's build or compile error as "Type: message", at most `lines` lines (the first and the last: build
+    logs and Triton's compile errors put the cause at the end), each cut at `width` characters."""
+    text = f"{type(error).__name__}: {error}".splitlines()
+    if len(text) > lines:
+        text = text[: lines // 2] + ["[...]"] + text[-(lines - lines // 2) :]
+    return "\n".join(line if len(line) <= width else line[:width] + " [...]" for line in text)
+
+
+_cpu_kernel = {"tried": False, "module": None}
+_cpu_kernel_lock = threading.Lock()
+
+
+def load_cpu_kernel():
+    """The fused C++ kernel (ms_deform_attn_cpu.py), built once per process; None where it cannot be built (no
+    compiler) or with DEFORMABLE_DETR_NO_CPU_KERNEL=1.
+
+    A failed build warns once (RuntimeWarning), as the grid_sample reference then takes over; the opt-out is silent.
+    """
+    with _cpu_kernel_lock:
+        if _cpu_kernel["tried"]:
+            return _cpu_kernel["module"]
+        _cpu_kernel["tried"] = True
+        if os.environ.get("DEFORMABLE_DETR_NO_CPU_KERNEL") == "1":
+            return None
+        try:
+            _cpu_kernel["module"] = build_cpu_kernel()
+        except Exception as error:  # noqa: BLE001 -- no compiler, no headers: the reference takes over
+            logger.info("the fused CPU kernel's build failed:\n%s", error)  # in full, for the training log
+            warnings.warn(
+                "The fused CPU kernel of multi-scale deformable attention could not be built:\n"
+                f"{_compile_error_summary(error)}\n"
+                "Using the grid_sample reference instead: several times slower on the CPU and more memory. "
+                "Set DEFORMABLE_DETR_NO_CPU_KERNEL=1 to skip the build (and this warning).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return _cpu_kernel["module"]
+
+
 _FUSED = {
     "cpu": _fused_op(
         "ms_deform_attn_cpu", lambda *a: load_cpu_kernel().forward(*a), lambda *a: load_cpu_kernel().backward(*a)
@@ -268,24 +312,22 @@ def _indexed(device: torch.device) -> torch.device:
 
 
 def _compare_triton_with_reference(device: torch.device) -> str | None:
-    """Forward and backward of the Triton kernels against the reference, in fp32, on a small random input with
-    the paper's M = 8 heads of D = 32 channels, L = 4 levels and K = 4 points (so that the kernels compiled for the
-    check are those a standard model runs next: one compile, not two), tiny maps, Q = 5, some points outside the
-    maps. -> the mismatch, or None."""
+    """Forward and backward of the Triton kernels against the reference, in fp32, on the "self_check" inputs of
+    ms_deform_attn_inputs.py (the paper's heads, levels and points on tiny maps, so that the kernels compiled for
+    the check are those a standard model runs next: one compile, not two). -> the mismatch, or None."""
     # the caller may be in no_grad, inference mode or autocast
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        g = torch.Generator().manual_seed(0)
-        shapes = [(4, 5), (2, 3), (1, 2), (1, 1)]
-        value = torch.randn(1, 29, 8, 32, generator=g)  # (B, S, M, D)
-        locations = torch.rand(1, 5, 8, 4, 4, 2, generator=g) * 1.4 - 0.2  # (B, Q, M, L, K, 2), from -0.2 to 1.2
-        weights = torch.rand(1, 5, 8, 4, 4, generator=g)  # (B, Q, M, L, K)
-        grad_output = torch.randn(1, 5, 256, generator=g).to(device)  # (B, Q, M * D)
+        inputs = op_inputs("self_check", device=device)
+        grad_output = output_gradient(inputs)
         results = {}
         for backend in ("triton", "reference"):
-            inputs = [t.to(device).detach().requires_grad_(True) for t in (value, locations, weights)]  # fresh leaves
-            output = BACKENDS[backend](inputs[0], shapes, inputs[1], inputs[2])
+            value, locations, weights = (
+                t.detach().requires_grad_(True)  # fresh leaves
+                for t in (inputs.value, inputs.sampling_locations, inputs.attention_weights)
+            )
+            output = BACKENDS[backend](value, inputs.spatial_shapes, locations, weights)
             output.backward(grad_output)
-            results[backend] = [output.detach()] + [t.grad for t in inputs]
+            results[backend] = [output.detach(), value.grad, locations.grad, weights.grad]
     names = ("output", "value gradient", "sampling_locations gradient", "attention_weights gradient")
     for name, ours, reference in zip(names, results["triton"], results["reference"]):
         difference = ((ours - reference).abs().max() / reference.abs().max().clamp(min=1.0)).item()
@@ -321,7 +363,7 @@ def triton_self_check(device: torch.device | str) -> str | None:
             try:
                 failure = _compare_triton_with_reference(device)
             except Exception as error:  # noqa: BLE001 -- whatever breaks, the next backend takes over
-                failure = error_summary(error)
+                failure = _compile_error_summary(error)
             if failure is not None:
                 name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
                 warnings.warn(

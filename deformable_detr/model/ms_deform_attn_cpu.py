@@ -1,9 +1,9 @@
 """The fused CPU kernel of multi-scale deformable attention, forward and backward, in C++.
 
 It is compiled on first use with torch's own toolchain (torch.utils.cpp_extension, cached per machine), so
-installing the package never needs a compiler; where none is available, `load()` returns None and callers
-fall back to the grid_sample reference. The source lives in this file so that it travels with the model's
-code to the Hub.
+installing the package never needs a compiler; where none is available, `build()` raises and the op falls
+back to the grid_sample reference (`ms_deform_attn.load_cpu_kernel`). The source lives in this file so that it
+travels with the model's code to the Hub.
 
 Per (batch, query, head) the forward sums, over L levels x K points, attention weight x bilinear sample of
 the D channels of the value map, reading each corner's D channels contiguously; nothing per level is
@@ -14,8 +14,6 @@ value gradient of that pair is owned by one thread and needs no atomics.
 
 import logging
 import os
-import threading
-import warnings
 
 logger = logging.getLogger(__name__)
 
@@ -252,19 +250,6 @@ CPP_SOURCE = (
     + ENTRY
 )
 
-_lock = threading.Lock()
-_state = {"tried": False, "module": None}
-
-
-def error_summary(error: BaseException, lines: int = 6, width: int = 200) -> str:
-    """The error as "Type: message", at most `lines` lines (the first and the last: build logs and Triton's
-    compile errors put the cause at the end), each cut at `width` characters."""
-    text = f"{type(error).__name__}: {error}".splitlines()
-    if len(text) > lines:
-        text = text[: lines // 2] + ["[...]"] + text[-(lines - lines // 2) :]
-    return "\n".join(line if len(line) <= width else line[:width] + " [...]" for line in text)
-
-
 CFLAGS = ["-O3", "-fopenmp"]  # no -march: the kernels pick their instruction set at run time
 
 
@@ -284,45 +269,25 @@ def build_folder() -> str:
     return os.path.join(root, "deformable_detr", f"{python}_torch{torch.__version__}_{digest}")
 
 
-def load():
-    """The compiled extension, or None where it cannot be built (no compiler, DEFORMABLE_DETR_NO_CPU_KERNEL=1).
+def build():
+    """The compiled extension, built on first use and cached in `build_folder()`. Raises where it cannot be built
+    (no compiler, no headers)."""
+    from torch.utils.cpp_extension import load_inline
 
-    A failed build warns once (RuntimeWarning), as the grid_sample reference then takes over; the opt-out is silent.
-    """
-    with _lock:
-        if _state["tried"]:
-            return _state["module"]
-        _state["tried"] = True
-        if os.environ.get("DEFORMABLE_DETR_NO_CPU_KERNEL") == "1":
-            return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            folder = build_folder()
-            os.makedirs(folder, exist_ok=True)
-            built = os.path.exists(os.path.join(folder, "deformable_detr_ms_deform_attn_cpu.so"))
-            logger.info(
-                "%s the fused CPU multi-scale deformable attention kernel in %s",
-                "loading" if built else "compiling (once)",
-                folder,
-            )
-            _state["module"] = load_inline(
-                name="deformable_detr_ms_deform_attn_cpu",
-                cpp_sources=[CPP_SOURCE],
-                functions=["forward", "backward"],
-                extra_cflags=CFLAGS,
-                extra_ldflags=["-fopenmp"],
-                build_directory=folder,
-                verbose=False,
-            )
-        except Exception as error:  # noqa: BLE001 -- no compiler, no headers: the reference takes over
-            logger.info("the fused CPU kernel's build failed:\n%s", error)  # in full, for the training log
-            warnings.warn(
-                "The fused CPU kernel of multi-scale deformable attention could not be built:\n"
-                f"{error_summary(error)}\n"
-                "Using the grid_sample reference instead: several times slower on the CPU and more memory. "
-                "Set DEFORMABLE_DETR_NO_CPU_KERNEL=1 to skip the build (and this warning).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return _state["module"]
+    folder = build_folder()
+    os.makedirs(folder, exist_ok=True)
+    built = os.path.exists(os.path.join(folder, "deformable_detr_ms_deform_attn_cpu.so"))
+    logger.info(
+        "%s the fused CPU multi-scale deformable attention kernel in %s",
+        "loading" if built else "compiling (once)",
+        folder,
+    )
+    return load_inline(
+        name="deformable_detr_ms_deform_attn_cpu",
+        cpp_sources=[CPP_SOURCE],
+        functions=["forward", "backward"],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=folder,
+        verbose=False,
+    )

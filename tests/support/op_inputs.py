@@ -1,6 +1,9 @@
-"""Inputs of the multi-scale deformable attention op, and the plain per-point loop that its backends must match."""
+"""The tests' inputs of the multi-scale deformable attention op, and the plain per-point loop that its backends
+must match."""
 
 import torch
+
+from deformable_detr.model.ms_deform_attn_inputs import OpInputs, ShapeSet, op_inputs
 
 
 def naive(value, shapes, locations, weights):
@@ -28,14 +31,7 @@ def naive(value, shapes, locations, weights):
     return out.flatten(2)
 
 
-def random_inputs(shapes, B=2, Q=3, M=2, D=3, K=2, dtype=torch.float64, seed=0):
-    """Seeded (value, spatial_shapes, locations, weights) of the op for maps of `shapes` [(height, width), ...]."""
-    g = torch.Generator().manual_seed(seed)
-    S, L = sum(h * w for h, w in shapes), len(shapes)
-    value = torch.randn(B, S, M, D, generator=g, dtype=dtype)
-    # from outside the map on every side to well inside it, borders included
-    locations = torch.rand(B, Q, M, L, K, 2, generator=g, dtype=dtype) * 1.4 - 0.2
-    locations[0, 0, 0, :, 0] = torch.tensor([0.0, 0.0], dtype=dtype)
-    locations[0, 0, 0, :, -1] = torch.tensor([1.0, 1.0], dtype=dtype)
-    weights = torch.rand(B, Q, M, L, K, generator=g, dtype=dtype)
-    return value, torch.tensor(shapes), locations, weights
+def random_inputs(shapes, B=2, Q=3, M=2, D=3, K=2, dtype=torch.float64, seed=0) -> OpInputs:
+    """`op_inputs` for maps of `shapes` [(height, width), ...] at the tests' small sizes, in fp64 unless told:
+    (value, spatial_shapes, locations, weights)."""
+    return op_inputs(ShapeSet(tuple(tuple(level) for level in shapes), Q, M, D, K), B, dtype, seed=seed)
