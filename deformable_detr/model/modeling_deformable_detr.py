@@ -28,7 +28,7 @@ from .deformable_transformer import (
 from .loss_deformable_detr import DeformableDetrLoss
 from .ms_deform_attn import MultiScaleDeformableAttention
 from .position_encoding import PositionEmbeddingLearned, build_position_encoding
-from .transformers_mapping import from_pretrained_kwargs
+from .transformers_mapping import from_pretrained_kwargs, is_transformers_config
 
 logger = logging.get_logger(__name__)
 
@@ -175,7 +175,7 @@ class DeformableDetrPreTrainedModel(PreTrainedModel):
         tensor left at an unaligned address (safetensors stores them 8-byte aligned) is copied to fresh memory: CPU
         BLAS kernels round differently on unaligned weights, and a reloaded model must give bit-identical outputs."""
         stored = _stored_config(pretrained_model_name_or_path, kwargs) if kwargs.get("config") is None else None
-        if stored is not None and stored.get("model_type") == "deformable_detr":
+        if stored is not None and is_transformers_config(stored):
             kwargs = from_pretrained_kwargs(stored, kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded

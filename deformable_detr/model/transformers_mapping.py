@@ -12,6 +12,15 @@ from transformers.core_model_loading import Concatenate, WeightConverter, Weight
 
 from .configuration_deformable_detr import RESNET_SPECS, DeformableDetrConfig
 
+# the model_type in the config.json of transformers' own Deformable DETR; ours is DeformableDetrConfig.model_type
+TRANSFORMERS_MODEL_TYPE = "deformable_detr"
+
+
+def is_transformers_config(config: dict) -> bool:
+    """Whether `config` (the fields of a config.json) is transformers' own Deformable DETR's, to be converted."""
+    return config.get("model_type") == TRANSFORMERS_MODEL_TYPE
+
+
 # (transformers' pattern, ours), for every config. A part only one layout has is written `(?:part|)`: transformers
 # drops such groups when it reverses a pattern to save, so v4 (`conv_encoder`, `fc1`, `out_proj`) and v5 (`mlp.fc1`,
 # `o_proj`) names both load, and the shorter one is what a save writes. Unanchored, so that the bare model's keys

@@ -1,6 +1,31 @@
-"""The check after weights are loaded: weights that do not fit their config are named, not left at random."""
+"""Checks around loading a model: its config.json, read with a missing folder or file named (a mistyped local path
+at once, instead of asked of the Hub), and weights that do not fit their config, named instead of left at random."""
 
+import os
+
+from ..utils.local_paths import mistyped_local_path
 from ..utils.messages import listed
+
+
+def stored_config(source: str) -> dict:
+    """The fields of the config.json of a saved model folder or Hub id. FileNotFoundError where `source` is a local
+    path that is not here, a folder without config.json, or neither a folder here nor a model on the Hub."""
+    from transformers import PretrainedConfig
+
+    not_here = mistyped_local_path(source, "model")
+    if not_here:
+        raise FileNotFoundError(not_here)
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise FileNotFoundError(
+            f"{os.path.join(source, 'config.json')}: no such file (a saved model is config.json beside its weights)"
+        )
+    try:
+        return PretrainedConfig.get_config_dict(source)[0]
+    except OSError as error:
+        if os.path.exists(source):
+            raise
+        summary = str(error).strip().splitlines()[0]
+        raise FileNotFoundError(f"model {source}: no such folder here, and no model on the Hub ({summary})") from None
 
 
 def refuse_unfit_weights(source: str, loading: dict):

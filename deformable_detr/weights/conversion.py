@@ -9,10 +9,14 @@ import re
 import torch
 
 from ..model.configuration_deformable_detr import DeformableDetrConfig
-from ..model.transformers_mapping import from_pretrained_kwargs, key_mapping
-from ..utils.local_paths import mistyped_local_path
+from ..model.transformers_mapping import (
+    TRANSFORMERS_MODEL_TYPE,
+    from_pretrained_kwargs,
+    is_transformers_config,
+    key_mapping,
+)
 from ..utils.messages import listed
-from .checks import refuse_unfit_weights
+from .checks import refuse_unfit_weights, stored_config
 from .state_dicts import read_checkpoint, state_dict_of
 
 ORIGINAL_RENAMES = [
@@ -87,24 +91,20 @@ def from_transformers(source):
     but strictly: a key of either side left unmatched, or a shape that differs, is a ValueError naming them, where
     from_pretrained would warn and leave ours random. FileNotFoundError for a folder that is not here, ValueError for
     another model (ours included) or transformers' bare DeformableDetrModel, which has no heads."""
-    from transformers import PretrainedConfig
-
     from ..model.modeling_deformable_detr import DeformableDetrForObjectDetection
 
     if isinstance(source, (str, os.PathLike)):
         name = str(source)
-        not_here = mistyped_local_path(name, "model")
-        if not_here:
-            raise FileNotFoundError(not_here)
-        hf_config, weights = PretrainedConfig.get_config_dict(name)[0], {"pretrained_model_name_or_path": name}
-        if hf_config.get("model_type") != "deformable_detr":
+        hf_config, weights = stored_config(name), {"pretrained_model_name_or_path": name}
+        if not is_transformers_config(hf_config):
             raise ValueError(
-                f"{name}/config.json has model_type {hf_config.get('model_type')!r}, expected 'deformable_detr'"
+                f"{name}/config.json has model_type {hf_config.get('model_type')!r}, expected "
+                f"{TRANSFORMERS_MODEL_TYPE!r}"
             )
     else:
         name = type(source).__name__
         model_type = getattr(getattr(source, "config", None), "model_type", None)
-        if model_type != "deformable_detr":
+        if model_type != TRANSFORMERS_MODEL_TYPE:
             raise ValueError(
                 f"from_transformers takes transformers' DeformableDetrForObjectDetection, got a {name} (model_type "
                 f"{model_type!r})"

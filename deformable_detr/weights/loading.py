@@ -6,8 +6,8 @@ import os
 import torch
 
 from ..model.configuration_deformable_detr import DeformableDetrConfig
-from ..utils.local_paths import mistyped_local_path
-from .checks import refuse_unfit_weights
+from ..model.transformers_mapping import is_transformers_config
+from .checks import refuse_unfit_weights, stored_config
 from .conversion import from_transformers
 
 
@@ -18,30 +18,16 @@ def load_model(source: str):
     config.json), and ValueError naming the file or the parameters when the weights cannot be read, do not fit the
     config (transformers would leave those at random) or hold NaN or infinity."""
     from safetensors import SafetensorError
-    from transformers import PretrainedConfig
 
     from ..model.modeling_deformable_detr import DeformableDetrForObjectDetection
     from ..utils.console import transformers_progress_bars_off
 
-    not_here = mistyped_local_path(source, "model")
-    if not_here:
-        raise FileNotFoundError(not_here)
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
-        raise FileNotFoundError(
-            f"{os.path.join(source, 'config.json')}: no such file (a saved model is config.json beside its weights)"
-        )
-    try:
-        model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
-    except OSError as error:
-        if os.path.exists(source):
-            raise
-        summary = str(error).strip().splitlines()[0]
-        raise FileNotFoundError(f"model {source}: no such folder here, and no model on the Hub ({summary})") from None
-    if model_type not in ("deformable_detr", DeformableDetrConfig.model_type):
-        raise ValueError(f"{source} holds a {model_type!r} model, not a Deformable DETR")
+    config = stored_config(source)
+    if not is_transformers_config(config) and config.get("model_type") != DeformableDetrConfig.model_type:
+        raise ValueError(f"{source} holds a {config.get('model_type')!r} model, not a Deformable DETR")
     try:
         with transformers_progress_bars_off():
-            if model_type == "deformable_detr":  # transformers' own checkpoint
+            if is_transformers_config(config):
                 model = from_transformers(source)
             else:
                 model, loading = DeformableDetrForObjectDetection.from_pretrained(
