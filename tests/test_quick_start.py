@@ -62,3 +62,25 @@ def test_the_quick_start_runs_as_written(tmp_path, hub):
     assert sorted(p.name for p in (tmp_path / "detections").glob("*.detections.json")) == sorted(
         f"{p.name}.detections.json" for p in (tmp_path / "photos").iterdir()
     )
+
+
+def test_the_readme_is_a_short_guide():
+    """The README stays a guide of at most 1,500 words (code included); the rest is in docs/."""
+    assert len(README.read_text().split()) <= 1500
+
+
+def test_the_readmes_links_lead_to_files_here():
+    """Every relative link of the README (the docs pages) names a file of the repository."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+    local = [link for link in links if "://" not in link]
+    assert "docs/training.md" in local
+    assert [link for link in local if not (README.parent / link).is_file()] == []
+
+
+def test_the_readmes_python_imports_resolve():
+    """The imports of the README's Python blocks name what the package holds."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    imports = [line for block in blocks for line in block.splitlines() if line.startswith(("from ", "import "))]
+    assert "from deformable_detr.engine import TrainingOptions, train" in imports
+    for line in imports:
+        exec(line, {})
