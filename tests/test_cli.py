@@ -36,8 +36,8 @@ def test_every_listed_command_is_one():
 
 
 def test_loading_and_exporting_print_no_transformers_bars_and_restore_them(tmp_path, capfd):
-    """transformers' "Loading weights 188/188" (every command's model load) and "Writing model shards 1/1" (the
-    transformers export) bars were printed; its and the Hub's switches are as they were after."""
+    """No transformers' "Loading weights 188/188" (every command's model load) or "Writing model shards 1/1" (the
+    transformers export) bar is printed; its and the Hub's switches are as they were after."""
     from huggingface_hub.utils import are_progress_bars_disabled
     from transformers.utils.logging import is_progress_bar_enabled
 
@@ -56,7 +56,7 @@ def test_loading_and_exporting_print_no_transformers_bars_and_restore_them(tmp_p
 
 
 def test_evaluate_takes_a_device_checked_as_detect_checks_it(tmp_path, monkeypatch):
-    """deformable-detr-evaluate had no --device ("unrecognized arguments: --device cpu")."""
+    """deformable-detr-evaluate takes --device; one torch cannot use here is named, as detect names it."""
     from deformable_detr.apps.cli import evaluate_parser
     from deformable_detr.utils.devices import accelerator_options
 

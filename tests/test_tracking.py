@@ -1,4 +1,4 @@
-"""Trackers (--report_to, training/tracking.py): TensorBoard gets the loss terms, lr, gradient norm, validation
+"""Trackers (--report_to, engine/tracking.py): TensorBoard gets the loss terms, lr, gradient norm, validation
 metrics and a picture of detections; unknown trackers and missing packages are named before the run starts."""
 
 import glob
@@ -30,4 +30,6 @@ def test_trackers_are_checked_before_the_run(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     with pytest.raises(ValueError, match="report_to wandb: the package wandb is not installed"):
         TrainingOptions(dataset="x", config_name="tiny", report_to="wandb")
-    assert TrainingOptions(dataset="x", config_name="tiny", with_tracking=True).report_to == "tensorboard"
+    assert TrainingOptions(dataset="x", config_name="tiny", with_tracking=True).report_to == ["tensorboard"]
+    with pytest.raises(ValueError, match="report_to: unknown tracker 'neptune'"):
+        TrainingOptions(dataset="x", config_name="tiny", report_to=["tensorboard", "neptune"])

@@ -9,9 +9,9 @@ import sys
 import typing
 import warnings
 from dataclasses import MISSING, fields
+from typing import Literal
 
-from ..engine.options import MIXED_PRECISION, TrainingOptions
-from ..engine.schedule import SCHEDULES
+from ..engine.options import TrainingOptions, option_from_text
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -70,6 +70,27 @@ def add_held_out_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=42, help="as in training: the seed of that held-out split")
 
 
+def option_type(name: str):
+    """argparse's `type` of option `name`: its command-line text read as `option_from_text` reads it, a bad one
+    named in argparse's usage error."""
+
+    def convert(text: str):
+        try:
+            return option_from_text(name, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+def choices(annotation) -> tuple | None:
+    """The words an option takes where it takes only words: a Literal's, or those of a Literal or None."""
+    members = [member for member in typing.get_args(annotation) if member is not type(None)]
+    if typing.get_origin(annotation) is not Literal and len(members) == 1:
+        annotation = members[0]
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
 def train_parser() -> argparse.ArgumentParser:
     """One flag per TrainingOptions field, in its group, with its type, default and help."""
     from ..engine import options as module
@@ -81,14 +102,18 @@ def train_parser() -> argparse.ArgumentParser:
     for f in fields(TrainingOptions):
         group_name = f.metadata["group"]
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
-        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
-        if kind is bool:
+        if f.type is bool:
             group.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
         elif f.default is MISSING:
-            group.add_argument(f"--{f.name}", type=kind, required=True, help=f.metadata["help"])
+            group.add_argument(f"--{f.name}", type=option_type(f.name), required=True, help=f.metadata["help"])
         else:
-            choices = {"mixed_precision": MIXED_PRECISION, "lr_scheduler": SCHEDULES}.get(f.name)
-            group.add_argument(f"--{f.name}", type=kind, default=f.default, choices=choices, help=f.metadata["help"])
+            group.add_argument(
+                f"--{f.name}",
+                type=option_type(f.name),
+                default=f.default,
+                choices=choices(f.type),
+                help=f.metadata["help"],
+            )
     return parser
 
 

@@ -9,7 +9,7 @@ from ..model.configuration_deformable_detr import DeformableDetrConfig
 from ..model.modeling_deformable_detr import DeformableDetrForObjectDetection
 from ..model.ms_deform_attn import MultiScaleDeformableAttention
 from ..weights.backbone_weights import load_backbone_weights
-from .options import CONFIG_PRESETS, DEFAULT_MODEL
+from .options import CONFIG_PRESETS, DEFAULT_MODEL, OverrideValue, option_text
 
 HUB_TIMEOUT = 5  # seconds the one request asking whether the Hub answers may take
 # below this many training images a fresh model (random transformer and heads) rarely learns to detect
@@ -57,9 +57,10 @@ def warn_of_a_fresh_model(options, images: int, logger):
         )
 
 
-def build_config(name: str, overrides: str) -> DeformableDetrConfig:
-    """A fresh model's config: a preset's (CONFIG_PRESETS) or a config file's or folder's, then `overrides`
-    ("key=value,..."); ValueError naming a bad one."""
+def build_config(name: str, overrides: dict[str, OverrideValue] | None = None) -> DeformableDetrConfig:
+    """A fresh model's config: a preset's (CONFIG_PRESETS) or a config file's or folder's, then `overrides`, each
+    value converted to its attribute's type as transformers' `update_from_string` converts; ValueError naming a bad
+    one."""
     if name in CONFIG_PRESETS:
         config = DeformableDetrConfig(**CONFIG_PRESETS[name])
     elif os.path.isfile(name) or os.path.isdir(name):
@@ -70,9 +71,10 @@ def build_config(name: str, overrides: str) -> DeformableDetrConfig:
         )
     if overrides:
         try:
-            config.update_from_string(overrides)
+            for key, value in overrides.items():
+                config.update_from_string(f"{key}={option_text(value)}")
         except (ValueError, TypeError) as error:
-            raise ValueError(f"config_overrides {overrides!r}: {error}") from error
+            raise ValueError(f"config_overrides {option_text(overrides)!r}: {error}") from error
         config.validate()
     return config
 
@@ -86,7 +88,7 @@ def build_model(options, class_names: list[str]) -> DeformableDetrForObjectDetec
         model = load_model(options.model_name_or_path)
     else:
         config = build_config(options.config_name, options.config_overrides)
-        overridden = {item.split("=", 1)[0].strip() for item in options.config_overrides.split(",") if item}
+        overridden = options.config_overrides or {}
         if not options.backbone_weights and "freeze_backbone_batch_norms" not in overridden:
             config.freeze_backbone_batch_norms = False  # a random backbone must learn, batch norms included
         config.id2label = dict(enumerate(class_names))

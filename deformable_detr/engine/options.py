@@ -1,6 +1,7 @@
 """The options of a training run: `TrainingOptions`, one typed object that `train` takes and checks as a whole.
 The `deformable-detr-train` command makes its flags from these fields (name, type, default, help, group), so the
-two cannot drift apart.
+two cannot drift apart; each field's type says what values it takes, and `option_from_text` reads the command-line
+text of every type.
 
 The defaults are the paper's recipe: AdamW, lr 2e-4, backbone lr 2e-5, 0.1x lr for the sampling offsets and
 reference points, weight decay 1e-4, gradient norm clipped at 0.1, lr x0.1 after 80% of the steps, and DETR's
@@ -13,7 +14,10 @@ the model itself (torch's fully_shard), as accelerate shards on GPUs only.
 
 import math
 import shlex
+import types
+import typing
 from dataclasses import MISSING, dataclass, field, fields
+from typing import Literal
 
 from ..metrics.metric_names import SUMMARY_NAMES
 from .schedule import SCHEDULES
@@ -39,6 +43,11 @@ DEFAULT_MODEL = "SenseTime/deformable-detr"
 TRACKING_DIR = "deformable-detr"  # TensorBoard runs, under output_dir
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
+Schedule = Literal[SCHEDULES]
+Precision = Literal[MIXED_PRECISION]
+Metric = Literal[tuple(SUMMARY_NAMES)]
+OverrideValue = bool | int | float | str  # a config attribute's value; transformers converts it to the attribute's type
+
 
 def option(default, group: str, help: str):
     """A field with its command-line group and help."""
@@ -62,8 +71,8 @@ class TrainingOptions:
     )
     max_image_size: int = option(1333, "data", "longest image side")
     no_augmentation: bool = option(False, "data", "train on plain resized images")
-    multi_scale: str = option(
-        "",
+    multi_scale: list[int] | None = option(
+        None,
         "data",
         'the shortest sides training picks from, e.g. "480,512,544,576,608,640" (default: DETR\'s 480..800 in steps '
         "of 32, scaled by image_size/800)",
@@ -85,7 +94,9 @@ class TrainingOptions:
     config_name: str | None = option(
         None, "model", f"a fresh model: a config.json, or a preset: {', '.join(CONFIG_PRESETS)}"
     )
-    config_overrides: str = option("", "model", 'with config_name, e.g. "d_model=64,encoder_layers=1"')
+    config_overrides: dict[str, OverrideValue] | None = option(
+        None, "model", 'with config_name, e.g. "d_model=64,encoder_layers=1"'
+    )
     backbone_weights: str | None = option(
         None,
         "model",
@@ -104,7 +115,7 @@ class TrainingOptions:
     )
     weight_decay: float = option(1e-4, "optimisation", "AdamW weight decay, for every parameter")
     max_grad_norm: float = option(0.1, "optimisation", "gradient norm clip (0: none)")
-    lr_scheduler: str = option(
+    lr_scheduler: Schedule = option(
         "step", "optimisation", '"step": x0.1 after lr_drop of the steps (the paper\'s); "cosine": down to 0 at the end'
     )
     lr_drop: float = option(
@@ -131,7 +142,7 @@ class TrainingOptions:
     gradient_accumulation_steps: int = option(1, "optimisation", "batches summed into one optimiser step")
     num_train_epochs: int = option(50, "optimisation", "passes over the training split (paper: 50)")
     max_steps: int | None = option(None, "optimisation", "optimiser steps; overrides num_train_epochs")
-    mixed_precision: str | None = option(
+    mixed_precision: Precision | None = option(
         None, "optimisation", f"one of {', '.join(MIXED_PRECISION)}; default: what `accelerate config` chose, else no"
     )
     device: str | None = option(
@@ -155,13 +166,15 @@ class TrainingOptions:
     )
 
     output_dir: str = option("outputs/deformable-detr", "outputs and checkpoints", "model, card, log, checkpoints")
-    checkpointing_steps: str = option("epoch", "outputs and checkpoints", '"epoch", a number of steps, or "no"')
+    checkpointing_steps: Literal["epoch", "no"] | int = option(
+        "epoch", "outputs and checkpoints", '"epoch", a number of steps, or "no"'
+    )
     checkpoints_total_limit: int = option(2, "outputs and checkpoints", "older checkpoints are deleted")
     resume_from_checkpoint: str | None = option(
         None, "outputs and checkpoints", 'a checkpoint folder, or "latest" (in output_dir)'
     )
     eval_every_epochs: int = option(1, "outputs and checkpoints", "COCO evaluation every N epochs (0: only at the end)")
-    metric_for_best_model: str = option(
+    metric_for_best_model: Metric = option(
         "map",
         "outputs and checkpoints",
         "the validation metric (higher is better) whose best value's model is kept in output_dir/best/, never "
@@ -176,7 +189,7 @@ class TrainingOptions:
         "stop after this many evaluations without a better metric_for_best_model (0: never)",
     )
     logging_steps: int = option(10, "outputs and checkpoints", "steps between log lines (mean loss terms, lr)")
-    report_to: str = option(
+    report_to: Literal["none", "all"] | list[str] = option(
         "none",
         "outputs and checkpoints",
         "experiment trackers, through accelerate: none, all, or some of tensorboard, wandb, mlflow, comet_ml "
@@ -195,59 +208,61 @@ class TrainingOptions:
     hub_private_repo: bool = option(False, "the Hub", "create the repo private")
 
     def __post_init__(self):
-        self.checkpointing_steps = str(self.checkpointing_steps)
-        self.check()
-
-    def check(self):
-        """Raises ValueError naming the option where the options do not fit together."""
+        for f in fields(self):
+            if isinstance(getattr(self, f.name), str) and has_text_syntax(f.type):
+                setattr(self, f.name, option_from_text(f.name, getattr(self, f.name)))
+        self.check_types()
         if self.model_name_or_path and self.config_name:
             raise ValueError(
                 "give one of model_name_or_path (start from a saved model) and config_name (a fresh one), not both"
             )
         if not self.config_name:
             self.model_name_or_path = self.model_name_or_path or DEFAULT_MODEL
+        if self.with_tracking and self.report_to == "none":
+            self.report_to = ["tensorboard"]
+        self.check()
+
+    def check_types(self):
+        """Raises TypeError naming the option whose value is not of its field's type (ValueError where it is a word
+        of the right kind but not one the option takes)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not matches(value, f.type):
+                words = {type(word) for word in literal_values(f.type)}
+                error = ValueError if type(value) in words else TypeError
+                raise error(f"{f.name} must be {describe(f.type)}, got {value!r} ({type(value).__name__})")
+
+    def check(self):
+        """Raises ValueError naming the option where the options do not fit together or a value is out of range."""
         if self.config_overrides and not self.config_name:
             raise ValueError("config_overrides changes a fresh model's config; it needs config_name")
         if self.backbone_weights and not self.config_name:
             raise ValueError("backbone_weights is for a fresh model (config_name); a saved model has its own")
         if (self.hub_model_id or self.hub_token or self.hub_private_repo) and not self.push_to_hub:
             raise ValueError("hub_model_id, hub_token and hub_private_repo need push_to_hub")
-        for name in (
-            "image_size",
-            "max_image_size",
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-            "num_train_epochs",
-            "logging_steps",
-            "checkpoints_total_limit",
-        ):
+        self.check_ranges()
+        if self.device is not None:
+            from ..utils.devices import checked_device
+
+            checked_device(self.device)  # raises naming a device this torch cannot use here
+        tracker_names(self.report_to)  # raises naming an unknown tracker or a missing package
+
+    def check_ranges(self):
+        """Raises ValueError naming the option whose number is out of its range."""
+        for name in AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.max_image_size < self.image_size:
             raise ValueError(f"max_image_size ({self.max_image_size}) must be at least image_size ({self.image_size})")
-        for name in (
-            "learning_rate",
-            "backbone_learning_rate",
-            "sampling_lr_factor",
-            "weight_decay",
-            "max_grad_norm",
-            "eval_every_epochs",
-            "num_workers",
-        ):
+        for name in FINITE_AT_LEAST_ZERO:
             if not 0 <= getattr(self, name) < math.inf:  # NaN included
                 raise ValueError(f"{name} must be a finite number, at least 0, got {getattr(self, name)}")
         if not 0 < self.lr_drop <= 1:
             raise ValueError(f"lr_drop must be a share of the steps, in (0, 1], got {self.lr_drop}")
-        self.training_scales()  # raises naming a bad multi_scale
-        if self.lr_scheduler not in SCHEDULES:
-            raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
-        if self.metric_for_best_model not in SUMMARY_NAMES:
-            raise ValueError(
-                f"metric_for_best_model must be one of {SUMMARY_NAMES}, got {self.metric_for_best_model!r}"
-            )
+        if any(side < 1 for side in self.multi_scale or []):
+            raise ValueError(f'multi_scale must be {SYNTAX["multi_scale"]}, got "{option_text(self.multi_scale)}"')
         if self.early_stopping_patience < 0:
             raise ValueError(f"early_stopping_patience must be at least 0, got {self.early_stopping_patience}")
         if not 0 <= self.ema_decay < 1:
@@ -256,36 +271,26 @@ class TrainingOptions:
             raise ValueError(f"ema_warmup_steps must be at least 1, got {self.ema_warmup_steps}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
-        if self.mixed_precision not in (None, *MIXED_PRECISION):
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        if self.checkpointing_steps not in ("epoch", "no") and not (
-            self.checkpointing_steps.isdigit() and int(self.checkpointing_steps) > 0
-        ):
+        if isinstance(self.checkpointing_steps, int) and self.checkpointing_steps < 1:
             raise ValueError(
-                f'checkpointing_steps must be "epoch", "no" or a number of steps (at least 1), got '
-                f"{self.checkpointing_steps!r}"
+                f"checkpointing_steps must be {SYNTAX['checkpointing_steps']}, got {self.checkpointing_steps!r}"
             )
-        if self.device is not None:
-            from ..utils.devices import checked_device
-
-            checked_device(self.device)  # raises naming a device this torch cannot use here
-        if self.with_tracking and self.report_to == "none":
-            self.report_to = "tensorboard"
-        tracker_names(self.report_to)  # raises naming an unknown tracker or a missing package
 
     def training_scales(self) -> list[int] | None:
-        """multi_scale as a list of sides, or None for the default."""
-        try:
-            scales = [int(side) for side in self.multi_scale.split(",") if side.strip()]
-        except ValueError:
-            scales = [0]
-        if any(side < 1 for side in scales):
-            raise ValueError(f'multi_scale must be positive sides separated by commas, got "{self.multi_scale}"')
-        return scales or None
+        """The shortest sides training picks from, or None for DETR's (scaled by image_size/800)."""
+        return self.multi_scale or None
 
     def checkpoint_every(self) -> int:
         """Steps between checkpoints when checkpointing_steps is a number, else 0."""
-        return int(self.checkpointing_steps) if self.checkpointing_steps.isdigit() else 0
+        return self.checkpointing_steps if isinstance(self.checkpointing_steps, int) else 0
+
+    def hyperparameters(self) -> dict[str, bool | int | float | str]:
+        """The options a tracker logs: the set ones, lists and dicts as their command-line text, no hub token."""
+        return {
+            f.name: option_text(value) if isinstance(value, (list, dict)) else value
+            for f in fields(self)
+            if (value := getattr(self, f.name)) is not None and f.name != "hub_token"
+        }
 
     def command(self) -> str:
         """The command line that runs these options (for the model card and the log), without the hub token."""
@@ -297,5 +302,152 @@ class TrainingOptions:
             if isinstance(value, bool):
                 words.append(f"--{f.name}")
             else:
-                words += [f"--{f.name}", "***" if f.name == "hub_token" else str(value)]
+                words += [f"--{f.name}", "***" if f.name == "hub_token" else option_text(value)]
         return shlex.join(words)
+
+
+AT_LEAST_ONE = (
+    "image_size",
+    "max_image_size",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "logging_steps",
+    "checkpoints_total_limit",
+)
+FINITE_AT_LEAST_ZERO = (
+    "learning_rate",
+    "backbone_learning_rate",
+    "sampling_lr_factor",
+    "weight_decay",
+    "max_grad_norm",
+    "eval_every_epochs",
+    "num_workers",
+)
+# what the command-line text of an option must be, where its type's words say less
+SYNTAX = {
+    "checkpointing_steps": '"epoch", "no" or a number of steps (at least 1)',
+    "multi_scale": "positive sides separated by commas",
+    "config_overrides": "key=value pairs separated by commas",
+}
+UNIONS = (typing.Union, types.UnionType)
+NoneType = type(None)
+WORDS = {bool: "True or False", int: "an int", float: "a number", str: "a str", NoneType: "None"}
+
+
+def literal_values(annotation) -> tuple:
+    """The words a type takes: a Literal's values, also those of the Literals in a union."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in UNIONS:
+        return tuple(word for member in typing.get_args(annotation) for word in literal_values(member))
+    return ()
+
+
+def matches(value, annotation) -> bool:
+    """Whether `value` is of the field type `annotation` (an int is a float's; a bool is no int's)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return any(type(value) is type(word) and value == word for word in args)
+    if origin in UNIONS:
+        return any(matches(value, member) for member in args)
+    if origin is list:
+        return isinstance(value, list) and all(matches(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(matches(k, args[0]) and matches(v, args[1]) for k, v in value.items())
+    if annotation in (int, float):
+        return isinstance(value, (int, annotation)) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def describe(annotation) -> str:
+    """A field type in words, for the messages: 'one of ('step', 'cosine')', '"epoch", "no" or an int'."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return f"one of {args}"
+    if origin in UNIONS:
+        members = [member for member in args if member is not NoneType]
+        words = [
+            ", ".join(f'"{word}"' for word in literal_values(member))
+            if len(members) > 1 and typing.get_origin(member) is Literal
+            else describe(member)
+            for member in members
+        ]
+        return " or ".join(words + ["None"] * (NoneType in args))
+    if origin is list:
+        return f"a list of {type_name(args[0])}"
+    if origin is dict:
+        return f"a dict of {type_name(args[0])} to {type_name(args[1])}"
+    return WORDS.get(annotation, type_name(annotation))
+
+
+def type_name(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
+
+
+def has_text_syntax(annotation) -> bool:
+    """Whether a field of this type also takes its command-line text in Python: a list, a dict, or a number or
+    words (`TrainingOptions(multi_scale="480,512")` as `--multi_scale 480,512`); a plain int, float or str field
+    takes only its type."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in UNIONS else (annotation,)
+    origins = {typing.get_origin(member) for member in members}
+    return bool(origins & {list, dict}) or (Literal in origins and int in members)
+
+
+def option_from_text(name: str, text: str):
+    """Option `name`'s value from its command-line text (the text of `option_text`): an int, float or str as
+    written, a list of comma-separated items, a dict of comma-separated key=value pairs (values as
+    `override_value` reads them), a word of the option's as it is; ValueError naming the option where the text is
+    no value of its type."""
+    annotation = OPTION_TYPES[name]
+    try:
+        return value_from_text(annotation, text)
+    except ValueError:
+        raise ValueError(f'{name} must be {SYNTAX.get(name) or describe(annotation)}, got "{text}"') from None
+
+
+def value_from_text(annotation, text: str):
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in UNIONS:
+        if text in literal_values(annotation):
+            return text
+        others = [member for member in args if member is not NoneType and typing.get_origin(member) is not Literal]
+        return value_from_text(others[0], text) if others else text
+    if origin is Literal:
+        return text  # a word the option does not take is named by check_types (or argparse's choices)
+    if origin is list:
+        return [value_from_text(args[0], item.strip()) for item in text.split(",") if item.strip()]
+    if origin is dict:
+        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+        if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+            raise ValueError(text)
+        return {key.strip(): override_value(value.strip()) for key, value in pairs}
+    return annotation(text)
+
+
+def override_value(text: str) -> OverrideValue:
+    """A config override's value from its text: true or false, an int, a float, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def option_text(value) -> str:
+    """A value as the command line writes it (`option_from_text` reads it back): a list's items and a dict's
+    key=value pairs separated by commas, true and false in lower case."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(option_text, value))
+    if isinstance(value, dict):
+        return ",".join(f"{key}={option_text(item)}" for key, item in value.items())
+    return str(value)
+
+
+OPTION_TYPES = {f.name: f.type for f in fields(TrainingOptions)}

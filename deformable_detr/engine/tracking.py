@@ -10,20 +10,19 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", 
 PICTURE_HEIGHT = 320
 
 
-def tracker_names(report_to: str) -> list[str] | str | None:
-    """accelerate's `log_with` for a --report_to value ("none", "all", or trackers separated by commas); raises
-    ValueError naming an unknown tracker or one whose package is not installed."""
-    if report_to in ("none", ""):
+def tracker_names(report_to: str | list[str]) -> list[str] | str | None:
+    """accelerate's `log_with` for a report_to value ("none", "all", or a list of trackers); raises ValueError
+    naming an unknown tracker or one whose package is not installed."""
+    if report_to == "none" or not report_to:
         return None
     if report_to == "all":
         return "all"
-    names = [name.strip() for name in report_to.split(",") if name.strip()]
-    for name in names:
+    for name in report_to:
         if name not in TRACKERS:
             raise ValueError(f"report_to: unknown tracker {name!r}; give none, all or some of {sorted(TRACKERS)}")
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise ValueError(f"report_to {name}: the package {TRACKERS[name]} is not installed (pip install {name})")
-    return names
+    return list(report_to)
 
 
 def detections_picture(model, processor, images: list[Image.Image], threshold: float = 0.3) -> np.ndarray:
