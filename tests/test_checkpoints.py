@@ -7,8 +7,11 @@ import os
 import pickle
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from deformable_detr.engine.checkpoints import (
+    MODEL_FILE,
     STATE_FILE,
     TrainState,
     find_checkpoint,
@@ -17,7 +20,8 @@ from deformable_detr.engine.checkpoints import (
     save_checkpoint,
 )
 
-SETUP = {"class_names": ["circle", "square"], "dataset": "data/shapes", "images_per_step": 8}
+MODEL = {"d_model": 32, "dropout": 0.1, "bbox_loss_coefficient": 5.0}
+SETUP = {"class_names": ["circle", "square"], "model": MODEL, "dataset": "data/shapes", "images_per_step": 8}
 
 
 class FakeAccelerator:
@@ -66,8 +70,8 @@ def test_a_half_written_checkpoint_is_ignored_and_named(tmp_path, caplog, monkey
 
 
 def test_half_written_checkpoints_older_than_a_new_one_are_removed(tmp_path):
-    """A crash (or a second Ctrl-C) left checkpoint-2 without its marker: ignored on resume, but rotation never
-    deleted it."""
+    """A checkpoint-2 without its marker (left by a crash or a second Ctrl-C) is deleted by the next checkpoint's
+    rotation; a newer incomplete one is left alone."""
     os.makedirs(tmp_path / "checkpoint-2")
     os.makedirs(tmp_path / "checkpoint-9")  # newer than the one written now: not this run's to judge
     save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=4), keep=2)
@@ -75,8 +79,8 @@ def test_half_written_checkpoints_older_than_a_new_one_are_removed(tmp_path):
 
 
 def test_a_checkpoint_written_again_is_incomplete_until_it_is_done(tmp_path):
-    """A signal in a step that had just written its checkpoint writes it again: a crash during that rewrite left the
-    old marker beside half-new files, a torn checkpoint taken for a complete one."""
+    """A signal in a step that had just written its checkpoint writes it again: the old marker is removed first, so
+    a crash during the rewrite leaves an incomplete checkpoint, not a torn one taken for complete."""
     save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=3), keep=2)
 
     class Crashing(FakeAccelerator):
@@ -99,7 +103,7 @@ class MakesAFolder:
 
 
 def test_pickled_objects_in_a_checkpoint_are_refused_not_run(tmp_path):
-    folder = save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=2), keep=1)
+    folder = save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=2, setup=SETUP), keep=1)
     hostile = pickle.dumps(MakesAFolder(str(tmp_path / "ran")), protocol=2)
     (tmp_path / "checkpoint-2" / "custom_checkpoint_0.pkl").write_bytes(hostile)
     with pytest.raises(ValueError, match="custom_checkpoint_0.pkl: a pickled object, which loading would run"):
@@ -112,8 +116,8 @@ def test_pickled_objects_in_a_checkpoint_are_refused_not_run(tmp_path):
 
 
 def test_a_run_on_other_classes_is_not_resumed_and_other_batches_are_warned_of(tmp_path):
-    """Resuming on other data trained the old class heads under the new names without a word; now other classes
-    are refused, and another dataset or batch layout (the epoch's position no longer matches) is warned of."""
+    """Other classes are refused; another dataset or batch layout (the epoch's position no longer matches) is warned
+    of."""
     folder = save_checkpoint(
         FakeAccelerator(), str(tmp_path), TrainState(global_step=4, epoch=1, batches_in_epoch=2, setup=SETUP), keep=1
     )
@@ -130,8 +134,8 @@ def test_a_run_on_other_classes_is_not_resumed_and_other_batches_are_warned_of(t
 
 
 def test_a_run_of_another_model_configuration_is_not_resumed(tmp_path):
-    """A change that keeps the weights' shapes (dropout, a loss weight) resumed without a word."""
-    setup = SETUP | {"model": {"d_model": 32, "dropout": 0.1, "bbox_loss_coefficient": 5.0}}
+    """A change that keeps the weights' shapes (dropout, a loss weight) is refused, naming the settings."""
+    setup = SETUP
     folder = save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=4, setup=setup), keep=1)
     other = setup | {"model": {"d_model": 32, "dropout": 0.5, "bbox_loss_coefficient": 50.0}}
     with pytest.raises(ValueError, match="with bbox_loss_coefficient=5.0, dropout=0.1, this run's has "):
@@ -140,21 +144,24 @@ def test_a_run_of_another_model_configuration_is_not_resumed(tmp_path):
 
 
 def test_a_checkpoint_of_another_configuration_is_named(tmp_path):
+    """model.safetensors is checked against the model's names and shapes before anything is loaded."""
     folder = save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=2, setup=SETUP), keep=1)
-
-    class OtherModel(FakeAccelerator):
-        def load_state(self, folder):
-            raise RuntimeError(
-                "Error(s) in loading state_dict for DeformableDetrForObjectDetection:\n\tsize mismatch for "
-                "model.query_position_embeddings.weight: copying a param with shape [10, 64]"
-            )
-
+    save_file({"model.query_position_embeddings.weight": torch.zeros(10, 64)}, os.path.join(folder, MODEL_FILE))
+    accelerator = FakeAccelerator()
+    weights = {"model.query_position_embeddings.weight": torch.zeros(20, 64)}
     with pytest.raises(ValueError, match="holds a model of another configuration .*size mismatch for model.query"):
-        load_checkpoint(OtherModel(), folder, SETUP)
+        load_checkpoint(accelerator, folder, SETUP, weights)
+    assert not hasattr(accelerator, "loaded")
+    shared = torch.zeros(10, 64)  # one tensor under two names, which the file holds once
+    other = {"model.query_position_embeddings.weight": shared, "class_embed.weight": torch.zeros(3, 64)}
+    with pytest.raises(ValueError, match=r"another configuration .*: missing class_embed.weight$"):
+        load_checkpoint(accelerator, folder, SETUP, other)
+    weights = {"model.query_position_embeddings.weight": shared, "model.tied.weight": shared}
+    assert load_checkpoint(accelerator, folder, SETUP, weights).global_step == 2 and accelerator.loaded == folder
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path):
-    """A truncated optimizer.bin or model.safetensors gave the reader's own words, without the folder."""
+    """A file that cannot be read (a truncated optimizer.bin, say) is named with the folder and the reader's words."""
     folder = save_checkpoint(FakeAccelerator(), str(tmp_path), TrainState(global_step=2, setup=SETUP), keep=1)
 
     class Truncated(FakeAccelerator):

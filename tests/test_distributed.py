@@ -14,7 +14,7 @@ from tests.support.training import TINY, command_line, training_options
 # runs the training command and saves the initial weights and every rank's final weights
 DRIVER = """
 import sys, torch
-from deformable_detr.engine import loop as t
+from deformable_detr.engine import trainer as t
 from deformable_detr.apps.cli import train_main
 build_model = t.build_model
 def save_initial(*args):
@@ -22,12 +22,11 @@ def save_initial(*args):
     torch.save(model.state_dict(), f"{sys.argv[1]}/initial.pt")
     return model
 t.build_model = save_initial
-finish = t.finish
-def save_every_rank(run, *args, **kwargs):
-    weights = t.bare(run).state_dict()
-    torch.save(weights, f"{sys.argv[1]}/rank{run.accelerator.process_index}.pt")
-    finish(run, *args, **kwargs)
-t.finish = save_every_rank
+finish = t.Trainer.finish
+def save_every_rank(self, *args, **kwargs):
+    torch.save(self.bare_model.state_dict(), f"{sys.argv[1]}/rank{self.accelerator.process_index}.pt")
+    finish(self, *args, **kwargs)
+t.Trainer.finish = save_every_rank
 train_main(sys.argv[2:])
 """
 

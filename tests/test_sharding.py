@@ -1,5 +1,5 @@
-"""Sharded training (FSDP2) on CPUs: `accelerate launch` with an FSDP config and two gloo processes, which the loop
-shards itself (sharding.py) as accelerate shards on GPUs only."""
+"""Sharded training (FSDP2) on CPUs: `accelerate launch` with an FSDP config and two gloo processes, which the
+trainer shards itself (parallel.py's CpuShards) as accelerate shards on GPUs only."""
 
 import json
 import os
@@ -16,8 +16,7 @@ from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.engine import TrainingOptions, train
 from deformable_detr.engine.checkpoints import TrainState
 from deformable_detr.engine.launch import check_launch
-from deformable_detr.engine.sharding import load_shards
-from deformable_detr.engine.trainer import shard_for
+from deformable_detr.engine.parallel import check_shardable, load_shards
 from tests.support.processes import free_port, run_command, torchrun
 from tests.support.training import TINY, command_line, training_options
 
@@ -149,4 +148,4 @@ def test_options_that_sharding_does_not_take_are_named(tmp_path):
         dataset="shapes", config_name="tiny", output_dir=str(tmp_path), torch_compile=True, mixed_precision="fp16"
     )
     with pytest.raises(ValueError, match="mixed_precision fp16, torch_compile: not available with sharded"):
-        shard_for(None, options, None)
+        check_shardable(options)

@@ -159,7 +159,7 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
 def test_a_hub_that_fails_at_the_end_costs_no_work(shapes_folder, tmp_path, monkeypatch):
     """The repo is named once, before training: a second call at the end, before the model was saved, lost the
     whole run when the token or network had gone meanwhile."""
-    from deformable_detr.engine import loop
+    from deformable_detr.engine import trainer
 
     calls, pushed = [], []
 
@@ -169,8 +169,8 @@ def test_a_hub_that_fails_at_the_end_costs_no_work(shapes_folder, tmp_path, monk
             raise ValueError("push_to_hub: the Hub repo cannot be reached (simulated)")
         return "user/" + options.hub_model_id
 
-    monkeypatch.setattr(loop, "hub_repo", hub_repo)
-    monkeypatch.setattr(loop, "push_to_hub", lambda options, repo_id: pushed.append(repo_id))
+    monkeypatch.setattr(trainer, "hub_repo", hub_repo)
+    monkeypatch.setattr(trainer, "push_to_hub", lambda options, repo_id: pushed.append(repo_id))
     train(options(shapes_folder, tmp_path, max_steps=2, push_to_hub=True, hub_model_id="run", eval_every_epochs=0))
     assert calls == ["run"] and pushed == ["user/run"]
     assert (tmp_path / "model.safetensors").exists() and 'model="user/run"' in (tmp_path / "README.md").read_text()
@@ -273,12 +273,12 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path):
 
 def test_a_second_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     """It printed KeyboardInterrupt's traceback from wherever the run was (inside torch.save, say)."""
-    from deformable_detr.engine import loop
+    from deformable_detr.engine import trainer
 
     def interrupted(options):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "train", interrupted)
+    monkeypatch.setattr(trainer, "train", interrupted)
     with pytest.raises(SystemExit) as stopped:
         train_main(["--dataset", "data", "--config_name", "tiny"])
     error = capsys.readouterr().err
@@ -350,13 +350,13 @@ def test_sigterm_during_evaluation_stops_it(shapes_coco, tmp_path):
 
 
 def test_mixed_precision_that_does_not_pay_on_the_cpu_warns(shapes_folder, tmp_path, monkeypatch):
-    from deformable_detr.engine import loop
+    from deformable_detr.engine import trainer
 
     (tmp_path / "avx2").write_text("flags : fpu sse avx avx2 fma")
     (tmp_path / "sapphire").write_text("flags : fpu avx2 avx512f avx512_bf16 amx_bf16")
-    assert loop.cpu_lacks_bf16(str(tmp_path / "avx2")) == f"no avx512_bf16 or amx_bf16 in {tmp_path / 'avx2'}"
-    assert loop.cpu_lacks_bf16(str(tmp_path / "sapphire")) is None
-    monkeypatch.setattr(loop, "cpu_lacks_bf16", lambda: "no avx512_bf16 or amx_bf16 in /proc/cpuinfo")
+    assert trainer.cpu_lacks_bf16(str(tmp_path / "avx2")) == f"no avx512_bf16 or amx_bf16 in {tmp_path / 'avx2'}"
+    assert trainer.cpu_lacks_bf16(str(tmp_path / "sapphire")) is None
+    monkeypatch.setattr(trainer, "cpu_lacks_bf16", lambda: "no avx512_bf16 or amx_bf16 in /proc/cpuinfo")
     train(options(shapes_folder, tmp_path / "run", max_steps=1, mixed_precision="bf16", eval_every_epochs=0))
     log = (tmp_path / "run" / "train.log").read_text()
     assert "mixed precision bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo)" in log
@@ -429,53 +429,49 @@ def test_a_skipped_first_step_keeps_the_schedule_without_torch_warning(shapes_fo
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
 
 
-def test_a_non_finite_gradient_norm_skips_the_step_and_a_finite_one_is_returned(caplog):
-    """optimiser_step reads the gradient norm once: an infinite one skips the step (weights kept, the step
-    counted and named), a finite one is applied and returned as a float."""
-    from types import SimpleNamespace
-
+def linear_step(max_grad_norm=0.1):
+    """A TrainingStep of a one-layer model with SGD and a constant schedule, on one CPU process."""
     from accelerate import Accelerator
 
-    from deformable_detr.engine.checkpoints import TrainState
-    from deformable_detr.engine.trainer import optimiser_step
+    from deformable_detr.engine.trainer import TrainingStep
 
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    accelerator, options, state = Accelerator(cpu=True), SimpleNamespace(max_grad_norm=0.1), TrainState()
+    return model, TrainingStep(model, optimizer, scheduler, Accelerator(cpu=True), max_grad_norm=max_grad_norm)
+
+
+def test_a_non_finite_gradient_norm_skips_the_step_and_a_finite_one_is_returned(caplog):
+    """optimiser_step reads the gradient norm once: an infinite one skips the step (weights kept, the step
+    counted and named), a finite one is applied and returned as a float."""
+    from deformable_detr.engine.checkpoints import TrainState
+
+    model, step = linear_step()
+    state = TrainState()
     before = model.weight.detach().clone()
     model.weight.grad, model.bias.grad = torch.full((1, 2), float("inf")), torch.zeros(1)
     with caplog.at_level(logging.WARNING):
-        assert (
-            optimiser_step(model, optimizer, scheduler, accelerator, options, state, False, torch.tensor(1.0)) is None
-        )
+        assert step.optimiser_step(state, torch.tensor(1.0)) is None
     assert torch.equal(model.weight, before) and state.skipped_steps == 1
     assert "step 1: non-finite loss or gradient norm (inf); the step is skipped, 1 so far" in caplog.text
     model.weight.grad, model.bias.grad = torch.tensor([[3.0, 4.0]]), torch.zeros(1)
-    norm = optimiser_step(model, optimizer, scheduler, accelerator, options, state, False, torch.tensor(1.0))
+    norm = step.optimiser_step(state, torch.tensor(1.0))
     assert isinstance(norm, float) and norm == pytest.approx(5.0) and not torch.equal(model.weight, before)
 
 
 def test_a_warning_raised_at_every_step_still_shows_once():
-    """Python shows a warning once per place by default; a catch_warnings block left at every step reset that,
-    so a warning from the model or a library repeated at every step."""
-    from types import SimpleNamespace
-
-    from accelerate import Accelerator
-
+    """Python shows a warning once per place by default, also when it is raised at every optimiser step (a
+    catch_warnings block left at every step would reset that)."""
     from deformable_detr.engine.checkpoints import TrainState
-    from deformable_detr.engine.trainer import optimiser_step
 
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    accelerator, options, state = Accelerator(cpu=True), SimpleNamespace(max_grad_norm=0.1), TrainState()
+    model, step = linear_step()
+    state = TrainState()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         for _ in range(3):
             warnings.warn("a warning of every step", UserWarning, stacklevel=1)
             model.weight.grad, model.bias.grad = torch.ones(1, 2), torch.zeros(1)
-            optimiser_step(model, optimizer, scheduler, accelerator, options, state, False, torch.tensor(1.0))
+            step.optimiser_step(state, torch.tensor(1.0))
     assert sum("every step" in str(w.message) for w in caught) == 1
 
 
