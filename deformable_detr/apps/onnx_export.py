@@ -100,6 +100,32 @@ def export_onnx(model_path: str, output: str, check: bool = True, opset: int = O
 
     from .detect import load_detector
 
+    _check_export_arguments(model_path, output, opset)
+    model, processor = load_detector(model_path, "cpu")
+    smallest = 2 * (model.model.min_image_size or 32)  # the coarsest map at least 2x2: a real, not a special, size
+    started = time.time()
+    program = _exported_program(model, model_path, opset, smallest)
+    metadata = {
+        "id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
+        "image_processor": json.dumps(processor.to_dict()),
+        "deformable_detr_version": version("hub-deformable-detr"),
+        "min_image_size": str(model.model.min_image_size or 0),  # OnnxDetector pads a thinner canvas, as the model
+    }
+    program.model.metadata_props.update(metadata)
+    with replaced_when_done(output) as temporary:  # a file that fails the check is not left at `output`
+        program.save(temporary, external_data=False)
+        report = {"seconds": round(time.time() - started, 1), "max_abs_difference": {}}
+        if check:
+            try:
+                report["max_abs_difference"] = check_export(model, temporary, smallest)
+            except ValueError as error:
+                raise type(error)(f"{output} not written: {error}") from error
+    return report
+
+
+def _check_export_arguments(model_path: str, output: str, opset: int):
+    """ValueError for a model that is an export already, an output that is no .onnx file, or an opset outside
+    MIN_OPSET..max_opset(); OSError naming `output` if it cannot be written (checked before the export)."""
     refuse_an_export(model_path)
     if not output.lower().endswith(".onnx"):
         raise ValueError(f"output {output!r} must end in .onnx")
@@ -109,14 +135,16 @@ def export_onnx(model_path: str, output: str, check: bool = True, opset: int = O
         raise ValueError(f"opset {opset}: torch {torch.__version__}'s ONNX exporter writes opsets up to {max_opset()}")
     if os.path.isdir(output):
         raise ValueError(f"output {output!r} is a folder")
-    check_writable(output)  # before the export: a path that cannot be written fails now
-    model, processor = load_detector(model_path, "cpu")
-    smallest = 2 * (model.model.min_image_size or 32)  # the coarsest map at least 2x2: a real, not a special, size
+    check_writable(output)
+
+
+def _exported_program(model, model_path: str, opset: int, smallest: int):
+    """torch's ONNX program of `model`, for any batch of up to 64 images with sides from `smallest` to MAX_SIDE;
+    ValueError naming `model_path` where the exporter fails."""
     batch = torch.export.Dim("batch", min=1, max=64)
     height = torch.export.Dim("height", min=smallest, max=MAX_SIDE)
     width = torch.export.Dim("width", min=smallest, max=MAX_SIDE)
     example = _example_inputs(2, (smallest + 32, smallest + 64), padded=False)  # batch 2: no batch-1 special case
-    started = time.time()
     try:
         with exporter_quiet():
             program = torch.onnx.export(
@@ -137,22 +165,7 @@ def export_onnx(model_path: str, output: str, check: bool = True, opset: int = O
         raise ValueError(
             f"{model_path}: the model cannot be exported to ONNX ({type(error).__name__}: {error})"
         ) from error
-    metadata = {
-        "id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
-        "image_processor": json.dumps(processor.to_dict()),
-        "deformable_detr_version": version("hub-deformable-detr"),
-        "min_image_size": str(model.model.min_image_size or 0),  # OnnxDetector pads a thinner canvas, as the model
-    }
-    program.model.metadata_props.update(metadata)
-    with replaced_when_done(output) as temporary:  # a file that fails the check is not left at `output`
-        program.save(temporary, external_data=False)
-        report = {"seconds": round(time.time() - started, 1), "max_abs_difference": {}}
-        if check:
-            try:
-                report["max_abs_difference"] = check_export(model, temporary, smallest)
-            except ValueError as error:
-                raise type(error)(f"{output} not written: {error}") from error
-    return report
+    return program
 
 
 def max_opset() -> int:

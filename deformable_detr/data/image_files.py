@@ -138,17 +138,23 @@ def check_images(
         kept.append({**record, "width": shown[0], "height": shown[1]})
     report_bad(bad, "unreadable image(s)", where, skip_bad_images)
     report_bad(thin, "image(s) too thin to resize", where, skip_bad_images)
+    _warn_of_frames(where, turned, as_shown, other_size)
+    return kept
+
+
+def _warn_of_frames(where: str, turned: list[str], as_shown: int, other_size: list[str]):
+    """One warning for the JPEGs that EXIF turns (`turned`: those whose boxes were turned too; `as_shown`: how many
+    were annotated as shown), one for the images whose size is not their annotation's (`other_size`)."""
     if turned or as_shown:
         warnings.warn(
             f"{where}: {len(turned) + as_shown} JPEG(s) are turned by their EXIF orientation and are used as shown; "
             f"{len(turned)} annotated on the stored pixels had their boxes turned too ({listed(turned, SHOWN)}), "
             f"{as_shown} were annotated as shown",
-            stacklevel=2,
+            stacklevel=3,
         )
     if other_size:
         warnings.warn(
             f"{where}: {len(other_size)} image(s) are not the size their annotation gives; their boxes are used as "
             f"they are: {listed(other_size, SHOWN)}",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return kept

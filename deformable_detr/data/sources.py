@@ -221,53 +221,18 @@ def load_detection_dataset(
     is read: images missing on disk, unreadable, or whose short side is 0 pixels resized to `image_size` and
     `max_image_size` (the training command's defaults) raise an error listing them, or are left out with
     `skip_bad_images`."""
-    kind, sizes = dataset_format(source), (image_size, max_image_size)
-    if kind == "voc":
-        splits, class_names = load_voc(source, skip_bad_images, sizes)
-    elif kind == "coco":
-        splits, class_names = load_coco(source, skip_bad_images, sizes)
-    elif kind == "yolo":
-        splits, class_names = load_yolo(source, skip_bad_images, sizes)
-    else:
-        loaded = datasets.load_from_disk(source) if kind == "save_to_disk" else datasets.load_dataset(source)
-        if isinstance(loaded, Dataset):
-            loaded = DatasetDict(train=loaded)
-        splits = {SPLIT_NAMES.get(name, name): split for name, split in loaded.items()}
-        if "train" not in splits:
-            raise ValueError(f"{source} has no 'train' split; its splits are {sorted(loaded)}")
-        splits = _without_unlabelled_extra_splits(splits, source)
-        class_names = category_names(splits, source)
-        splits = {
-            name: _readable_rows(split, f"{source} [{name}]", skip_bad_images, sizes) for name, split in splits.items()
-        }
+    splits, class_names = _splits_of(source, skip_bad_images, (image_size, max_image_size))
     if "train" not in splits:
         raise ValueError(f"{source} has no train split; it has {sorted(splits)}")
     empty = [name for name, split in splits.items() if len(split) == 0]
-    if empty:  # an empty validation split scored "n/a" and chose the "best" model on nothing
+    if empty:  # an empty validation split would score "n/a" and choose the "best" model on nothing
         raise ValueError(
             f"{source}: its {empty[0]} split has no images; give it some, or leave it out (without a validation "
             "split, validation_fraction of the training images becomes one)"
         )
     carved = "validation" not in splits
     if carved:
-        if not 0 < validation_fraction < 1:
-            raise ValueError(
-                f"{source} has no validation split and validation_fraction={validation_fraction} cannot make one"
-            )
-        try:
-            parts = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
-        except ValueError as error:  # datasets': a split would be empty
-            raise ValueError(
-                f"{source} has no validation split, and validation_fraction={validation_fraction} of its "
-                f"{len(splits['train'])} training image(s) cannot make one and leave some to train on ({error})"
-            ) from None
-        splits["train"], splits["validation"] = parts["train"], parts["test"]
-        logger.info(
-            "%s has no validation split: %d of its %d training images became one",
-            source,
-            len(parts["test"]),
-            len(parts["train"]) + len(parts["test"]),
-        )
+        splits["train"], splits["validation"] = _held_out(splits["train"], source, validation_fraction, seed)
     # images without objects are fine beside others, but training on none learns nothing (loss 0, metrics n/a)
     if not _has_boxes(splits["train"]):
         raise ValueError(
@@ -286,6 +251,50 @@ def load_detection_dataset(
             stacklevel=2,
         )
     return DatasetDict(splits), class_names
+
+
+def _splits_of(source: str, skip_bad_images: bool, sizes: tuple[int, int]) -> tuple[dict[str, Dataset], list[str]]:
+    """({split name: rows in the schema}, class names) of `source`, whatever its layout (`dataset_format`), its
+    unreadable images and those too thin to resize to `sizes` refused or, with `skip_bad_images`, left out."""
+    kind = dataset_format(source)
+    if kind == "voc":
+        return load_voc(source, skip_bad_images, sizes)
+    if kind == "coco":
+        return load_coco(source, skip_bad_images, sizes)
+    if kind == "yolo":
+        return load_yolo(source, skip_bad_images, sizes)
+    loaded = datasets.load_from_disk(source) if kind == "save_to_disk" else datasets.load_dataset(source)
+    if isinstance(loaded, Dataset):
+        loaded = DatasetDict(train=loaded)
+    splits = {SPLIT_NAMES.get(name, name): split for name, split in loaded.items()}
+    if "train" not in splits:
+        raise ValueError(f"{source} has no 'train' split; its splits are {sorted(loaded)}")
+    splits = _without_unlabelled_extra_splits(splits, source)
+    class_names = category_names(splits, source)
+    splits = {
+        name: _readable_rows(split, f"{source} [{name}]", skip_bad_images, sizes) for name, split in splits.items()
+    }
+    return splits, class_names
+
+
+def _held_out(train: Dataset, source: str, validation_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, validation): `validation_fraction` of `source`'s training rows held out by `seed`, for a dataset
+    without a validation split; ValueError where that fraction cannot make one and leave rows to train on."""
+    if not 0 < validation_fraction < 1:
+        raise ValueError(
+            f"{source} has no validation split and validation_fraction={validation_fraction} cannot make one"
+        )
+    try:
+        parts = train.train_test_split(test_size=validation_fraction, seed=seed)
+    except ValueError as error:  # datasets': a split would be empty
+        raise ValueError(
+            f"{source} has no validation split, and validation_fraction={validation_fraction} of its "
+            f"{len(train)} training image(s) cannot make one and leave some to train on ({error})"
+        ) from None
+    logger.info(
+        "%s has no validation split: %d of its %d training images became one", source, len(parts["test"]), len(train)
+    )
+    return parts["train"], parts["test"]
 
 
 def _has_boxes(split: Dataset) -> bool:
