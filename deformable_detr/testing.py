@@ -20,6 +20,9 @@ from transformers import DeformableDetrConfig as HFConfig
 from transformers import DeformableDetrForObjectDetection as HFModel
 from transformers import ResNetConfig
 
+from .engine.options import CONFIG_PRESETS
+from .model.transformers_mapping import SHARED_CONFIG_FIELDS
+
 __all__ = [
     "RESNET50_LIKE",
     "VARIANTS",
@@ -43,8 +46,25 @@ VARIANTS = {
 }
 
 
+# the training preset "tiny" as the oracle changes it: narrower, a few queries and labels, and heads and sampling
+# points that differ between the encoder and the decoder, so that a mix-up of the two shows
+ORACLE_SIZES = dict(
+    d_model=64,
+    encoder_ffn_dim=96,
+    decoder_ffn_dim=96,
+    encoder_attention_heads=4,
+    decoder_attention_heads=8,
+    num_queries=12,
+    two_stage_num_proposals=12,
+    num_labels=5,
+    encoder_n_points=3,
+    decoder_n_points=2,
+)
+
+
 def small_hf_config(num_feature_levels=4, **overrides):
-    """transformers' config of a small Deformable DETR on a small transformers ResNet (basic blocks)."""
+    """transformers' config of the "tiny" preset (CONFIG_PRESETS) with ORACLE_SIZES, on a small transformers ResNet
+    (basic blocks) in place of the built-in ResNet-18."""
     out_features = ["stage2", "stage3", "stage4"] if num_feature_levels > 1 else ["stage4"]
     backbone = ResNetConfig(
         embedding_size=16,
@@ -53,25 +73,9 @@ def small_hf_config(num_feature_levels=4, **overrides):
         layer_type="basic",
         out_features=out_features,
     )
-    fields = dict(
-        use_timm_backbone=False,
-        backbone_config=backbone,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_ffn_dim=96,
-        decoder_ffn_dim=96,
-        encoder_attention_heads=4,
-        decoder_attention_heads=8,
-        num_queries=12,
-        two_stage_num_proposals=12,
-        num_labels=5,
-        num_feature_levels=num_feature_levels,
-        encoder_n_points=3,
-        decoder_n_points=2,
-    )
-    fields.update(overrides)
-    return HFConfig(**fields)
+    preset = {name: value for name, value in CONFIG_PRESETS["tiny"].items() if name in SHARED_CONFIG_FIELDS}
+    fields = preset | ORACLE_SIZES | dict(use_timm_backbone=False, backbone_config=backbone)
+    return HFConfig(**(fields | {"num_feature_levels": num_feature_levels} | overrides))
 
 
 @torch.no_grad()

@@ -8,18 +8,19 @@ from deformable_detr import (
     DeformableDetrImageProcessor,
     from_transformers,
 )
+from deformable_detr.engine.options import CONFIG_PRESETS
 
-TINY = dict(
-    backbone="resnet18",
+# the "tiny" preset, smaller still: one encoder layer, narrower, a few queries, the four feature levels of ours
+TINY = CONFIG_PRESETS["tiny"] | dict(
     d_model=64,
     encoder_layers=1,
-    decoder_layers=2,
     encoder_ffn_dim=32,
     decoder_ffn_dim=32,
     encoder_attention_heads=4,
     decoder_attention_heads=4,
     num_queries=7,
     two_stage_num_proposals=7,
+    num_feature_levels=4,
     num_labels=3,
 )
 
