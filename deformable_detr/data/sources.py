@@ -15,7 +15,6 @@ The first two are in the schema already, or close to it (`objects` as a list of 
 features are checked when they are loaded, every split's.
 """
 
-import difflib
 import logging
 import os
 import warnings
@@ -24,6 +23,7 @@ import datasets
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Value
 
+from ..utils.local_paths import mistyped_local_path
 from ..utils.messages import listed
 from .coco import load_coco
 from .image_files import header_or_error, image_name, report_bad, shown_size, too_thin
@@ -43,9 +43,10 @@ def dataset_format(source: str) -> str:
     FileNotFoundError for a local path that is not here (with the nearest names of its folder), ValueError for
     a split folder of a dataset of a known layout (its parent is the dataset)."""
     if not os.path.isdir(source):
-        if source.startswith(("/", "./", "../", "~")) or os.path.isfile(source):
+        if os.path.isfile(source):
             raise FileNotFoundError(f"dataset {source}: no such folder (a dataset is a folder or a Hub id)")
-        _refuse_mistyped_folder(source)
+        if (not_here := mistyped_local_path(source, "dataset")) is not None:
+            raise FileNotFoundError(not_here)
         return "load_dataset"
     kind = _layout(source)
     parent = os.path.dirname(os.path.normpath(source))
@@ -55,32 +56,6 @@ def dataset_format(source: str) -> str:
             f"splits or image folders); give {parent}, whose splits are read together"
         )
     return kind or "load_dataset"
-
-
-def _refuse_mistyped_folder(source: str, cutoff: float = 0.8):
-    """FileNotFoundError naming `source` and the nearest names where it looks like a local path that is not
-    here: a folder part of it is here (data/racoon beside data/raccoon), or its first part has a close name
-    here that makes a path that is (dta/raccoon beside data/raccoon). Asking the Hub first would take half a minute
-    of retries; a Hub id ("user/name") whose first part is no folder here still goes there."""
-    parts = os.path.normpath(source).split(os.sep)
-    if len(parts) < 2:
-        return
-    depth = 0  # parts[:depth] is a folder here
-    while depth < len(parts) - 1 and os.path.isdir(os.path.join(*parts[: depth + 1])):
-        depth += 1
-    folder = os.path.join(*parts[:depth]) if depth else "."
-    near = difflib.get_close_matches(parts[depth], os.listdir(folder), 3, cutoff if depth == 0 else 0.6)
-    named = [os.path.join(*parts[:depth], name, *parts[depth + 1 :]) for name in near]
-    if depth == 0:
-        named = [path for path in named if os.path.exists(path)]
-        if not named:
-            return
-    if named:
-        raise FileNotFoundError(f"dataset {source}: no such folder; did you mean {' or '.join(named)}?")
-    raise FileNotFoundError(
-        f"dataset {source}: no such folder; {folder} holds no folder of a close name (a dataset is a folder or "
-        "a Hub id)"
-    )
 
 
 def _layout(folder: str) -> str | None:
