@@ -10,7 +10,7 @@ from tests.support.training import options
 
 
 def test_every_run_draws_its_curves_and_evaluation_pictures(shapes_folder, tmp_path):
-    """Only the demo drew training.png before, and training wrote no evaluation pictures."""
+    """Every training run writes training.png and the last evaluation's pictures, each put in place whole."""
     train(options(shapes_folder, tmp_path, max_steps=4, checkpointing_steps="no"))  # 3 steps an epoch: 2 evaluations
     history = json.load(open(tmp_path / "history.json"))
     assert [h["step"] for h in history if "eval" in h] == [3, 4]

@@ -1,4 +1,4 @@
-"""The weight average (--ema_decay, training/ema.py): its arithmetic, and in training that it is what is evaluated
+"""The weight average (--ema_decay, engine/ema.py): its arithmetic, and in training that it is what is evaluated
 and saved and that a resumed run continues it exactly."""
 
 import math

@@ -41,7 +41,7 @@ def test_checkpointing_gives_the_same_gradients():
 @pytest.mark.filterwarnings("error::UserWarning")  # such as the checkpoint's "None of the inputs have requires_grad"
 def test_reentrant_and_non_reentrant_checkpoints_give_the_plain_gradients(use_reentrant):
     """transformers' switch with its activation_checkpointing_kwargs: both checkpoint kinds, dropout on, the stem
-    and first stage frozen (the reentrant kind gave the stages after a frozen input no gradient)."""
+    and first stage frozen (with the reentrant kind, the stages after a frozen input get their gradient too)."""
     model = tiny_model(dropout=0.1, encoder_layers=2).train()
     pixel_values = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.2]])}] * 2

@@ -153,8 +153,8 @@ def test_push_to_hub_from_the_api(tmp_path, image, hub):
 
 
 def test_an_unreachable_hub_stops_the_run_before_training(tmp_path, shapes_coco):
-    """--push_to_hub found a missing token or network only after training (a traceback, hours later); now the repo
-    is created first, and the command stops with one line before a step is taken."""
+    """--push_to_hub creates the repo first: a missing token or network stops the command with one line before a
+    step is taken, not after hours of training."""
     nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     command = [sys.executable, "-m", "deformable_detr", "train", "--dataset", shapes_coco(4, 2)]
     command += ["--output_dir", tmp_path / "run", "--config_name", "tiny", "--max_steps", "1"]

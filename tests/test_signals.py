@@ -1,4 +1,4 @@
-"""Data loading workers under signals (training/signals.py), in fresh processes: SIGTERM sent to the whole
+"""Data loading workers under signals (engine/signals.py), in fresh processes: SIGTERM sent to the whole
 process group, over and over while workers start, kills none of them; and a run that fails with an error exits
 instead of waiting forever for workers that ignore SIGTERM."""
 
@@ -62,6 +62,6 @@ def test_workers_outlive_sigterm_to_the_process_group():
 
 def test_a_failing_run_with_workers_exits():
     """An error raised in a worker ends the main process with the error: at exit, multiprocessing terminates the
-    workers, which must not ignore that SIGTERM (they did: the run then waited forever)."""
+    workers, which must not ignore that SIGTERM (the run would wait forever)."""
     result = run_command([sys.executable, "-c", LOADER, "fail", "1"], timeout=60, returncode=1)
     assert "ValueError: item 3 is bad" in result.stderr

@@ -135,15 +135,15 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
     assert history(tmp_path / "whole") == history(tmp_path / "resumed")  # the log carries on from the checkpoint
     # each step logs the lr it took: 2e-4, then 2e-5 from step 5 (0.75 of 6 steps: the drop after four)
     assert history(tmp_path / "whole", "lr") == history(tmp_path / "resumed", "lr") == [2e-4] * 4 + [2e-5] * 2
-    # another learning rate on resume applies from the checkpoint on (the checkpoint's own took over, silently)
+    # another learning rate on resume applies from the checkpoint on, in place of the checkpoint's own
     faster = dict(common, learning_rate=1e-3, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
     train(options(shapes_folder, tmp_path / "faster", **faster))
     assert history(tmp_path / "faster", "lr") == [2e-4] * 4 + [1e-4] * 2
-    # a longer run resumed: the options' schedule from the first resumed step (step 5 took the old drop's 2e-5)
+    # a longer run resumed: the options' schedule from the first resumed step (the checkpoint's would drop at step 5)
     longer = dict(common, max_steps=12, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
     train(options(shapes_folder, tmp_path / "longer", **longer))
     assert history(tmp_path / "longer", "lr") == [2e-4] * 9 + [2e-5] * 3
-    # an epoch's last checkpoint resumed with max_steps at its step: the run's final evaluation (none before)
+    # an epoch's last checkpoint resumed with max_steps at its step: the final evaluation, which it lacks, runs
     train(options(shapes_folder, tmp_path / "epochs", **dict(common, checkpointing_steps="epoch")))
     at_end = dict(common, max_steps=3, resume_from_checkpoint=str(tmp_path / "epochs" / "checkpoint-3"))
     assert train(options(shapes_folder, tmp_path / "at_end", **at_end))["map"] >= 0
@@ -157,8 +157,8 @@ def test_resume_continues_exactly(shapes_folder, tmp_path):
 
 
 def test_a_hub_that_fails_at_the_end_costs_no_work(shapes_folder, tmp_path, monkeypatch):
-    """The repo is named once, before training: a second call at the end, before the model was saved, lost the
-    whole run when the token or network had gone meanwhile."""
+    """The repo is named once, before training: a Hub that fails later costs no work, as the model is saved and
+    uploaded to the repo named then."""
     from deformable_detr.engine import trainer
 
     calls, pushed = [], []
@@ -178,7 +178,7 @@ def test_a_hub_that_fails_at_the_end_costs_no_work(shapes_folder, tmp_path, monk
 
 def test_an_accumulation_window_cut_short_by_the_epoch_is_a_mean_over_its_own_batches(shapes_folder, tmp_path):
     """Three batches of two images, accumulated by 3 or by 6 (cut short at the epoch's end): one step over the same
-    batches, so the same gradient. accelerate divides each loss by 6 there, which shrank it by half."""
+    batches, so the same gradient: accelerate divides each loss by 6 there, and the short window scales it back."""
     for window in (3, 6):
         train(options(shapes_folder, tmp_path / str(window), max_steps=1, gradient_accumulation_steps=window))
     assert history(tmp_path / "3") == history(tmp_path / "6")  # the same batches
@@ -264,7 +264,7 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path):
         train(options(shapes_folder, tmp_path, overrides="d_model=oops"))
     with pytest.raises(ValueError, match="give one of model_name_or_path .* and config_name .*, not both"):
         TrainingOptions(dataset=shapes_folder, model_name_or_path="a", config_name="tiny")
-    # an output_dir that is a file: one line from the command (a FileExistsError traceback before)
+    # an output_dir that is a file: one line from the command, no traceback
     (tmp_path / "a_file").write_text("")
     command = ["--dataset", shapes_folder, "--config_name", "tiny", "--output_dir", str(tmp_path / "a_file")]
     with pytest.raises(SystemExit, match="^deformable-detr-train: error: output_dir .*a_file is a file, not a folder"):
@@ -272,7 +272,8 @@ def test_bad_arguments_are_named(shapes_folder, tmp_path):
 
 
 def test_a_second_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
-    """It printed KeyboardInterrupt's traceback from wherever the run was (inside torch.save, say)."""
+    """A second Ctrl-C ends the command with one line and status 130, not KeyboardInterrupt's traceback from
+    wherever the run was (inside torch.save, say)."""
     from deformable_detr.engine import trainer
 
     def interrupted(options):
@@ -336,9 +337,9 @@ def test_sigterm_writes_a_checkpoint(shapes_folder, tmp_path, workers, whole_gro
 
 
 def test_sigterm_during_evaluation_stops_it(shapes_coco, tmp_path):
-    """SIGTERM while the last step's 300 validation images are scored: the evaluation stops at the next batch
-    (it used to run to its end, past a scheduler's grace period), then a checkpoint, exit status 143. The resumed
-    run evaluates (it used to end at once, never evaluated)."""
+    """SIGTERM while the last step's 300 validation images are scored: the evaluation stops at the next batch (not
+    at its end, past a scheduler's grace period), then a checkpoint, exit status 143. The resumed run runs the
+    evaluation."""
     folder = shapes_coco(6, 300)
     run = options(folder, tmp_path, max_steps=3, checkpointing_steps="no", per_device_eval_batch_size=1)
     log = signalled_run(run, "step 3,")
@@ -402,8 +403,8 @@ def test_torch_compile_trains_and_saves_plain_weights(shapes_folder, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(options(shapes_folder, tmp_path / "compiled", torch_compile=True, **common))
-    # the network was compiled, without a break; the whole model, loss included, broke at the loss's checks and
-    # matching and recompiled for every new count of objects in an image
+    # the network is compiled without a break (the loss stays eager: its checks and matching would break the graph
+    # and recompile it for every new count of objects in an image)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
     # the matcher's scipy call is kept out of the graph on purpose: no warning of a failed trace
     assert not [w for w in caught if "linear_sum_assignment" in str(w.message)], [str(w.message) for w in caught]
@@ -416,8 +417,8 @@ def test_torch_compile_trains_and_saves_plain_weights(shapes_folder, tmp_path):
 
 def test_a_skipped_first_step_keeps_the_schedule_without_torch_warning(shapes_folder, tmp_path, monkeypatch):
     """A non-finite first loss skips the optimiser step; the schedule still advances, as it does for every skipped
-    step. torch warned that lr_scheduler.step() came before optimizer.step(), which users took for a bug of
-    theirs (fp16's grad scaler skipping its first steps did the same on GPUs)."""
+    step, without torch's warning that lr_scheduler.step() came before optimizer.step(), which reads as a bug of
+    the user's (fp16's grad scaler skipping its first steps on GPUs is the same case)."""
     nan_loss_on_call(monkeypatch, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -477,8 +478,7 @@ def test_a_warning_raised_at_every_step_still_shows_once():
 
 def test_fine_tuning_starts_from_the_papers_coco_model_by_default(shapes_folder, tmp_path, hub):
     """No --model_name_or_path or --config_name: the run fine-tunes SenseTime/deformable-detr from the Hub (here
-    the fake one, serving transformers' format), with fresh class heads for the data's classes ("give exactly one
-    of model_name_or_path ... and config_name" before)."""
+    the fake one, serving transformers' format), with fresh class heads for the data's classes."""
     from tests.support.fake_hub import hub_env
     from tests.support.processes import run_command
 
@@ -537,7 +537,7 @@ def test_a_fresh_model_on_few_images_is_warned_of(shapes_folder, tmp_path):
 
 
 def test_device_places_the_run_and_one_this_torch_cannot_use_is_named(shapes_folder, tmp_path):
-    """--device (none before): cpu trains there; a device this torch cannot use fails at once, naming it."""
+    """--device cpu trains there; a device this torch cannot use fails at once, naming it."""
     train(options(shapes_folder, tmp_path / "cpu", max_steps=1, eval_every_epochs=0, device="cpu"))
     assert "on 1 process(es) (cpu)" in open(tmp_path / "cpu" / "train.log").read()
     if not torch.cuda.is_available():
@@ -559,7 +559,8 @@ def test_device_under_a_launcher_of_several_processes_is_refused(monkeypatch):
 
 
 def test_a_checkpoint_folder_is_a_model_that_detect_and_evaluate_load(shapes_folder, tmp_path, capsys):
-    """checkpoint-N/ held accelerate's state only (no config.json): detect and evaluate refused it."""
+    """checkpoint-N/ holds config.json and preprocessor_config.json beside accelerate's state: detect and evaluate
+    load it as a saved model."""
     from deformable_detr.apps.detect import load_detector
 
     train(options(shapes_folder, tmp_path, max_steps=2, checkpointing_steps=1, eval_every_epochs=0))
@@ -585,8 +586,9 @@ class Terminal(io.StringIO):
 def test_log_lines_are_not_glued_to_the_bars_nor_redirected_logs_full_of_cursor_moves(
     shapes_folder, tmp_path, monkeypatch, terminal
 ):
-    """On a terminal, log lines printed over the bar ('lr=2.0e-04]21:39:07 INFO step 10' before); redirected, the
-    nested evaluation bar moved the cursor ('\\x1b[A'); transformers' 'Writing model shards' bars showed."""
+    """On a terminal, log lines start lines of their own, not glued to the bar ('lr=2.0e-04]21:39:07 INFO step
+    10'); redirected, no nested evaluation bar moves the cursor ('\\x1b[A'); transformers' 'Writing model shards'
+    bars stay hidden."""
     stderr = Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stderr)
     train(options(shapes_folder, tmp_path, max_steps=3, load_best_model_at_end=True))
@@ -598,7 +600,7 @@ def test_log_lines_are_not_glued_to_the_bars_nor_redirected_logs_full_of_cursor_
 
 
 def test_the_model_card_counts_in_words_and_times_short_runs_in_seconds(tmp_path):
-    """'1 classes', '1 process(es)' and '0.0 minutes' before."""
+    """'1 class', '1 process' and seconds for a short run (not '1 classes', '1 process(es)', '0.0 minutes')."""
     from deformable_detr import DeformableDetrConfig
     from deformable_detr.engine.model_card import duration, write_model_card
 

@@ -155,7 +155,7 @@ def _rotate(output_dir: str, step: int, keep: int):
 
 def check_setup(folder: str, state: TrainState, setup: dict):
     """Refuses to resume a checkpoint of a run on other classes (its class heads would be trained, and saved, under
-    the new names) or of another model configuration (one that keeps the weights' shapes loaded before: another
+    the new names) or of another model configuration (also one that keeps the weights' shapes, which would load: another
     dropout or loss weight); warns where the dataset or the images per step differ (the epoch's position, counted in
     batches, then points elsewhere in the data)."""
     saved = state.setup

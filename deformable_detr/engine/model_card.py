@@ -20,16 +20,11 @@ def write_model_card(
     model_id: str,
 ) -> str:
     """Writes `folder`/README.md and returns its path; its example loads `model_id` (the Hub repo or the folder)."""
-    classes = ", ".join(config.id2label[i] for i in range(config.num_labels))
-    variant = ", ".join(
-        name for name, on in (("two-stage", config.two_stage), ("box refinement", config.with_box_refine)) if on
-    )
-    results = (
-        "Not evaluated."
-        if metrics is None
-        else (f"COCO metrics on the validation split:\n\n```\n{format_metrics(metrics)}\n```")
-    )
     hub_dataset = "" if os.path.exists(dataset) else f"datasets:\n- {dataset}\n"
+    results = "Not evaluated."
+    if metrics is not None:
+        results = f"COCO metrics on the validation split:\n\n```\n{format_metrics(metrics)}\n```"
+    skipped = f", {counted(skipped_steps, 'step', 'steps')} skipped for a non-finite loss or gradient"
     text = f"""---
 library_name: transformers
 pipeline_tag: object-detection
@@ -38,14 +33,7 @@ tags:
 - deformable-detr
 {hub_dataset}---
 
-# Deformable DETR{f" ({variant})" if variant else ""}
-
-Deformable DETR (Zhu et al., ICLR 2021) trained on \
-`{dataset if hub_dataset else os.path.basename(os.path.normpath(dataset))}` \
-to detect {counted(config.num_labels, "class", "classes")}: {classes}.
-Backbone {config.backbone if config.backbone_config is None else config.backbone_config.model_type}, \
-d_model {config.d_model}, {config.encoder_layers} encoder and {config.decoder_layers} decoder layers, \
-{config.num_queries} queries, {config.num_feature_levels} feature levels.
+{description(config, dataset if hub_dataset else os.path.basename(os.path.normpath(dataset)))}
 
 ## Results
 
@@ -54,9 +42,7 @@ d_model {config.d_model}, {config.encoder_layers} encoder and {config.decoder_la
 ## Training
 
 {counted(steps, "optimiser step", "optimiser steps")} in {duration(seconds)} on \
-{counted(processes, "process", "processes")}\
-{f", {counted(skipped_steps, 'step', 'steps')} skipped for a non-finite loss or gradient" if skipped_steps else ""}. \
-Command:
+{counted(processes, "process", "processes")}{skipped if skipped_steps else ""}. Command:
 
 ```
 {command}
@@ -75,6 +61,22 @@ detector("image.jpg", threshold=0.5)
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def description(config, dataset: str) -> str:
+    """The card's title and first paragraph: the variant, the data and classes, the architecture's sizes."""
+    classes = ", ".join(config.id2label[i] for i in range(config.num_labels))
+    variant = ", ".join(
+        name for name, on in (("two-stage", config.two_stage), ("box refinement", config.with_box_refine)) if on
+    )
+    backbone = config.backbone if config.backbone_config is None else config.backbone_config.model_type
+    return f"""# Deformable DETR{f" ({variant})" if variant else ""}
+
+Deformable DETR (Zhu et al., ICLR 2021) trained on `{dataset}` \
+to detect {counted(config.num_labels, "class", "classes")}: {classes}.
+Backbone {backbone}, \
+d_model {config.d_model}, {config.encoder_layers} encoder and {config.decoder_layers} decoder layers, \
+{config.num_queries} queries, {config.num_feature_levels} feature levels."""
 
 
 def counted(number: int, one: str, many: str) -> str:
