@@ -1,5 +1,5 @@
-"""The measurement helpers of scripts/benchmark.py and scripts/gpu_check.py (deformable_detr/benchmarking.py): what
-a median counts, in which order the timed functions run, and what the peak memory counts."""
+"""The measurement helpers of scripts/benchmark.py and scripts/gpu_check.py (deformable_detr/utils/benchmarking.py):
+what a median counts, in which order the timed functions run, and what the peak memory counts."""
 
 import math
 
@@ -53,8 +53,9 @@ def test_a_block_that_raises_measures_nothing():
 
 
 def test_the_full_size_pair_trains_the_same_parameters():
-    """The speed comparisons train both models: transformers' with its own ResNet froze the whole backbone (its
-    name check misses "encoder.stages.1"), so it skipped the backbone's backward that ours does."""
+    """The speed comparisons train both models with the same trainable backbone (42 tensors): transformers' with
+    its own ResNet would freeze the whole backbone (its name check misses "encoder.stages.1") and skip the
+    backbone's backward that ours does."""
     from deformable_detr.testing import full_size_pair
 
     hf, ours = full_size_pair("cpu")

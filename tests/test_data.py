@@ -63,7 +63,7 @@ def test_save_to_disk_folder_and_validation_split(tmp_path):
     assert (len(splits["train"]), len(splits["validation"])) == (15, 5)
     again, _ = load_detection_dataset(str(tmp_path), validation_fraction=0.25, seed=0)
     assert again["validation"]["image_id"] == splits["validation"]["image_id"]
-    # the defaults hold out what a training run with default options held out (seed 0 held out others)
+    # the defaults hold out what a training run with default options holds out
     defaults = TrainingOptions(dataset=str(tmp_path), config_name="tiny")
     held_out, _ = load_detection_dataset(str(tmp_path), defaults.validation_fraction, defaults.seed)
     assert load_detection_dataset(str(tmp_path))[0]["validation"]["image_id"] == held_out["validation"]["image_id"]
@@ -144,7 +144,8 @@ def test_bad_coco_files_are_named(shapes, tmp_path):
 
 
 def test_clashing_coco_categories_are_named(shapes, tmp_path):
-    """An id with two names (the last one won, silently renaming a class), or a name with two ids."""
+    """An id with two names, or a name with two ids, is refused naming the file and the id or name (one id, one
+    name), as is a category without an id or a name."""
     root = write_coco(
         {"train": shapes["train"], "valid": shapes["validation"]}, CLASS_NAMES, str(tmp_path), "instances"
     )
@@ -182,7 +183,7 @@ def test_clashing_coco_categories_are_named(shapes, tmp_path):
 
 
 def test_an_empty_split_is_named(shapes, tmp_path):
-    """An empty val.txt loaded as a validation split of 0 images, scored "n/a", and chose the best model on it."""
+    """An empty val.txt is refused as a validation split of no images, not scored "n/a" nor a best model chosen on."""
     root = write_voc({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path))
     open(os.path.join(root, "ImageSets", "Main", "val.txt"), "w").close()
     with pytest.raises(ValueError, match="its validation split has no images; give it some, or leave it out"):
@@ -335,8 +336,9 @@ def test_training_split_without_boxes_is_refused(shapes, tmp_path):
 
 
 def test_the_splits_are_checked_after_validation_fraction_makes_one(shapes, tmp_path):
-    """The training split's boxes were checked before validation_fraction took its share: the one image with
-    objects could go to validation, leaving nothing to train on (loss 0, no error)."""
+    """The training split's boxes are checked after validation_fraction takes its share: where the one image with
+    objects went to validation the load is refused saying so; a validation split without objects is warned of, and
+    a share that leaves no training image is refused in our words."""
     two = shapes["train"].select(range(2))
     held_out = two.train_test_split(test_size=0.5, seed=0)["test"]["image_id"][0]
     one_labelled = two.map(lambda e: e if e["image_id"] == held_out else {"objects": {k: [] for k in e["objects"]}})
@@ -350,7 +352,7 @@ def test_the_splits_are_checked_after_validation_fraction_makes_one(shapes, tmp_
     ).save_to_disk(str(tmp_path / "blank"))
     with pytest.warns(UserWarning, match="no image of its validation split has an object"):
         load_detection_dataset(str(tmp_path / "blank"))
-    # a share that leaves no training image: named (datasets' own words before)
+    # a share that leaves no training image: named, with the fraction and the image count
     DatasetDict(train=shapes["train"].select(range(1))).save_to_disk(str(tmp_path / "single"))
     with pytest.raises(ValueError, match=r"validation_fraction=0.5 of its 1 training image\(s\) cannot make one"):
         load_detection_dataset(str(tmp_path / "single"), validation_fraction=0.5)
@@ -366,7 +368,7 @@ def test_voc_class_names_differing_only_in_case_warn(shapes, tmp_path):
     open(path, "w").write(xml)
     with pytest.warns(UserWarning, match="differ only in case") as caught:
         _, names = load_detection_dataset(root)
-    assert names == ["Triangle", "circle", "square", "triangle"]  # kept apart, as before
+    assert names == ["Triangle", "circle", "square", "triangle"]  # two classes, kept apart
     assert str(caught[0].message).endswith(
         "'Triangle' in train_000.xml; 'triangle' in train_001.xml, train_002.xml, train_003.xml and 1 more"
     )

@@ -1,6 +1,7 @@
-"""Data that loaded silently wrong, or stopped a run late: COCO boxes written as corners, images missing on disk,
-the same photo in two splits, images too thin to resize, mistyped local folders and split folders given as the
-dataset. Each is refused naming the file (or left out by name and counted with skip_bad_images), or warned of."""
+"""Data that would load wrong or stop a run late, found when it is loaded: COCO boxes written as corners, images
+missing on disk, the same photo in two splits, images too thin to resize, mistyped local folders and split folders
+given as the dataset. Each is refused naming the file (or left out by name and counted with skip_bad_images), or
+warned of."""
 
 import json
 import os
@@ -48,8 +49,8 @@ VALID = {"v.png": ([[5, 5, 10, 10]], SIZE)}
 
 
 def test_coco_boxes_written_as_corners_are_refused(tmp_path):
-    """Read as (x, y, w, h), 3 of the 4 boxes run past their 100x80 image (and were clipped to it, silently);
-    as corners all fit."""
+    """Read as (x, y, w, h), 3 of the 4 boxes run past their 100x80 image; as corners all fit: the file is
+    refused as one of corners, not clipped to the image."""
     root = roboflow_coco(tmp_path, {"train": {"a.png": (CORNERS[:2], SIZE), "b.png": (CORNERS[2:], SIZE)}})
     path = os.path.join(root, "train", "_annotations.coco.json")
     with pytest.raises(ValueError, match="corners") as caught:
@@ -62,7 +63,7 @@ def test_coco_boxes_written_as_corners_are_refused(tmp_path):
 
 
 def test_a_few_coco_boxes_past_their_image_are_not_taken_for_corners(tmp_path):
-    """One box of four running past its image is a sloppy box (clipped, as before), not a file of corners."""
+    """One box of four running past its image is a sloppy box (clipped), not a file of corners."""
     boxes = [[60, 40, 90, 70], [5, 5, 20, 10], [30, 30, 10, 10], [1, 1, 50, 50]]
     root = roboflow_coco(tmp_path, {"train": {"a.png": (boxes, SIZE)}, "valid": VALID})
     splits, _ = load_detection_dataset(root)
@@ -70,8 +71,8 @@ def test_a_few_coco_boxes_past_their_image_are_not_taken_for_corners(tmp_path):
 
 
 def test_images_missing_on_disk_are_refused_or_left_out_counted(tmp_path):
-    """An image listed in the COCO file but not on disk stopped the load even with skip_bad_images; with it, it
-    is left out by name and counted, as an unreadable one."""
+    """An image listed in the COCO file but not on disk is refused by name; with skip_bad_images it is left out by
+    name and counted, as an unreadable one."""
     images = {"a.png": ([[5, 5, 10, 10]], SIZE), "gone.png": ([[5, 5, 10, 10]], None), "b.png": ([], SIZE)}
     root = roboflow_coco(tmp_path, {"train": images, "valid": VALID})
     path, gone = (os.path.join(root, "train", name) for name in ("_annotations.coco.json", "gone.png"))
@@ -102,7 +103,7 @@ def test_voc_images_missing_on_disk_are_left_out_counted(tmp_path):
 
 
 def test_the_same_photo_in_two_splits_under_other_names_is_named(tmp_path):
-    """valid/b.png is a copy of train/a.png: only identical paths were noticed. Every photo has the same size,
+    """valid/b.png is a copy of train/a.png under another name: named in a warning. Every photo has the same size,
     so all of them are hashed, and only the copy is named."""
     images = {name: ([[5, 5, 10, 10]], SIZE) for name in ("a.png", "c.png", "d.png")}
     root = roboflow_coco(tmp_path, {"train": images, "valid": {"b.png": ([[1, 1, 5, 5]], SIZE), **VALID}})
@@ -116,8 +117,8 @@ def test_the_same_photo_in_two_splits_under_other_names_is_named(tmp_path):
 
 
 def test_images_too_thin_to_resize_are_refused_or_left_out_counted(tmp_path):
-    """10000x20 at max_image_size 96 has a short side of 0 pixels resized (20 * 96 / 10000 rounds to 0): training
-    stopped at its step ("height and width must be > 0"), naming no file. At the defaults (the training
+    """10000x20 at max_image_size 96 has a short side of 0 pixels resized (20 * 96 / 10000 rounds to 0): refused at
+    load naming the file and the sizes, or left out and counted with skip_bad_images. At the defaults (the training
     command's), 2700x1 is such an image."""
     from deformable_detr.engine import TrainingOptions
 
@@ -159,8 +160,9 @@ def test_images_too_thin_to_resize_in_a_datasets_folder_are_left_out(tmp_path):
 
 
 def test_a_mistyped_local_folder_is_named_with_the_nearest_names_at_once(tmp_path, monkeypatch):
-    """data/racoon beside data/raccoon was taken for a Hub id, retried there for 28 s, then failed; dta/raccoon
-    (the parent mistyped) likewise. A Hub id whose parent is nothing here still goes to the Hub."""
+    """data/racoon beside data/raccoon, and dta/raccoon (the parent mistyped), are named at once with the nearest
+    path here, not asked of the Hub; a folder here without a close name says so. A Hub id whose parent is nothing
+    here goes to the Hub."""
     from deformable_detr.data.sources import dataset_format
 
     monkeypatch.chdir(tmp_path)
@@ -180,7 +182,7 @@ def test_a_mistyped_local_folder_is_named_with_the_nearest_names_at_once(tmp_pat
 
 
 def test_a_split_folder_given_as_the_dataset_is_named_with_its_dataset(tmp_path, monkeypatch):
-    """data/raccoon/train was read as an imagefolder: "needs the columns 'image' and 'objects', got ['image']"."""
+    """data/raccoon/train, a split of a COCO dataset, is refused naming the dataset to give instead."""
     monkeypatch.chdir(tmp_path)
     roboflow_coco(tmp_path / "data" / "raccoon", {"train": {"a.png": ([[5, 5, 10, 10]], SIZE)}})
     with pytest.raises(ValueError) as caught:
@@ -202,8 +204,8 @@ def test_the_image_folder_of_a_voc_dataset_given_as_the_dataset_is_named_with_it
 
 def test_training_and_evaluation_check_images_at_their_own_sizes(tmp_path):
     """The training command checks images at its --image_size / --max_image_size, evaluation at the saved
-    processor's edges: a 10000x20 image resizes to a short side of 0 pixels at 64/96 and at 128/200 (its step
-    stopped with "height and width must be > 0"), though not at the defaults."""
+    processor's edges: a 10000x20 image resizes to a short side of 0 pixels at 64/96 and at 128/200, though not at
+    the defaults, and is named at load by each."""
     from deformable_detr.apps.evaluate import evaluate_saved_model
     from deformable_detr.engine import TrainingOptions, train
     from tests.support.models import saved_detector

@@ -1,6 +1,6 @@
 """Bad data is refused when it is loaded, with an error that names the file (or split), the entry, the field and
 its value, never a crash deep inside nor a silently wrong dataset; and data that is legal but suspect (an image in
-two splits) is named in a warning. The checks that predate these live in test_data.py."""
+two splits) is named in a warning. test_data.py holds the other checks of loaded data."""
 
 import json
 import os
@@ -49,7 +49,7 @@ def replacing(entry: str, value, index: int | None = None):
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [
+    [  # each comment: what the value raises or loads as where it is not checked
         # a TypeError from os.path.join, naming nothing
         (setting("images", 2, "file_name", 5), "images[2]: file_name is 5, not a file name"),
         (setting("images", 2, "file_name", None), "images[2]: file_name is None, not a file name"),
@@ -95,9 +95,9 @@ def test_bad_coco_fields_are_named(shapes, tmp_path, change, message):
         (removing("images", 2, "file_name"), "images[2]: needs 'id', 'file_name', 'width' and 'height'; ['file_name']"),
     ],
 )
-def test_coco_fields_named_before_stay_named(shapes, tmp_path, change, message):
-    """Cases of the review that were named already (category_id's words changed: 'category_id '1' is not in
-    'categories'')."""
+def test_bad_coco_references_and_types_are_named(shapes, tmp_path, change, message):
+    """A bad bbox, an image_id or category_id that is missing, of another type or not in the file, and an image
+    without a file_name: named with the entry and its id."""
     root, path = edited_coco(shapes["train"], tmp_path, change)
     with pytest.raises(ValueError, match=re.escape(f"{path}, {message}")):
         load_detection_dataset(root)
@@ -106,17 +106,17 @@ def test_coco_fields_named_before_stay_named(shapes, tmp_path, change, message):
 @pytest.mark.parametrize(
     ("pattern", "replacement", "message"),
     [
-        # all four were "not a readable Pascal VOC annotation (needs size/width, ...): 'NoneType' object has no
-        # attribute 'strip'" (or 'findtext', or "float() argument must be a string or a real number, not
-        # 'NoneType'"), naming neither the object nor the element
+        # unchecked, each of the first five is "not a readable Pascal VOC annotation (needs size/width, ...):
+        # 'NoneType' object has no attribute 'strip'" (or 'findtext', or "float() argument must be a string or a
+        # real number, not 'NoneType'"), naming neither the object nor the element
         ("<name>[^<]*</name>", "", ", object 0: no <name>"),
         ("<bndbox>.*?</bndbox>", "", ", object 0 ('square'): no <bndbox>"),
         ("<xmax>[^<]*</xmax>", "", ", object 0 ('square'): no <xmax>"),
         ("<size>.*?</size>", "", ": no <size>"),
         ("<width>[^<]*</width>", "", ", size: no <width>"),
-        # loaded as a class named ''
+        # unchecked: loaded as a class named ''
         ("<name>[^<]*</name>", "<name> </name>", ", object 0: <name> is empty"),
-        # loaded, as any value of <difficult> was
+        # unchecked: loaded, as any value of <difficult> is
         (
             "<difficult>0</difficult>",
             "<difficult>yes</difficult>",
@@ -131,7 +131,7 @@ def test_bad_voc_elements_are_named(shapes, tmp_path, pattern, replacement, mess
 
 
 def test_coco_ids_written_as_whole_floats_are_integers(shapes, tmp_path):
-    """pandas may write ids as 1.0: they loaded before the fields were checked, and load the same now."""
+    """pandas may write ids as 1.0: whole floats are taken as the integers they hold, and load as int ids do."""
 
     def as_floats(coco):
         for key, fields in (
@@ -160,8 +160,8 @@ def test_voc_difficult_flags_as_words(shapes, tmp_path, flag, crowd):
 
 
 def test_voc_difficult_objects_are_ignored_like_crowd_regions(shapes, tmp_path):
-    """Difficult objects were trained on and scored as objects; now they are crowd regions: kept in the data,
-    left out of the training labels, and a detection on one is neither a hit nor a false positive."""
+    """Difficult objects are crowd regions: kept in the data, left out of the training labels, and a detection on
+    one is neither a hit nor a false positive."""
     root = write_voc({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path))
     path = os.path.join(root, "Annotations", "val_000.xml")
     with open(path) as f:
@@ -203,7 +203,8 @@ def test_voc_training_split_of_difficult_objects_only_is_refused(shapes, tmp_pat
 
 
 def test_images_in_two_voc_splits_are_named(shapes, tmp_path):
-    """train_000 and train_001 in val.txt too: validation scored on training images, silently."""
+    """train_000 and train_001 in val.txt too: loaded as listed, with a warning naming the two listings and images
+    (validation would score on training images)."""
     root = write_voc({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path))
     with open(os.path.join(root, "ImageSets", "Main", "val.txt"), "a") as f:
         f.write("train_000\ntrain_001\n")
@@ -217,7 +218,8 @@ def test_images_in_two_voc_splits_are_named(shapes, tmp_path):
 
 
 def test_images_listed_twice_in_a_voc_split_are_read_once(shapes, tmp_path):
-    """Listed twice, an image was trained on twice an epoch and scored twice."""
+    """An image listed twice in a split is read once (not trained on twice an epoch nor scored twice), with a
+    warning naming it."""
     root = write_voc({"train": shapes["train"], "val": shapes["validation"]}, CLASS_NAMES, str(tmp_path))
     listing = os.path.join(root, "ImageSets", "Main", "train.txt")
     with open(listing, "a") as f:
@@ -378,8 +380,8 @@ def test_box_lengths_are_read_in_either_storage_of_objects(tmp_path):
 
 
 def test_a_split_of_bare_images_beside_train_and_validation_is_left_out(tmp_path):
-    """A test split without annotations, as some Hub datasets have: it stopped the load once every split was
-    checked; nothing trains on it or can score it, so it is left out with a warning."""
+    """A test split without annotations, as some Hub datasets have: nothing trains on it or can score it, so it
+    is left out with a warning and the other splits load."""
     root = saved_dataset(tmp_path, train=GOOD, validation=GOOD, test=(None, None))
     with pytest.warns(UserWarning, match="no 'objects'") as caught:
         splits, names = load_detection_dataset(root)

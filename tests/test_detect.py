@@ -164,7 +164,7 @@ def test_bad_arguments_are_named(tmp_path):
     for device, message in (
         ("gpu", "device 'gpu' is not a torch device"),
         ("cuda:0", "device 'cuda:0': CUDA is not available here"),
-        ("mps", "device 'mps': MPS is not available here"),  # was a traceback: torch not linked with mps
+        ("mps", "device 'mps': MPS is not available here"),  # also where torch is not built with mps
     ):
         if {"cuda:0": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device):
             continue
@@ -192,7 +192,7 @@ def test_classes_get_distinct_colours():
 
 def test_non_finite_outputs_warn_once_naming_the_images(tmp_path, folder_of_images, monkeypatch):
     """Weights (or pixels) that make the outputs NaN give no detections: detect and evaluate say so once, naming
-    the images, instead of reporting an empty result as a success."""
+    the images, so an empty result is not taken for a success."""
     from deformable_detr import DeformableDetrImageProcessor
     from deformable_detr.apps import detect as detect_module
     from deformable_detr.apps import evaluate as evaluate_module
@@ -218,8 +218,8 @@ def test_non_finite_outputs_warn_once_naming_the_images(tmp_path, folder_of_imag
 
 
 def test_a_decompression_bomb_is_named_and_skipped(tmp_path, monkeypatch):
-    """Above PIL's limit (2 x MAX_IMAGE_PIXELS) an image raised DecompressionBombError, a traceback that lost the
-    batch; above MAX_IMAGE_PIXELS PIL's warning did not name the file."""
+    """Above PIL's limit (2 x MAX_IMAGE_PIXELS) an image is skipped by name and the rest of its batch written;
+    above MAX_IMAGE_PIXELS PIL's warning is given again naming the file."""
     saved_detector(tmp_path / "model")
     images = tmp_path / "images"
     images.mkdir()
@@ -236,8 +236,8 @@ def test_a_decompression_bomb_is_named_and_skipped(tmp_path, monkeypatch):
 
 
 def test_a_corrupt_processor_config_is_an_error_and_a_missing_one_a_warning(tmp_path):
-    """A preprocessor_config.json that is not JSON was silently replaced by the default processor (other sizes,
-    other detections, exit status 0)."""
+    """A preprocessor_config.json that is not JSON is an error naming it, before anything is written (the default
+    processor would give other sizes and other detections); a missing one is a warning, and the default is used."""
     saved_detector(tmp_path / "model")
     image = str(BCCD / "JPEGImages" / "BloodImage_00000.jpg")
     config = tmp_path / "model" / "preprocessor_config.json"
@@ -251,8 +251,8 @@ def test_a_corrupt_processor_config_is_an_error_and_a_missing_one_a_warning(tmp_
 
 
 def test_nothing_to_detect_is_an_error_and_a_matched_folder_is_searched(tmp_path, folder_of_images, capsys):
-    """ "0 image(s) written" used to exit 0: for a glob matching only this command's outputs, and for files none of
-    which is an image. A glob matching a folder took the folder as an image, which was skipped."""
+    """Nothing to detect is an error, not "0 image(s) written": a glob matching only this command's outputs, and
+    files none of which is an image. A folder that a glob matches is searched for images."""
     saved_detector(tmp_path / "model")
     model = ["--model", str(tmp_path / "model")]
     image = folder_of_images / "BloodImage_00000.jpg"
@@ -270,7 +270,8 @@ def test_nothing_to_detect_is_an_error_and_a_matched_folder_is_searched(tmp_path
 
 
 def test_ctrl_c_keeps_whole_outputs_only_and_exits_130(tmp_path, folder_of_images, monkeypatch, capsys):
-    """Ctrl-C while a picture was being written left it truncated beside a complete JSON, with a traceback."""
+    """Ctrl-C while a picture is being written leaves only the whole outputs of the images before it (no truncated
+    picture, no JSON without its picture) and ends in one line and exit status 130, not a traceback."""
     from deformable_detr.apps import detect as detect_module
 
     saved_detector(tmp_path / "model")
@@ -298,8 +299,8 @@ def test_ctrl_c_keeps_whole_outputs_only_and_exits_130(tmp_path, folder_of_image
 
 
 def test_help_texts_and_spellings_of_options(tmp_path, capsys):
-    """--help printed the module's developer docstring (function and file names); --model X.ONNX was not taken
-    for an ONNX file; --output_dir "" failed only after the model was loaded."""
+    """--help shows no developer docstring (function and file names); --model X.ONNX is taken for an ONNX file;
+    --output_dir "" is refused before the model is loaded."""
     from deformable_detr.apps.cli import evaluate_main, export_main
 
     for command in (main, evaluate_main, export_main):
@@ -317,7 +318,8 @@ def test_help_texts_and_spellings_of_options(tmp_path, capsys):
 
 
 def test_classes_filter_and_one_combined_coco_results_file(tmp_path, folder_of_images):
-    """detect had no --classes and wrote no combined results file."""
+    """--classes keeps the detections of the named classes (an unknown name is an error listing the model's), and
+    output_dir/detections.json holds every image's detections in COCO's results format."""
     saved_detector(tmp_path / "model")
     arguments = [str(folder_of_images / "BloodImage_0000[01].jpg"), "--model", str(tmp_path / "model")]
     with pytest.raises(SystemExit, match=r"error: classes \['Cat'\]: the model's classes are \['RBC', 'WBC', 'Pla"):
@@ -378,8 +380,8 @@ def test_a_video_without_the_video_extra_is_an_error_naming_it(tmp_path, monkeyp
 
 
 def test_an_image_too_thin_to_resize_is_skipped_by_name(tmp_path):
-    """10000x20 resizes to a short side of 0 pixels at the saved processor's edges (128, 200): the whole run
-    stopped ("height and width must be > 0"); now that image is named, skipped, and the others are written."""
+    """10000x20 resizes to a short side of 0 pixels at the saved processor's edges (128, 200): that image is named
+    and skipped, and the others are written."""
     saved_detector(tmp_path / "model")
     (tmp_path / "in").mkdir()
     Image.new("RGB", (10000, 20)).save(tmp_path / "in" / "thin.png")

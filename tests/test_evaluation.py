@@ -36,7 +36,7 @@ def test_perfect_detections(ground_truth):
     assert metrics["map_large"] == -1  # no object above 96^2 pixels
     table = format_metrics(metrics)
     assert "hexagon" in table and "n/a" in table and "1.000" in table
-    # a class name with a line break keeps its row on one line (the table's rows fell apart)
+    # a class name with a line break keeps its row on one line
     odd = metrics | {"per_class": {"red\ncircle": metrics["per_class"]["circle"]}}
     assert format_metrics(odd).splitlines()[-1].startswith("red\\ncircle ")
 
@@ -72,7 +72,8 @@ def test_faster_coco_eval_gives_pycocotools_numbers():
 
 
 def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, monkeypatch):
-    """It failed after the whole evaluation, the work lost."""
+    """An --output that cannot be written is an error before the model and the data are read, not after the
+    whole evaluation."""
     from deformable_detr.apps.evaluate import evaluate_saved_model
 
     monkeypatch.setattr("accelerate.Accelerator", lambda *a, **k: pytest.fail("the evaluation started"))
@@ -87,7 +88,7 @@ def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs a folder that even root cannot write in: /proc")
 def test_a_folder_that_cannot_be_written_in_fails_before_the_evaluation(monkeypatch):
     """The folder exists, but no file can be made in it (as a read-only folder for other users; the tests may run
-    as root, for whom only such a file system refuses): found only when the JSON was written, after the work."""
+    as root, for whom only such a file system refuses): an error naming the file before the evaluation starts."""
     from deformable_detr.apps.evaluate import evaluate_saved_model
 
     monkeypatch.setattr("accelerate.Accelerator", lambda *a, **k: pytest.fail("the evaluation started"))

@@ -1,5 +1,5 @@
 """A disk that fills while a checkpoint is written: one line naming the folder, the free space and the space
-needed; the half-written checkpoint removed, the earlier one kept and resumable."""
+needed; the half-written checkpoint removed, the one before it kept and resumable."""
 
 import errno
 import os

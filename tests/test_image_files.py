@@ -1,4 +1,4 @@
-"""The image files of a dataset (training/image_files.py): boxes of EXIF-turned JPEGs annotated on the stored
+"""The image files of a dataset (data/image_files.py): boxes of EXIF-turned JPEGs annotated on the stored
 pixels follow the image; unreadable images are refused, named, or left out; an image that fails to decode
 while training is skipped, named."""
 

@@ -56,7 +56,7 @@ def test_the_processor_sees_the_same_pixels_as_detect(tmp_path):
 
 
 def test_arrays_of_other_integer_types_mean_the_same_pixels():
-    """A uint16 array or tensor is 16-bit (it went through as 0..65535: pixel values 257 times too large), a bool
+    """A uint16 array or tensor is 16-bit (scaled to 8 bits, not taken as pixel values 257 times too large), a bool
     mask black and white, other integers 0..255 or an error naming the range."""
     import torch
 

@@ -62,7 +62,7 @@ def test_sizes_batches_and_padding_match_pytorch(exported):
 
     model_folder, path = exported
     model, detector = load_model(str(model_folder)).eval(), OnnxDetector(str(path))
-    # (40, 300): thinner than the coarsest stride, padded by both (the file ran it unpadded, 0.24 off in logits)
+    # (40, 300): thinner than the coarsest stride, padded by both (unpadded, its logits would be 0.24 off)
     for batch, size, padded in [
         (1, (128, 128), False),
         (3, (200, 328), True),
@@ -120,7 +120,7 @@ def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch
         export_onnx(str(exported[0]), str(tmp_path / "x.bin"))
     with pytest.raises(ValueError, match="opset 13: GridSample, which the attention needs, came in opset 16"):
         export_onnx(str(exported[0]), str(tmp_path / "x.onnx"), opset=13)
-    # an output path that cannot be written fails before the export (it failed after it, the work lost)
+    # an output path that cannot be written fails before the export, not after its minutes of work
     monkeypatch.setattr("deformable_detr.apps.detect.load_detector", lambda *a: pytest.fail("the model was loaded"))
     (tmp_path / "a_file").write_text("")
     with pytest.raises(FileExistsError):
@@ -137,7 +137,7 @@ def test_what_cannot_be_exported_or_run_says_why(tmp_path, exported, monkeypatch
 
         detect_main([str(BCCD / "JPEGImages"), "--model", str(tmp_path / "absent.onnx")])
 
-    # an .onnx file as the model to export ended in AttributeError: 'OnnxDetector' object has no attribute 'model'
+    # an .onnx file as the model to export is refused: it is an export already, with no PyTorch model in it
     for format in ("onnx", "transformers"):
         with pytest.raises(SystemExit, match=r"error: model '.*model\.onnx' is an \.onnx file, an export already"):
             export_main(["--model", str(exported[1]), "--format", format, "--output", str(tmp_path / "again.onnx")])
@@ -168,8 +168,8 @@ def test_evaluate_from_the_file_equals_evaluate_from_pytorch(tmp_path):
 def test_a_bad_output_or_opset_fails_before_the_export_and_a_failed_check_leaves_no_file(
     tmp_path, exported, monkeypatch
 ):
-    """An output folder that cannot be written in and an opset above what torch writes were found only after the
-    export (minutes, on a full model); a file that failed the check was left at the output, looking complete."""
+    """An output folder that cannot be written in and an opset above what torch writes are refused before the model
+    is loaded (the export takes minutes on a full model); a file that fails the check is not left at the output."""
     from deformable_detr.apps import onnx_export
 
     with monkeypatch.context() as patched:
@@ -188,8 +188,9 @@ def test_a_bad_output_or_opset_fails_before_the_export_and_a_failed_check_leaves
 
 
 def test_the_export_prints_none_of_the_exporters_warnings_and_keeps_others(tmp_path, capfd, caplog):
-    """Every export printed four "torchvision is not installed. Skipping torchvision::..." log lines, a
-    FutureWarning (LeafSpec) and three UserWarnings ("The axis name: batch will not be used")."""
+    """The exporter's lines that every export of ours would print (four "torchvision is not installed. Skipping
+    torchvision::..." log lines, a FutureWarning (LeafSpec), three UserWarnings ("The axis name: batch will not be
+    used")) are filtered inside the export only: others of its logger, and other warnings, are kept."""
     import logging
     import warnings
 

@@ -1,4 +1,4 @@
-"""YOLO folders (training/yolo.py): Ultralytics' data.yaml with `images/` and `labels/`, in Roboflow's layout and
+"""YOLO folders (data/yolo.py): Ultralytics' data.yaml with `images/` and `labels/`, in Roboflow's layout and
 Ultralytics' own, read into the schema with the boxes of COCO and VOC; bad label lines named by file and line."""
 
 import os
