@@ -2,7 +2,8 @@
 model in `detect` and the commands (`--model model.onnx`), with the pre- and post-processing stored in the file.
 
 The file's metadata (METADATA_KEYS) holds what running it needs beyond the graph: id2label, the image processor's
-settings and the package version that wrote it. Inputs: `pixel_values` (B, 3, H, W) float32 and `pixel_mask`
+settings, the package version that wrote it and the model's smallest image side (min_image_size: thinner inputs are
+padded and masked up to it). Inputs: `pixel_values` (B, 3, H, W) float32 and `pixel_mask`
 (B, H, W) int64 (1 on real pixels; all ones for an unpadded batch); outputs: `logits` (B, Q, num_labels) and
 `pred_boxes` (B, Q, 4) as normalised (cx, cy, w, h), as the PyTorch model's.
 """
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-METADATA_KEYS = ("id2label", "image_processor", "deformable_detr_version")
+METADATA_KEYS = ("id2label", "image_processor", "deformable_detr_version", "min_image_size")
 INPUTS = ("pixel_values", "pixel_mask")
 OUTPUTS = ("logits", "pred_boxes")
 
@@ -79,7 +80,7 @@ class OnnxDetector:
             mask = np.ones((values.shape[0], *values.shape[2:]), dtype=np.int64)
         else:
             mask = pixel_mask.detach().cpu().to(torch.int64).numpy()
-        side = int(self.metadata.get("min_image_size", 0))  # files written before it: no padding
+        side = int(self.metadata["min_image_size"])
         height, width = values.shape[2:]
         if min(height, width) < side:  # padded and masked up to the coarsest stride, as the PyTorch model does
             bottom, right = max(0, side - height), max(0, side - width)
