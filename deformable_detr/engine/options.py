@@ -56,6 +56,11 @@ def option(default, group: str, help: str):
 
 @dataclass
 class TrainingOptions:
+    """A training run's options. Each field's annotation is the type its value must have, checked when the options
+    are made (TypeError naming the option), as are ranges and options that need each other (ValueError). An option
+    that takes a list, a dict, or a number or words also takes its command-line text (`multi_scale="480,512"`,
+    `config_overrides="d_model=64"`, `checkpointing_steps="500"`), read as the command reads it and kept typed."""
+
     dataset: str = field(
         metadata={
             "group": "data",
@@ -383,6 +388,7 @@ def describe(annotation) -> str:
 
 
 def type_name(annotation) -> str:
+    """A type's name, a union's as Python writes it (`bool | int | float | str`)."""
     return annotation.__name__ if isinstance(annotation, type) else str(annotation)
 
 
@@ -408,6 +414,7 @@ def option_from_text(name: str, text: str):
 
 
 def value_from_text(annotation, text: str):
+    """`option_from_text` for a value of type `annotation`; ValueError where `text` is none."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in UNIONS:
         if text in literal_values(annotation):
