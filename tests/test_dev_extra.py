@@ -5,7 +5,11 @@ import importlib
 import re
 from importlib.metadata import requires
 
-IMPORT_NAMES = {"faster-coco-eval": "faster_coco_eval"}  # where the module is not the distribution's name
+IMPORT_NAMES = {  # where the module is not the distribution's name
+    "faster-coco-eval": "faster_coco_eval",
+    "import-linter": "importlinter",
+    "mkdocs-material": "material",
+}
 
 
 def test_every_package_of_the_dev_extra_imports():
