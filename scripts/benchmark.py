@@ -26,10 +26,9 @@ import torch
 
 from deformable_detr.apps.onnx_export import max_abs_difference
 from deformable_detr.model.ms_deform_attn import available_backends, multi_scale_deformable_attention
+from deformable_detr.model.ms_deform_attn_inputs import op_inputs
 from deformable_detr.testing import full_size_pair
 from deformable_detr.utils.benchmarking import device_name, median_times, peak_memory
-
-ENCODER_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
 
 
 def compare(name, ours, theirs, device, repeats, labels=("ours", "baseline")):
@@ -50,29 +49,19 @@ def infer(model, **kwargs):
         return model(**kwargs)
 
 
-def op_inputs(shapes, queries, batch, device, requires_grad, heads=8, dim=32, points=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    S, L = sum(h * w for h, w in shapes), len(shapes)
-    value = torch.randn(batch, S, heads, dim, generator=g)
-    locations = torch.rand(batch, queries, heads, L, points, 2, generator=g)
-    weights = torch.rand(batch, queries, heads, L, points, generator=g).softmax(-1)
-    return [t.to(device).requires_grad_(requires_grad) for t in (value, locations, weights)]
-
-
 def bench_op(device, repeats):
     fastest = available_backends(device)[0]
     print(f"\n(a) multi-scale deformable attention: {fastest} vs reference")
-    cases = {
-        "encoder, 1 image 800x1066": (ENCODER_SHAPES, sum(h * w for h, w in ENCODER_SHAPES), 1),
-        "decoder, 300 queries, batch 2": (ENCODER_SHAPES, 300, 2),
+    cases = {  # shape sets of deformable_detr/model/ms_deform_attn_inputs.py, and the batch
+        "encoder, 1 image 800x1066": ("encoder_800x1066", 1),
+        "decoder, 300 queries, batch 2": ("decoder", 2),
     }
-    for case, (shapes, queries, batch) in cases.items():
-        value, locations, weights = op_inputs(shapes, queries, batch, device, False)
-        shapes_tensor = torch.tensor(shapes)
+    for case, (shape_set, batch) in cases.items():
+        value, shapes, locations, weights = op_inputs(shape_set, batch, device=device)
 
         def forward(backend):
             with torch.no_grad():
-                return multi_scale_deformable_attention(value, shapes_tensor, locations, weights, backend=backend)
+                return multi_scale_deformable_attention(value, shapes, locations, weights, backend=backend)
 
         diff = (forward(fastest) - forward("reference")).abs().max().item()
         compare(
@@ -84,13 +73,13 @@ def bench_op(device, repeats):
             (fastest, "reference"),
         )
         grad_inputs = [t.detach().clone().requires_grad_(True) for t in (value, locations, weights)]
-        grad_output = torch.randn(batch, queries, value.shape[2] * value.shape[3], device=device)
+        grad_output = torch.randn(batch, locations.shape[1], value.shape[2] * value.shape[3], device=device)
 
         def forward_backward(backend):
             for t in grad_inputs:
                 t.grad = None
             out = multi_scale_deformable_attention(
-                grad_inputs[0], shapes_tensor, grad_inputs[1], grad_inputs[2], backend=backend
+                grad_inputs[0], shapes, grad_inputs[1], grad_inputs[2], backend=backend
             )
             out.backward(grad_output)
 

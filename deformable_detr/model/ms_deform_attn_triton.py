@@ -233,11 +233,11 @@ if triton is not None:
         tl.store(grad_value + r * D + d, acc, mask=r_ok & d_ok)
 
 
-# BLOCK_Q (queries per program) and num_warps, measured on an H200 at the encoder shapes of 8 images of 800x1333 in
-# fp32 (scripts/gpu_check.py --sweep and by hand). Forward: 64 / 8 took 1.05 ms (64 / 4: 1.54 ms; 32 / 8 and 16 / 4
-# within 2 %, the other pairs of 16..128 and 2..8 warps up to 2.8 ms). Backward: 32 / 4 took 3.87 ms and 16 / 4
-# 3.82 ms, against 6.02 ms for 64 / 4 (162 registers a thread there, 80 at 32 / 4); its atomic adds are the
-# vectorised `atom.global.gpu.relaxed.add.v4.f32`.
+# BLOCK_Q (queries per program) and num_warps, measured on an H200 at the "encoder_800x1333" shape set
+# (ms_deform_attn_inputs.py), batch 8, in fp32 (scripts/gpu_check.py --sweep and by hand). Forward: 64 / 8 took
+# 1.05 ms (64 / 4: 1.54 ms; 32 / 8 and 16 / 4 within 2 %, the other pairs of 16..128 and 2..8 warps up to 2.8 ms).
+# Backward: 32 / 4 took 3.87 ms and 16 / 4 3.82 ms, against 6.02 ms for 64 / 4 (162 registers a thread there, 80 at
+# 32 / 4); its atomic adds are the vectorised `atom.global.gpu.relaxed.add.v4.f32`.
 LAUNCH = {"forward": dict(block_q=64, num_warps=8), "backward": dict(block_q=32, num_warps=4)}
 
 
