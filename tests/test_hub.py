@@ -25,6 +25,7 @@ CODE_FILES = {
     "deformable_transformer.py",
     "ms_deform_attn.py",
     "ms_deform_attn_cpu.py",
+    "ms_deform_attn_inputs.py",
     "ms_deform_attn_triton.py",
     "loss_deformable_detr.py",
     "box_ops.py",

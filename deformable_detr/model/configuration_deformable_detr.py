@@ -23,7 +23,7 @@ class DeformableDetrConfig(PretrainedConfig):
     r"""
     Args:
         backbone: one of the built-in ResNets (`resnet18`, `resnet34`, `resnet50`, `resnet101`), used when
-            `backbone_config` is None. Starts random; see `DeformableDetrModel.load_backbone_weights`.
+            `backbone_config` is None. Starts random; see `deformable_detr.load_backbone_weights`.
         backbone_config: a transformers backbone config (e.g. `ResNetConfig(out_features=[...])`), or its dict.
         dilation: DC5, i.e. replace the stride of the last ResNet stage by a dilation (built-in ResNets only).
         freeze_backbone_batch_norms: frozen batch norms and a frozen stem and first stage, as for fine-tuning a

@@ -6,6 +6,7 @@ Shapes: B batch, C = d_model, L levels, S = sum_l H_l * W_l encoder positions, Q
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -121,6 +122,30 @@ def _check_shape(name: str, tensor, expected, meaning: str):
     if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(expected):
         got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{name} must have shape {tuple(expected)} {meaning} for these images, got {got}")
+
+
+def _query_mask(decoder_attention_mask, tgt):
+    """`decoder_attention_mask` where it is (B, Q), as the queries `tgt` (B, Q, C) are; else None, with a warning:
+    generic encoder-decoder code sends a mask over its own idea of the decoder's tokens, and transformers' Deformable
+    DETR ignores every decoder_attention_mask, so one that cannot be over the queries is ignored too."""
+    if decoder_attention_mask is not None and tuple(decoder_attention_mask.shape) != tuple(tgt.shape[:2]):
+        logger.warning_once(
+            f"decoder_attention_mask of shape {tuple(decoder_attention_mask.shape)} is ignored: it must be "
+            f"(batch, queries) = {tuple(tgt.shape[:2])} to mask queries"
+        )
+        return None
+    return decoder_attention_mask
+
+
+class _Levels(NamedTuple):
+    """The feature levels flattened into one sequence of S = sum_l H_l * W_l positions, as the encoder reads them."""
+
+    features: torch.Tensor  # (B, S, C), projected backbone maps
+    positions: torch.Tensor  # (B, S, C), position plus level embeddings
+    padding_mask: torch.Tensor  # (B, S), True on padding
+    spatial_shapes: list[tuple[int, int]]  # [(H_l, W_l)]
+    valid_ratios: torch.Tensor  # (B, L, 2), the (w, h) fractions of real columns and rows
+    value_mask: torch.Tensor | None  # padding_mask where any pixel is padding: the attentions zero those values
 
 
 def _unpack_encoder_outputs(encoder_outputs):
@@ -319,11 +344,27 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             return min(real) < H * W
         return False
 
-    def _encoder_inputs(self, pixel_values, pixel_mask, with_features: bool = True):
-        """Backbone maps, projected to C channels, flattened over the levels: pixel_values (B, 3, H, W), pixel_mask
-        (B, H, W) bool -> features and position embeddings (B, S, C), padding mask (B, S) True on padding, the
-        levels' [(H_l, W_l)] and valid ratios (B, L, 2), the (w, h) fractions of real columns and rows. Without
-        `with_features` (the caller replaces them) the features build no graph; the position embeddings still do."""
+    def _padded_inputs(self, pixel_values, pixel_mask):
+        """The checked inputs, pixel_values (B, num_channels, H, W) and pixel_mask (B, H, W) as bool (all True when
+        omitted), padded (masked) up to min_image_size where thinner; and whether any pixel is padding."""
+        padded = self._check_inputs(pixel_values, pixel_mask)
+        B, _, H, W = pixel_values.shape
+        if pixel_mask is None:
+            pixel_mask = torch.ones((B, H, W), dtype=torch.bool, device=pixel_values.device)
+        pixel_mask = pixel_mask.bool()
+        side = self.min_image_size
+        if side is not None and min(H, W) < side:
+            # a canvas thinner than the coarsest stride (a thin image alone in its batch) is padded, masked, up to
+            # it: the outputs are relative to the real pixels, so the padding does not show in them
+            padding = (0, max(0, side - W), 0, max(0, side - H))
+            pixel_values, pixel_mask = nn.functional.pad(pixel_values, padding), nn.functional.pad(pixel_mask, padding)
+            padded = True
+        return pixel_values, pixel_mask, padded
+
+    def _encoder_inputs(self, pixel_values, pixel_mask, padded: bool, with_features: bool = True) -> _Levels:
+        """Backbone maps, projected to C channels, flattened over the levels (see `_Levels`): pixel_values
+        (B, 3, H, W), pixel_mask (B, H, W) bool, `padded` whether it marks any padding. Without `with_features`
+        (the caller replaces them) the features build no graph; the position embeddings still do."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and with_features):
             features = self.backbone(pixel_values, pixel_mask)
             sources = [proj(feature) for proj, (feature, _) in zip(self.input_proj, features)]
@@ -335,7 +376,6 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         positions = [
             self.position_embedding(mask, pixel_values.dtype).to(src.dtype) for src, mask in zip(sources, masks)
         ]
-        spatial_shapes = [tuple(src.shape[-2:]) for src in sources]  # (H_l, W_l), plain ints
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1)
         pos_flatten = torch.cat(
             [
@@ -345,8 +385,31 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             1,
         )
         padding_mask = ~torch.cat([mask.flatten(1) for mask in masks], 1)
-        valid_ratios = torch.stack([valid_ratio(mask).to(src_flatten.dtype) for mask in masks], 1)
-        return src_flatten, pos_flatten, padding_mask, spatial_shapes, valid_ratios
+        return _Levels(
+            features=src_flatten,
+            positions=pos_flatten,
+            padding_mask=padding_mask,
+            spatial_shapes=[tuple(src.shape[-2:]) for src in sources],  # (H_l, W_l), plain ints
+            valid_ratios=torch.stack([valid_ratio(mask).to(src_flatten.dtype) for mask in masks], 1),
+            value_mask=padding_mask if padded else None,
+        )
+
+    def _encode(self, levels: _Levels, encoder_outputs, inputs_embeds, output_attentions: bool):
+        """The encoder's output (B, S, C), hidden states (its input, then every layer's output) and attentions over
+        the levels' features, or over `inputs_embeds` (B, S, C) in their place; `encoder_outputs` unpacked instead,
+        when given."""
+        if encoder_outputs is not None:
+            memory, encoder_states, encoder_attentions = _unpack_encoder_outputs(encoder_outputs)
+            _check_shape("encoder_outputs", memory, levels.features.shape, "(batch, encoder positions, d_model)")
+            return memory, encoder_states, encoder_attentions
+        features = levels.features
+        if inputs_embeds is not None:
+            _check_shape("inputs_embeds", inputs_embeds, features.shape, "(batch, encoder positions, d_model)")
+            features = inputs_embeds
+        memory, encoder_states, encoder_attentions = self.encoder(
+            features, levels.positions, levels.spatial_shapes, levels.valid_ratios, levels.value_mask, output_attentions
+        )
+        return memory, (features, *encoder_states), encoder_attentions
 
     def _queries(self, memory, padding_mask, spatial_shapes):
         """The decoder's queries: position and content (B, Q, C), reference points (B, Q, 2) (points) or, in
@@ -371,6 +434,47 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         embedded = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(topk_coords, C)))
         query_pos, tgt = embedded.split(C, dim=2)
         return query_pos, tgt, topk_coords.sigmoid(), enc_outputs_class, enc_outputs_coord_logits
+
+    def _decode(
+        self,
+        memory,
+        levels: _Levels,
+        decoder_inputs_embeds,
+        decoder_attention_mask,
+        output_attentions,
+        output_hidden_states,
+    ) -> dict:
+        """The decoder's fields of DeformableDetrModelOutput, from the encoder's output `memory` (B, S, C): its
+        queries (`_queries`; `decoder_inputs_embeds` (B, Q, C) in place of their content, when given), every
+        layer's hidden states (B, decoder_layers, Q, C) and reference points, and (with the flags) its attentions."""
+        query_pos, tgt, reference_points, enc_outputs_class, enc_outputs_coord_logits = self._queries(
+            memory, levels.padding_mask, levels.spatial_shapes
+        )
+        if decoder_inputs_embeds is not None:
+            _check_shape("decoder_inputs_embeds", decoder_inputs_embeds, tgt.shape, "(batch, queries, d_model)")
+            tgt = decoder_inputs_embeds
+        hidden_states, references, decoder_attentions, cross_attentions = self.decoder(
+            tgt,
+            query_pos,
+            reference_points,
+            memory,
+            levels.spatial_shapes,
+            levels.valid_ratios,
+            levels.value_mask,
+            _query_mask(decoder_attention_mask, tgt),
+            output_attentions,
+        )
+        return dict(
+            last_hidden_state=hidden_states[:, -1],
+            intermediate_hidden_states=hidden_states,
+            intermediate_reference_points=references,
+            init_reference_points=reference_points,
+            enc_outputs_class=enc_outputs_class,
+            enc_outputs_coord_logits=enc_outputs_coord_logits,
+            decoder_hidden_states=(tgt, *hidden_states.unbind(1)) if output_hidden_states else None,
+            decoder_attentions=decoder_attentions if output_attentions else None,
+            cross_attentions=cross_attentions if output_attentions else None,
+        )
 
     def forward(
         self,
@@ -408,79 +512,17 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             raise ValueError(
                 "give encoder_outputs or inputs_embeds, not both: the encoder's input is unused with its output"
             )
-        padded = self._check_inputs(pixel_values, pixel_mask)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if output_attentions is None:
-            output_attentions = self.config.output_attentions
-        B, _, H, W = pixel_values.shape
-        if pixel_mask is None:
-            pixel_mask = torch.ones((B, H, W), dtype=torch.bool, device=pixel_values.device)
-        pixel_mask = pixel_mask.bool()
-        side = self.min_image_size
-        if side is not None and min(H, W) < side:
-            # a canvas thinner than the coarsest stride (a thin image alone in its batch) is padded, masked, up to
-            # it: the outputs are relative to the real pixels, so the padding does not show in them
-            padding = (0, max(0, side - W), 0, max(0, side - H))
-            pixel_values, pixel_mask = nn.functional.pad(pixel_values, padding), nn.functional.pad(pixel_mask, padding)
-            padded = True
-
-        src_flatten, pos_flatten, padding_mask, spatial_shapes, valid_ratios = self._encoder_inputs(
-            pixel_values, pixel_mask, with_features=inputs_embeds is None and encoder_outputs is None
-        )
-        # the attention layers zero the values at padded positions; where nothing is padded they are spared that
-        value_mask = padding_mask if padded else None
-        if encoder_outputs is None:
-            if inputs_embeds is not None:
-                _check_shape("inputs_embeds", inputs_embeds, src_flatten.shape, "(batch, encoder positions, d_model)")
-                src_flatten = inputs_embeds
-            memory, encoder_states, encoder_attentions = self.encoder(
-                src_flatten, pos_flatten, spatial_shapes, valid_ratios, value_mask, output_attentions
-            )
-            encoder_states = (src_flatten, *encoder_states)
-        else:
-            memory, encoder_states, encoder_attentions = _unpack_encoder_outputs(encoder_outputs)
-            _check_shape("encoder_outputs", memory, src_flatten.shape, "(batch, encoder positions, d_model)")
-
-        query_pos, tgt, reference_points, enc_outputs_class, enc_outputs_coord_logits = self._queries(
-            memory, padding_mask, spatial_shapes
-        )
-        if decoder_inputs_embeds is not None:
-            _check_shape("decoder_inputs_embeds", decoder_inputs_embeds, tgt.shape, "(batch, queries, d_model)")
-            tgt = decoder_inputs_embeds
-        if decoder_attention_mask is not None and tuple(decoder_attention_mask.shape) != tuple(tgt.shape[:2]):
-            # generic encoder-decoder code sends a mask over its own idea of the decoder's tokens; transformers'
-            # Deformable DETR ignores every decoder_attention_mask, so one that cannot be over the queries is too
-            logger.warning_once(
-                f"decoder_attention_mask of shape {tuple(decoder_attention_mask.shape)} is ignored: it must be "
-                f"(batch, queries) = {tuple(tgt.shape[:2])} to mask queries"
-            )
-            decoder_attention_mask = None
-        hidden_states, references, decoder_attentions, cross_attentions = self.decoder(
-            tgt,
-            query_pos,
-            reference_points,
-            memory,
-            spatial_shapes,
-            valid_ratios,
-            value_mask,
-            decoder_attention_mask,
-            output_attentions,
-        )
+        hidden = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        with_features = inputs_embeds is None and encoder_outputs is None  # the features are encoded
+        levels = self._encoder_inputs(*self._padded_inputs(pixel_values, pixel_mask), with_features=with_features)
+        memory, encoder_states, encoder_attentions = self._encode(levels, encoder_outputs, inputs_embeds, attentions)
         output = DeformableDetrModelOutput(
-            last_hidden_state=hidden_states[:, -1],
-            intermediate_hidden_states=hidden_states,
-            intermediate_reference_points=references,
-            init_reference_points=reference_points,
             encoder_last_hidden_state=memory,
-            encoder_hidden_states=encoder_states if output_hidden_states else None,
-            enc_outputs_class=enc_outputs_class,
-            enc_outputs_coord_logits=enc_outputs_coord_logits,
-            decoder_hidden_states=(tgt, *hidden_states.unbind(1)) if output_hidden_states else None,
-            decoder_attentions=decoder_attentions if output_attentions else None,
-            cross_attentions=cross_attentions if output_attentions else None,
-            encoder_attentions=encoder_attentions if output_attentions else None,
+            encoder_hidden_states=encoder_states if hidden else None,
+            encoder_attentions=encoder_attentions if attentions else None,
+            **self._decode(memory, levels, decoder_inputs_embeds, decoder_attention_mask, attentions, hidden),
         )
         return output if return_dict else output.to_tuple()
 
@@ -540,6 +582,17 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
     def box_head(self, layer: int) -> MLP:
         return self.model.decoder.bbox_embed[layer] if self.config.with_box_refine else self.bbox_embed
 
+    def _predictions(self, outputs: DeformableDetrModelOutput):
+        """Every decoder layer's class logits (B, Q, N) and boxes (B, Q, 4), from its hidden states and the reference
+        it received: (B, Q, 2) points for the first, then the boxes the layer before gave."""
+        hidden_states = outputs.intermediate_hidden_states
+        references = [outputs.init_reference_points] + list(outputs.intermediate_reference_points[:, :-1].unbind(1))
+        logits, boxes = [], []
+        for layer in range(hidden_states.shape[1]):
+            logits.append(self.class_head(layer)(hidden_states[:, layer]))
+            boxes.append(refine_boxes(references[layer], self.box_head(layer)(hidden_states[:, layer])))
+        return logits, boxes
+
     def forward(
         self,
         pixel_values,
@@ -575,13 +628,7 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.intermediate_hidden_states
-        # each layer's boxes are relative to the reference it received: (B, Q, 2) points first, then boxes
-        references = [outputs.init_reference_points] + list(outputs.intermediate_reference_points[:, :-1].unbind(1))
-        logits, boxes = [], []
-        for layer in range(hidden_states.shape[1]):
-            logits.append(self.class_head(layer)(hidden_states[:, layer]))
-            boxes.append(refine_boxes(references[layer], self.box_head(layer)(hidden_states[:, layer])))
+        logits, boxes = self._predictions(outputs)
         auxiliary = None
         if labels is not None and self.config.auxiliary_loss:
             auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
@@ -589,12 +636,7 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
         if labels is not None:
             enc_boxes = None if outputs.enc_outputs_coord_logits is None else outputs.enc_outputs_coord_logits.sigmoid()
             loss, loss_dict = DeformableDetrLoss(self.config)(
-                logits[-1],
-                boxes[-1],
-                labels,
-                auxiliary or (),
-                outputs.enc_outputs_class,
-                enc_boxes,
+                logits[-1], boxes[-1], labels, auxiliary or (), outputs.enc_outputs_class, enc_boxes
             )
         output = DeformableDetrObjectDetectionOutput(
             loss=loss,
