@@ -96,7 +96,7 @@ def test_an_image_without_objects_is_valid():
 
 def test_older_configs_with_an_int_size_and_max_size_load_as_in_transformers(tmp_path):
     """The paper's checkpoints on the Hub have transformers' older processor config: `"size": 800, "max_size":
-    1333`. Loading it failed with "'int' object is not iterable", and so did detect on such a folder."""
+    1333`. It loads, and processes images, as transformers' processor does."""
     legacy = {"feature_extractor_type": "DeformableDetrFeatureExtractor", "format": "coco_detection", "size": 96}
     image, annotation = bccd_example("BloodImage_00000")
     for config in (legacy | {"max_size": 120}, legacy):
@@ -132,7 +132,7 @@ def test_mean_and_std_as_numpy_arrays_are_taken():
 
 
 def test_annotations_and_images_of_the_wrong_shape_are_named():
-    """Each failed deep inside: KeyError 0, AttributeError, int() of 'cat', a zero-size reduction, a division by 0."""
+    """Annotations of the wrong type or layout, no images, and an image without pixels are each named."""
     image, annotation = bccd_example("BloodImage_00000")
     processor = DeformableDetrImageProcessor()
     objects = annotation["annotations"]
@@ -243,7 +243,7 @@ def test_float_images_already_in_0_1_warn():
     ],
 )
 def test_a_bad_mean_or_std_is_named(field, value):
-    """A mean or std of the wrong length failed at the first image, "operands could not be broadcast", naming
-    neither the field nor the file; a zero std gave infinite pixels."""
+    """A mean or std of the wrong length or type, or a zero std (infinite pixels), is named when the processor is
+    made."""
     with pytest.raises(ValueError, match=f"^{field} must"):
         DeformableDetrImageProcessor(**{field: value})

@@ -59,7 +59,7 @@ CALL_KEYWORDS = [
 
 @pytest.mark.parametrize("keywords", CALL_KEYWORDS, ids=str)
 def test_every_call_keyword_same_as_transformers(keywords):
-    """These were refused ("unknown argument(s) ['do_resize']; set processor options when creating it")."""
+    """Every option transformers' processor takes per call is taken per call, with the same outputs."""
     images, annotations = bccd_pair()
     keywords = {"return_tensors": "pt", **keywords}
     with warnings.catch_warnings():
@@ -145,7 +145,8 @@ def test_data_format_channels_last_gives_pixels_channels_last():
 
 @pytest.mark.parametrize("value", [0.0, 2.0, np.int64(2), np.float32(1.0), np.uint8(1)], ids=repr)
 def test_whole_number_category_ids_are_taken(value):
-    """albumentations (in transformers' example scripts) hands category_id over as 0.0; it was refused."""
+    """A whole-number category_id of any type is taken: albumentations (in transformers' example scripts) hands
+    it over as 0.0."""
     image, annotation = bccd_example("BloodImage_00000")
     annotation = {"image_id": 4, "annotations": [o | {"category_id": value} for o in annotation["annotations"][:2]]}
     labels = DeformableDetrImageProcessor()(image, annotations=annotation, return_tensors="pt")["labels"][0]

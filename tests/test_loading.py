@@ -78,7 +78,8 @@ def test_a_folder_without_config_json_is_named(tmp_path):
     ],
 )
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, edit, message):
-    """An edited config.json loaded before, with the layers it adds (or resizes) left at random."""
+    """An edited config.json whose layers the weights lack (or hold in other sizes) is refused, naming them: they
+    would be left at random."""
     tiny_model().save_pretrained(tmp_path)
     config = tmp_path / "config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | edit))

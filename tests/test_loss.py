@@ -87,7 +87,7 @@ def test_bad_labels_are_named():
         model(torch.randn(2, 3, 64, 64), labels=labels())
     with pytest.raises(ValueError, match=r"labels\[0\]: boxes must be"):
         model(torch.randn(1, 3, 64, 64), labels=[{"class_labels": torch.tensor([0]), "boxes": torch.zeros(1, 2)}])
-    # these ran before: a loss from broadcast targets, a NaN loss, a loss of pixel boxes, truncated class ids
+    # labels that would give a loss from broadcast targets, a NaN loss, a loss of pixel boxes, truncated class ids
     one = {"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
     with pytest.raises(ValueError, match="labels must be a list of 2 dicts, one per image of the batch, got 1 of them"):
         model(torch.randn(2, 3, 64, 64), labels=[one])
@@ -107,7 +107,7 @@ def test_bad_labels_are_named():
 
 def test_a_bf16_model_sums_its_box_terms_in_fp32_and_terms_are_scalars_of_their_own():
     """The box terms of 300 matched queries add up in fp32 whatever the predictions' type: summed in bf16 one
-    match at a time, loss_giou came out 8 % high. The terms come in transformers' order (the last layer's, then
+    match at a time, loss_giou comes out 8 % high. The terms come in transformers' order (the last layer's, then
     each earlier layer's) and each is a tensor of its own, which a user may change in place."""
     from types import SimpleNamespace
 
@@ -147,8 +147,8 @@ def test_a_bf16_model_sums_its_box_terms_in_fp32_and_terms_are_scalars_of_their_
 
 
 def test_corner_boxes_are_refused_with_that_explanation():
-    """Normalised corners (x0, y0, x1, y1) given as labels were trained on as (cx, cy, w, h): most of them run past
-    the image read that way. One box that runs past among boxes that fit is left alone (a box at the border)."""
+    """Normalised corners (x0, y0, x1, y1) given as labels are refused: most of them run past the image read as
+    (cx, cy, w, h). One box that runs past among boxes that fit is left alone (a box at the border)."""
     model = tiny_model()
     corners = torch.tensor([[0.1, 0.2, 0.6, 0.7], [0.3, 0.3, 0.9, 0.8], [0.05, 0.5, 0.4, 0.95]])
     labels = [{"class_labels": torch.tensor([0, 1, 2]), "boxes": corners}]

@@ -110,8 +110,7 @@ def test_paper_initialisation():
 
 
 def test_the_backbone_stem_and_first_stage_are_frozen(tmp_path):
-    """Also in a model loaded back (and so when fine-tuning a saved one): loading made new parameters, all
-    training, so the stem and first stage trained."""
+    """Also in a model loaded back (and so when fine-tuning a saved one), whose parameters loading makes anew."""
     fresh = tiny_model()
     fresh.save_pretrained(tmp_path)
     for model in (fresh, DeformableDetrForObjectDetection.from_pretrained(tmp_path)):
@@ -189,8 +188,8 @@ def test_bad_inputs_get_clear_errors():
         model(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="pixel_mask must have shape"):
         model(torch.randn(2, 3, 64, 64), torch.ones(2, 32, 64))
-    # a canvas thinner than the coarsest stride (64): padded and masked up to it, as a batch with a larger image
-    # pads it (detect and evaluate stopped there, on a thin image alone in its batch)
+    # a canvas thinner than the coarsest stride (64), such as a thin image alone in its batch in detect and
+    # evaluate: padded and masked up to it, as a batch with a larger image pads it
     thin = torch.randn(1, 3, 40, 300)
     padded, mask = torch.zeros(1, 3, 64, 300), torch.zeros(1, 64, 300, dtype=torch.long)
     padded[..., :40, :], mask[:, :40] = thin, 1
@@ -216,7 +215,7 @@ def test_bad_inputs_get_clear_errors():
 
 def test_set_labels_keeps_the_heads_type_and_refuses_bad_names():
     model = tiny_model(with_box_refine=True, two_stage=True).to(torch.bfloat16)
-    model.set_labels(["cat", "dog"])  # the new heads were fp32: the forward failed with a dtype mismatch
+    model.set_labels(["cat", "dog"])  # new heads in the model's bf16, so that the forward runs
     assert model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)).logits.shape == (1, 7, 2)
     assert model.config.id2label == {0: "cat", 1: "dog"}
     for names, message in (

@@ -40,8 +40,7 @@ def test_same_outputs_as_transformers(variant):
 
 @pytest.mark.parametrize("variant", ["multi-scale", "two-stage"])
 def test_hidden_states_as_in_transformers(variant):
-    """The encoder's and decoder's inputs, then every layer's output; asked for by argument or by the config. Ours
-    had each encoder layer's output only, and no decoder_hidden_states."""
+    """The encoder's and decoder's inputs, then every layer's output; asked for by argument or by the config."""
     hf = small_hf_model(variant)
     ours = from_transformers(hf)
     pixel_values, pixel_mask = padded_batch()
@@ -76,7 +75,7 @@ def test_saved_transformers_folder_converts(tmp_path):
 
 
 def test_what_from_transformers_cannot_take_is_named(tmp_path):
-    """Each failed deep inside: an HFValidationError, an AttributeError, a list of unmapped keys."""
+    """A folder that is not here, a model of ours, and transformers' bare model (no heads) are each named."""
     with pytest.raises(FileNotFoundError, match="no-such-folder: no such folder"):
         from_transformers(str(tmp_path / "no-such-folder"))
     hf = small_hf_model("multi-scale")

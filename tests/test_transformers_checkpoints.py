@@ -26,7 +26,7 @@ def max_difference(hf, ours) -> float:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_from_pretrained_loads_a_transformers_folder(tmp_path, variant):
-    """Refused before (a ValueError pointing at from_transformers); every key must land, none left random."""
+    """transformers' own saved folder loads with our from_pretrained: every key must land, none left random."""
     hf = small_hf_model(variant)
     hf.save_pretrained(tmp_path)
     ours, loading = DeformableDetrForObjectDetection.from_pretrained(tmp_path, output_loading_info=True)
@@ -127,9 +127,9 @@ def test_original_checkpoint_heads_that_differ_are_named():
 
 
 def test_a_checkpoint_in_our_names_saves_in_transformers_names(tmp_path):
-    """A folder written in our own layer names (save_original_format=False, or a save from before the mapping) loads,
-    and its next save writes transformers' names as any other: out_proj alone matched our names, and a save reversing
-    only what matched mixed the layouts (in_proj and self_attn_norm beside o_proj)."""
+    """A folder written in our own layer names (save_original_format=False) loads, and its next save writes
+    transformers' names as any other: only out_proj's conversion matches our names, and a save reversing only the
+    conversions that matched would mix the layouts (in_proj and self_attn_norm beside o_proj)."""
     model = tiny_model()
     model.save_pretrained(tmp_path / "ours", save_original_format=False)
     model.save_pretrained(tmp_path / "fresh")
