@@ -26,7 +26,7 @@ from deformable_detr.metrics.predictions import detect
 from deformable_detr.utils.drawing import draw_detections
 
 # the tiny preset with box refinement and 30 queries (at most 4 shapes per image), trained from scratch
-MODEL = "num_queries=30,with_box_refine=true"
+MODEL = {"num_queries": 30, "with_box_refine": True}
 
 
 def parse_args():
