@@ -9,8 +9,8 @@ from textwrap import shorten  # a value's repr cut short: a whole list of images
 
 from datasets import Dataset
 
+from ..model.box_ops import coco_area
 from .image_files import check_images
-from .objects import coco_area
 from .schema import SPLIT_NAMES, finite_number, keep_box, records_to_dataset, warn_of_shared_images
 
 

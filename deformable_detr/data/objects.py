@@ -1,11 +1,7 @@
 """One image's `objects` in the schema (schema.py) as plain lists: read in either of the ways datasets stores them,
 or made from boxes. No datasets import: the training samples (samples.py) and the evaluation read rows with it."""
 
-
-def coco_area(box: list, area: float | None = None) -> float:
-    """The area of an object whose COCO box is `box` (x, y, w, h): `area` where the annotation gives one, else the
-    box's w * h, as COCO's own boxes without a segmentation have it."""
-    return box[2] * box[3] if area is None else area
+from ..model.box_ops import coco_area
 
 
 def objects_of(example: dict) -> dict:

@@ -46,3 +46,9 @@ def paired_generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
     hull = hull[..., 0] * hull[..., 1]
     return inter / union - (hull - union) / hull
+
+
+def coco_area(box: list, area: float | None = None) -> float:
+    """The area of an object whose COCO box is `box` (x, y, w, h): `area` where the annotation gives one, else the
+    box's w * h, as COCO's own boxes without a segmentation have it."""
+    return box[2] * box[3] if area is None else area

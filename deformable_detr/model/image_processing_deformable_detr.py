@@ -24,7 +24,7 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs
 
-from .box_ops import box_cxcywh_to_xyxy, box_xywh_to_xyxy, box_xyxy_to_cxcywh
+from .box_ops import box_cxcywh_to_xyxy, box_xywh_to_xyxy, box_xyxy_to_cxcywh, coco_area
 
 SIZE_KINDS = ({"shortest_edge", "longest_edge"}, {"max_height", "max_width"}, {"height", "width"})
 SUPPORTED_FORMATS = (AnnotationFormat.COCO_DETECTION, AnnotationFormat.COCO_PANOPTIC)
@@ -222,7 +222,7 @@ def detection_target(annotation, image_size, index: int, with_masks: bool) -> tu
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    area = np.asarray([o.get("area", o["bbox"][2] * o["bbox"][3]) for o in objects], dtype=np.float32)
+    area = np.asarray([coco_area(o["bbox"], o.get("area")) for o in objects], dtype=np.float32)
     target = {
         "image_id": np.asarray([image_id], dtype=np.int64),
         "class_labels": np.asarray([category_id(o["category_id"]) for o in objects], dtype=np.int64)[keep],
