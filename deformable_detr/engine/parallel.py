@@ -1,6 +1,6 @@
 """How a run spreads over its processes, behind one interface (`parallel_for` picks it):
 
-- `Replicated`: whole weights on every process: one process, or accelerate's data parallel (DDP);
+- `Parallel` itself: whole weights on every process: one process, or accelerate's data parallel (DDP);
 - `AccelerateShards`: accelerate's FSDP (on GPUs) or DeepSpeed, whose weights may be split across the processes;
 - `CpuShards`: sharded training (FSDP2) where accelerate will not shard: on CPU processes (gloo), which
   `accelerate launch` with an FSDP config runs as plain data parallel. The trainer then calls torch's
@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 FSDP_VARIABLE = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with `distributed_type: FSDP`
 
 
-class Replicated:
-    """Whole weights on every process: one process, or accelerate's data parallel (DDP)."""
+class Parallel:
+    """Whole weights on every process: one process, or accelerate's data parallel (DDP). The others below change
+    what differs where the weights are spread."""
 
     main_runs_alone = True  # the main process can run the model by itself (to draw detections for the trackers)
 
@@ -92,7 +93,7 @@ class Replicated:
             ema.load(folder, ema_updates, self.bare(model))
 
 
-class Spread(Replicated):
+class Spread(Parallel):
     """Weights that may be split across the processes: every process takes part in gathering them."""
 
     def final_weights(self, model: torch.nn.Module, ema: WeightAverage | None) -> dict[str, torch.Tensor]:
@@ -156,7 +157,7 @@ class CpuShards(Spread):
             ema.updates = ema_updates if found else 0
 
 
-def parallel_for(accelerator: Accelerator, options: TrainingOptions) -> Replicated:
+def parallel_for(accelerator: Accelerator, options: TrainingOptions) -> Parallel:
     """How this run spreads: accelerate shards (FSDP) on GPUs only; asked to on CPU processes, it runs them as data
     parallel, and `CpuShards` shards them instead."""
     if sharding_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
@@ -167,7 +168,7 @@ def parallel_for(accelerator: Accelerator, options: TrainingOptions) -> Replicat
         )
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return AccelerateShards(accelerator)
-    return Replicated(accelerator)
+    return Parallel(accelerator)
 
 
 def sharding_requested() -> bool:

@@ -51,7 +51,7 @@ from .launch import check_launch
 from .model_card import write_model_card
 from .model_setup import build_model, check_hub_model, parameter_groups, warn_of_a_fresh_model
 from .options import TRACKING_DIR, TrainingOptions
-from .parallel import Replicated, parallel_for
+from .parallel import Parallel, parallel_for
 from .schedule import lr_factor
 from .signals import RESUME_HINT, StopRequest, TrainingStopped, ignore_stop_signals, worker_context
 from .tracking import detections_picture, log_picture, tracker_names
@@ -151,7 +151,7 @@ class Trainer:
     since the last log line) lives on the object between steps."""
 
     accelerator: Accelerator
-    parallel: Replicated  # how the run spreads over its processes (parallel.py)
+    parallel: Parallel  # how the run spreads over its processes (parallel.py)
     model: torch.nn.Module  # as prepared for training: wrapped (DDP), sharded or compiled
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
