@@ -1,4 +1,4 @@
-"""The lr schedules (training/schedule.py) at given steps."""
+"""The lr schedules (engine/schedule.py) at given steps."""
 
 import math
 

@@ -20,7 +20,7 @@ from deformable_detr.engine.parallel import check_shardable, load_shards
 from tests.support.processes import free_port, run_command, torchrun
 from tests.support.training import TINY, command_line, training_options
 
-# the README's recipe, for two CPU processes in full precision
+# the recipe of docs/training.md, for two CPU processes in full precision
 FSDP_CONFIG = """\
 distributed_type: FSDP
 num_processes: 2

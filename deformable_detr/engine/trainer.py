@@ -1,6 +1,6 @@
 """The training loop: `train(TrainingOptions(...))` trains or fine-tunes Deformable DETR on a detection dataset
 with accelerate, on one or many devices (the `deformable-detr-train` command in cli.py runs it; with `accelerate
-launch -m deformable_detr.engine` on several). `Trainer.fit` reads top to bottom as the paper's engine.py: load
+launch -m deformable_detr train` on several). `Trainer.fit` reads top to bottom as the paper's engine.py: load
 the data, `prepare` the model, optimiser, schedule and loaders, `resume_or_start`, then per epoch
 `train_one_epoch` (a `TrainingStep` per batch: forward, backward and, at the end of each accumulation window, the
 optimiser step), `evaluate` and `keep_best`, and at the end `finish` (model, processor, card, history). How the

@@ -1,1 +1,2 @@
-"""Helpers every layer above the model may use: atomic file writing, devices, drawing, console output, timing."""
+"""Helpers every layer above the model may use: atomic file writing, devices, drawing, console output, message
+text, local paths, timing."""
