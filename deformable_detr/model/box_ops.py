@@ -38,11 +38,21 @@ def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return paired_generalized_box_iou(a[:, None], b[None])
 
 
-def paired_generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """GIoU of xyxy boxes side by side: a (..., 4) and b (..., 4), broadcast against each other -> (...)."""
+def _paired_intersection_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inter = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
     inter = inter[..., 0] * inter[..., 1]
-    union = box_area(a) + box_area(b) - inter
+    return inter, box_area(a) + box_area(b) - inter
+
+
+def paired_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of xyxy boxes side by side: a (..., 4) and b (..., 4), broadcast against each other -> (...)."""
+    inter, union = _paired_intersection_union(a, b)
+    return inter / union
+
+
+def paired_generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU of xyxy boxes side by side: a (..., 4) and b (..., 4), broadcast against each other -> (...)."""
+    inter, union = _paired_intersection_union(a, b)
     hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
     hull = hull[..., 0] * hull[..., 1]
     return inter / union - (hull - union) / hull

@@ -87,7 +87,8 @@ def _feed_forward(config, ffn_dim):
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Softmax attention written out, so that the weights can be returned: query, key, value (B, M, Q, D),
-    attention_mask (B, 1, 1, Q) added to the scores, or None -> output (B, Q, M, D), weights (B, M, Q, Q).
+    attention_mask (B, 1, 1, Q) or (B, 1, Q, Q) added to the scores, or None -> output (B, Q, M, D), weights
+    (B, M, Q, Q).
     The signature of transformers' attention functions (ALL_ATTENTION_FUNCTIONS), which "sdpa" also has."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
@@ -119,7 +120,8 @@ class DecoderSelfAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, need_weights=False):
         """hidden_states, position_embeddings (B, Q, C); attention_mask (B, Q), nonzero (or True) on the queries
-        that may be attended to, or None -> output (B, Q, C), weights (B, M, Q, Q) (None under "sdpa" unless
+        that may be attended to, or (B, Q, Q), nonzero where query i may attend to query j (a block mask keeps
+        groups of queries apart), or None -> output (B, Q, C), weights (B, M, Q, Q) (None under "sdpa" unless
         need_weights)."""
         B, Q, C = hidden_states.shape
         heads = (B, Q, self.num_heads, self.head_dim)
@@ -129,7 +131,8 @@ class DecoderSelfAttention(nn.Module):
         value = F.linear(hidden_states, self.in_proj_weight[2 * C :], self.in_proj_bias[2 * C :])
         query, key, value = (t.reshape(heads).transpose(1, 2) for t in (query, key, value))
         if attention_mask is not None:  # additive: 0 where attended, the type's minimum where masked
-            blocked = ~attention_mask.bool()[:, None, None, :]
+            blocked = ~attention_mask.bool()
+            blocked = blocked[:, None, None, :] if blocked.ndim == 2 else blocked[:, None]
             attention_mask = torch.zeros(blocked.shape, dtype=query.dtype, device=query.device).masked_fill(
                 blocked, torch.finfo(query.dtype).min
             )
@@ -235,8 +238,8 @@ class DeformableDecoderLayer(GradientCheckpointingLayer):
         output_attentions=False,
     ):
         """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 2 or 4); memory (B, S, C); attention_mask (B, Q)
-        as in `DecoderSelfAttention`, or None -> (B, Q, C), and with output_attentions the self-attention weights
-        (B, M, Q, Q) and the cross-attention weights (B, Q, M, L, K) (else two Nones).
+        or (B, Q, Q) as in `DecoderSelfAttention`, or None -> (B, Q, C), and with output_attentions the
+        self-attention weights (B, M, Q, Q) and the cross-attention weights (B, Q, M, L, K) (else two Nones).
 
         Under autocast only the values (S rows) are projected in its type: the rest sees the Q queries (300), so
         it runs in full precision at next to no cost, and the class scores take less of bf16's rounding. The values
@@ -287,7 +290,8 @@ class DeformableDecoder(nn.Module):
             memory: (B, S, C), the encoder's output; spatial_shapes [(H_l, W_l)].
             valid_ratios: (B, L, 2) the (w, h) fractions of real pixels per level.
             padding_mask: (B, S) True on padding, or None where nothing is padded.
-            attention_mask: (B, Q), nonzero on the queries the self-attention may attend to; None: all of them.
+            attention_mask: (B, Q), nonzero on the queries the self-attention may attend to, or (B, Q, Q), nonzero
+                where query i may attend to query j; None: all of them.
         Returns:
             hidden states (B, n_layers, Q, C), the reference points after each layer (B, n_layers, Q, 2 or 4), and
             with output_attentions each layer's self-attention (B, M, Q, Q) and cross-attention (B, Q, M, L, K)

@@ -74,7 +74,8 @@ class _DetectionHeadOutput(ModelOutput):
     """
     logits: (B, Q, N) class logits (sigmoid, no background class).
     pred_boxes: (B, Q, 4) boxes as (cx, cy, w, h) in [0, 1] of each image's real (unpadded) extent.
-    auxiliary_outputs: with labels and config.auxiliary_loss, per decoder layer but the last, {"logits", "pred_boxes"}.
+    auxiliary_outputs: with labels (or output_auxiliary) and config.auxiliary_loss, per decoder layer but the last,
+        {"logits", "pred_boxes"}.
     loss, loss_dict: the training loss and its terms, when labels are given.
     """
 
@@ -125,13 +126,15 @@ def _check_shape(name: str, tensor, expected, meaning: str):
 
 
 def _query_mask(decoder_attention_mask, tgt):
-    """`decoder_attention_mask` where it is (B, Q), as the queries `tgt` (B, Q, C) are; else None, with a warning:
+    """`decoder_attention_mask` where it is (B, Q) or (B, Q, Q), as the queries `tgt` (B, Q, C) are; else None,
+    with a warning:
     generic encoder-decoder code sends a mask over its own idea of the decoder's tokens, and transformers' Deformable
     DETR ignores every decoder_attention_mask, so one that cannot be over the queries is ignored too."""
-    if decoder_attention_mask is not None and tuple(decoder_attention_mask.shape) != tuple(tgt.shape[:2]):
+    B, Q = tgt.shape[:2]
+    if decoder_attention_mask is not None and tuple(decoder_attention_mask.shape) not in ((B, Q), (B, Q, Q)):
         logger.warning_once(
             f"decoder_attention_mask of shape {tuple(decoder_attention_mask.shape)} is ignored: it must be "
-            f"(batch, queries) = {tuple(tgt.shape[:2])} to mask queries"
+            f"(batch, queries) = {(B, Q)} or (batch, queries, queries) = {(B, Q, Q)} to mask queries"
         )
         return None
     return decoder_attention_mask
@@ -411,13 +414,19 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         )
         return memory, (features, *encoder_states), encoder_attentions
 
-    def _queries(self, memory, padding_mask, spatial_shapes):
+    def _queries(self, memory, padding_mask, spatial_shapes, query_embeds=None):
         """The decoder's queries: position and content (B, Q, C), reference points (B, Q, 2) (points) or, in
         two-stage, (B, Q, 4) (the top-scoring proposals' boxes), and the two-stage proposal logits (B, S, N) and
-        boxes (B, S, 4) before the sigmoid (else None)."""
+        boxes (B, S, 4) before the sigmoid (else None). `query_embeds` (Q', 2C), when given, replaces the learned
+        query embeddings (position, content), Q' of them."""
         B, C = memory.shape[0], self.config.d_model
+        if query_embeds is not None and self.config.two_stage:
+            raise ValueError("query_embeds replaces the learned queries, which two-stage has not: give it without")
         if not self.config.two_stage:
-            query_pos, tgt = self.query_embed.weight[None].expand(B, -1, -1).split(C, dim=2)
+            weight = self.query_embed.weight if query_embeds is None else query_embeds
+            if weight.ndim != 2 or weight.shape[1] != 2 * C:
+                raise ValueError(f"query_embeds must be (queries, 2 * d_model = {2 * C}), got {tuple(weight.shape)}")
+            query_pos, tgt = weight[None].expand(B, -1, -1).split(C, dim=2)
             return query_pos, tgt, self.reference_points(query_pos).sigmoid(), None, None
         proposals, object_query = encoder_proposals(memory, padding_mask, spatial_shapes)
         object_query = self.enc_output_norm(self.enc_output(object_query))
@@ -443,12 +452,13 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         decoder_attention_mask,
         output_attentions,
         output_hidden_states,
+        query_embeds=None,
     ) -> dict:
         """The decoder's fields of DeformableDetrModelOutput, from the encoder's output `memory` (B, S, C): its
         queries (`_queries`; `decoder_inputs_embeds` (B, Q, C) in place of their content, when given), every
         layer's hidden states (B, decoder_layers, Q, C) and reference points, and (with the flags) its attentions."""
         query_pos, tgt, reference_points, enc_outputs_class, enc_outputs_coord_logits = self._queries(
-            memory, levels.padding_mask, levels.spatial_shapes
+            memory, levels.padding_mask, levels.spatial_shapes, query_embeds
         )
         if decoder_inputs_embeds is not None:
             _check_shape("decoder_inputs_embeds", decoder_inputs_embeds, tgt.shape, "(batch, queries, d_model)")
@@ -487,6 +497,7 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        query_embeds=None,
         **kwargs,
     ):
         """
@@ -494,7 +505,8 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             pixel_values: (B, num_channels, H, W), normalised images padded bottom-right to a common size.
             pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; all ones when omitted.
             decoder_attention_mask: (B, Q), 1 (True) on the queries the decoder's self-attention may attend to,
-                0 on those it must not; all of them when omitted.
+                0 on those it must not, or (B, Q, Q), 1 where query i may attend to query j (a block mask keeps
+                groups of queries apart); all of them when omitted.
             encoder_outputs: the encoder's output for these images, reused instead of running the encoder: a
                 BaseModelOutput (last_hidden_state (B, S, C), hidden_states, attentions), a tuple in that order, or
                 the (B, S, C) tensor alone. The backbone still runs, for the levels' shapes and masks.
@@ -504,6 +516,9 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             decoder_inputs_embeds: (B, Q, C), the decoder's input queries (their content) instead of the learned
                 ones (or, in two-stage, those from the proposals); their positions and reference points stay.
             output_attentions, output_hidden_states, return_dict: None takes the config's.
+            query_embeds: (Q, 2 * C), the decoder's query embeddings (position, content) instead of the learned
+                `query_embed.weight`, any number Q of them (training with extra queries: hybrid matching, Group
+                DETR); not in two-stage, whose queries come from the proposals.
             kwargs: transformers' common keyword arguments (such as num_items_in_batch, which the Trainer passes),
                 accepted and unused; any other is a TypeError.
         """
@@ -522,7 +537,9 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             encoder_last_hidden_state=memory,
             encoder_hidden_states=encoder_states if hidden else None,
             encoder_attentions=encoder_attentions if attentions else None,
-            **self._decode(memory, levels, decoder_inputs_embeds, decoder_attention_mask, attentions, hidden),
+            **self._decode(
+                memory, levels, decoder_inputs_embeds, decoder_attention_mask, attentions, hidden, query_embeds
+            ),
         )
         return output if return_dict else output.to_tuple()
 
@@ -582,7 +599,7 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
     def box_head(self, layer: int) -> MLP:
         return self.model.decoder.bbox_embed[layer] if self.config.with_box_refine else self.bbox_embed
 
-    def _predictions(self, outputs: DeformableDetrModelOutput):
+    def layer_predictions(self, outputs: DeformableDetrModelOutput):
         """Every decoder layer's class logits (B, Q, N) and boxes (B, Q, 4), from its hidden states and the reference
         it received: (B, Q, 2) points for the first, then the boxes the layer before gave."""
         hidden_states = outputs.intermediate_hidden_states
@@ -605,15 +622,19 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        query_embeds=None,
+        output_auxiliary=False,
         **kwargs,
     ):
         """
         Args:
             pixel_values: (B, num_channels, H, W), normalised images padded bottom-right to a common size.
             pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; all ones when omitted.
+            output_auxiliary: the earlier layers' predictions in auxiliary_outputs (with config.auxiliary_loss)
+                without labels too, for a loss computed outside (training with extra queries).
             labels: for the loss, per image {"class_labels": (T,) int64, "boxes": (T, 4) cx, cy, w, h in [0, 1]}.
             decoder_attention_mask, encoder_outputs, inputs_embeds, decoder_inputs_embeds, output_attentions,
-            output_hidden_states, kwargs: as in `DeformableDetrModel.forward`.
+            output_hidden_states, query_embeds, kwargs: as in `DeformableDetrModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -626,11 +647,12 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            query_embeds=query_embeds,
             **kwargs,
         )
-        logits, boxes = self._predictions(outputs)
+        logits, boxes = self.layer_predictions(outputs)
         auxiliary = None
-        if labels is not None and self.config.auxiliary_loss:
+        if (labels is not None or output_auxiliary) and self.config.auxiliary_loss:
             auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
         loss = loss_dict = None
         if labels is not None:
