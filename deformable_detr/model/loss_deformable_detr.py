@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_box_iou, paired_generalized_box_iou
 
 
 def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -23,6 +23,21 @@ def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0)
     p_t = prob * targets + (1 - prob) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
     return (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+
+
+def iou_aware_bce_loss(logits, onehot, iou, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Elementwise IoU-aware binary cross-entropy (RF-DETR's ia_bce_loss, after DEIM): where `onehot` is 1 (a
+    matched query's class) the target is t = max(p^alpha * IoU^(1 - alpha), 0.01), detached, with p the sigmoid of
+    the logit and IoU (broadcast against the logits) that of the query's box with its object's, and the loss
+    -t log p - (1 - t) log(1 - p); everywhere else a focal negative without alpha, -p^gamma log(1 - p).
+    logits, onehot, iou: the same shape (or broadcastable)."""
+    prob = logits.sigmoid()
+    positive = onehot.bool()
+    t = (prob.detach() ** alpha * iou.detach().clamp(min=0) ** (1 - alpha)).clamp(min=0.01)
+    positive_weight = torch.where(positive, t, 0.0)
+    negative_weight = torch.where(positive, 1 - t, prob.detach() ** gamma)
+    # -log(1 - p) = logit - logsigmoid(logit), stable for large logits
+    return negative_weight * logits - F.logsigmoid(logits) * (positive_weight + negative_weight)
 
 
 class HungarianMatcher(nn.Module):
@@ -95,6 +110,17 @@ def _num_boxes(targets, device) -> float:
     return max(total.item() / torch.distributed.get_world_size(), 1.0)
 
 
+def _split_groups(sets: torch.Tensor, groups: int) -> torch.Tensor:
+    """(P, B, G * Q, ...) -> (P * G, B, Q, ...): each set's G groups of queries as sets of their own."""
+    if groups == 1:
+        return sets
+    P, B, GQ = sets.shape[:3]
+    if GQ % groups:
+        raise ValueError(f"{GQ} queries do not split into {groups} groups (query_groups) of the same size")
+    grouped = sets.reshape(P, B, groups, GQ // groups, *sets.shape[3:])
+    return grouped.transpose(1, 2).flatten(0, 1)
+
+
 # The terms of one prediction set, under these names for the last decoder layer; the earlier layers' carry the
 # suffix `_{i}` (decoder layer i), the two-stage proposals' `_enc`.
 CORNERS_TOLERANCE = 0.01  # how far a (cx, cy, w, h) box may run past its image before it counts as running past
@@ -106,8 +132,13 @@ class DeformableDetrLoss(nn.Module):
     """loss_ce (focal), loss_bbox (L1), loss_giou and cardinality_error (logged only, no weight), per prediction
     set (see MAIN_TERMS)."""
 
-    def __init__(self, config):
+    def __init__(self, config, classification_loss: str = "focal"):
+        """`classification_loss`: "focal" (the paper's) or "iou_aware" (`iou_aware_bce_loss`), a training choice
+        that is no part of the model's config."""
         super().__init__()
+        if classification_loss not in ("focal", "iou_aware"):
+            raise ValueError(f"classification_loss must be 'focal' or 'iou_aware', got {classification_loss!r}")
+        self.classification_loss = classification_loss
         self.matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost, config.focal_alpha)
         self.focal_alpha = config.focal_alpha
         # the weight in the total loss of each term of MAIN_TERMS but cardinality_error (logged only)
@@ -127,10 +158,18 @@ class DeformableDetrLoss(nn.Module):
         boxes = torch.cat([t["boxes"] for t in targets])
         onehot = torch.zeros_like(logits)
         onehot[sets, images, queries, labels[objects]] = 1.0
-        loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha).flatten(1).sum(1) / num_boxes
         predicted = pred_boxes[sets, images, queries]
         wanted = boxes[objects].to(predicted.dtype)
         giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(wanted))
+        if self.classification_loss == "focal":
+            loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha)
+        else:
+            iou = torch.zeros(P, B, Q, 1, dtype=logits.dtype, device=logits.device)
+            iou[sets, images, queries, 0] = paired_box_iou(
+                box_cxcywh_to_xyxy(predicted.detach()), box_cxcywh_to_xyxy(wanted)
+            ).to(iou.dtype)
+            loss_ce = iou_aware_bce_loss(logits, onehot, iou, self.focal_alpha)
+        loss_ce = loss_ce.flatten(1).sum(1) / num_boxes
 
         def per_set(matched):  # (M,) one value per match -> (P,) their sums in fp32 (each query matches once)
             dense = torch.zeros(P, B, Q, dtype=torch.float32, device=matched.device)
@@ -145,35 +184,45 @@ class DeformableDetrLoss(nn.Module):
             cardinality = (predicted_count - true_count).abs().mean(-1)
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou, "cardinality_error": cardinality}
 
-    def forward(self, logits, pred_boxes, targets, auxiliary_outputs=(), enc_logits=None, enc_boxes=None):
+    def forward(
+        self, logits, pred_boxes, targets, auxiliary_outputs=(), enc_logits=None, enc_boxes=None, query_groups=1
+    ):
         """
         Args:
             logits (B, Q, N), pred_boxes (B, Q, 4): the last decoder layer.
             targets: per image {"class_labels" (T,) int64, "boxes" (T, 4)}.
             auxiliary_outputs: the earlier layers, each {"logits", "pred_boxes"}.
             enc_logits (B, S, N), enc_boxes (B, S, 4): two-stage proposals, matched class-agnostically.
+            query_groups: G, the queries split into G groups of Q / G (Group DETR), each matched one-to-one to the
+                targets on its own (all in one matching); the first group's terms have the names of MAIN_TERMS, the
+                others' the suffix `_group{g}`, and the total counts each group's decoder terms divided by G.
         Returns:
             the weighted total loss (scalar) and every term in a dict.
         """
         self.check_targets(targets, logits.shape[-1], logits.shape[0])
         num_boxes = _num_boxes(targets, logits.device)
         auxiliary_outputs = list(auxiliary_outputs or ())
-        # the decoder layers' sets together (the last layer first), then the proposals'
+        layers = [""] + [f"_{i}" for i in range(len(auxiliary_outputs))]
+        layer_logits = torch.stack([logits] + [aux["logits"] for aux in auxiliary_outputs])
+        layer_boxes = torch.stack([pred_boxes] + [aux["pred_boxes"] for aux in auxiliary_outputs])
+        # the decoder layers' sets together (the last layer first, each layer's groups in turn), their total
+        # divided by the groups; then the proposals'
         groups = [
             (
-                [""] + [f"_{i}" for i in range(len(auxiliary_outputs))],
-                torch.stack([logits] + [aux["logits"] for aux in auxiliary_outputs]),
-                torch.stack([pred_boxes] + [aux["pred_boxes"] for aux in auxiliary_outputs]),
+                [layer + (f"_group{g}" if g else "") for layer in layers for g in range(query_groups)],
+                _split_groups(layer_logits, query_groups),
+                _split_groups(layer_boxes, query_groups),
                 targets,
+                query_groups,
             )
         ]
         if enc_logits is not None:
             foreground = [{**t, "class_labels": torch.zeros_like(t["class_labels"])} for t in targets]
-            groups.append((["_enc"], enc_logits[None], enc_boxes[None], foreground))
+            groups.append((["_enc"], enc_logits[None], enc_boxes[None], foreground, 1))
         total, terms = 0, {}
-        for suffixes, set_logits, set_boxes, set_targets in groups:
+        for suffixes, set_logits, set_boxes, set_targets, share in groups:
             stacked = self.stacked(set_logits, set_boxes, set_targets, num_boxes)
-            total = total + sum(stacked[name].sum() * weight for name, weight in self.weights.items())
+            total = total + sum(stacked[name].sum() * weight for name, weight in self.weights.items()) / share
             for index, suffix in enumerate(suffixes):  # each set's terms, as scalars of their own
                 terms.update((name + suffix, values[index].clone()) for name, values in stacked.items())
         return total, terms
