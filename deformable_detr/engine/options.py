@@ -170,6 +170,30 @@ class TrainingOptions:
         "backward then sums in a fixed order on GPUs too (not yet timed on one)",
     )
 
+    hybrid_queries: int = option(
+        0,
+        "training-only queries and loss",
+        "H-DETR's hybrid matching: this many extra queries (e.g. 1500), trained one-to-many against the ground truth "
+        "repeated hybrid_repeats times, kept apart from the model's queries by the decoder's attention mask and "
+        "dropped after training (0: off, the paper's recipe; not with a two-stage model)",
+    )
+    hybrid_repeats: int = option(6, "training-only queries and loss", "with hybrid_queries: k, the repeats of each box")
+    hybrid_loss_weight: float = option(
+        1.0, "training-only queries and loss", "with hybrid_queries: the weight of the one-to-many loss"
+    )
+    query_groups: int = option(
+        1,
+        "training-only queries and loss",
+        "Group DETR: this many groups of queries (the model's own the first), each matched one-to-one on its own "
+        "and kept apart by the attention mask; only the first is saved (1: off; not with a two-stage model)",
+    )
+    classification_loss: Literal["focal", "iou_aware"] = option(
+        "focal",
+        "training-only queries and loss",
+        '"focal" (the paper\'s) or "iou_aware": a matched query\'s class target is p^alpha * IoU^(1-alpha) '
+        "(RF-DETR's IA-BCE), unmatched ones focal negatives",
+    )
+
     output_dir: str = option("outputs/deformable-detr", "outputs and checkpoints", "model, card, log, checkpoints")
     checkpointing_steps: Literal["epoch", "no"] | int = option(
         "epoch", "outputs and checkpoints", '"epoch", a number of steps, or "no"'
@@ -245,6 +269,8 @@ class TrainingOptions:
             raise ValueError("backbone_weights is for a fresh model (config_name); a saved model has its own")
         if (self.hub_model_id or self.hub_token or self.hub_private_repo) and not self.push_to_hub:
             raise ValueError("hub_model_id, hub_token and hub_private_repo need push_to_hub")
+        if (self.hybrid_repeats != 6 or self.hybrid_loss_weight != 1.0) and not self.hybrid_queries:
+            raise ValueError("hybrid_repeats and hybrid_loss_weight set the hybrid matching; they need hybrid_queries")
         self.check_ranges()
         if self.device is not None:
             from ..utils.devices import checked_device
@@ -320,6 +346,8 @@ AT_LEAST_ONE = (
     "num_train_epochs",
     "logging_steps",
     "checkpoints_total_limit",
+    "hybrid_repeats",
+    "query_groups",
 )
 FINITE_AT_LEAST_ZERO = (
     "learning_rate",
@@ -329,6 +357,8 @@ FINITE_AT_LEAST_ZERO = (
     "max_grad_norm",
     "eval_every_epochs",
     "num_workers",
+    "hybrid_queries",
+    "hybrid_loss_weight",
 )
 # what the command-line text of an option must be, where its type's words say less
 SYNTAX = {

@@ -52,6 +52,7 @@ from .model_card import write_model_card
 from .model_setup import build_model, check_hub_model, parameter_groups, warn_of_a_fresh_model
 from .options import TRACKING_DIR, TrainingOptions
 from .parallel import Parallel, parallel_for
+from .query_groups import HYBRID_SUFFIX, TrainingQueries, check_resumable_queries, training_queries
 from .schedule import lr_factor
 from .signals import RESUME_HINT, StopRequest, TrainingStopped, ignore_stop_signals, worker_context
 from .tracking import detections_picture, log_picture, tracker_names
@@ -86,9 +87,20 @@ class TrainingStep:
     or gradient. Non-finite losses and stop requests are summed over the processes, so that all of them skip or
     stop together."""
 
-    def __init__(self, model, optimizer, scheduler, accelerator: Accelerator, *, max_grad_norm: float):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        accelerator: Accelerator,
+        *,
+        max_grad_norm: float,
+        queries: TrainingQueries | None = None,
+    ):
+        """`queries`: the run's training-only queries and loss, which then give the batch's loss (else the
+        model's own)."""
         self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.queries = max_grad_norm, queries
         self.window_bad = False  # the accumulation window so far saw a non-finite loss
 
     def __call__(self, batch: dict, state: TrainState, *, stop_requested: bool = False, scale: float = 1.0):
@@ -106,7 +118,12 @@ class TrainingStep:
     def forward_backward(self, batch: dict, *, stop_requested: bool, scale: float) -> tuple:
         """The loss of one batch, and its backward pass (of the loss times `scale`) unless the accumulation window
         already saw a non-finite loss; -> (outputs, finite on every process, stop asked for on some process)."""
-        outputs = self.model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+        if self.queries is None:
+            inputs = {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"]}
+            outputs = self.model(**inputs, labels=batch["labels"])
+        else:
+            bare = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            outputs = self.queries(self.model, bare, batch["pixel_values"], batch["pixel_mask"], batch["labels"])
         bad = (~torch.isfinite(outputs.loss.detach())).float()
         flags = torch.stack([bad, torch.full_like(bad, float(stop_requested))])
         # the step's one device sync before backward
@@ -156,6 +173,7 @@ class Trainer:
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: TrainingStep
+    queries: TrainingQueries | None  # the training-only queries and loss (query_groups, hybrid_queries, ...)
     train_samples: DetectionSamples  # whose epoch sets the augmentation
     train_loader: torch.utils.data.DataLoader
     eval_loader: torch.utils.data.DataLoader
@@ -265,7 +283,8 @@ class Trainer:
         self.parallel = parallel_for(self.accelerator, options)
         model = self.parallel.shard(model)
         self.train_samples, train_loader, eval_loader = make_loaders(options, splits, self.processor)
-        optimizer = torch.optim.AdamW(parameter_groups(model, options), weight_decay=options.weight_decay)
+        groups = parameter_groups(model, options) + self.prepare_queries(model.config)
+        optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
         self.model, self.optimizer, self.train_loader, self.eval_loader = self.parallel.prepare(
             model, optimizer, train_loader, eval_loader
         )
@@ -274,11 +293,31 @@ class Trainer:
         factor = lr_factor(options.lr_scheduler, self.max_steps, options.warmup_steps, options.lr_drop)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.step = TrainingStep(
-            self.model, self.optimizer, self.scheduler, self.accelerator, max_grad_norm=options.max_grad_norm
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.accelerator,
+            max_grad_norm=options.max_grad_norm,
+            queries=self.queries,
         )
         if options.ema_decay:
             self.ema = WeightAverage(self.bare_model, options.ema_decay, options.ema_warmup_steps)
         self.ground_truth = coco_ground_truth(splits["validation"], class_names)
+
+    def prepare_queries(self, config) -> list[dict]:
+        """The run's training-only queries and loss (query_groups, hybrid_queries, classification_loss) on the
+        run's device, or None; -> the optimiser's parameter group of their embeddings (the transformer's lr)."""
+        self.queries = training_queries(self.options, config)
+        if self.queries is None:
+            return []
+        if self.accelerator.num_processes > 1:
+            raise ValueError(
+                "query_groups, hybrid_queries and classification_loss train in one process: their extra queries "
+                f"are not spread over the {self.accelerator.num_processes} processes of this launch"
+            )
+        self.queries.to(self.accelerator.device)
+        params = list(self.queries.parameters())
+        return [{"params": params, "lr": self.options.learning_rate, "name": "queries"}] if params else []
 
     def build_model(self, class_names: list[str]) -> DeformableDetrForObjectDetection:
         """The run's model, its backbone frozen, its layers checkpointed or its network compiled as asked."""
@@ -339,6 +378,7 @@ class Trainer:
         """The run's state, weights, optimiser, lr schedule and weight average from `checkpoint`, with this run's
         learning rates."""
         self.parallel.check_resumable(checkpoint)
+        check_resumable_queries(checkpoint, self.queries)
         base_lrs = list(self.scheduler.base_lrs)  # this run's options': the checkpoint brings back its own
         # the names and shapes accelerate's model.safetensors must have (FSDP and the shards write none)
         weights = self.model.state_dict() if os.path.isfile(os.path.join(checkpoint, MODEL_FILE)) else None
@@ -350,6 +390,8 @@ class Trainer:
             )
         self.scheduler.load_state_dict(self.state.lr_schedule)
         self.parallel.load_beside(checkpoint, self.model, self.optimizer, self.ema, self.state.ema_updates)
+        if self.queries is not None:
+            self.queries.load(checkpoint)
         self.apply_learning_rates(base_lrs, checkpoint)
 
     def apply_learning_rates(self, base_lrs: list[float], checkpoint: str):
@@ -542,6 +584,8 @@ class Trainer:
 
         def beside(folder: str):
             self.parallel.save_beside(folder, self.model, self.optimizer, self.ema, self.processor)
+            if self.queries is not None and self.accelerator.is_main_process:
+                self.queries.save(folder)
 
         options = self.options
         return save_checkpoint(
@@ -706,8 +750,8 @@ def advance(scheduler: torch.optim.lr_scheduler.LRScheduler):
 
 def main_terms(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
     """The last layer's loss terms (loss_ce, loss_bbox, loss_giou) and cardinality_error, without the auxiliary
-    and encoder ones."""
-    return {k: v.item() for k, v in loss_dict.items() if k in MAIN_TERMS}
+    and encoder ones; with hybrid_queries the hybrid set's too (loss_ce_hybrid, ...)."""
+    return {k: v.item() for k, v in loss_dict.items() if k.removesuffix(HYBRID_SUFFIX) in MAIN_TERMS}
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -1,0 +1,204 @@
+"""Training-only queries and losses (engine/query_groups.py): Group DETR's groups, H-DETR's hybrid queries and the
+IoU-aware classification loss; the saved model stays a plain Deformable DETR."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deformable_detr import DeformableDetrForObjectDetection
+from deformable_detr.engine import TrainingOptions, train
+from deformable_detr.engine.query_groups import FILE, TrainingQueries, block_mask, one_to_many_targets
+from deformable_detr.model.loss_deformable_detr import DeformableDetrLoss, iou_aware_bce_loss
+from tests.support.models import tiny_model
+from tests.support.training import options
+
+LABELS = [
+    {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4]])},
+    {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])},
+]
+
+
+def images():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 64, 80)
+
+
+def queries_of(model, **kwargs) -> TrainingQueries:
+    queries = TrainingQueries(model.config, **kwargs)
+    torch.manual_seed(2)
+    torch.nn.init.normal_(queries.query_embed.weight)
+    return queries
+
+
+def test_one_to_many_targets_repeat_each_box_k_times():
+    many = one_to_many_targets(LABELS, 3)
+    assert many[0]["class_labels"].tolist() == [0, 2] * 3
+    assert torch.equal(many[0]["boxes"], LABELS[0]["boxes"].repeat(3, 1))
+    assert many[1]["boxes"].shape == (3, 4) and (many[1]["boxes"] == LABELS[1]["boxes"]).all()
+
+
+def test_block_mask_keeps_each_set_to_itself():
+    mask = block_mask([2, 1, 3])
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[:2, :2] = expected[2:3, 2:3] = expected[3:, 3:] = True
+    assert torch.equal(mask, expected)
+
+
+def test_the_mask_keeps_groups_apart_and_the_model_queries_give_the_plain_model_outputs():
+    """With two groups and a hybrid set, the model's own queries give exactly what the plain model gives, and
+    changing a query of one set changes no other set's outputs."""
+    model = tiny_model()
+    queries = queries_of(model, query_groups=2, hybrid_queries=5)
+    Q = model.config.num_queries
+
+    def run(extra):
+        embeds = torch.cat([model.model.query_embed.weight, extra])
+        mask = block_mask(queries.sizes)[None].expand(2, -1, -1)
+        with torch.no_grad():
+            return model(images(), decoder_attention_mask=mask, query_embeds=embeds)
+
+    with torch.no_grad():
+        plain = model(images())
+    both = run(queries.query_embed.weight)
+    assert both.logits.shape[1] == 2 * Q + 5
+    torch.testing.assert_close(both.logits[:, :Q], plain.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(both.pred_boxes[:, :Q], plain.pred_boxes, rtol=0, atol=1e-6)
+    changed = queries.query_embed.weight.detach().clone()
+    changed[Q] += 1.0  # the first query of the hybrid set
+    other = run(changed)
+    torch.testing.assert_close(other.logits[:, : 2 * Q], both.logits[:, : 2 * Q], rtol=0, atol=1e-6)
+    assert not torch.allclose(other.logits[:, 2 * Q :], both.logits[:, 2 * Q :])
+
+
+def test_without_extra_queries_the_outputs_and_loss_are_the_models_own():
+    """Focal loss and no extra queries: TrainingQueries' loss is the model's own, term by term, bit for bit."""
+    model = tiny_model().train()
+    torch.manual_seed(3)
+    own = model(images(), labels=LABELS)
+    torch.manual_seed(3)
+    ours = TrainingQueries(model.config)(model, model, images(), None, LABELS)
+    assert torch.equal(own.loss, ours.loss)
+    assert own.loss_dict.keys() == ours.loss_dict.keys()
+    for name in own.loss_dict:
+        assert torch.equal(own.loss_dict[name], ours.loss_dict[name]), name
+
+
+def test_group_and_hybrid_terms_have_their_own_names_and_the_primary_terms_stay():
+    """Two groups and a hybrid set (in eval mode: no dropout, whose draws depend on the number of queries)."""
+    model = tiny_model()
+    torch.manual_seed(3)
+    own = model(images(), labels=LABELS)
+    queries = queries_of(model, query_groups=2, hybrid_queries=6, hybrid_repeats=3, hybrid_loss_weight=0.5)
+    torch.manual_seed(3)
+    ours = queries(model, model, images(), None, LABELS)
+    for name in own.loss_dict:
+        for suffix in ("", "_group1", "_hybrid"):
+            assert name + suffix in ours.loss_dict
+    # the model's queries see only each other: their terms are the plain model's
+    for name in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):
+        torch.testing.assert_close(ours.loss_dict[name], own.loss_dict[name], rtol=1e-5, atol=1e-6)
+    weights = {"loss_ce": 1.0, "loss_bbox": model.config.bbox_loss_coefficient, "loss_giou": 2.0}
+    layers = ["", "_0"]
+
+    def total(suffix):
+        return sum(ours.loss_dict[n + layer + suffix] * w for n, w in weights.items() for layer in layers)
+
+    expected = (total("") + total("_group1")) / 2 + 0.5 * total("_hybrid")
+    torch.testing.assert_close(ours.loss, expected, rtol=1e-5, atol=1e-5)
+    ours.loss.backward()
+    assert queries.query_embed.weight.grad.abs().sum() > 0
+
+
+def test_iou_aware_loss_by_hand():
+    """One image, one query matched with a known IoU: the terms are RF-DETR's IA-BCE, written out."""
+    logits = torch.tensor([[[0.5, -1.0], [2.0, 0.3]]])  # (B=1, Q=2, N=2)
+    onehot = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    iou = torch.tensor([[[0.25], [0.0]]])
+    p = logits.sigmoid()
+    t = max(p[0, 0, 0].item() ** 0.25 * 0.25**0.75, 0.01)
+    expected = torch.tensor(
+        [
+            [
+                [
+                    -t * math.log(p[0, 0, 0]) - (1 - t) * math.log(1 - p[0, 0, 0]),
+                    -(p[0, 0, 1] ** 2) * math.log(1 - p[0, 0, 1]),
+                ],
+                [-(p[0, 1, 0] ** 2) * math.log(1 - p[0, 1, 0]), -(p[0, 1, 1] ** 2) * math.log(1 - p[0, 1, 1])],
+            ]
+        ]
+    )
+    torch.testing.assert_close(iou_aware_bce_loss(logits, onehot, iou, 0.25), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_iou_aware_loss_in_the_criterion_uses_the_matched_iou():
+    """A prediction set of two queries, one object: the criterion's loss_ce is the IA-BCE of the matched query
+    at its box's IoU with the object, summed, over one box."""
+    config = tiny_model(num_labels=2).config
+    logits = torch.tensor([[[3.0, -2.0], [-3.0, -2.5]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]])
+    target = [{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2]])}]
+    _, terms = DeformableDetrLoss(config, "iou_aware")(logits, boxes, target)
+    onehot = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    iou = torch.tensor([[[0.5], [0.0]]])  # (0.2 * 0.2) / (0.4 * 0.2)
+    torch.testing.assert_close(terms["loss_ce"], iou_aware_bce_loss(logits, onehot, iou).sum())
+
+
+def test_options_are_off_by_default_and_checked():
+    defaults = TrainingOptions(dataset="d", config_name="tiny")
+    assert (defaults.hybrid_queries, defaults.query_groups, defaults.classification_loss) == (0, 1, "focal")
+    with pytest.raises(ValueError, match="need hybrid_queries"):
+        TrainingOptions(dataset="d", config_name="tiny", hybrid_repeats=3)
+    with pytest.raises(ValueError, match="query_groups must be at least 1"):
+        TrainingOptions(dataset="d", config_name="tiny", query_groups=0)
+    with pytest.raises(ValueError, match="classification_loss"):
+        TrainingOptions(dataset="d", config_name="tiny", classification_loss="varifocal")
+    with pytest.raises(ValueError, match="two-stage"):
+        TrainingQueries(tiny_model(two_stage=True).config, hybrid_queries=4)
+
+
+def test_hybrid_training_saves_a_plain_model_and_resumes_exactly(shapes_folder, tmp_path):
+    """Hybrid queries and two groups: the saved model has a plain model's keys and config; the checkpoint keeps
+    the extra queries; four steps with a checkpoint after two, resumed, give the weights of four in one go."""
+    common = dict(
+        max_steps=4,
+        per_device_train_batch_size=1,
+        eval_every_epochs=0,
+        hybrid_queries=12,
+        hybrid_repeats=2,
+        query_groups=2,
+        classification_loss="iou_aware",
+    )
+    train(options(shapes_folder, tmp_path / "whole", **common, checkpointing_steps=2))
+    train(options(shapes_folder, tmp_path / "plain", max_steps=1, eval_every_epochs=0, per_device_train_batch_size=1))
+    whole, plain = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(tmp_path / "plain" / "model.safetensors"),
+    )
+    assert whole.keys() == plain.keys()
+    assert all(whole[k].shape == plain[k].shape for k in plain)
+    configs = [json.load(open(tmp_path / run / "config.json")) for run in ("whole", "plain")]
+    assert configs[0].keys() == configs[1].keys()
+    assert load_file(tmp_path / "whole" / "checkpoint-2" / FILE)["query_embed.weight"].shape == (10 + 12, 64)
+    DeformableDetrForObjectDetection.from_pretrained(tmp_path / "whole")  # loads as a plain model
+    resumed = dict(common, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    train(options(shapes_folder, tmp_path / "resumed", **resumed))
+    again = load_file(tmp_path / "resumed" / "model.safetensors")
+    for key in whole:
+        assert torch.equal(whole[key], again[key]), key
+    history = json.load(open(tmp_path / "whole" / "history.json"))
+    assert "loss_ce_hybrid" in history[0]
+    # a checkpoint with extra queries, resumed without them: refused, naming the options
+    with pytest.raises(ValueError, match="query_groups, hybrid_queries"):
+        train(
+            options(
+                shapes_folder,
+                tmp_path / "other",
+                max_steps=4,
+                per_device_train_batch_size=1,
+                eval_every_epochs=0,
+                resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"),
+            )
+        )
