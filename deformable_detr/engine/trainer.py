@@ -305,8 +305,9 @@ class Trainer:
         self.ground_truth = coco_ground_truth(splits["validation"], class_names)
 
     def prepare_queries(self, config) -> list[dict]:
-        """The run's training-only queries and loss (query_groups, hybrid_queries, classification_loss) on the
-        run's device, or None; -> the optimiser's parameter group of their embeddings (the transformer's lr)."""
+        """`self.queries`: the run's training-only queries and loss (query_groups, hybrid_queries,
+        classification_loss) on the run's device, or None for the paper's recipe; -> the optimiser's parameter group
+        of their embeddings, at the transformer's lr (none without extra queries)."""
         self.queries = training_queries(self.options, config)
         if self.queries is None:
             return []
