@@ -2,7 +2,6 @@
 IoU-aware classification loss; the saved model stays a plain Deformable DETR."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -113,24 +112,23 @@ def test_group_and_hybrid_terms_have_their_own_names_and_the_primary_terms_stay(
 
 
 def test_iou_aware_loss_by_hand():
-    """One image, one query matched with a known IoU: the terms are RF-DETR's IA-BCE, written out."""
-    logits = torch.tensor([[[0.5, -1.0], [2.0, 0.3]]])  # (B=1, Q=2, N=2)
+    """One image, one query matched with a known IoU: the terms and their gradients are RF-DETR's IA-BCE, written
+    out (the target t held fixed, the negatives' weight p^2 differentiated)."""
+    values = torch.tensor([[[0.5, -1.0], [2.0, 0.3]]])  # (B=1, Q=2, N=2)
     onehot = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     iou = torch.tensor([[[0.25], [0.0]]])
-    p = logits.sigmoid()
+    logits = values.clone().requires_grad_()
+    loss = iou_aware_bce_loss(logits, onehot, iou, 0.25)
+    loss.sum().backward()
+    by_hand = values.clone().requires_grad_()
+    p = by_hand.sigmoid()
     t = max(p[0, 0, 0].item() ** 0.25 * 0.25**0.75, 0.01)
-    expected = torch.tensor(
-        [
-            [
-                [
-                    -t * math.log(p[0, 0, 0]) - (1 - t) * math.log(1 - p[0, 0, 0]),
-                    -(p[0, 0, 1] ** 2) * math.log(1 - p[0, 0, 1]),
-                ],
-                [-(p[0, 1, 0] ** 2) * math.log(1 - p[0, 1, 0]), -(p[0, 1, 1] ** 2) * math.log(1 - p[0, 1, 1])],
-            ]
-        ]
-    )
-    torch.testing.assert_close(iou_aware_bce_loss(logits, onehot, iou, 0.25), expected, rtol=1e-5, atol=1e-6)
+    positive = -t * p[0, 0, 0].log() - (1 - t) * (1 - p[0, 0, 0]).log()
+    negatives = -(p**2) * (1 - p).log()
+    expected = torch.stack([positive, negatives[0, 0, 1], negatives[0, 1, 0], negatives[0, 1, 1]])
+    expected.sum().backward()
+    torch.testing.assert_close(loss.flatten(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.grad, by_hand.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_iou_aware_loss_in_the_criterion_uses_the_matched_iou():

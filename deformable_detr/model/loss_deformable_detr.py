@@ -29,13 +29,14 @@ def iou_aware_bce_loss(logits, onehot, iou, alpha: float = 0.25, gamma: float = 
     """Elementwise IoU-aware binary cross-entropy (RF-DETR's ia_bce_loss, after DEIM): where `onehot` is 1 (a
     matched query's class) the target is t = max(p^alpha * IoU^(1 - alpha), 0.01), detached, with p the sigmoid of
     the logit and IoU (broadcast against the logits) that of the query's box with its object's, and the loss
-    -t log p - (1 - t) log(1 - p); everywhere else a focal negative without alpha, -p^gamma log(1 - p).
+    -t log p - (1 - t) log(1 - p); everywhere else a focal negative without alpha, -p^gamma log(1 - p), whose
+    weight p^gamma is differentiated too (as RF-DETR's is).
     logits, onehot, iou: the same shape (or broadcastable)."""
     prob = logits.sigmoid()
     positive = onehot.bool()
     t = (prob.detach() ** alpha * iou.detach().clamp(min=0) ** (1 - alpha)).clamp(min=0.01)
     positive_weight = torch.where(positive, t, 0.0)
-    negative_weight = torch.where(positive, 1 - t, prob.detach() ** gamma)
+    negative_weight = torch.where(positive, 1 - t, prob**gamma)  # a focal weight, differentiated as the focal's
     # -log(1 - p) = logit - logsigmoid(logit), stable for large logits
     return negative_weight * logits - F.logsigmoid(logits) * (positive_weight + negative_weight)
 
