@@ -33,8 +33,12 @@ def launch_machines(arguments, *, machines: int, processes: int = 2, timeout: fl
         )
         for rank, output in enumerate(outputs)
     ]
+    failed, ended = None, ""
     try:
         failed = _wait(launches, time.monotonic() + timeout)
+        if failed is not None:
+            code = launches[failed].poll()
+            ended = f"ran past {timeout} s" if code is None else f"exited with {code}"
     finally:
         for launch in launches:
             if launch.poll() is None:
@@ -45,7 +49,7 @@ def launch_machines(arguments, *, machines: int, processes: int = 2, timeout: fl
         output.seek(0)
         texts.append(output.read())
         output.close()
-    assert failed is None, f"machine rank {failed} exited with {launches[failed].returncode}:\n{texts[failed][-4000:]}"
+    assert failed is None, f"machine rank {failed} {ended}:\n{texts[failed][-4000:]}"
     return texts
 
 
