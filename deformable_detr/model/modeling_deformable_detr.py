@@ -414,14 +414,20 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         )
         return memory, (features, *encoder_states), encoder_attentions
 
-    def _queries(self, memory, padding_mask, spatial_shapes, query_embeds=None):
+    def _queries(self, memory, padding_mask, spatial_shapes, query_embeds=None, num_proposals=None):
         """The decoder's queries: position and content (B, Q, C), reference points (B, Q, 2) (points) or, in
-        two-stage, (B, Q, 4) (the top-scoring proposals' boxes), and the two-stage proposal logits (B, S, N) and
-        boxes (B, S, 4) before the sigmoid (else None). `query_embeds` (Q', 2C), when given, replaces the learned
-        query embeddings (position, content), Q' of them."""
+        two-stage, (B, Q, 4) (the boxes of the Q = `num_proposals` top-scoring proposals, by default
+        config.two_stage_num_proposals), and the two-stage proposal logits (B, S, N) and boxes (B, S, 4) before
+        the sigmoid (else None). `query_embeds` (Q', 2C), when given, replaces the learned query embeddings
+        (position, content), Q' of them."""
         B, C = memory.shape[0], self.config.d_model
         if query_embeds is not None and self.config.two_stage:
             raise ValueError("query_embeds replaces the learned queries, which two-stage has not: give it without")
+        if num_proposals is not None and not self.config.two_stage:
+            raise ValueError(
+                f"num_proposals={num_proposals} selects two-stage proposals, which this model (config.two_stage "
+                "false) has not: give query_embeds for more queries"
+            )
         if not self.config.two_stage:
             weight = self.query_embed.weight if query_embeds is None else query_embeds
             if weight.ndim != 2 or weight.shape[1] != 2 * C:
@@ -432,12 +438,16 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         object_query = self.enc_output_norm(self.enc_output(object_query))
         enc_outputs_class = self.enc_class_embed(object_query)
         enc_outputs_coord_logits = self.enc_bbox_embed(object_query) + proposals
-        k = self.config.two_stage_num_proposals
+        k = self.config.two_stage_num_proposals if num_proposals is None else num_proposals
+        name = "two_stage_num_proposals" if num_proposals is None else "num_proposals"
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"num_proposals must be a positive int, got {k!r}")
         if k > memory.shape[1]:
             raise ValueError(
-                f"two_stage_num_proposals={k} exceeds the {memory.shape[1]} encoder positions of the images; "
+                f"{name}={k} exceeds the {memory.shape[1]} encoder positions of the images; "
                 "give larger images or fewer proposals"
             )
+        # sorted, best first: the first Q of more proposals are the Q that Q alone would select
         topk = torch.topk(enc_outputs_class[..., 0], k, dim=1)[1]
         topk_coords = torch.gather(enc_outputs_coord_logits, 1, topk[..., None].expand(-1, -1, 4)).detach()
         embedded = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(topk_coords, C)))
@@ -453,12 +463,13 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         output_attentions,
         output_hidden_states,
         query_embeds=None,
+        num_proposals=None,
     ) -> dict:
         """The decoder's fields of DeformableDetrModelOutput, from the encoder's output `memory` (B, S, C): its
         queries (`_queries`; `decoder_inputs_embeds` (B, Q, C) in place of their content, when given), every
         layer's hidden states (B, decoder_layers, Q, C) and reference points, and (with the flags) its attentions."""
         query_pos, tgt, reference_points, enc_outputs_class, enc_outputs_coord_logits = self._queries(
-            memory, levels.padding_mask, levels.spatial_shapes, query_embeds
+            memory, levels.padding_mask, levels.spatial_shapes, query_embeds, num_proposals
         )
         if decoder_inputs_embeds is not None:
             _check_shape("decoder_inputs_embeds", decoder_inputs_embeds, tgt.shape, "(batch, queries, d_model)")
@@ -498,6 +509,7 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         query_embeds=None,
+        num_proposals=None,
         **kwargs,
     ):
         """
@@ -519,6 +531,9 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             query_embeds: (Q, 2 * C), the decoder's query embeddings (position, content) instead of the learned
                 `query_embed.weight`, any number Q of them (training with extra queries: hybrid matching, Group
                 DETR); not in two-stage, whose queries come from the proposals.
+            num_proposals: in two-stage, how many top-scoring proposals become the decoder's queries, instead of
+                config.two_stage_num_proposals (training with extra queries: the first of them are the ones the
+                model selects by itself).
             kwargs: transformers' common keyword arguments (such as num_items_in_batch, which the Trainer passes),
                 accepted and unused; any other is a TypeError.
         """
@@ -538,7 +553,14 @@ class DeformableDetrModel(DeformableDetrPreTrainedModel):
             encoder_hidden_states=encoder_states if hidden else None,
             encoder_attentions=encoder_attentions if attentions else None,
             **self._decode(
-                memory, levels, decoder_inputs_embeds, decoder_attention_mask, attentions, hidden, query_embeds
+                memory,
+                levels,
+                decoder_inputs_embeds,
+                decoder_attention_mask,
+                attentions,
+                hidden,
+                query_embeds,
+                num_proposals,
             ),
         )
         return output if return_dict else output.to_tuple()
@@ -623,6 +645,7 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         query_embeds=None,
+        num_proposals=None,
         output_auxiliary=False,
         **kwargs,
     ):
@@ -634,7 +657,7 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
                 without labels too, for a loss computed outside (training with extra queries).
             labels: for the loss, per image {"class_labels": (T,) int64, "boxes": (T, 4) cx, cy, w, h in [0, 1]}.
             decoder_attention_mask, encoder_outputs, inputs_embeds, decoder_inputs_embeds, output_attentions,
-            output_hidden_states, query_embeds, kwargs: as in `DeformableDetrModel.forward`.
+            output_hidden_states, query_embeds, num_proposals, kwargs: as in `DeformableDetrModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -648,6 +671,7 @@ class DeformableDetrForObjectDetection(DeformableDetrPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             query_embeds=query_embeds,
+            num_proposals=num_proposals,
             **kwargs,
         )
         logits, boxes = self.layer_predictions(outputs)
