@@ -2,6 +2,7 @@
 IoU-aware classification loss; the saved model stays a plain Deformable DETR."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.engine import TrainingOptions, train
 from deformable_detr.engine.query_groups import FILE, TrainingQueries, block_mask, one_to_many_targets
 from deformable_detr.model.loss_deformable_detr import DeformableDetrLoss, iou_aware_bce_loss
-from tests.support.models import tiny_model
+from tests.support.models import TINY_OVERRIDES, tiny_model
 from tests.support.training import options
 
 LABELS = [
@@ -78,7 +79,7 @@ def test_without_extra_queries_the_outputs_and_loss_are_the_models_own():
     torch.manual_seed(3)
     own = model(images(), labels=LABELS)
     torch.manual_seed(3)
-    ours = TrainingQueries(model.config)(model, model, images(), None, LABELS)
+    ours = TrainingQueries(model.config)(model, images(), None, LABELS)
     assert torch.equal(own.loss, ours.loss)
     assert own.loss_dict.keys() == ours.loss_dict.keys()
     for name in own.loss_dict:
@@ -92,7 +93,7 @@ def test_group_and_hybrid_terms_have_their_own_names_and_the_primary_terms_stay(
     own = model(images(), labels=LABELS)
     queries = queries_of(model, query_groups=2, hybrid_queries=6, hybrid_repeats=3, hybrid_loss_weight=0.5)
     torch.manual_seed(3)
-    ours = queries(model, model, images(), None, LABELS)
+    ours = queries(model, images(), None, LABELS)
     for name in own.loss_dict:
         for suffix in ("", "_group1", "_hybrid"):
             assert name + suffix in ours.loss_dict
@@ -153,8 +154,6 @@ def test_options_are_off_by_default_and_checked():
         TrainingOptions(dataset="d", config_name="tiny", query_groups=0)
     with pytest.raises(ValueError, match="classification_loss"):
         TrainingOptions(dataset="d", config_name="tiny", classification_loss="varifocal")
-    with pytest.raises(ValueError, match="two-stage"):
-        TrainingQueries(tiny_model(two_stage=True).config, hybrid_queries=4)
 
 
 def test_hybrid_training_saves_a_plain_model_and_resumes_exactly(shapes_folder, tmp_path):
@@ -200,3 +199,68 @@ def test_hybrid_training_saves_a_plain_model_and_resumes_exactly(shapes_folder, 
                 resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"),
             )
         )
+
+
+def test_in_two_stage_the_extra_queries_are_further_proposals_kept_apart():
+    """Two-stage: the groups and the hybrid set are the next top-scoring proposals (no learned queries), and under
+    the block mask the model's own Q give exactly the plain model's outputs; without the mask they would not."""
+    model = tiny_model(with_box_refine=True, two_stage=True)
+    queries = TrainingQueries(model.config, query_groups=2, hybrid_queries=5)
+    Q = model.config.two_stage_num_proposals
+    assert queries.query_embed is None and not list(queries.parameters())
+    inputs = queries.decoder_inputs(model, 2, None)
+    assert inputs["num_proposals"] == 2 * Q + 5 and inputs["decoder_attention_mask"].shape == (2, 2 * Q + 5, 2 * Q + 5)
+    with torch.no_grad():
+        plain = model(images())
+        masked = model(images(), **inputs)
+        unmasked = model(images(), num_proposals=2 * Q + 5)
+    assert masked.logits.shape[1] == 2 * Q + 5
+    torch.testing.assert_close(masked.logits[:, :Q], plain.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(masked.pred_boxes[:, :Q], plain.pred_boxes, rtol=0, atol=1e-6)
+    assert not torch.allclose(unmasked.logits[:, :Q], plain.logits, atol=1e-4)
+    with pytest.raises(ValueError, match="num_proposals=1000 exceeds the 108 encoder positions"):
+        model(images(), num_proposals=1000)
+    with pytest.raises(ValueError, match="num_proposals=3 selects two-stage proposals, which this model"):
+        tiny_model()(images(), num_proposals=3)
+
+
+def test_the_optimiser_step_clips_the_extra_queries_with_the_model():
+    """A TrainingNetwork's step clips every parameter the optimiser steps: at the step, the gradients of the
+    model and of the extra queries together have the norm max_grad_norm."""
+    from accelerate import Accelerator
+
+    from deformable_detr.engine.checkpoints import TrainState
+    from deformable_detr.engine.query_groups import TrainingNetwork
+    from deformable_detr.engine.trainer import TrainingStep
+
+    model = tiny_model().train()
+    network = TrainingNetwork(model, queries_of(model, hybrid_queries=4))
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    norms = []
+
+    def at_the_step(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    optimizer.register_step_pre_hook(at_the_step)
+    step = TrainingStep(network, optimizer, scheduler, Accelerator(cpu=True), max_grad_norm=1e-3)
+    batch = {"pixel_values": images(), "pixel_mask": torch.ones(2, 64, 80, dtype=torch.long), "labels": LABELS}
+    outcome = step(batch, TrainState())
+    assert network.queries.query_embed.weight.grad is None  # zeroed after the step, which it took part in
+    assert outcome.grad_norm > 1e-2 and "loss_ce_hybrid" in outcome.loss_parts
+    assert norms == [pytest.approx(1e-3, rel=1e-4)]
+
+
+def test_two_stage_training_with_groups_and_hybrid_queries_saves_a_plain_model(shapes_folder, tmp_path):
+    """Two-stage with two groups and hybrid queries trains (the hybrid terms logged) and saves exactly a plain
+    model's weights: from_pretrained finds none missing and none unexpected."""
+    overrides = "with_box_refine=true,two_stage=true,two_stage_num_proposals=10"
+    run = dict(max_steps=2, per_device_train_batch_size=1, eval_every_epochs=0, hybrid_queries=6, query_groups=2)
+    train(options(shapes_folder, tmp_path, f"{TINY_OVERRIDES},{overrides}", **run))
+    steps = [h for h in json.load(open(tmp_path / "history.json")) if "loss" in h]
+    assert len(steps) == 2
+    assert all(math.isfinite(h[name]) for h in steps for name in ("loss", "loss_ce", "loss_ce_hybrid"))
+    model, info = DeformableDetrForObjectDetection.from_pretrained(tmp_path, output_loading_info=True)
+    assert model.config.two_stage and not info["missing_keys"] and not info["unexpected_keys"]
+    assert not (tmp_path / FILE).exists()

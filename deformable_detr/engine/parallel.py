@@ -9,7 +9,9 @@
   (no pickles); the saved model is whole.
 
 Each prepares the model, optimiser and loaders, gathers the whole weights (every process takes part where they are
-spread), and writes and reads what a checkpoint holds beside accelerate's own state.
+spread), and writes and reads what a checkpoint holds beside accelerate's own state. The module that trains is the
+model, or a `TrainingNetwork` (the model and its training-only queries, prepared as one); the weights each gives
+back are the model's own, under its names.
 """
 
 import json
@@ -26,6 +28,7 @@ from safetensors.torch import save_file
 
 from .ema import WeightAverage
 from .options import TrainingOptions
+from .query_groups import TrainingNetwork, detector_of, detector_weights
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ class Parallel:
     what differs where the weights are spread."""
 
     main_runs_alone = True  # the main process can run the model by itself (to draw detections for the trackers)
+    # accelerate's state holds a TrainingNetwork's training-only parts (else TrainingQueries.save's file does)
+    state_holds_training_parts = False
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
@@ -46,13 +51,38 @@ class Parallel:
         return model
 
     def prepare(self, model, optimizer, train_loader, eval_loader) -> tuple:
-        """(model, optimizer, train_loader, eval_loader), prepared by accelerate."""
-        return self.accelerator.prepare(model, optimizer, train_loader, eval_loader)
+        """(model, optimizer, train_loader, eval_loader), prepared by accelerate. A TrainingNetwork's checkpoints
+        then hold its model's weights alone in accelerate's model.safetensors, under the model's names, as a plain
+        run's; its training-only parts go into a file of their own (`TrainingQueries.save`)."""
+        prepared = self.accelerator.prepare(model, optimizer, train_loader, eval_loader)
+        if isinstance(model, TrainingNetwork):
+            self.accelerator.register_save_state_pre_hook(self._save_detector_weights)
+            self.accelerator.register_load_state_pre_hook(self._load_into_detectors)
+        return prepared
+
+    def _save_detector_weights(self, models: list, weights: list[dict], folder: str):
+        """accelerate's save_state hook: a TrainingNetwork's weights as its model's (accelerate's `weights` list
+        has those of the models it saves itself: none under FSDP or DeepSpeed)."""
+        for i in range(len(weights)):
+            network = self.unwrapped(models[i])
+            if isinstance(network, TrainingNetwork):
+                weights[i] = network.detector.state_dict()
+
+    def _load_into_detectors(self, models: list, folder: str):
+        """accelerate's load_state hook: model.safetensors goes into a TrainingNetwork's model."""
+        for i, model in enumerate(models):
+            network = self.unwrapped(model)
+            if isinstance(network, TrainingNetwork):
+                models[i] = network.detector
+
+    def unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module that trains, out of accelerate's wrappers (DDP) and torch.compile's."""
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
 
     def bare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Our model itself, out of accelerate's wrappers (DDP) and torch.compile's: its state_dict keys are the
-        saved model's."""
-        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        """Our model itself, out of accelerate's wrappers (DDP), torch.compile's and a TrainingNetwork: its
+        state_dict keys are the saved model's."""
+        return detector_of(self.unwrapped(model))
 
     def whole_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's whole state dict under its own names, on the main process (and here on every one)."""
@@ -88,9 +118,13 @@ class Parallel:
             ema.save(folder)
 
     def load_beside(self, folder: str, model, optimizer, ema: WeightAverage | None, ema_updates: int):
-        """Reads back the weight average that `save_beside` wrote (accelerate's state is loaded already)."""
+        """Reads back the weight average that `save_beside` wrote and a TrainingNetwork's training-only parts
+        (accelerate's state is loaded already)."""
         if ema is not None:
             ema.load(folder, ema_updates, self.bare(model))
+        network = self.unwrapped(model)
+        if isinstance(network, TrainingNetwork) and not self.state_holds_training_parts:
+            network.queries.load(folder)
 
 
 class Spread(Parallel):
@@ -107,6 +141,8 @@ class Spread(Parallel):
 class AccelerateShards(Spread):
     """accelerate's FSDP (GPUs) or DeepSpeed."""
 
+    state_holds_training_parts = True  # FSDP and DeepSpeed save and load the whole prepared module
+
     def __init__(self, accelerator: Accelerator):
         super().__init__(accelerator)
         # an FSDP model runs on every process together: the main one cannot draw detections alone
@@ -114,7 +150,8 @@ class AccelerateShards(Spread):
 
     def whole_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         weights = self.accelerator.get_state_dict(model)
-        return {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}  # torch.compile's
+        weights = {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}  # torch.compile's
+        return detector_weights(self.unwrapped(model), weights)
 
 
 class CpuShards(Spread):
@@ -139,7 +176,7 @@ class CpuShards(Spread):
         return model, optimizer, *self.accelerator.prepare(train_loader, eval_loader)
 
     def whole_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return gathered_shards(model)
+        return detector_weights(model, gathered_shards(model))
 
     def check_resumable(self, folder: str):
         """Any checkpoint may be tried: `load_beside` names one without this run's shards."""
@@ -167,6 +204,13 @@ def parallel_for(accelerator: Accelerator, options: TrainingOptions) -> Parallel
             "ema_decay: not available with accelerate's FSDP (on GPUs) yet; leave it out, or train without FSDP"
         )
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        flat = accelerator.distributed_type == DistributedType.DEEPSPEED or not accelerator.is_fsdp2
+        if flat and (options.query_groups > 1 or options.hybrid_queries):
+            # their checkpoint file is gathered from DTensors: FSDP1's and DeepSpeed's flat shards are none
+            raise ValueError(
+                "query_groups, hybrid_queries: not available with accelerate's FSDP version 1 or DeepSpeed; "
+                "use FSDP2 (fsdp_version: 2), or train data-parallel"
+            )
         return AccelerateShards(accelerator)
     return Parallel(accelerator)
 
@@ -190,10 +234,11 @@ def check_shardable(options: TrainingOptions):
 
 def shard(model: torch.nn.Module) -> torch.nn.Module:
     """`fully_shard` on each encoder and decoder layer, on the backbone, and on the whole model (the heads, the
-    input projections and the rest); -> the same model, its parameters now DTensors."""
+    input projections and the rest; with a TrainingNetwork, its training-only parts too); -> the same model, its
+    parameters now DTensors."""
     from torch.distributed.fsdp import fully_shard
 
-    detr = model.model
+    detr = detector_of(model).model
     for layer in [*detr.encoder.layers, *detr.decoder.layers]:
         fully_shard(layer)
     fully_shard(detr.backbone)
@@ -276,7 +321,7 @@ def load_shards(
             for key, value in values.items():
                 _local(value).copy_(saved.get_tensor(f"optimizer.{name}.{key}"))
         settings = json.loads(saved.metadata()["param_groups"])
-        found = _load_average(saved, path, names, average, model_state)
+        found = _load_average(saved, path, names, average, detector_weights(model, model_state))
     options = StateDictOptions(strict=False)  # the model's names were checked above
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
     for group, saved_settings in zip(optimizer.param_groups, settings, strict=True):

@@ -1,12 +1,16 @@
 """Training-only queries and losses that leave the inference network as it is: Group DETR's extra query groups,
 H-DETR's hybrid (one-to-many) queries and the IoU-aware classification loss.
 
-`TrainingQueries` owns the extra query embeddings (they are no part of the model, so a saved model is a plain
-Deformable DETR), runs the model on the model's own Q queries followed by the extra ones, keeps the sets apart with
-a block mask over the decoder's self-attention (a query attends only to its own set), and computes the loss: each
-Group-DETR group matched one-to-one on its own (together with the model's queries, in one matching), the hybrid
-set matched to the ground truth repeated k times. After training the extra queries are dropped: the model's queries
-attend only to each other, so their outputs are those of the plain model.
+`TrainingQueries` holds the training-only parts (the extra query embeddings; they are no part of the model, so a
+saved model is a plain Deformable DETR), runs the model on the model's own Q queries followed by the extra ones,
+keeps the sets apart with a block mask over the decoder's self-attention (a query attends only to its own set), and
+computes the loss: each Group-DETR group matched one-to-one on its own (together with the model's queries, in one
+matching), the hybrid set matched to the ground truth repeated k times. In two-stage the extra queries are the next
+top-scoring proposals after the model's Q (learned ones it has not). After training the extra queries are dropped:
+the model's queries attend only to each other, so their outputs are those of the plain model.
+
+`TrainingNetwork` is the model and those parts as one module, which a run prepares (data parallel, FSDP2) as a
+whole, so that the extra queries' gradients are synchronised and clipped with the model's.
 
 Shapes: B batch, C = d_model, Q the model's queries, G groups (the model's queries count as the first), H hybrid
 queries, N classes.
@@ -21,7 +25,8 @@ from torch import nn
 from ..model.loss_deformable_detr import DeformableDetrLoss
 from .options import TrainingOptions
 
-FILE = "training_queries.safetensors"  # the extra query embeddings, in a checkpoint folder
+FILE = "training_queries.safetensors"  # the training-only weights (TrainingQueries'), in a checkpoint folder
+DETECTOR = "detector."  # the model's entries in a TrainingNetwork's state dict
 HYBRID_SUFFIX = "_hybrid"  # the hybrid set's loss terms: loss_ce_hybrid, loss_ce_0_hybrid, ...
 
 
@@ -50,7 +55,8 @@ def block_mask(sizes: list[int], device=None) -> torch.Tensor:
 
 
 class TrainingQueries(nn.Module):
-    """The extra queries of a training run and the loss over all of them; see the module's docstring."""
+    """The extra queries of a training run and the loss over all of them; see the module's docstring. Its
+    submodules and parameters are the run's training-only parts, which checkpoints keep (`save`, `load`)."""
 
     def __init__(
         self,
@@ -63,16 +69,14 @@ class TrainingQueries(nn.Module):
         classification_loss: str = "focal",
     ):
         super().__init__()
-        if config.two_stage and (query_groups > 1 or hybrid_queries):
-            raise ValueError(
-                "query_groups and hybrid_queries add learned queries, which a two-stage model (config.two_stage) "
-                "has not: its queries are the top-scoring proposals"
-            )
-        self.num_queries, self.query_groups, self.hybrid_queries = config.num_queries, query_groups, hybrid_queries
+        # the queries the model selects by itself: learned ones, or in two-stage its top-scoring proposals
+        self.num_queries = config.two_stage_num_proposals if config.two_stage else config.num_queries
+        self.query_groups, self.hybrid_queries = query_groups, hybrid_queries
         self.hybrid_repeats, self.hybrid_loss_weight = hybrid_repeats, hybrid_loss_weight
-        extra = (query_groups - 1) * config.num_queries + hybrid_queries
-        # (query position, query content), as the model's query_embed, initialised alike (normal)
-        self.query_embed = nn.Embedding(extra, 2 * config.d_model) if extra else None
+        extra = (query_groups - 1) * self.num_queries + hybrid_queries
+        # (query position, query content), as the model's query_embed, initialised alike (normal); two-stage
+        # queries come from proposals, and need none
+        self.query_embed = nn.Embedding(extra, 2 * config.d_model) if extra and not config.two_stage else None
         self.criterion = DeformableDetrLoss(config, classification_loss)
 
     @property
@@ -80,19 +84,27 @@ class TrainingQueries(nn.Module):
         """The sets of queries in the decoder's order: the G groups (the model's first), then the hybrid set."""
         return [self.num_queries] * self.query_groups + ([self.hybrid_queries] if self.hybrid_queries else [])
 
-    def forward(self, model, bare_model, pixel_values, pixel_mask, labels) -> TrainingLoss:
-        """The loss of a batch: `model` as it trains (prepared), `bare_model` the model itself (whose query_embed
-        the extra queries follow); pixel_values (B, 3, H, W), pixel_mask (B, H, W), labels as the model takes them."""
-        query_embeds = mask = None
-        if self.query_embed is not None:
-            query_embeds = torch.cat([bare_model.model.query_embed.weight, self.query_embed.weight])
-            mask = block_mask(self.sizes, pixel_values.device)[None].expand(len(pixel_values), -1, -1)
-        outputs = model(
+    def decoder_inputs(self, detector, batch: int, device) -> dict:
+        """The model's keyword arguments for all the sets of queries (none without extra ones): query_embeds
+        (Q + extra, 2C), the model's own first, or in two-stage num_proposals; and the block mask
+        decoder_attention_mask (B, Q + extra, Q + extra)."""
+        total = sum(self.sizes)
+        if total == self.num_queries:
+            return {}
+        mask = block_mask(self.sizes, device)[None].expand(batch, -1, -1)
+        if self.query_embed is None:  # two-stage: the top-scoring proposals, best first
+            return {"decoder_attention_mask": mask, "num_proposals": total}
+        query_embeds = torch.cat([detector.model.query_embed.weight, self.query_embed.weight])
+        return {"decoder_attention_mask": mask, "query_embeds": query_embeds}
+
+    def forward(self, detector, pixel_values, pixel_mask, labels) -> TrainingLoss:
+        """The loss of a batch through `detector` (the model itself, whose query_embed the extra queries follow);
+        pixel_values (B, 3, H, W), pixel_mask (B, H, W), labels as the model takes them."""
+        outputs = detector(
             pixel_values=pixel_values,
             pixel_mask=pixel_mask,
-            decoder_attention_mask=mask,
-            query_embeds=query_embeds,
             output_auxiliary=True,
+            **self.decoder_inputs(detector, len(pixel_values), pixel_values.device),
         )
         layers = [(outputs.logits, outputs.pred_boxes)]
         layers += [(aux["logits"], aux["pred_boxes"]) for aux in outputs.auxiliary_outputs or ()]
@@ -114,37 +126,76 @@ class TrainingQueries(nn.Module):
             logits[:, start:end], boxes[:, start:end], targets, auxiliary, enc_logits, enc_boxes, query_groups
         )
 
-    def save(self, folder: str):
-        """The extra query embeddings into `folder` (a checkpoint), where there are any."""
+    def save(self, folder: str, main_process: bool = True):
+        """The training-only weights into `folder` (a checkpoint), where there are any. Every process calls it:
+        sharded weights (FSDP2's DTensors) are gathered whole; the main process writes them."""
         from safetensors.torch import save_file
 
-        if self.query_embed is not None:
-            save_file({"query_embed.weight": self.query_embed.weight.detach().contiguous()}, os.path.join(folder, FILE))
+        weights = {name: _whole(tensor.detach()).contiguous() for name, tensor in self.state_dict().items()}
+        if weights and main_process:
+            save_file(weights, os.path.join(folder, FILE))
 
     def load(self, folder: str):
-        """The extra query embeddings that `save` wrote into checkpoint `folder`."""
+        """The training-only weights that `save` wrote into checkpoint `folder` (whole, not sharded ones)."""
         from safetensors.torch import load_file
 
-        if self.query_embed is not None:
-            saved = load_file(os.path.join(folder, FILE), device=str(self.query_embed.weight.device))
-            with torch.no_grad():
-                self.query_embed.weight.copy_(saved["query_embed.weight"])
+        own = self.state_dict()
+        if own:
+            device = next(iter(own.values())).device
+            self.load_state_dict(load_file(os.path.join(folder, FILE), device=str(device)))
+
+
+class TrainingNetwork(nn.Module):
+    """The model (`detector`) and its training-only parts (`queries`) as one module, which accelerate or FSDP2
+    prepares as a whole: every parameter's gradient is synchronised across the processes and clipped together.
+    With labels its forward gives the training loss (a TrainingLoss); without, the model's own outputs
+    (evaluation). Its state dict holds the model's under DETECTOR (`detector_weights`) and the training-only
+    parts under "queries."."""
+
+    def __init__(self, detector: nn.Module, queries: TrainingQueries):
+        super().__init__()
+        self.detector, self.queries = detector, queries
+
+    def forward(self, pixel_values, pixel_mask=None, labels=None):
+        """pixel_values (B, 3, H, W), pixel_mask (B, H, W), labels as the model takes them."""
+        if labels is None:
+            return self.detector(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        return self.queries(self.detector, pixel_values, pixel_mask, labels)
+
+
+def detector_of(module: nn.Module) -> nn.Module:
+    """The model in `module`: a TrainingNetwork's detector, or `module` itself."""
+    return module.detector if isinstance(module, TrainingNetwork) else module
+
+
+def detector_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights`, the state dict of `module` (unwrapped), as the model's own: a TrainingNetwork's without its
+    training-only parts, under the model's names; any other module's as they are."""
+    if not isinstance(module, TrainingNetwork):
+        return weights
+    return {name.removeprefix(DETECTOR): tensor for name, tensor in weights.items() if name.startswith(DETECTOR)}
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor gathered whole (every process takes part); a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def check_resumable_queries(folder: str, queries: TrainingQueries | None):
-    """ValueError where checkpoint `folder` holds other extra queries (none, or another number) than this run's
-    `queries`: the optimiser's state would not fit either."""
+    """ValueError where checkpoint `folder` holds other training-only weights (none, or other names or shapes)
+    than this run's `queries`: the optimiser's state would not fit either."""
     path = os.path.join(folder, FILE)
-    wanted = None if queries is None or queries.query_embed is None else tuple(queries.query_embed.weight.shape)
-    saved = None
+    wanted = {} if queries is None else {name: tuple(t.shape) for name, t in queries.state_dict().items()}
+    saved = {}
     if os.path.isfile(path):
         from safetensors import safe_open
 
         with safe_open(path, "pt") as f:
-            saved = tuple(f.get_slice("query_embed.weight").get_shape())
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     if saved != wanted:
-        had = f"{saved[0]} extra queries" if saved else "no extra queries"
-        has = f"{wanted[0]}" if wanted else "none"
+        extra = "query_embed.weight"  # the one training-only weight so far
+        had = f"{saved[extra][0]} extra queries" if extra in saved else "no extra learned queries"
+        has = f"{wanted[extra][0]}" if extra in wanted else "none"
         raise ValueError(
             f"{folder} was trained with {had} ({FILE}), this run has {has} (query_groups, hybrid_queries): "
             "resume it with its own options, or start afresh in another output_dir"

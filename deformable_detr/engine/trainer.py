@@ -52,7 +52,14 @@ from .model_card import write_model_card
 from .model_setup import build_model, check_hub_model, parameter_groups, warn_of_a_fresh_model
 from .options import TRACKING_DIR, TrainingOptions
 from .parallel import Parallel, parallel_for
-from .query_groups import HYBRID_SUFFIX, TrainingQueries, check_resumable_queries, training_queries
+from .query_groups import (
+    HYBRID_SUFFIX,
+    TrainingNetwork,
+    TrainingQueries,
+    check_resumable_queries,
+    detector_of,
+    training_queries,
+)
 from .schedule import lr_factor
 from .signals import RESUME_HINT, StopRequest, TrainingStopped, ignore_stop_signals, worker_context
 from .tracking import detections_picture, log_picture, tracker_names
@@ -82,25 +89,14 @@ class StepOutcome:
 
 
 class TrainingStep:
-    """One batch of training on a prepared model: the loss and its backward pass, and at the end of each
-    accumulation window the clipped optimiser step, skipped (and counted) where the window saw a non-finite loss
-    or gradient. Non-finite losses and stop requests are summed over the processes, so that all of them skip or
-    stop together."""
+    """One batch of training on a prepared model (or TrainingNetwork, whose loss is then the batch's): the loss
+    and its backward pass, and at the end of each accumulation window the clipped optimiser step, skipped (and
+    counted) where the window saw a non-finite loss or gradient. Non-finite losses and stop requests are summed over
+    the processes, so that all of them skip or stop together."""
 
-    def __init__(
-        self,
-        model,
-        optimizer,
-        scheduler,
-        accelerator: Accelerator,
-        *,
-        max_grad_norm: float,
-        queries: TrainingQueries | None = None,
-    ):
-        """`queries`: the run's training-only queries and loss, which then give the batch's loss (else the
-        model's own)."""
+    def __init__(self, model, optimizer, scheduler, accelerator: Accelerator, *, max_grad_norm: float):
         self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
-        self.max_grad_norm, self.queries = max_grad_norm, queries
+        self.max_grad_norm = max_grad_norm
         self.window_bad = False  # the accumulation window so far saw a non-finite loss
 
     def __call__(self, batch: dict, state: TrainState, *, stop_requested: bool = False, scale: float = 1.0):
@@ -118,12 +114,7 @@ class TrainingStep:
     def forward_backward(self, batch: dict, *, stop_requested: bool, scale: float) -> tuple:
         """The loss of one batch, and its backward pass (of the loss times `scale`) unless the accumulation window
         already saw a non-finite loss; -> (outputs, finite on every process, stop asked for on some process)."""
-        if self.queries is None:
-            inputs = {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"]}
-            outputs = self.model(**inputs, labels=batch["labels"])
-        else:
-            bare = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-            outputs = self.queries(self.model, bare, batch["pixel_values"], batch["pixel_mask"], batch["labels"])
+        outputs = self.model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
         bad = (~torch.isfinite(outputs.loss.detach())).float()
         flags = torch.stack([bad, torch.full_like(bad, float(stop_requested))])
         # the step's one device sync before backward
@@ -138,7 +129,8 @@ class TrainingStep:
         """At the end of an accumulation window: clip and apply the gradients, or skip (and count in `state`) the
         step when the window saw a non-finite loss or the gradients are not finite (in fp16 the grad scaler skips
         such steps itself and lowers its scale). The lr schedule advances either way. -> the gradient norm before
-        clipping, or None for a skipped step."""
+        clipping, or None for a skipped step. The prepared module holds every parameter the optimiser steps (a
+        TrainingNetwork's training-only ones too): all are clipped together."""
         skip, norm = self.window_bad, None
         if not skip:
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf"))
@@ -169,7 +161,7 @@ class Trainer:
 
     accelerator: Accelerator
     parallel: Parallel  # how the run spreads over its processes (parallel.py)
-    model: torch.nn.Module  # as prepared for training: wrapped (DDP), sharded or compiled
+    model: torch.nn.Module  # as prepared for training: wrapped (DDP), sharded or compiled; a TrainingNetwork too
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: TrainingStep
@@ -281,9 +273,9 @@ class Trainer:
             )
         warn_of_cpu_mixed_precision(self.accelerator)
         self.parallel = parallel_for(self.accelerator, options)
-        model = self.parallel.shard(model)
+        model = self.parallel.shard(self.training_network(model))
         self.train_samples, train_loader, eval_loader = make_loaders(options, splits, self.processor)
-        groups = parameter_groups(model, options) + self.prepare_queries(model.config)
+        groups = parameter_groups(detector_of(model), options) + self.queries_group()
         optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
         self.model, self.optimizer, self.train_loader, self.eval_loader = self.parallel.prepare(
             model, optimizer, train_loader, eval_loader
@@ -293,31 +285,23 @@ class Trainer:
         factor = lr_factor(options.lr_scheduler, self.max_steps, options.warmup_steps, options.lr_drop)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.step = TrainingStep(
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.accelerator,
-            max_grad_norm=options.max_grad_norm,
-            queries=self.queries,
+            self.model, self.optimizer, self.scheduler, self.accelerator, max_grad_norm=options.max_grad_norm
         )
         if options.ema_decay:
             self.ema = WeightAverage(self.bare_model, options.ema_decay, options.ema_warmup_steps)
         self.ground_truth = coco_ground_truth(splits["validation"], class_names)
 
-    def prepare_queries(self, config) -> list[dict]:
-        """`self.queries`: the run's training-only queries and loss (query_groups, hybrid_queries,
-        classification_loss) on the run's device, or None for the paper's recipe; -> the optimiser's parameter group
-        of their embeddings, at the transformer's lr (none without extra queries)."""
-        self.queries = training_queries(self.options, config)
-        if self.queries is None:
-            return []
-        if self.accelerator.num_processes > 1:
-            raise ValueError(
-                "query_groups, hybrid_queries and classification_loss train in one process: their extra queries "
-                f"are not spread over the {self.accelerator.num_processes} processes of this launch"
-            )
-        self.queries.to(self.accelerator.device)
-        params = list(self.queries.parameters())
+    def training_network(self, model: DeformableDetrForObjectDetection) -> torch.nn.Module:
+        """The module that trains: `model`, or with the run's training-only queries and loss (`self.queries`:
+        query_groups, hybrid_queries, classification_loss) the two as one TrainingNetwork, which the processes
+        then prepare, synchronise and clip as a whole."""
+        self.queries = training_queries(self.options, model.config)
+        return model if self.queries is None else TrainingNetwork(model, self.queries)
+
+    def queries_group(self) -> list[dict]:
+        """The optimiser's parameter group of the training-only parameters (the extra query embeddings), at the
+        transformer's lr; none without any."""
+        params = [] if self.queries is None else list(self.queries.parameters())
         return [{"params": params, "lr": self.options.learning_rate, "name": "queries"}] if params else []
 
     def build_model(self, class_names: list[str]) -> DeformableDetrForObjectDetection:
@@ -381,8 +365,10 @@ class Trainer:
         self.parallel.check_resumable(checkpoint)
         check_resumable_queries(checkpoint, self.queries)
         base_lrs = list(self.scheduler.base_lrs)  # this run's options': the checkpoint brings back its own
-        # the names and shapes accelerate's model.safetensors must have (FSDP and the shards write none)
-        weights = self.model.state_dict() if os.path.isfile(os.path.join(checkpoint, MODEL_FILE)) else None
+        # the names and shapes accelerate's model.safetensors must have (FSDP and the shards write none): the
+        # prepared model's, or a TrainingNetwork's model's (parallel.py keeps them apart from its training-only parts)
+        written = self.bare_model if self.queries is not None else self.model
+        weights = written.state_dict() if os.path.isfile(os.path.join(checkpoint, MODEL_FILE)) else None
         self.state = load_checkpoint(self.accelerator, checkpoint, self.setup(), weights)
         if self.state.global_step > self.max_steps:  # the model saved at the end would go back to the checkpoint's
             raise ValueError(
@@ -391,8 +377,6 @@ class Trainer:
             )
         self.scheduler.load_state_dict(self.state.lr_schedule)
         self.parallel.load_beside(checkpoint, self.model, self.optimizer, self.ema, self.state.ema_updates)
-        if self.queries is not None:
-            self.queries.load(checkpoint)
         self.apply_learning_rates(base_lrs, checkpoint)
 
     def apply_learning_rates(self, base_lrs: list[float], checkpoint: str):
@@ -585,8 +569,8 @@ class Trainer:
 
         def beside(folder: str):
             self.parallel.save_beside(folder, self.model, self.optimizer, self.ema, self.processor)
-            if self.queries is not None and self.accelerator.is_main_process:
-                self.queries.save(folder)
+            if self.queries is not None:  # every process: sharded ones are gathered
+                self.queries.save(folder, self.accelerator.is_main_process)
 
         options = self.options
         return save_checkpoint(
