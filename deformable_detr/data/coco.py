@@ -20,6 +20,28 @@ def load_coco(
     """A COCO folder in Roboflow's layout or the standard one; contiguous class ids in order of COCO id; images
     checked by `check_images` (against `sizes`, those they are resized to); a warning where an image is in more
     than one split."""
+    files = coco_split_files(folder)
+    loaded = {split: _read_coco_file(path) for split, (path, _) in files.items()}
+    categories = _used_categories({files[split][0]: coco for split, coco in loaded.items()})
+    class_names = [name for _, name in categories]
+    index = {coco_id: i for i, (coco_id, _) in enumerate(categories)}
+    records = {split: _coco_records(loaded[split], path, images, index) for split, (path, images) in files.items()}
+    warn_of_shared_images({files[split][0]: [r["image"] for r in rows] for split, rows in records.items()}, folder)
+    splits = {
+        split: records_to_dataset(check_images(records[split], path, skip_bad_images, sizes), class_names, crowds=True)
+        for split, (path, _) in files.items()
+    }
+    return splits, class_names
+
+
+def coco_source_files(folder: str) -> list[str]:
+    """The files and folders a COCO folder's splits are read from: its annotation files, and its image folders
+    (whose modification times change as images come and go)."""
+    return [path for pair in coco_split_files(folder).values() for path in pair]
+
+
+def coco_split_files(folder: str) -> dict[str, tuple[str, str]]:
+    """{split: (its annotation file, its image folder)} of a COCO folder in either layout."""
     files = {}
     for entry in sorted(os.listdir(folder)):
         if os.path.isfile(os.path.join(folder, entry, "_annotations.coco.json")):
@@ -33,17 +55,7 @@ def load_coco(
             split = name.removeprefix("instances_").removesuffix(".json")  # train, val2017, ...
             key = re.sub(r"\d{4}$", "", split)
             files[SPLIT_NAMES.get(key, key)] = (os.path.join(annotations, name), os.path.join(folder, split))
-    loaded = {split: _read_coco_file(path) for split, (path, _) in files.items()}
-    categories = _used_categories({files[split][0]: coco for split, coco in loaded.items()})
-    class_names = [name for _, name in categories]
-    index = {coco_id: i for i, (coco_id, _) in enumerate(categories)}
-    records = {split: _coco_records(loaded[split], path, images, index) for split, (path, images) in files.items()}
-    warn_of_shared_images({files[split][0]: [r["image"] for r in rows] for split, rows in records.items()}, folder)
-    splits = {
-        split: records_to_dataset(check_images(records[split], path, skip_bad_images, sizes), class_names, crowds=True)
-        for split, (path, _) in files.items()
-    }
-    return splits, class_names
+    return files
 
 
 def _read_coco_file(path: str) -> dict:

@@ -4,18 +4,23 @@ orientation turns it are moved to the frame people see, which training, evaluati
 (`to_rgb_image` applies the orientation), when the annotation was made on the stored pixels."""
 
 import io
+import multiprocessing
 import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image
 from transformers.image_transforms import get_size_with_aspect_ratio
 
 from ..utils.messages import listed
+from .cache import cached_per_file
 
 EXIF_ORIENTATION = 0x0112
 SWAPS_AXES = {5, 6, 7, 8}  # transpose, rotate 270, transverse, rotate 90
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad files
 SHOWN = 5  # files named in a message
+PARALLEL_FROM = 4_000  # fewer headers than this are read in this process: starting a pool would cost more
+CHUNK = 2_000  # headers a pool's task reads
 
 
 def image_name(image) -> str:
@@ -63,6 +68,23 @@ def header_or_error(image) -> tuple[tuple[int, int, int] | None, str | None]:
         return None, f"{image_name(image)} ({type(error).__name__}: {error})"
 
 
+def read_headers(paths: list[str]) -> list[list]:
+    """[header, why] (`header_or_error`) of each image file, in a pool of processes (one per core) where there are
+    many: PIL reads a header in Python, at some 10,000 a second per core."""
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if len(paths) < PARALLEL_FROM or workers < 2:
+        return _headers_of(paths)
+    # forked, a worker starts at once, with nothing to import (only PIL runs in it)
+    context = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        parts = pool.map(_headers_of, [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)])
+        return [entry for part in parts for entry in part]
+
+
+def _headers_of(paths: list[str]) -> list[list]:
+    return [list(header_or_error(path)) for path in paths]
+
+
 def shown_size(width: int, height: int, orientation: int) -> tuple[int, int]:
     """(width, height) of an image stored as width x height, as its EXIF `orientation` shows it."""
     return (height, width) if orientation in SWAPS_AXES else (width, height)
@@ -97,7 +119,8 @@ def check_images(
     sizes: tuple[int, int] | None = None,
     boxes_as_shown: bool = False,
 ) -> list[dict]:
-    """Reads the header of every record's image; -> the records, each with its image as shown: `width` and
+    """Reads the header of every record's image (`read_headers`, those of files kept in the cache, cache.py, by
+    path, size and modification time); -> the records, each with its image as shown: `width` and
     `height` those people see and, for a JPEG turned by EXIF whose annotation gives the stored size, its boxes
     turned likewise (a square image, a 180-degree turn or a mirror cannot tell: the stored frame is assumed, as
     COCO tools write it; `boxes_as_shown`: the boxes are of the image as shown, never turned, as YOLO labels).
@@ -106,13 +129,15 @@ def check_images(
     `sizes` (ValueError) are refused, listed, or with `skip_bad_images` left out with one warning for each kind
     listing them."""
     kept, bad, thin, turned, as_shown, other_size = [], [], [], [], 0, []  # as_shown: a count
-    missing = [r["image"] for r in records if isinstance(r["image"], str) and not os.path.exists(r["image"])]
+    paths = [r["image"] for r in records if isinstance(r["image"], str)]
+    headers = dict(zip(paths, cached_per_file(paths, read_headers, "headers")))  # None: not a file
+    missing = [path for path in paths if headers[path] is None]
     report_bad(missing, "image(s) missing on disk", where, skip_bad_images, FileNotFoundError)
-    gone = set(missing)
     for record in records:
-        if isinstance(record["image"], str) and record["image"] in gone:
+        image = record["image"]
+        if isinstance(image, str) and headers[image] is None:
             continue
-        header, why = header_or_error(record["image"])
+        header, why = headers[image] if isinstance(image, str) else header_or_error(image)
         if header is None:
             bad.append(why)
             continue

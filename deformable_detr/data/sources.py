@@ -13,29 +13,40 @@ Sources:
 
 The first two are in the schema already, or close to it (`objects` as a list of dicts, integer categories); their
 features are checked when they are loaded, every split's.
+
+What a load converts and checks is kept in the cache (cache.py): a COCO, VOC or YOLO folder's splits as Arrow, which
+every process and later run memory-maps; for the first two (Arrow already), which rows the checks left out.
 """
 
 import logging
 import os
 import warnings
+from collections.abc import Callable
 
 import datasets
+import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Value
 
 from ..utils.local_paths import mistyped_local_path
 from ..utils.messages import listed
-from .coco import load_coco
+from .cache import cached_entry, cached_result, source_key
+from .coco import coco_source_files, load_coco
 from .image_files import header_or_error, image_name, report_bad, shown_size, too_thin
 from .objects import objects_of
 from .schema import SPLIT_NAMES
-from .voc import load_voc
-from .yolo import is_yolo, load_yolo
+from .voc import load_voc, voc_source_files
+from .yolo import is_yolo, load_yolo, yolo_source_files
 
 logger = logging.getLogger(__name__)
 
 LISTS = (List, LargeList)
 LAYOUT_NAMES = {"save_to_disk": "save_to_disk", "coco": "COCO", "voc": "Pascal VOC", "yolo": "YOLO"}
+CONVERTERS = {  # layout: (its loader, the files and folders it reads)
+    "coco": (load_coco, coco_source_files),
+    "voc": (load_voc, voc_source_files),
+    "yolo": (load_yolo, yolo_source_files),
+}
 
 
 def dataset_format(source: str) -> str:
@@ -230,14 +241,13 @@ def load_detection_dataset(
 
 def _splits_of(source: str, skip_bad_images: bool, sizes: tuple[int, int]) -> tuple[dict[str, Dataset], list[str]]:
     """({split name: rows in the schema}, class names) of `source`, whatever its layout (`dataset_format`), its
-    unreadable images and those too thin to resize to `sizes` refused or, with `skip_bad_images`, left out."""
+    unreadable images and those too thin to resize to `sizes` refused or, with `skip_bad_images`, left out; from
+    the cache where the same source files were loaded so before."""
     kind = dataset_format(source)
-    if kind == "voc":
-        return load_voc(source, skip_bad_images, sizes)
-    if kind == "coco":
-        return load_coco(source, skip_bad_images, sizes)
-    if kind == "yolo":
-        return load_yolo(source, skip_bad_images, sizes)
+    options = [kind, os.fspath(source), os.path.abspath(source), skip_bad_images, list(sizes)]
+    if kind in CONVERTERS:
+        load, source_files = CONVERTERS[kind]
+        return _cached_splits(source_key(source_files(source), options), lambda: load(source, skip_bad_images, sizes))
     loaded = datasets.load_from_disk(source) if kind == "save_to_disk" else datasets.load_dataset(source)
     if isinstance(loaded, Dataset):
         loaded = DatasetDict(train=loaded)
@@ -245,11 +255,58 @@ def _splits_of(source: str, skip_bad_images: bool, sizes: tuple[int, int]) -> tu
     if "train" not in splits:
         raise ValueError(f"{source} has no 'train' split; its splits are {sorted(loaded)}")
     splits = _without_unlabelled_extra_splits(splits, source)
-    class_names = category_names(splits, source)
-    splits = {
-        name: _readable_rows(split, f"{source} [{name}]", skip_bad_images, sizes) for name, split in splits.items()
+    arrow_files = [file["filename"] for split in splits.values() for file in split.cache_files]
+    in_memory = any(not split.cache_files for split in splits.values())  # (nothing on disk to key it by)
+    checked = cached_result(
+        None if in_memory else source_key(arrow_files, [*options, list(splits)]),
+        lambda: _checked(splits, source, skip_bad_images, sizes),
+    )
+    return {name: _without_rows(split, checked["left_out"][name]) for name, split in splits.items()}, checked[
+        "class_names"
+    ]
+
+
+def _cached_splits(
+    key: str | None, convert: Callable[[], tuple[dict[str, Dataset], list[str]]]
+) -> tuple[dict[str, Dataset], list[str]]:
+    """convert() -> ({split: Dataset}, class names), run once per `key`: its splits (tables in memory, the images
+    as paths) are written as Arrow files and memory-mapped from then on. Without a key or a cache, convert()
+    itself, in memory."""
+
+    def write(folder: str) -> dict:
+        splits, class_names = convert()
+        for name, split in splits.items():  # (save_to_disk would copy the image files in)
+            with pa.OSFile(os.path.join(folder, f"{name}.arrow"), "wb") as sink:
+                with pa.ipc.new_stream(sink, split.data.schema) as writer:
+                    writer.write_table(split.data.table)
+        return {"class_names": class_names, "splits": list(splits)}
+
+    entry = cached_entry(key, write)
+    if entry is None:
+        return convert()
+    folder, meta = entry
+    splits = {name: Dataset.from_file(os.path.join(folder, f"{name}.arrow")) for name in meta["splits"]}
+    return splits, meta["class_names"]
+
+
+def _checked(splits: dict[str, Dataset], source: str, skip_bad_images: bool, sizes: tuple[int, int]) -> dict:
+    """{"class_names", "left_out": {split: its rows left out}} of the splits of a dataset that datasets reads
+    (`category_names`, `_unreadable_rows`)."""
+    return {
+        "class_names": category_names(splits, source),
+        "left_out": {
+            name: _unreadable_rows(split, f"{source} [{name}]", skip_bad_images, sizes)
+            for name, split in splits.items()
+        },
     }
-    return splits, class_names
+
+
+def _without_rows(split: Dataset, rows: list[int]) -> Dataset:
+    """`split` without `rows`."""
+    if not rows:
+        return split
+    left_out = set(rows)
+    return split.select([row for row in range(len(split)) if row not in left_out])
 
 
 def _held_out(train: Dataset, source: str, validation_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -272,9 +329,27 @@ def _held_out(train: Dataset, source: str, validation_fraction: float, seed: int
     return parts["train"], parts["test"]
 
 
-def _has_boxes(split: Dataset) -> bool:
-    """Whether some image of `split` has an object that is trained on and scored (not a crowd region)."""
-    return any(0 in objects_of(row)["iscrowd"] for row in split.select_columns("objects"))
+def _has_boxes(split: Dataset, batch_size: int = 100_000) -> bool:
+    """Whether some image of `split` has an object that is trained on and scored (not a crowd region: `iscrowd`
+    1; a missing one is 0). Reads the objects as Arrow arrays, never as Python lists."""
+    for table in split.select_columns("objects").with_format("arrow").iter(batch_size=batch_size):
+        objects = table.column("objects").combine_chunks()
+        per_object = not pa.types.is_struct(objects.type)  # a list of dicts, not a dict of lists
+        fields = {field.name for field in (objects.type.value_type if per_object else objects.type)}
+        if "iscrowd" not in fields:
+            if len(_per_object(objects, "bbox", per_object)):
+                return True
+        elif pc.any(pc.equal(_per_object(objects, "iscrowd", per_object).fill_null(0), 0)).as_py():
+            return True
+    return False
+
+
+def _per_object(objects: pa.Array, field: str, per_object: bool) -> pa.Array:
+    """The values of `field` of every object of `objects` (one row's objects a list of dicts where `per_object`,
+    else a dict of lists), one after the other."""
+    if per_object:
+        return pc.struct_field(pc.list_flatten(objects), field)
+    return pc.list_flatten(pc.struct_field(objects, field))
 
 
 def _without_unlabelled_extra_splits(splits: dict[str, Dataset], source: str) -> dict[str, Dataset]:
@@ -293,9 +368,9 @@ def _without_unlabelled_extra_splits(splits: dict[str, Dataset], source: str) ->
     return {name: split for name, split in splits.items() if name not in bare}
 
 
-def _readable_rows(split: Dataset, where: str, skip_bad_images: bool, sizes: tuple[int, int]) -> Dataset:
-    """`split` without the rows whose image cannot be read or is too thin to resize to `sizes` (with
-    skip_bad_images; else ValueError naming them). The images are read one row at a time, their headers only."""
+def _unreadable_rows(split: Dataset, where: str, skip_bad_images: bool, sizes: tuple[int, int]) -> list[int]:
+    """The rows of `split` whose image cannot be read or is too thin to resize to `sizes`: with skip_bad_images,
+    to leave out; else ValueError naming them. The images are read one row at a time, their headers only."""
     undecoded = split.cast_column("image", datasets.Image(decode=False)).select_columns("image")
     bad, thin = {}, {}  # row -> why
     for row, example in enumerate(undecoded):
@@ -307,5 +382,4 @@ def _readable_rows(split: Dataset, where: str, skip_bad_images: bool, sizes: tup
             thin[row] = f"{image_name(example['image'])} ({why})"
     report_bad(list(bad.values()), "unreadable image(s)", where, skip_bad_images)
     report_bad(list(thin.values()), "image(s) too thin to resize", where, skip_bad_images)
-    left_out = bad | thin
-    return split.select([row for row in range(len(split)) if row not in left_out]) if left_out else split
+    return sorted(bad | thin)

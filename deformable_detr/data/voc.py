@@ -68,6 +68,16 @@ def load_voc(
     return splits, class_names
 
 
+def voc_source_files(folder: str) -> list[str]:
+    """The files and folders a VOC folder's splits are read from: the split lists, every annotation, and the
+    image folder (whose modification time changes as images come and go)."""
+    found = [os.path.join(folder, "JPEGImages")]
+    for part in (os.path.join("ImageSets", "Main"), "Annotations"):
+        if os.path.isdir(path := os.path.join(folder, part)):
+            found += [entry.path for entry in os.scandir(path)]
+    return found
+
+
 def _warn_of_case_variants(class_names: list[str], items: list[dict], folder: str):
     """Warns of class names that differ only in case ('rbc', 'RBC'): they stay separate classes."""
     variants = {}

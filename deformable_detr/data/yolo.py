@@ -74,6 +74,17 @@ def load_yolo(
     return splits, class_names
 
 
+def yolo_source_files(folder: str) -> list[str]:
+    """The files and folders a YOLO folder's splits are read from: every file of its tree but the images (its
+    data.yaml, label files, lists of images), and every folder (whose modification time changes as images come
+    and go)."""
+    found = []
+    for top, _, names in os.walk(folder):
+        found.append(top)
+        found += [os.path.join(top, name) for name in names if not name.lower().endswith(IMAGE_SUFFIXES)]
+    return found
+
+
 def label_file(image: str) -> str:
     """The label file of `image`: its path with the last `images` folder turned `labels`, ending in .txt
     (beside the image where no folder of the path is `images`)."""
