@@ -11,17 +11,26 @@
   (e) memory (`--only memory`): one training step of (c) with and without gradient checkpointing (the backbone
       stages and the encoder and decoder layers recomputed in the backward pass);
   (f) COCO evaluation (`--only evaluation`) of 5,000 images x 100 detections: faster-coco-eval against
-      pycocotools, and whether their twelve numbers agree.
+      pycocotools, and whether their twelve numbers agree;
+  (g) data loading (`--only data`): `load_detection_dataset` of synthetic COCO folders the size of COCO (118k
+      images, 860k boxes) and of Objects365 (1.7M images, 10M boxes), their images hard links of a few small JPEGs:
+      seconds and memory per process, the first time (the cache is built) and from the cache, for 1 process and for
+      4 started at once (one builds, the others wait, then all memory-map it). `--data_scale` shrinks them.
 
 Peak memory is the growth of the process's peak resident memory during one call (Linux: VmHWM after
 resetting it); on a GPU, torch.cuda.max_memory_allocated.
 """
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 
 from deformable_detr.apps.onnx_export import max_abs_difference
@@ -253,6 +262,129 @@ def bench_export(repeats):
             )
 
 
+DATA_SETS = {  # name: (images, boxes, classes), as COCO's train2017 and Objects365's train set
+    "coco": (118_287, 860_001, 80),
+    "objects365": (1_700_000, 10_000_000, 365),
+}
+JPEG_SIZES = [(64, 48), (48, 64), (80, 60), (96, 72)]  # the few small JPEGs that every image links to
+DATA_WORKER = """
+import json, sys, time
+import torch
+from deformable_detr.data.sources import load_detection_dataset
+from deformable_detr.utils.benchmarking import PeakMemory
+
+def private_mib():  # the process's own memory, not the file pages it maps (which processes share)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+before = private_mib()
+with PeakMemory(torch.device("cpu")) as peak:
+    start = time.perf_counter()
+    splits, names = load_detection_dataset(sys.argv[1])
+    seconds = time.perf_counter() - start
+images = sum(len(split) for split in splits.values())
+print(json.dumps({"seconds": seconds, "peak_mib": peak.mib, "private_mib": private_mib() - before, "images": images}))
+"""
+
+
+def synthetic_coco_folder(folder: str, images: int, boxes: int, classes: int, seed: int = 0) -> str:
+    """A COCO folder (`annotations/instances_{train,val}.json`, 5% of the images in val) of `images` images with
+    about `boxes` boxes of `classes` classes, written under `folder` unless it is there already; the images are
+    hard links of a few small JPEGs (JPEG_SIZES, other ones in each split), 10,000 a folder. Returns its path."""
+    from PIL import Image
+
+    root = os.path.join(folder, f"coco_{images}_{boxes}_{classes}_{seed}")
+    if os.path.exists(os.path.join(root, "complete")):
+        return root
+    rng = np.random.default_rng(seed)
+    originals = {"train": [], "val": []}  # of other byte sizes: no file of val is a copy of one of train
+    for split, quality in (("train", 95), ("val", 50)):
+        for k, (width, height) in enumerate(JPEG_SIZES):
+            originals[split].append(os.path.join(folder, f"original_{split}_{k}.jpg"))
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(originals[split][-1], quality=quality)
+    counts = rng.poisson(boxes / images, images)
+    owner = np.repeat(np.arange(images), counts)  # the image of each box
+    wh = np.asarray(JPEG_SIZES)[owner % len(JPEG_SIZES)]
+    corner = rng.random((len(owner), 2)) * wh / 2
+    side = 1 + rng.random((len(owner), 2)) * (wh / 2 - 1)
+    category = rng.integers(1, classes + 1, len(owner))
+    val_from = images - images // 20
+    for split, lo, hi in (("train", 0, val_from), ("val", val_from, images)):
+        _write_coco_split(root, split, lo, hi, owner, corner, side, category, classes, originals[split])
+    open(os.path.join(root, "complete"), "w").close()
+    return root
+
+
+def _write_coco_split(root, split, lo, hi, owner, corner, side, category, classes, originals):
+    """One split's images (hard links) and annotation file, of the images lo..hi-1 and their boxes."""
+    lines = []
+    for i in range(lo, hi):
+        name = f"{i // 10_000:04d}/{i:08d}.jpg"
+        if i % 10_000 == 0 or i == lo:
+            os.makedirs(os.path.join(root, split, f"{i // 10_000:04d}"), exist_ok=True)
+        target = os.path.join(root, split, name)
+        if not os.path.exists(target):
+            os.link(originals[i % len(originals)], target)
+        width, height = JPEG_SIZES[i % len(JPEG_SIZES)]
+        lines.append(f'{{"id": {i}, "file_name": "{name}", "width": {width}, "height": {height}}}')
+    first, last = np.searchsorted(owner, [lo, hi])
+    columns = zip(range(first, last), *(a[first:last].tolist() for a in (owner, category, *corner.T, *side.T)))
+    annotations = [
+        f'{{"id": {j}, "image_id": {i}, "category_id": {c}, "bbox": [{x:.2f}, {y:.2f}, {w:.2f}, {h:.2f}], '
+        f'"area": {w * h:.2f}, "iscrowd": 0}}'
+        for j, i, c, x, y, w, h in columns
+    ]
+    categories = [f'{{"id": {c}, "name": "class {c}", "supercategory": "thing"}}' for c in range(1, classes + 1)]
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+        f.write('{"images": [' + ", ".join(lines) + '], "annotations": [')
+        f.write(", ".join(annotations) + '], "categories": [' + ", ".join(categories) + "]}")
+
+
+def _load_in_processes(folder: str, cache: str, processes: int) -> list[dict]:
+    """`processes` fresh Pythons started at once, each loading `folder` with the cache in `cache`: their
+    {"seconds", "peak_mib", "private_mib", "images"}."""
+    env = dict(os.environ, DEFORMABLE_DETR_DATA_CACHE=cache, OMP_NUM_THREADS="1")
+    started = [
+        subprocess.Popen([sys.executable, "-c", DATA_WORKER, folder], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
+    results = []
+    for process in started:
+        out, _ = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"loading {folder} failed in a process (exit {process.returncode})")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def bench_data_loading(data_sets: list[str], scale: float, processes: list[int], data_dir: str | None):
+    """(g): for each of `data_sets` (DATA_SETS) at `scale`, the load time and memory per process of 1 and 4
+    processes, the first time (an empty cache) and from the cache. `data_dir`: where the synthetic folders are
+    kept between runs (default: a temporary folder, removed at the end)."""
+    print(f"\n(g) data loading: load_detection_dataset of synthetic COCO folders (scale {scale:g})")
+    print(
+        f"{'data set':40s} {'processes':>9s} {'first s':>8s} {'cached s':>8s} {'peak MiB first':>14s} "
+        f"{'peak MiB cached':>15s} {'private MiB cached':>18s}"
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in data_sets:
+            full_images, full_boxes, classes = DATA_SETS[name]
+            images, boxes = max(1, round(full_images * scale)), max(1, round(full_boxes * scale))
+            folder = synthetic_coco_folder(data_dir or scratch, images, boxes, classes)
+            for count in processes:
+                cache = tempfile.mkdtemp(dir=scratch)
+                first, cached = (_load_in_processes(folder, cache, count) for _ in range(2))
+                label = f"{name} ({images:,} images, {boxes:,} boxes)"
+                print(
+                    f"{label:40s} {count:9d} {max(r['seconds'] for r in first):8.1f} "
+                    f"{max(r['seconds'] for r in cached):8.1f} {max(r['peak_mib'] for r in first):14.0f} "
+                    f"{max(r['peak_mib'] for r in cached):15.0f} {max(r['private_mib'] for r in cached):18.0f}",
+                    flush=True,
+                )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -260,8 +392,20 @@ def main():
     parser.add_argument("--train_repeats", type=int, default=2, help="timed runs of each side for (c) (default 2)")
     parser.add_argument(
         "--only",
-        choices=["op", "model", "export", "memory", "evaluation"],
-        help="run only part (a), only (b) and (c), only (d), only (e) or only (f)",
+        choices=["op", "model", "export", "memory", "evaluation", "data"],
+        help="run only part (a), only (b) and (c), only (d), only (e), only (f) or only (g)",
+    )
+    parser.add_argument(
+        "--data_sets", nargs="+", choices=sorted(DATA_SETS), default=list(DATA_SETS), help="the data sets of (g)"
+    )
+    parser.add_argument(
+        "--data_scale", type=float, default=1.0, help="(g)'s data sets at this fraction of their size (default 1)"
+    )
+    parser.add_argument(
+        "--data_processes", type=int, nargs="+", default=[1, 4], help="(g)'s process counts (default 1 4)"
+    )
+    parser.add_argument(
+        "--data_dir", help="where (g) keeps its synthetic folders between runs (default: a temporary folder)"
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -280,6 +424,8 @@ def main():
         bench_memory(device, args.train_repeats)
     if args.only in (None, "evaluation"):
         bench_evaluation()
+    if args.only in (None, "data"):
+        bench_data_loading(args.data_sets, args.data_scale, args.data_processes, args.data_dir)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
