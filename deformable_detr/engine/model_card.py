@@ -18,8 +18,10 @@ def write_model_card(
     seconds: float,
     processes: int,
     model_id: str,
+    methods: list[str] = (),
 ) -> str:
-    """Writes `folder`/README.md and returns its path; its example loads `model_id` (the Hub repo or the folder)."""
+    """Writes `folder`/README.md and returns its path; its example loads `model_id` (the Hub repo or the folder);
+    `methods`: the training-only methods the run used (training_methods)."""
     hub_dataset = "" if os.path.exists(dataset) else f"datasets:\n- {dataset}\n"
     results = "Not evaluated."
     if metrics is not None:
@@ -42,7 +44,7 @@ tags:
 ## Training
 
 {counted(steps, "optimiser step", "optimiser steps")} in {duration(seconds)} on \
-{counted(processes, "process", "processes")}{skipped if skipped_steps else ""}. Command:
+{counted(processes, "process", "processes")}{skipped if skipped_steps else ""}.{used(methods)} Command:
 
 ```
 {command}
@@ -77,6 +79,29 @@ to detect {counted(config.num_labels, "class", "classes")}: {classes}.
 Backbone {backbone}, \
 d_model {config.d_model}, {config.encoder_layers} encoder and {config.decoder_layers} decoder layers, \
 {config.num_queries} queries, {config.num_feature_levels} feature levels."""
+
+
+def training_methods(options) -> list[str]:
+    """The training-only methods a run's TrainingOptions used, in words for the card."""
+    methods = []
+    if options.hybrid_queries:
+        methods.append(
+            f"H-DETR's hybrid matching ({options.hybrid_queries} extra queries, each box repeated "
+            f"{options.hybrid_repeats} times, loss weight {options.hybrid_loss_weight:g})"
+        )
+    if options.query_groups > 1:
+        methods.append(f"Group DETR's query groups ({options.query_groups})")
+    if options.classification_loss == "iou_aware":
+        methods.append("the IoU-aware classification loss")
+    return methods
+
+
+def used(methods: list[str]) -> str:
+    """The card's sentence on the training-only methods, or nothing."""
+    if not methods:
+        return ""
+    listed = methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " and " + methods[-1]
+    return f" Trained with {listed}: training-only, they are no part of this model, a plain Deformable DETR."
 
 
 def counted(number: int, one: str, many: str) -> str:

@@ -16,7 +16,7 @@ import math
 import shlex
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Literal
 
 from ..metrics.metric_names import SUMMARY_NAMES
@@ -46,6 +46,12 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 Schedule = Literal[SCHEDULES]
 Precision = Literal[MIXED_PRECISION]
 Metric = Literal[tuple(SUMMARY_NAMES)]
+# --training_recipe: what each recipe gives the options a run leaves at their defaults; a callable takes the
+# model's config (H-DETR's hybrid queries are five times the one-to-one ones: 1,500 beside 300)
+TRAINING_RECIPES = {
+    "paper": {},
+    "fast": {"hybrid_queries": lambda config: 5 * config.num_queries, "classification_loss": "iou_aware"},
+}
 OverrideValue = bool | int | float | str  # a config attribute's value; transformers converts it to the attribute's type
 
 
@@ -170,6 +176,13 @@ class TrainingOptions:
         "backward then sums in a fixed order on GPUs too (not yet timed on one)",
     )
 
+    training_recipe: Literal[tuple(TRAINING_RECIPES)] = option(
+        "paper",
+        "training-only queries and loss",
+        '"paper" (the paper\'s: none of the options below) or "fast": hybrid matching with 5 times the model\'s '
+        "queries (k = 6) and the IoU-aware loss, the combination that reached a given mAP in the fewest steps in "
+        "scripts/convergence.py (docs/training.md); it sets only the options a run leaves at their defaults",
+    )
     hybrid_queries: int = option(
         0,
         "training-only queries and loss",
@@ -250,6 +263,16 @@ class TrainingOptions:
         if self.with_tracking and self.report_to == "none":
             self.report_to = ["tensorboard"]
         self.check()
+
+    def with_recipe(self, config) -> "TrainingOptions":
+        """These options with training_recipe's values for those at their defaults, for a model of `config`."""
+        defaults = {f.name: f.default for f in fields(self)}
+        chosen = {
+            name: value(config) if callable(value) else value
+            for name, value in TRAINING_RECIPES[self.training_recipe].items()
+            if getattr(self, name) == defaults[name]
+        }
+        return replace(self, **chosen)
 
     def check_types(self):
         """Raises TypeError naming the option whose value is not of its field's type (ValueError where it is a word

@@ -48,7 +48,7 @@ from .curves import write_training_curves
 from .ema import WeightAverage
 from .hub import hub_repo, push_to_hub
 from .launch import check_launch
-from .model_card import write_model_card
+from .model_card import training_methods, write_model_card
 from .model_setup import build_model, check_hub_model, parameter_groups, warn_of_a_fresh_model
 from .options import TRACKING_DIR, TrainingOptions
 from .parallel import Parallel, parallel_for
@@ -262,8 +262,8 @@ class Trainer:
 
     def prepare(self, splits: dict, class_names: list[str]):
         """The model, optimiser, lr schedule and loaders, prepared by an Accelerator for the run's processes."""
-        options = self.options
         model = self.build_model(class_names)
+        self.options = options = self.options.with_recipe(model.config)  # --training_recipe's, for its queries
         self.accelerator = make_accelerator(options, model.config)
         check_launch(self.accelerator.num_processes)
         if options.deterministic and self.accelerator.device.type not in ("cpu", "cuda"):
@@ -365,10 +365,9 @@ class Trainer:
         self.parallel.check_resumable(checkpoint)
         check_resumable_queries(checkpoint, self.queries)
         base_lrs = list(self.scheduler.base_lrs)  # this run's options': the checkpoint brings back its own
-        # the names and shapes accelerate's model.safetensors must have (FSDP and the shards write none): the
-        # prepared model's, or a TrainingNetwork's model's (parallel.py keeps them apart from its training-only parts)
-        written = self.bare_model if self.queries is not None else self.model
-        weights = written.state_dict() if os.path.isfile(os.path.join(checkpoint, MODEL_FILE)) else None
+        # the names and shapes accelerate's model.safetensors must have (FSDP and the shards write none): our
+        # model's, without DDP's "module." prefix (accelerate saves it unwrapped) nor a TrainingNetwork's other parts
+        weights = self.bare_model.state_dict() if os.path.isfile(os.path.join(checkpoint, MODEL_FILE)) else None
         self.state = load_checkpoint(self.accelerator, checkpoint, self.setup(), weights)
         if self.state.global_step > self.max_steps:  # the model saved at the end would go back to the checkpoint's
             raise ValueError(
@@ -630,6 +629,7 @@ class Trainer:
             seconds=seconds,
             processes=self.accelerator.num_processes,
             model_id=self.hub_repo_id or options.output_dir,
+            methods=training_methods(options),
         )
 
 
