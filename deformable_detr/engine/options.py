@@ -188,7 +188,7 @@ class TrainingOptions:
         "training-only queries and loss",
         "H-DETR's hybrid matching: this many extra queries (e.g. 1500), trained one-to-many against the ground truth "
         "repeated hybrid_repeats times, kept apart from the model's queries by the decoder's attention mask and "
-        "dropped after training (0: off, the paper's recipe; not with a two-stage model)",
+        "dropped after training (0: off, the paper's recipe; in two-stage the next top-scoring proposals)",
     )
     hybrid_repeats: int = option(6, "training-only queries and loss", "with hybrid_queries: k, the repeats of each box")
     hybrid_loss_weight: float = option(
@@ -198,7 +198,8 @@ class TrainingOptions:
         1,
         "training-only queries and loss",
         "Group DETR: this many groups of queries (the model's own the first), each matched one-to-one on its own "
-        "and kept apart by the attention mask; only the first is saved (1: off; not with a two-stage model)",
+        "and kept apart by the attention mask; only the first is saved (1: off; in two-stage the next top-scoring "
+        "proposals)",
     )
     classification_loss: Literal["focal", "iou_aware"] = option(
         "focal",
