@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.image_utils import (
@@ -54,8 +54,11 @@ IGNORED = ("device", "disable_grouping", "default_to_square", "crop_size", "do_c
 def to_rgb_image(image: Image.Image) -> Image.Image:
     """A PIL image as people see it, in RGB: JPEG EXIF orientation applied, 16-bit gray scaled to 8 bits (PIL's
     own conversion would clip it to white), transparency composited onto white (as transformers does). The one
-    rule for the processor, the training data and the detect command."""
-    image = ImageOps.exif_transpose(image)
+    rule for the processor, the training data and the detect command. An RGB image that needs none of that comes
+    back as it is (decoded), not copied."""
+    image.load()  # decoding errors are raised here, where callers expect them
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I"):  # 16-bit PNGs open as I;16 (or I): scale 0..65535 to 0..255
         values = np.asarray(image).astype(np.float64)
         if image.mode != "I" or values.max() > 255:
@@ -64,7 +67,7 @@ def to_rgb_image(image: Image.Image) -> Image.Image:
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def check_layout(name: str, value) -> None:
