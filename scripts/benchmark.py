@@ -16,6 +16,9 @@
       images, 860k boxes) and of Objects365 (1.7M images, 10M boxes), their images hard links of a few small JPEGs:
       seconds and memory per process, the first time (the cache is built) and from the cache, for 1 process and for
       4 started at once (one builds, the others wait, then all memory-map it). `--data_scale` shrinks them.
+  (h) the input pipeline (`--only data`): images/s per core of the training samples and collator (decoding, DETR's
+      augmentation at 800 px, normalising and padding), one process and one torch thread, on the vendored BCCD
+      photos at their 640x480 and enlarged to 1920x1440 (where decoding at reduced size pays).
 
 Peak memory is the growth of the process's peak resident memory during one call (Linux: VmHWM after
 resetting it); on a GPU, torch.cuda.max_memory_allocated.
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -385,6 +389,78 @@ def bench_data_loading(data_sets: list[str], scale: float, processes: list[int],
                 )
 
 
+def pipeline_images(folder: str, size: tuple[int, int]):
+    """The vendored BCCD photos (tests/data/bccd, 640x480) with their boxes, as JPEGs of `size` (w, h) written into
+    `folder` where it differs from theirs: rows of the training schema."""
+    import warnings
+
+    import datasets
+    from PIL import Image
+
+    from deformable_detr.data.schema import records_to_dataset
+    from deformable_detr.data.voc import load_voc
+
+    with warnings.catch_warnings():  # BCCD has a few boxes without area, left out with a warning
+        warnings.simplefilter("ignore")
+        splits, class_names = load_voc(os.path.join(os.path.dirname(__file__), "..", "tests", "data", "bccd"))
+    records = []
+    for row in (row for split in splits.values() for row in split.cast_column("image", datasets.Image(decode=False))):
+        path, (width, height) = row["image"]["path"], size
+        scale_x, scale_y = width / row["width"], height / row["height"]
+        if (row["width"], row["height"]) != size:
+            image = Image.open(path).convert("RGB").resize(size, Image.BICUBIC)
+            path = os.path.join(folder, f"{len(records)}.jpg")
+            image.save(path, quality=90)
+        objects = dict(row["objects"])
+        objects["bbox"] = [[x * scale_x, y * scale_y, w * scale_x, h * scale_y] for x, y, w, h in objects["bbox"]]
+        objects["area"] = [a * scale_x * scale_y for a in objects["area"]]
+        records.append({**row, "image": path, "image_id": len(records), "width": width, "height": height})
+        records[-1]["objects"] = objects
+    return records_to_dataset(records, class_names, crowds=True)
+
+
+def bench_input_pipeline(
+    sizes=((640, 480), (1920, 1440)), image_size: int = 800, images: int = 48, batch_size: int = 2, repeats: int = 5
+) -> dict:
+    """(h): images/s per core of the training input pipeline (make_loaders' samples and collator, DETR's
+    augmentation at `image_size`), one process with one torch thread, for JPEGs of each of `sizes` (w, h): after a
+    warm-up pass, the median of `repeats` passes over `images` samples in batches of `batch_size`, each timed by
+    the process's CPU time (a busy machine slows the wall clock, not that) and by the wall clock.
+    Returns {size: (images per CPU second, images per wall-clock second)}."""
+    from deformable_detr.data.samples import DetectionCollator, DetectionSamples
+    from deformable_detr.data.transforms import DetrAugmentation
+    from deformable_detr.model.image_processing_deformable_detr import DeformableDetrImageProcessor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print(f"\n(h) input pipeline: samples + collator, DETR augmentation at {image_size} px, 1 process, 1 thread")
+    rates = {}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            for size in sizes:
+                rows = pipeline_images(folder, size)
+                samples = DetectionSamples(rows, DetrAugmentation(image_size, round(image_size * 1333 / 800)))
+                # as make_loaders has it: augmented images come resized, the processor normalises and pads them
+                collate = DetectionCollator(DeformableDetrImageProcessor(do_resize=False))
+                cpu, wall = [], []
+                for repeat in range(repeats + 1):
+                    start_cpu, start_wall = time.process_time(), time.perf_counter()
+                    for start in range(0, images, batch_size):
+                        collate([samples[i % len(samples)] for i in range(start, start + batch_size)])
+                    if repeat:  # the first pass warms up
+                        cpu.append(time.process_time() - start_cpu)
+                        wall.append(time.perf_counter() - start_wall)
+                rates[size] = (images / statistics.median(cpu), images / statistics.median(wall))
+                print(
+                    f"{size[0]}x{size[1]} JPEGs: {rates[size][0]:6.1f} images per CPU second "
+                    f"({rates[size][1]:6.1f} per wall-clock second)",
+                    flush=True,
+                )
+    finally:
+        torch.set_num_threads(threads)
+    return rates
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -393,7 +469,7 @@ def main():
     parser.add_argument(
         "--only",
         choices=["op", "model", "export", "memory", "evaluation", "data"],
-        help="run only part (a), only (b) and (c), only (d), only (e), only (f) or only (g)",
+        help="run only part (a), only (b) and (c), only (d), only (e), only (f) or only (g) and (h)",
     )
     parser.add_argument(
         "--data_sets", nargs="+", choices=sorted(DATA_SETS), default=list(DATA_SETS), help="the data sets of (g)"
@@ -426,6 +502,7 @@ def main():
         bench_evaluation()
     if args.only in (None, "data"):
         bench_data_loading(args.data_sets, args.data_scale, args.data_processes, args.data_dir)
+        bench_input_pipeline()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -247,3 +247,36 @@ def test_a_bad_mean_or_std_is_named(field, value):
     made."""
     with pytest.raises(ValueError, match=f"^{field} must"):
         DeformableDetrImageProcessor(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"do_rescale": False},
+        {"do_normalize": False},
+        {"image_mean": [0.1, 0.7, 0.3], "image_std": [0.9, 0.05, 0.5], "rescale_factor": 1 / 127},
+        {"do_convert_rgb": False, "image_mean": [0.5], "image_std": [0.25]},
+        {"pad_size": {"height": 90, "width": 100}},
+    ],
+    ids=str,
+)
+def test_uint8_images_give_what_their_values_as_floats_give_bit_for_bit(options):
+    """uint8 pixels are normalised by a lookup table of the float arithmetic: the same pixel_values as the
+    same images as float32 arrays (which that arithmetic normalises), gray, RGB and RGBA, padded or not."""
+    rng = np.random.default_rng(0)
+    shapes = [(60, 90, 3), (75, 40, 3), (33, 33, 3)]
+    if options.get("do_convert_rgb") is False:
+        shapes = [(60, 90, 1), (75, 40, 4), (33, 33, 1)]
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
+    images[0][0, :, 0] = np.arange(90)  # among them every value from 0 to 255
+    images[0][1, :, 0], images[0][2, :76, 0] = np.arange(90, 180), np.arange(180, 256)
+    processor = DeformableDetrImageProcessor(do_resize=False, **options)
+    for call in ({"return_tensors": "pt"} if len({s[-1] for s in shapes}) == 1 else {}, {"do_pad": False}):
+        ours = processor(images, input_data_format="channels_last", **call)
+        floats = processor([image.astype(np.float32) for image in images], input_data_format="channels_last", **call)
+        assert len(ours["pixel_values"]) == 3
+        for a, b in zip(ours["pixel_values"], floats["pixel_values"], strict=True):
+            assert a.dtype == b.dtype and np.asarray(a).dtype == np.float32
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert not np.array_equal(np.asarray(ours["pixel_values"][0]), np.asarray(ours["pixel_values"][1])[:1])
