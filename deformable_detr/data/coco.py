@@ -7,6 +7,7 @@ import os
 import re
 from textwrap import shorten  # a value's repr cut short: a whole list of images would drown a message
 
+import orjson  # parses a COCO file 3 to 5 times faster than json: Objects365's is 2 GB
 from datasets import Dataset
 
 from ..model.box_ops import coco_area
@@ -62,8 +63,12 @@ def _read_coco_file(path: str) -> dict:
     """The loaded file; ValueError naming it where it is not JSON, or its 'images', 'annotations' or 'categories'
     are missing or not lists of objects."""
     try:
-        with open(path) as f:
-            coco = json.load(f)
+        with open(path, "rb") as f:
+            text = f.read()
+        try:
+            coco = orjson.loads(text)
+        except orjson.JSONDecodeError:  # json reads what orjson refuses (NaN, Infinity), and names it below
+            coco = json.loads(text)
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not readable as JSON ({error})") from error
     missing = {"images", "annotations", "categories"} - set(coco if isinstance(coco, dict) else ())
