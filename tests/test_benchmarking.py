@@ -65,3 +65,28 @@ def test_the_full_size_pair_trains_the_same_parameters():
     assert sum(p.numel() for p in hf.parameters() if p.requires_grad) == sum(
         p.numel() for p in ours.parameters() if p.requires_grad
     )
+
+
+def test_the_data_benchmark_loads_its_synthetic_folder_first_and_from_the_cache(tmp_path, capsys):
+    """scripts/benchmark.py --only data at a tiny scale, in one process: its COCO folder holds the images and boxes
+    asked for, and a row reports the load of all its images, the first time and from the cache."""
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark", os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.py")
+    )
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    root = benchmark.synthetic_coco_folder(str(tmp_path), 40, 300, 5)
+    files = [
+        json.loads((tmp_path / root / "annotations" / f"instances_{s}.json").read_text()) for s in ("train", "val")
+    ]
+    assert [len(f["images"]) for f in files] == [38, 2] and len(files[0]["categories"]) == 5
+    assert 200 < sum(len(f["annotations"]) for f in files) < 400  # Poisson around 300
+    assert os.stat(os.path.join(root, "train", files[0]["images"][0]["file_name"])).st_nlink > 1  # hard links
+    benchmark.bench_data_loading(["coco"], 40 / 118_287, [1], str(tmp_path))
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[:3] == ["coco", "(40", "images,"] and row[5] == "1"
+    assert all(float(value) >= 0 for value in row[6:8])  # seconds first and cached
