@@ -1,10 +1,27 @@
-"""Fixtures that several test files use: generated shapes data written to disk, and the local fake Hub."""
+"""Fixtures that several test files use: generated shapes data written to disk, and the local fake Hub; and the
+data cache (data/cache.py) in a folder of the session's own, not the user's ~/.cache."""
+
+import os
 
 import pytest
 
+from deformable_detr.data.cache import CACHE_VARIABLE
 from deformable_detr.data.shapes import CLASS_NAMES, shapes_dataset
 from tests.support.datasets_on_disk import write_coco
 from tests.support.fake_hub import FakeHub
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """The session's data cache folder; the processes that tests start inherit it."""
+    folder = str(tmp_path_factory.mktemp("data_cache"))
+    saved = os.environ.get(CACHE_VARIABLE)
+    os.environ[CACHE_VARIABLE] = folder
+    yield folder
+    if saved is None:
+        del os.environ[CACHE_VARIABLE]
+    else:
+        os.environ[CACHE_VARIABLE] = saved
 
 
 @pytest.fixture(scope="session")
