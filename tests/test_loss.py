@@ -162,3 +162,90 @@ def test_corner_boxes_are_refused_with_that_explanation():
         model(torch.randn(1, 3, 64, 64), labels=[labels[0] | {"boxes": box_xyxy_to_cxcywh(corners)}])
         border = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2], [0.02, 0.5, 0.1, 0.3]])
         model(torch.randn(1, 3, 64, 64), labels=[labels[0] | {"boxes": border}])
+
+
+def random_targets(sizes, generator, classes=5):
+    return [
+        {
+            "class_labels": torch.randint(0, classes, (n,), generator=generator),
+            "boxes": torch.cat(
+                [
+                    torch.rand(n, 2, generator=generator) * 0.5 + 0.25,
+                    torch.rand(n, 2, generator=generator) * 0.3 + 0.05,
+                ],
+                1,
+            ),
+        }
+        for n in sizes
+    ]
+
+
+@pytest.mark.parametrize("sizes", [[4, 7], [0, 3]])
+def test_one_matching_of_groups_hybrid_and_proposals_equals_a_matching_for_each(sizes):
+    """Two query groups, the two-stage proposals and a hybrid set (objects repeated 3 times) in one `combined` call:
+    the same terms and total as each matched on its own, the hybrid set against the objects written out 3 times
+    (what the loss computed before all sets shared one matching), to fp32 precision."""
+    from deformable_detr.model.loss_deformable_detr import DeformableDetrLoss, decoder_sets, model_sets
+
+    g = torch.Generator().manual_seed(0)
+    L, B, G, Q, H, k = 3, 2, 2, 20, 30, 3
+    targets = random_targets(sizes, g)
+    logits, boxes = (
+        torch.randn(L, B, G * Q + H, 5, generator=g),
+        torch.rand(L, B, G * Q + H, 4, generator=g) * 0.5 + 0.2,
+    )
+    enc_logits, enc_boxes = torch.randn(B, 50, 5, generator=g), torch.rand(B, 50, 4, generator=g) * 0.5 + 0.2
+    loss = DeformableDetrLoss(tiny_model(num_labels=5).config)
+    own = model_sets(logits[:, :, : G * Q], boxes[:, :, : G * Q], enc_logits, enc_boxes, G)
+    hybrid = decoder_sets(logits[:, :, G * Q :], boxes[:, :, G * Q :], 1, "_hybrid", k, 0.5)
+    total, terms = loss.combined([*own, hybrid], targets)
+    repeated = [{"class_labels": t["class_labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+    hybrid_alone = decoder_sets(logits[:, :, G * Q :], boxes[:, :, G * Q :], 1, "_hybrid", 1, 0.5)
+    parts = [
+        loss.combined([own[0]], targets),
+        loss.combined([own[1]], targets),
+        loss.combined([hybrid_alone], repeated),
+    ]
+    assert list(terms) == [name for _, part in parts for name in part]
+    assert len(terms) == 4 * (L * G + 1 + L)
+    for name, value in (parts[0][1] | parts[1][1] | parts[2][1]).items():
+        torch.testing.assert_close(terms[name], value, rtol=1e-6, atol=1e-6, msg=name)
+    torch.testing.assert_close(total, sum(part[0] for part in parts), rtol=1e-6, atol=1e-6)
+
+
+def test_all_prediction_sets_share_one_host_copy_and_repeated_objects_match_k_times(monkeypatch):
+    """One `combined` call over three PredictionSets copies the costs to the host once; with 12 queries and 2 + 1
+    objects repeated 4 times, every object is matched to 4 queries of each image and each query once; the matches
+    solved on several threads are those solved on one."""
+    from deformable_detr.model import loss_deformable_detr
+    from deformable_detr.model.loss_deformable_detr import DeformableDetrLoss, PredictionSets, decoder_sets
+
+    g = torch.Generator().manual_seed(1)
+    targets = random_targets([2, 1], g)
+    logits, boxes = torch.randn(3, 2, 12, 5, generator=g), torch.rand(3, 2, 12, 4, generator=g) * 0.5 + 0.2
+    sets = [
+        decoder_sets(logits, boxes),
+        decoder_sets(logits, boxes, 1, "_many", 4),
+        PredictionSets(["_x"], logits[:1], boxes[:1]),
+    ]
+    assign, calls = loss_deformable_detr._assign, []
+    monkeypatch.setattr(loss_deformable_detr, "_assign", lambda *a: calls.append(1) or assign(*a))
+    DeformableDetrLoss(tiny_model(num_labels=5).config).combined(sets, targets)
+    assert len(calls) == 1
+    matcher = HungarianMatcher()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = matcher.match(sets, targets)
+        torch.set_num_threads(2)
+        threaded = matcher.match(sets, targets)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(serial, threaded))
+    set_index, images, queries, objects = serial[1]
+    for p in range(3):
+        assert torch.bincount(objects[set_index == p], minlength=3).tolist() == [4, 4, 4]
+        for b in range(2):
+            chosen = queries[(set_index == p) & (images == b)]
+            assert len(chosen) == len(set(chosen.tolist())) == 4 * len(targets[b]["boxes"])
+    assert torch.equal(serial[0][2:], matcher.match([sets[0]], targets)[0][2:])

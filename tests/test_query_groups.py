@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.engine import TrainingOptions, train
-from deformable_detr.engine.query_groups import FILE, TrainingQueries, block_mask, one_to_many_targets
+from deformable_detr.engine.query_groups import FILE, TrainingQueries, block_mask
 from deformable_detr.model.loss_deformable_detr import DeformableDetrLoss, iou_aware_bce_loss
 from tests.support.models import TINY_OVERRIDES, tiny_model
 from tests.support.training import options
@@ -31,13 +31,6 @@ def queries_of(model, **kwargs) -> TrainingQueries:
     torch.manual_seed(2)
     torch.nn.init.normal_(queries.query_embed.weight)
     return queries
-
-
-def test_one_to_many_targets_repeat_each_box_k_times():
-    many = one_to_many_targets(LABELS, 3)
-    assert many[0]["class_labels"].tolist() == [0, 2] * 3
-    assert torch.equal(many[0]["boxes"], LABELS[0]["boxes"].repeat(3, 1))
-    assert many[1]["boxes"].shape == (3, 4) and (many[1]["boxes"] == LABELS[1]["boxes"]).all()
 
 
 def test_block_mask_keeps_each_set_to_itself():

@@ -1,16 +1,17 @@
-"""Training-only queries and losses that leave the inference network as it is: Group DETR's extra query groups,
-H-DETR's hybrid (one-to-many) queries and the IoU-aware classification loss.
+"""Training-only queries, heads and losses that leave the inference network as it is: Group DETR's extra query
+groups, H-DETR's hybrid (one-to-many) queries, MS-DETR's one-to-many heads and the IoU-aware classification loss.
 
-`TrainingQueries` holds the training-only parts (the extra query embeddings; they are no part of the model, so a
-saved model is a plain Deformable DETR), runs the model on the model's own Q queries followed by the extra ones,
-keeps the sets apart with a block mask over the decoder's self-attention (a query attends only to its own set), and
-computes the loss: each Group-DETR group matched one-to-one on its own (together with the model's queries, in one
-matching), the hybrid set matched to the ground truth repeated k times. In two-stage the extra queries are the next
-top-scoring proposals after the model's Q (learned ones it has not). After training the extra queries are dropped:
-the model's queries attend only to each other, so their outputs are those of the plain model.
+`TrainingQueries` holds the training-only parts (the extra query embeddings and the one-to-many heads; they are no
+part of the model, so a saved model is a plain Deformable DETR), runs the model on the model's own Q queries followed
+by the extra ones, keeps the sets apart with a block mask over the decoder's self-attention (a query attends only to
+its own set), and computes the loss: each Group-DETR group matched one-to-one on its own, the hybrid set matched to
+the ground truth repeated k times, and so are the one-to-many heads' predictions for the model's own queries
+(`one_to_many_heads.py`); all in one matching. In two-stage the extra queries are the next top-scoring proposals
+after the model's Q (learned ones it has not). After training the extra queries and heads are dropped: the model's
+queries attend only to each other, so their outputs are those of the plain model.
 
 `TrainingNetwork` is the model and those parts as one module, which a run prepares (data parallel, FSDP2) as a
-whole, so that the extra queries' gradients are synchronised and clipped with the model's.
+whole, so that the training-only parts' gradients are synchronised and clipped with the model's.
 
 Shapes: B batch, C = d_model, Q the model's queries, G groups (the model's queries count as the first), H hybrid
 queries, N classes.
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..model.loss_deformable_detr import DeformableDetrLoss
+from ..model.loss_deformable_detr import DeformableDetrLoss, decoder_sets, model_sets
+from .one_to_many_heads import ONE_TO_MANY_SUFFIX, OneToManyHeads
 from .options import TrainingOptions
 
 FILE = "training_queries.safetensors"  # the training-only weights (TrainingQueries'), in a checkpoint folder
@@ -36,15 +38,6 @@ class TrainingLoss:
 
     loss: torch.Tensor
     loss_dict: dict[str, torch.Tensor]
-
-
-def one_to_many_targets(targets: list[dict], repeats: int) -> list[dict]:
-    """Each image's objects repeated `repeats` times, (T,) labels and (T, 4) boxes -> (repeats * T,) and
-    (repeats * T, 4): the one-to-many targets, each object matched to as many queries."""
-    return [
-        {**t, "class_labels": t["class_labels"].repeat(repeats), "boxes": t["boxes"].repeat(repeats, 1)}
-        for t in targets
-    ]
 
 
 def block_mask(sizes: list[int], device=None) -> torch.Tensor:
@@ -67,7 +60,12 @@ class TrainingQueries(nn.Module):
         hybrid_repeats: int = 6,
         hybrid_loss_weight: float = 1.0,
         classification_loss: str = "focal",
+        one_to_many_heads: bool = False,
+        one_to_many_repeats: int = 6,
+        one_to_many_loss_weight: float = 1.0,
     ):
+        """`one_to_many_heads`: MS-DETR's heads (`OneToManyHeads`), trained with each object repeated
+        `one_to_many_repeats` times, their terms weighted by `one_to_many_loss_weight` in the total."""
         super().__init__()
         # the queries the model selects by itself: learned ones, or in two-stage its top-scoring proposals
         self.num_queries = config.two_stage_num_proposals if config.two_stage else config.num_queries
@@ -78,6 +76,8 @@ class TrainingQueries(nn.Module):
         # queries come from proposals, and need none
         self.query_embed = nn.Embedding(extra, 2 * config.d_model) if extra and not config.two_stage else None
         self.criterion = DeformableDetrLoss(config, classification_loss)
+        self.one_to_many = OneToManyHeads(config) if one_to_many_heads else None
+        self.one_to_many_repeats, self.one_to_many_loss_weight = one_to_many_repeats, one_to_many_loss_weight
 
     @property
     def sizes(self) -> list[int]:
@@ -106,25 +106,28 @@ class TrainingQueries(nn.Module):
             output_auxiliary=True,
             **self.decoder_inputs(detector, len(pixel_values), pixel_values.device),
         )
+        return TrainingLoss(*self.criterion.combined(self.prediction_sets(outputs), labels))
+
+    def prediction_sets(self, outputs) -> list:
+        """The PredictionSets of the loss, from the model's `outputs`: the model's own (its G groups of queries,
+        its two-stage proposals), the hybrid set's, and the one-to-many heads' for the model's own queries."""
         layers = [(outputs.logits, outputs.pred_boxes)]
         layers += [(aux["logits"], aux["pred_boxes"]) for aux in outputs.auxiliary_outputs or ()]
+        logits, boxes = torch.stack([c for c, _ in layers]), torch.stack([b for _, b in layers])  # (L, B, Q', ...)
         enc_boxes = None if outputs.enc_outputs_coord_logits is None else outputs.enc_outputs_coord_logits.sigmoid()
         grouped = self.num_queries * self.query_groups
-        loss, terms = self._loss(layers, 0, grouped, labels, outputs.enc_outputs_class, enc_boxes, self.query_groups)
-        if self.hybrid_queries:
-            many = one_to_many_targets(labels, self.hybrid_repeats)
-            hybrid_loss, hybrid_terms = self._loss(layers, grouped, None, many)
-            loss = loss + self.hybrid_loss_weight * hybrid_loss
-            terms.update((name + HYBRID_SUFFIX, value) for name, value in hybrid_terms.items())
-        return TrainingLoss(loss, terms)
-
-    def _loss(self, layers, start, end, targets, enc_logits=None, enc_boxes=None, query_groups=1):
-        """The criterion over the queries [start, end) of every layer's (logits (B, Q', N), boxes (B, Q', 4))."""
-        (logits, boxes), earlier = layers[0], layers[1:]
-        auxiliary = [{"logits": c[:, start:end], "pred_boxes": b[:, start:end]} for c, b in earlier]
-        return self.criterion(
-            logits[:, start:end], boxes[:, start:end], targets, auxiliary, enc_logits, enc_boxes, query_groups
+        sets = model_sets(
+            logits[:, :, :grouped], boxes[:, :, :grouped], outputs.enc_outputs_class, enc_boxes, self.query_groups
         )
+        if self.hybrid_queries:
+            hybrid = logits[:, :, grouped:], boxes[:, :, grouped:]
+            sets.append(decoder_sets(*hybrid, 1, HYBRID_SUFFIX, self.hybrid_repeats, self.hybrid_loss_weight))
+        if self.one_to_many is not None:
+            many = self.one_to_many(outputs, self.num_queries)
+            sets.append(
+                decoder_sets(*many, 1, ONE_TO_MANY_SUFFIX, self.one_to_many_repeats, self.one_to_many_loss_weight)
+            )
+        return sets
 
     def save(self, folder: str, main_process: bool = True):
         """The training-only weights into `folder` (a checkpoint), where there are any. Every process calls it:
@@ -193,13 +196,18 @@ def check_resumable_queries(folder: str, queries: TrainingQueries | None):
         with safe_open(path, "pt") as f:
             saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     if saved != wanted:
-        extra = "query_embed.weight"  # the one training-only weight so far
-        had = f"{saved[extra][0]} extra queries" if extra in saved else "no extra learned queries"
-        has = f"{wanted[extra][0]}" if extra in wanted else "none"
         raise ValueError(
-            f"{folder} was trained with {had} ({FILE}), this run has {has} (query_groups, hybrid_queries): "
-            "resume it with its own options, or start afresh in another output_dir"
+            f"{folder} was trained with {_described(saved)} ({FILE}), this run has {_described(wanted)} "
+            "(query_groups, hybrid_queries, one_to_many_heads): resume it with its own options, or start afresh in "
+            "another output_dir"
         )
+
+
+def _described(shapes: dict[str, tuple]) -> str:
+    """The training-only weights of these names and shapes, in words: their extra queries and heads."""
+    queries = shapes.get("query_embed.weight", (0,))[0]
+    heads = any(name.startswith("one_to_many.") for name in shapes)
+    return f"{queries} extra learned queries and {'' if heads else 'no '}one-to-many heads"
 
 
 def training_queries(options: TrainingOptions, config) -> TrainingQueries | None:

@@ -50,6 +50,7 @@ from .hub import hub_repo, push_to_hub
 from .launch import check_launch
 from .model_card import training_methods, write_model_card
 from .model_setup import build_model, check_hub_model, parameter_groups, warn_of_a_fresh_model
+from .one_to_many_heads import ONE_TO_MANY_SUFFIX
 from .options import TRACKING_DIR, TrainingOptions
 from .parallel import Parallel, parallel_for
 from .query_groups import (
@@ -735,8 +736,13 @@ def advance(scheduler: torch.optim.lr_scheduler.LRScheduler):
 
 def main_terms(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
     """The last layer's loss terms (loss_ce, loss_bbox, loss_giou) and cardinality_error, without the auxiliary
-    and encoder ones; with hybrid_queries the hybrid set's too (loss_ce_hybrid, ...)."""
-    return {k: v.item() for k, v in loss_dict.items() if k.removesuffix(HYBRID_SUFFIX) in MAIN_TERMS}
+    and encoder ones; with hybrid_queries the hybrid set's too (loss_ce_hybrid, ...), with one-to-many heads theirs
+    (loss_ce_one_to_many, ...)."""
+    return {
+        k: v.item()
+        for k, v in loss_dict.items()
+        if k.removesuffix(HYBRID_SUFFIX).removesuffix(ONE_TO_MANY_SUFFIX) in MAIN_TERMS
+    }
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -6,14 +6,17 @@ Shapes: B batch, Q queries, N classes, T objects in one image. Boxes are (cx, cy
 """
 
 import importlib
+import math
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_box_iou, paired_generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, paired_box_iou, paired_generalized_box_iou
 
 
 def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -41,6 +44,42 @@ def iou_aware_bce_loss(logits, onehot, iou, alpha: float = 0.25, gamma: float = 
     return negative_weight * logits - F.logsigmoid(logits) * (positive_weight + negative_weight)
 
 
+@dataclass
+class PredictionSets:
+    """P prediction sets that the loss matches to the batch's objects, each set on its own: logits (P, B, Q, N) and
+    boxes (P, B, Q, 4) as (cx, cy, w, h). `names`: the suffixes of the P sets' terms. `repeats`: every object
+    repeated k times (one-to-many: up to k queries of a set match each object). `foreground`: class-agnostic, every
+    object of class 0 (the two-stage proposals). `weight`: the factor of the sets' terms in the total loss."""
+
+    names: list[str]
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    repeats: int = 1
+    foreground: bool = False
+    weight: float = 1.0
+
+
+def decoder_sets(logits, boxes, query_groups: int = 1, suffix: str = "", repeats: int = 1, weight: float = 1.0):
+    """Every decoder layer's predictions as PredictionSets: logits (L, B, G * Q, N), boxes (L, B, G * Q, 4), the
+    last layer first, then layers 0 .. L - 2 (named "", then "_0", "_1", ...), their queries split into G groups of
+    Q (Group DETR; the first unnamed, then "_group1", ...), each matched one-to-one on its own; `suffix` follows
+    those names, and each group's terms count `weight` / G in the total."""
+    layers = [""] + [f"_{i}" for i in range(len(logits) - 1)]
+    names = [layer + (f"_group{g}" if g else "") + suffix for layer in layers for g in range(query_groups)]
+    split = _split_groups(logits, query_groups), _split_groups(boxes, query_groups)
+    return PredictionSets(names, *split, repeats=repeats, weight=weight / query_groups)
+
+
+def model_sets(logits, boxes, enc_logits=None, enc_boxes=None, query_groups: int = 1) -> list[PredictionSets]:
+    """The model's own PredictionSets: its decoder layers' (`decoder_sets`: logits (L, B, G * Q, N), boxes
+    (L, B, G * Q, 4), the last layer first, in G groups) and, in two-stage, its proposals' (enc_logits (B, S, N),
+    enc_boxes (B, S, 4)), matched class-agnostically, named "_enc")."""
+    sets = [decoder_sets(logits, boxes, query_groups)]
+    if enc_logits is not None:
+        sets.append(PredictionSets(["_enc"], enc_logits[None], enc_boxes[None], foreground=True))
+    return sets
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to objects minimising class_cost * focal class cost +
     bbox_cost * L1 + giou_cost * (-GIoU), per image (scipy's linear_sum_assignment)."""
@@ -59,56 +98,99 @@ class HungarianMatcher(nn.Module):
     def forward(self, logits, pred_boxes, targets):
         """logits (B, Q, N), pred_boxes (B, Q, 4), targets: per image {"class_labels" (T,), "boxes" (T, 4)}
         -> per image (query indices, object indices), each (min(Q, T),) int64."""
-        _, images, queries, objects = self.match(logits[None], pred_boxes[None], targets).cpu()
+        matches = self.match([PredictionSets([""], logits[None], pred_boxes[None])], targets)[0]
+        _, images, queries, objects = matches.cpu()
         starts = np.cumsum([0] + [len(t["boxes"]) for t in targets])
         return [(queries[images == i], objects[images == i] - start) for i, start in enumerate(starts[:-1])]
 
     @torch.no_grad()
-    def match(self, logits, pred_boxes, targets) -> torch.Tensor:
-        """P prediction sets matched to the same targets: logits (P, B, Q, N), pred_boxes (P, B, Q, 4) -> (4, M)
-        int64 on their device, per match its set, image, query and object (an index into the batch's objects,
-        concatenated). The costs of all sets come to the CPU in one copy."""
+    def match(self, sets: list[PredictionSets], targets) -> list[torch.Tensor]:
+        """Per PredictionSets of `sets`, its matches as a (4, M) int64 index on its device: per match its set, image,
+        query and object (an index into the batch's objects, concatenated; a repeated object's is the object's).
+        Each image's queries are costed against its own objects only, in one cost computation per PredictionSets
+        (against each object once, however many times it repeats); all the costs come to the CPU in one copy,
+        and all the matches back in one."""
+        device = sets[0].logits.device
+        sizes = [len(t["boxes"]) for t in targets]
+        pad = nn.utils.rnn.pad_sequence
+        labels = pad([t["class_labels"].long() for t in targets], batch_first=True)  # (B, T)
+        # padded with the box (0.5, 0.5, 0.5, 0.5): finite costs, never read
+        boxes = pad([t["boxes"].float() for t in targets], batch_first=True, padding_value=0.5)  # (B, T, 4)
+        shapes = [(*s.logits.shape[:3], labels.shape[1]) for s in sets]
+        costs = torch.empty(sum(math.prod(shape) for shape in shapes), device=device)
+        start = 0
+        for s, shape in zip(sets, shapes):  # written in place, so that one set's temporaries are alive at a time
+            set_labels = torch.zeros_like(labels) if s.foreground else labels
+            costs[start : start + math.prod(shape)].view(shape).copy_(self.cost(s.logits, s.boxes, set_labels, boxes))
+            start += math.prod(shape)
+        matches = _assign(costs, shapes, sizes, [s.repeats for s in sets])
+        counts = [m.shape[1] for m in matches]
+        return list(torch.from_numpy(np.concatenate(matches, 1)).to(device, non_blocking=True).split(counts, 1))
+
+    def cost(self, logits, pred_boxes, labels, boxes) -> torch.Tensor:
+        """logits (P, B, Q, N), pred_boxes (P, B, Q, 4), each image's objects' labels (B, T) and boxes (B, T, 4)
+        -> (P, B, Q, T) float32, each query's cost against each object of its image (finite)."""
         P, B, Q = logits.shape[:3]
-        prob = logits.flatten(0, 2).float().sigmoid()
-        boxes = pred_boxes.flatten(0, 2).float()
-        labels = torch.cat([t["class_labels"] for t in targets]).long()
-        target_boxes = torch.cat([t["boxes"] for t in targets]).float()
+        prob = logits.float().sigmoid()
+        pred_boxes = pred_boxes.float()
         negative = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()
         positive = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
-        class_cost = positive[:, labels] - negative[:, labels]
-        bbox_cost = torch.cdist(boxes, target_boxes, p=1)
-        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes))
-        cost = self.bbox_cost * bbox_cost + self.class_cost * class_cost + self.giou_cost * giou_cost
+        class_cost = (positive - negative).gather(-1, labels[None, :, None].expand(P, B, Q, -1))
+        bbox_cost = torch.cdist(pred_boxes, boxes[None], p=1)
+        giou = paired_generalized_box_iou(
+            box_cxcywh_to_xyxy(pred_boxes)[..., None, :], box_cxcywh_to_xyxy(boxes)[None, :, None]
+        )
+        cost = self.bbox_cost * bbox_cost + self.class_cost * class_cost + self.giou_cost * -giou
         # a non-finite cost (a diverging prediction) must not break the assignment
         big = torch.finfo(cost.dtype).max
-        cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big).view(P, B, Q, -1)
-        return _assign(cost, [len(t["boxes"]) for t in targets])
+        return torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
 
 
 @torch.compiler.disable  # scipy on the CPU: left out of torch.compile's graphs on purpose, not by a failed trace
-def _assign(cost: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """cost (P, B, Q, sum(sizes)) -> the cheapest assignment of each image's sizes[i] objects, per set, as the
-    (4, M) index of `HungarianMatcher.match`, on cost's device."""
+def _assign(costs: torch.Tensor, shapes: list[tuple], sizes: list[int], repeats: list[int]) -> list[np.ndarray]:
+    """costs: the (P, B, Q, T) costs of every PredictionSets, flattened one after another; sizes: each image's
+    objects (T = the most of them); repeats: each PredictionSets' k -> per PredictionSets the (4, M) int64 matches
+    of `HungarianMatcher.match`: per set and image, the cheapest assignment of the image's objects, each repeated
+    k times, to the queries."""
+    host = costs.cpu().numpy()  # the one copy to the host
+    offsets = np.cumsum([0] + [math.prod(shape) for shape in shapes])
+    keys, problems = [], []
+    for index, (shape, k) in enumerate(zip(shapes, repeats)):
+        set_costs = host[offsets[index] : offsets[index + 1]].reshape(shape)
+        for p in range(shape[0]):
+            for b, n in enumerate(sizes):
+                keys.append((index, p, b))
+                problems.append(np.tile(set_costs[p, b, :, :n], (1, k)))  # a repeated object's costs are its own
+    starts = np.cumsum([0, *sizes])
+    found = [[] for _ in shapes]
+    for (index, p, b), (queries, objects) in zip(keys, _solve(problems)):
+        image_objects = objects % max(sizes[b], 1) + starts[b]  # a repeat's index is its object's
+        found[index].append(np.stack([np.full_like(queries, p), np.full_like(queries, b), queries, image_objects]))
+    return [np.concatenate(matches, 1) for matches in found]
+
+
+def _solve(problems: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each (Q, T) cost matrix's cheapest assignment (scipy's linear_sum_assignment: (rows, columns)), on as many
+    threads as torch uses (scipy lets go of the GIL while it solves; a step with many queries and objects spends
+    most of its matching time there)."""
     # by name: transformers' remote-code check scans the files for import statements, and people who only run
     # inference from the Hub must not need scipy
     linear_sum_assignment = importlib.import_module("scipy.optimize").linear_sum_assignment
-    starts = np.cumsum([0, *sizes])
-    matches = []
-    for p, set_cost in enumerate(cost.cpu().numpy()):
-        for b, (start, end) in enumerate(zip(starts[:-1], starts[1:])):
-            queries, objects = linear_sum_assignment(set_cost[b, :, start:end])
-            matches.append(np.stack([np.full_like(queries, p), np.full_like(queries, b), queries, objects + start]))
-    return torch.from_numpy(np.concatenate(matches, 1)).to(cost.device, non_blocking=True)
+    workers = min(len(problems), torch.get_num_threads())
+    if workers < 2:
+        return [linear_sum_assignment(problem) for problem in problems]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(linear_sum_assignment, problems))
 
 
-def _num_boxes(targets, device) -> float:
-    """Objects in the batch, averaged over processes (at least 1), so every process divides alike."""
+def _object_total(targets, device) -> tuple[float, int]:
+    """The batch's objects summed over the processes, and the processes, so that every process divides alike."""
     count = float(sum(len(t["class_labels"]) for t in targets))
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return max(count, 1.0)
+        return count, 1
     total = torch.tensor([count], device=device)
     torch.distributed.all_reduce(total)
-    return max(total.item() / torch.distributed.get_world_size(), 1.0)
+    return total.item(), torch.distributed.get_world_size()
 
 
 def _split_groups(sets: torch.Tensor, groups: int) -> torch.Tensor:
@@ -149,24 +231,28 @@ class DeformableDetrLoss(nn.Module):
             "loss_giou": config.giou_loss_coefficient,
         }
 
-    def stacked(self, logits, pred_boxes, targets, num_boxes):
-        """The loss terms of P prediction sets matched to the same targets, computed together: logits (P, B, Q, N),
-        pred_boxes (P, B, Q, 4) -> {name in MAIN_TERMS: (P,)}. The focal, L1 and GIoU terms are sums divided by
-        num_boxes (the batch's objects, averaged over processes); cardinality_error is logged, not trained on."""
+    def stacked(self, sets: PredictionSets, matches, targets, num_boxes: float):
+        """The loss terms of P prediction sets, computed together, from their (4, M) `matches`
+        (`HungarianMatcher.match`) -> {name in MAIN_TERMS: (P,)}. The focal, L1 and GIoU terms are sums divided by
+        num_boxes (the sets' objects, repeated, averaged over processes); cardinality_error is logged, not trained
+        on."""
+        logits, pred_boxes = sets.logits, sets.boxes
         P, B, Q = logits.shape[:3]
-        sets, images, queries, objects = self.matcher.match(logits, pred_boxes, targets)
+        set_index, images, queries, objects = matches
         labels = torch.cat([t["class_labels"] for t in targets]).long()
+        if sets.foreground:
+            labels = torch.zeros_like(labels)
         boxes = torch.cat([t["boxes"] for t in targets])
         onehot = torch.zeros_like(logits)
-        onehot[sets, images, queries, labels[objects]] = 1.0
-        predicted = pred_boxes[sets, images, queries]
+        onehot[set_index, images, queries, labels[objects]] = 1.0
+        predicted = pred_boxes[set_index, images, queries]
         wanted = boxes[objects].to(predicted.dtype)
         giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(wanted))
         if self.classification_loss == "focal":
             loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha)
         else:
             iou = torch.zeros(P, B, Q, 1, dtype=logits.dtype, device=logits.device)
-            iou[sets, images, queries, 0] = paired_box_iou(
+            iou[set_index, images, queries, 0] = paired_box_iou(
                 box_cxcywh_to_xyxy(predicted.detach()), box_cxcywh_to_xyxy(wanted)
             ).to(iou.dtype)
             loss_ce = iou_aware_bce_loss(logits, onehot, iou, self.focal_alpha)
@@ -174,57 +260,47 @@ class DeformableDetrLoss(nn.Module):
 
         def per_set(matched):  # (M,) one value per match -> (P,) their sums in fp32 (each query matches once)
             dense = torch.zeros(P, B, Q, dtype=torch.float32, device=matched.device)
-            return dense.index_put((sets, images, queries), matched.float()).flatten(1).sum(1)
+            return dense.index_put((set_index, images, queries), matched.float()).flatten(1).sum(1)
 
         loss_bbox = per_set((predicted - wanted).abs().sum(-1)) / num_boxes
         loss_giou = per_set(1 - giou) / num_boxes
         with torch.no_grad():
             predicted_count = (logits.sigmoid().max(-1).values > 0.5).sum(-1).float()  # (P, B)
-            true_count = torch.tensor([float(len(t["class_labels"])) for t in targets])
+            true_count = torch.tensor([float(sets.repeats * len(t["class_labels"])) for t in targets])
             true_count = true_count.to(logits.device, non_blocking=True)
             cardinality = (predicted_count - true_count).abs().mean(-1)
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou, "cardinality_error": cardinality}
 
-    def forward(
-        self, logits, pred_boxes, targets, auxiliary_outputs=(), enc_logits=None, enc_boxes=None, query_groups=1
-    ):
+    def forward(self, logits, pred_boxes, targets, auxiliary_outputs=(), enc_logits=None, enc_boxes=None):
         """
         Args:
             logits (B, Q, N), pred_boxes (B, Q, 4): the last decoder layer.
             targets: per image {"class_labels" (T,) int64, "boxes" (T, 4)}.
             auxiliary_outputs: the earlier layers, each {"logits", "pred_boxes"}.
             enc_logits (B, S, N), enc_boxes (B, S, 4): two-stage proposals, matched class-agnostically.
-            query_groups: G, the queries split into G groups of Q / G (Group DETR), each matched one-to-one to the
-                targets on its own (all in one matching); the first group's terms have the names of MAIN_TERMS, the
-                others' the suffix `_group{g}`, and the total counts each group's decoder terms divided by G.
         Returns:
-            the weighted total loss (scalar) and every term in a dict.
+            the weighted total loss (scalar) and every term in a dict (`combined`).
         """
-        self.check_targets(targets, logits.shape[-1], logits.shape[0])
-        num_boxes = _num_boxes(targets, logits.device)
         auxiliary_outputs = list(auxiliary_outputs or ())
-        layers = [""] + [f"_{i}" for i in range(len(auxiliary_outputs))]
         layer_logits = torch.stack([logits] + [aux["logits"] for aux in auxiliary_outputs])
         layer_boxes = torch.stack([pred_boxes] + [aux["pred_boxes"] for aux in auxiliary_outputs])
-        # the decoder layers' sets together (the last layer first, each layer's groups in turn), their total
-        # divided by the groups; then the proposals'
-        groups = [
-            (
-                [layer + (f"_group{g}" if g else "") for layer in layers for g in range(query_groups)],
-                _split_groups(layer_logits, query_groups),
-                _split_groups(layer_boxes, query_groups),
-                targets,
-                query_groups,
-            )
-        ]
-        if enc_logits is not None:
-            foreground = [{**t, "class_labels": torch.zeros_like(t["class_labels"])} for t in targets]
-            groups.append((["_enc"], enc_logits[None], enc_boxes[None], foreground, 1))
+        return self.combined(model_sets(layer_logits, layer_boxes, enc_logits, enc_boxes), targets)
+
+    def combined(self, sets: list[PredictionSets], targets):
+        """The loss of every prediction set of `sets` (the model's decoder layers, query groups, the proposals and
+        any training-only ones), each matched on its own, all in one matching (`HungarianMatcher.match`): the total
+        (scalar) sums each PredictionSets' weighted terms times its weight; the terms, under the names of MAIN_TERMS
+        followed by each set's name, come in the order of `sets`."""
+        first = sets[0].logits
+        self.check_targets(targets, first.shape[-1], first.shape[1])
+        objects, processes = _object_total(targets, first.device)
         total, terms = 0, {}
-        for suffixes, set_logits, set_boxes, set_targets, share in groups:
-            stacked = self.stacked(set_logits, set_boxes, set_targets, num_boxes)
-            total = total + sum(stacked[name].sum() * weight for name, weight in self.weights.items()) / share
-            for index, suffix in enumerate(suffixes):  # each set's terms, as scalars of their own
+        for prediction_sets, matches in zip(sets, self.matcher.match(sets, targets)):
+            num_boxes = max(prediction_sets.repeats * objects / processes, 1.0)
+            stacked = self.stacked(prediction_sets, matches, targets, num_boxes)
+            weighted = sum(stacked[name].sum() * weight for name, weight in self.weights.items())
+            total = total + weighted * prediction_sets.weight
+            for index, suffix in enumerate(prediction_sets.names):  # each set's terms, as scalars of their own
                 terms.update((name + suffix, values[index].clone()) for name, values in stacked.items())
         return total, terms
 
