@@ -49,6 +49,7 @@ RECIPES = {
     "hybrid": {"hybrid_queries": 150, "hybrid_repeats": 6},
     "groups": {"query_groups": 3},
     "iou_aware": {"classification_loss": "iou_aware"},
+    "one_to_many": {"one_to_many_heads": True},
     "ema": {"ema_decay": 0.999},
     "cosine": {"lr_scheduler": "cosine", "warmup_steps": 50},
 }

@@ -159,7 +159,7 @@ def test_extra_queries_are_refused_where_their_checkpoint_file_cannot_be_gathere
     gathered: named at the start; FSDP2 takes them."""
     options = TrainingOptions(dataset="d", config_name="tiny", hybrid_queries=4)
     for kind, fsdp2 in ((DistributedType.FSDP, False), (DistributedType.DEEPSPEED, False)):
-        with pytest.raises(ValueError, match="query_groups, hybrid_queries: not available with accelerate's FSDP"):
+        with pytest.raises(ValueError, match="one_to_many_heads: not available with accelerate's FSDP version 1"):
             parallel_for(SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2), options)
     accepted = parallel_for(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True), options)
     assert type(accepted).__name__ == "AccelerateShards"

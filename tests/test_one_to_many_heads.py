@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from deformable_detr import DeformableDetrForObjectDetection
-from deformable_detr.engine import train, trainer
+from deformable_detr.engine import train
 from deformable_detr.engine.one_to_many_heads import OneToManyHeads
 from deformable_detr.engine.query_groups import FILE, TrainingQueries
 from tests.support.models import tiny_model
@@ -123,27 +123,22 @@ def test_the_saved_model_is_plain_and_predicts_as_trained(tmp_path):
     assert torch.equal(expected.logits, got.logits) and torch.equal(expected.pred_boxes, got.pred_boxes)
 
 
-def test_training_with_the_heads_resumes_exactly(shapes_folder, tmp_path, monkeypatch):
+def test_training_with_the_heads_resumes_exactly(shapes_folder, tmp_path):
     """Four steps with the heads and a checkpoint after two, resumed, give the weights of four in one go; the
     checkpoint keeps the heads, the saved model has a plain model's keys; resumed without the heads: refused."""
-    with_heads = [True]
-
-    def queries_of(run_options, config):
-        return TrainingQueries(config, one_to_many_heads=True, one_to_many_repeats=2) if with_heads[0] else None
-
-    monkeypatch.setattr(trainer, "training_queries", queries_of)
+    heads = dict(one_to_many_heads=True, one_to_many_repeats=2)
     common = dict(max_steps=4, per_device_train_batch_size=1, eval_every_epochs=0)
-    train(options(shapes_folder, tmp_path / "whole", **common, checkpointing_steps=2))
+    train(options(shapes_folder, tmp_path / "whole", **common, **heads, checkpointing_steps=2))
     saved = load_file(tmp_path / "whole" / "checkpoint-2" / FILE)
     assert saved and all(name.startswith("one_to_many.") for name in saved)
     resumed = dict(common, resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
-    train(options(shapes_folder, tmp_path / "resumed", **resumed))
+    train(options(shapes_folder, tmp_path / "resumed", **resumed, **heads))
     whole, again = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "resumed"))
     assert whole.keys() == again.keys() and not any("one_to_many" in key for key in whole)
     for key in whole:
         assert torch.equal(whole[key], again[key]), key
     assert "loss_ce_one_to_many" in json.load(open(tmp_path / "whole" / "history.json"))[0]
-    with_heads[0] = False
+    assert "MS-DETR's one-to-many heads (each box repeated 2 times" in (tmp_path / "whole" / "README.md").read_text()
     with pytest.raises(
         ValueError, match="0 extra learned queries and one-to-many heads .* this run has 0 extra learned queries and no"
     ):

@@ -89,6 +89,11 @@ def training_methods(options) -> list[str]:
             f"H-DETR's hybrid matching ({options.hybrid_queries} extra queries, each box repeated "
             f"{options.hybrid_repeats} times, loss weight {options.hybrid_loss_weight:g})"
         )
+    if options.one_to_many_heads:
+        methods.append(
+            f"MS-DETR's one-to-many heads (each box repeated {options.one_to_many_repeats} times, loss weight "
+            f"{options.one_to_many_loss_weight:g})"
+        )
     if options.query_groups > 1:
         methods.append(f"Group DETR's query groups ({options.query_groups})")
     if options.classification_loss == "iou_aware":

@@ -201,6 +201,19 @@ class TrainingOptions:
         "and kept apart by the attention mask; only the first is saved (1: off; in two-stage the next top-scoring "
         "proposals)",
     )
+    one_to_many_heads: bool = option(
+        False,
+        "training-only queries and loss",
+        "MS-DETR's mixed supervision: class and box heads of their own on the model's queries at every decoder "
+        "layer, trained one-to-many against the ground truth repeated one_to_many_repeats times, beside the "
+        "model's one-to-one heads; dropped after training",
+    )
+    one_to_many_repeats: int = option(
+        6, "training-only queries and loss", "with one_to_many_heads: k, the repeats of each box"
+    )
+    one_to_many_loss_weight: float = option(
+        1.0, "training-only queries and loss", "with one_to_many_heads: the weight of the heads' loss"
+    )
     classification_loss: Literal["focal", "iou_aware"] = option(
         "focal",
         "training-only queries and loss",
@@ -295,6 +308,10 @@ class TrainingOptions:
             raise ValueError("hub_model_id, hub_token and hub_private_repo need push_to_hub")
         if (self.hybrid_repeats != 6 or self.hybrid_loss_weight != 1.0) and not self.hybrid_queries:
             raise ValueError("hybrid_repeats and hybrid_loss_weight set the hybrid matching; they need hybrid_queries")
+        if (self.one_to_many_repeats != 6 or self.one_to_many_loss_weight != 1.0) and not self.one_to_many_heads:
+            raise ValueError(
+                "one_to_many_repeats and one_to_many_loss_weight set the one-to-many heads; they need one_to_many_heads"
+            )
         self.check_ranges()
         if self.device is not None:
             from ..utils.devices import checked_device
@@ -371,6 +388,7 @@ AT_LEAST_ONE = (
     "logging_steps",
     "checkpoints_total_limit",
     "hybrid_repeats",
+    "one_to_many_repeats",
     "query_groups",
 )
 FINITE_AT_LEAST_ZERO = (
@@ -383,6 +401,7 @@ FINITE_AT_LEAST_ZERO = (
     "num_workers",
     "hybrid_queries",
     "hybrid_loss_weight",
+    "one_to_many_loss_weight",
 )
 # what the command-line text of an option must be, where its type's words say less
 SYNTAX = {

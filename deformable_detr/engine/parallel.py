@@ -205,11 +205,11 @@ def parallel_for(accelerator: Accelerator, options: TrainingOptions) -> Parallel
         )
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         flat = accelerator.distributed_type == DistributedType.DEEPSPEED or not accelerator.is_fsdp2
-        if flat and (options.query_groups > 1 or options.hybrid_queries):
+        if flat and (options.query_groups > 1 or options.hybrid_queries or options.one_to_many_heads):
             # their checkpoint file is gathered from DTensors: FSDP1's and DeepSpeed's flat shards are none
             raise ValueError(
-                "query_groups, hybrid_queries: not available with accelerate's FSDP version 1 or DeepSpeed; "
-                "use FSDP2 (fsdp_version: 2), or train data-parallel"
+                "query_groups, hybrid_queries, one_to_many_heads: not available with accelerate's FSDP version 1 or "
+                "DeepSpeed; use FSDP2 (fsdp_version: 2), or train data-parallel"
             )
         return AccelerateShards(accelerator)
     return Parallel(accelerator)

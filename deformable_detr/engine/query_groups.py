@@ -212,7 +212,8 @@ def _described(shapes: dict[str, tuple]) -> str:
 
 def training_queries(options: TrainingOptions, config) -> TrainingQueries | None:
     """The run's training-only queries and loss, or None for the paper's recipe (the model's own loss)."""
-    if options.query_groups == 1 and not options.hybrid_queries and options.classification_loss == "focal":
+    plain = options.query_groups == 1 and not options.hybrid_queries and not options.one_to_many_heads
+    if plain and options.classification_loss == "focal":
         return None
     queries = TrainingQueries(
         config,
@@ -220,6 +221,9 @@ def training_queries(options: TrainingOptions, config) -> TrainingQueries | None
         hybrid_queries=options.hybrid_queries,
         hybrid_repeats=options.hybrid_repeats,
         hybrid_loss_weight=options.hybrid_loss_weight,
+        one_to_many_heads=options.one_to_many_heads,
+        one_to_many_repeats=options.one_to_many_repeats,
+        one_to_many_loss_weight=options.one_to_many_loss_weight,
         classification_loss=options.classification_loss,
     )
     if queries.query_embed is not None:
