@@ -11,18 +11,9 @@ from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.engine import train
 from deformable_detr.engine.one_to_many_heads import OneToManyHeads
 from deformable_detr.engine.query_groups import FILE, TrainingQueries
+from tests.support.batches import LABELS, images
 from tests.support.models import tiny_model
 from tests.support.training import options
-
-LABELS = [
-    {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4]])},
-    {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])},
-]
-
-
-def images():
-    torch.manual_seed(1)
-    return torch.randn(2, 3, 64, 80)
 
 
 def loss_of(queries: TrainingQueries, model, labels=LABELS):

@@ -12,18 +12,9 @@ from deformable_detr import DeformableDetrForObjectDetection
 from deformable_detr.engine import TrainingOptions, train
 from deformable_detr.engine.query_groups import FILE, TrainingQueries, block_mask
 from deformable_detr.model.loss_deformable_detr import DeformableDetrLoss, iou_aware_bce_loss
+from tests.support.batches import LABELS, images
 from tests.support.models import TINY_OVERRIDES, tiny_model
 from tests.support.training import options
-
-LABELS = [
-    {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4]])},
-    {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])},
-]
-
-
-def images():
-    torch.manual_seed(1)
-    return torch.randn(2, 3, 64, 80)
 
 
 def queries_of(model, **kwargs) -> TrainingQueries:
