@@ -206,6 +206,12 @@ def train_and_score(run: Run) -> dict:
     return record | {"seconds": seconds, "map": metrics["map"], "map_50": metrics["map_50"]}
 
 
+def run_folder(args, key: tuple) -> str:
+    """Where the run of key (dataset, recipe, seed, budget) trains."""
+    name, recipe, seed, budget = key
+    return os.path.join(args.output_dir, "runs", f"{name}-{recipe}-seed{seed}-{budget}")
+
+
 def runs_of(name: str, args, data: str, model: str | None) -> list[Run]:
     """The dataset's runs: each budget, seed and recipe."""
     runs = []
@@ -215,7 +221,7 @@ def runs_of(name: str, args, data: str, model: str | None) -> list[Run]:
                 if budget not in args.recipe_budgets.get(recipe, [budget]):
                     continue
                 options = BENCHMARKS[name].options | RECIPES[recipe] | ({"model_name_or_path": model} if model else {})
-                output = os.path.join(args.output_dir, "runs", f"{name}-{recipe}-seed{seed}-{budget}")
+                output = run_folder(args, (name, recipe, seed, budget))
                 keep = args.keep_models or (name, recipe, seed, budget) == FINETUNE_START
                 runs.append(Run(name, recipe, seed, budget, options, data, output, keep))
     return runs
@@ -233,9 +239,8 @@ def done_runs(path: str) -> dict:
 def finetune_start(args) -> str:
     """The demo's trained model: the paper recipe's shapes run at its last budget, seed 0 (trained first)."""
     name, recipe, seed, budget = FINETUNE_START
-    run = Run(name, recipe, seed, budget, BENCHMARKS[name].options, "", "", True)
-    run.data = make_data(name, BENCHMARKS[name], os.path.join(args.output_dir, "data", name))
-    run.output_dir = os.path.join(args.output_dir, "runs", f"{name}-{recipe}-seed{seed}-{budget}")
+    data = make_data(name, BENCHMARKS[name], os.path.join(args.output_dir, "data", name))
+    run = Run(name, recipe, seed, budget, BENCHMARKS[name].options, data, run_folder(args, FINETUNE_START), True)
     if not os.path.isfile(os.path.join(run.output_dir, "model.safetensors")):
         append(os.path.join(args.output_dir, "results.jsonl"), train_and_score(run))
     return run.output_dir
